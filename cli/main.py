@@ -1,0 +1,78 @@
+"""The `sstl` command line. Each command fills one frozen config and hands it to the engine."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sstl.engine.config import AugmentConfig, DataConfig, PretrainConfig
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  help="Self-supervised transfer learning for chest X-rays (Li et al.): "
+                       "pretrain, finetune, evaluate, predict, bench.")
+
+# Options shared by every command that reads data.
+DATA = typer.Option(None, "--data", help="Folder (one sub-folder per class, or unlabelled images) "
+                    "or manifest.csv. Omitted: the embedded SYNTHETIC demo set.")
+CACHE_DIR = typer.Option(None, "--cache-dir", help="Decode-once cache [default: $SSTL_CACHE or ~/.cache/sstl]")
+CACHE_SIZE = typer.Option(224, "--cache-size", help="Side of the cached uint8 images")
+SPLIT_SEED = typer.Option(0, "--split-seed", help="Seed of the train/test split (keep it equal "
+                          "between pretrain and finetune so the test images stay unseen)")
+TEST_FRACTION = typer.Option(0.2, "--test-fraction", help="Held-out share (stratified, group-aware)")
+
+
+def data_config(data, cache_dir, cache_size, split_seed, test_fraction, workers=0) -> DataConfig:
+    return DataConfig(path=str(data) if data else None, cache_dir=str(cache_dir) if cache_dir else None,
+                      cache_size=cache_size, split_seed=split_seed, test_fraction=test_fraction,
+                      scan_workers=workers)
+
+
+@app.command()
+def pretrain(
+    data: Optional[Path] = DATA,
+    out: Path = typer.Option(Path("runs"), help="Parent folder of run directories"),
+    name: Optional[str] = typer.Option(None, help="Run directory name [default: pretrain-ARCH-TIME]"),
+    epochs: int = typer.Option(40, help="Epochs (paper: 40)"),
+    batch_size: int = typer.Option(256, help="Global batch size (paper: 256)"),
+    view_size: int = typer.Option(112, help="Side of each augmented view (paper: 112)"),
+    lr: float = typer.Option(0.03, help="SGD learning rate (paper: 0.03)"),
+    momentum: float = typer.Option(0.9, help="SGD momentum (paper: 0.9)"),
+    weight_decay: float = typer.Option(4e-4, help="Weight decay (paper: 4e-4)"),
+    tau: float = typer.Option(0.996, help="Target EMA rate, every step (paper: 0.996)"),
+    arch: str = typer.Option("resnet50", help="resnet50 (paper) | resnet18"),
+    init: str = typer.Option("imagenet", help="imagenet | random | PATH to a state dict"),
+    imagenet_weights: str = typer.Option("V2", help="torchvision IMAGENET1K_V2, or V1 (the paper's era)"),
+    target_bn: str = typer.Option("momentum", help="Target BN statistics: momentum | batch"),
+    device: str = typer.Option("auto", help="auto | cuda | cpu"),
+    backend: str = typer.Option("auto", help="Data path: auto | dali | torch"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                           help="torch.compile [default: on for CUDA]"),
+    precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32"),
+    seed: int = typer.Option(0, help="Training seed"),
+    log_every: int = typer.Option(10, help="Steps between loss reads"),
+    checkpoint_every: int = typer.Option(200, help="Steps between checkpoints"),
+    resume: bool = typer.Option(True, "--resume/--no-resume",
+                                help="Continue from the run directory's checkpoint"),
+    cache_dir: Optional[Path] = CACHE_DIR,
+    cache_size: int = CACHE_SIZE,
+    split_seed: int = SPLIT_SEED,
+    test_fraction: float = TEST_FRACTION,
+    workers: int = typer.Option(0, help="Decoder threads for the first scan [default: all CPUs]"),
+):
+    """Self-supervised pretraining (the paper's stage 2): writes encoder.safetensors."""
+    from sstl.engine.pretrain import pretrain as run
+
+    cfg = PretrainConfig(
+        data=data_config(data, cache_dir, cache_size, split_seed, test_fraction, workers),
+        out=str(out), name=name, arch=arch, init=init, imagenet_weights=imagenet_weights,
+        epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+        weight_decay=weight_decay, tau=tau, target_bn=target_bn,
+        augment=AugmentConfig(size=view_size), device=device, backend=backend, compile=compile,
+        precision=precision, seed=seed, log_every=log_every, checkpoint_every=checkpoint_every,
+        resume=resume)
+    run(cfg)
+
+
+if __name__ == "__main__":
+    app()

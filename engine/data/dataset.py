@@ -1,0 +1,117 @@
+"""From a user's path to a checked, split, cached data set: the data layer's one entry point.
+
+files / manifest -> scan + decode once (cache) -> report bad files -> split -> Dataset.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..config import DataConfig, save_json
+from .cache import Cache, load_or_build
+from .index import DataError, Record, find_records
+from .split import split_test
+
+
+@dataclass
+class Dataset:
+    root: Path
+    records: list[Record]  # usable images only, in index order
+    images: np.ndarray  # (N, S, S) uint8 memmap rows for `records` (a view or a gather)
+    class_names: list[str]  # sorted; empty for unlabelled data
+    targets: np.ndarray  # (N,) int64 class index; -1 when unlabelled
+    is_test: np.ndarray  # (N,) bool
+    synthetic: bool
+    report: dict  # what the scan found
+
+    @property
+    def train_idx(self) -> np.ndarray:
+        return np.flatnonzero(~self.is_test)
+
+    @property
+    def test_idx(self) -> np.ndarray:
+        return np.flatnonzero(self.is_test)
+
+    @property
+    def labels(self) -> list:
+        return [r.label for r in self.records]
+
+    @property
+    def groups(self) -> list:
+        return [r.group for r in self.records]
+
+    def fingerprint(self, idx=None) -> str:
+        """Identity of a set of images (paths relative to the root): compares splits across runs."""
+        idx = range(len(self.records)) if idx is None else idx
+        h = hashlib.sha256("\n".join(sorted(self.records[i].rel for i in idx)).encode())
+        return h.hexdigest()[:16]
+
+    def split_dict(self) -> dict:
+        return {"train": [self.records[i].rel for i in self.train_idx],
+                "test": [self.records[i].rel for i in self.test_idx],
+                "data_fingerprint": self.fingerprint(),
+                "test_fingerprint": self.fingerprint(self.test_idx)}
+
+
+def load_dataset(cfg: DataConfig, need_labels: bool = False,
+                 log: Callable[[str], None] = print,
+                 progress: Callable[[int, int], None] | None = None) -> Dataset:
+    synthetic = cfg.path is None
+    if synthetic:
+        from .synthetic import ensure_synthetic
+
+        path = ensure_synthetic()
+        log(f"no --data given: using the embedded SYNTHETIC default set at {path} "
+            "(procedurally drawn radiograph-like images, not real X-rays)")
+    else:
+        path = cfg.path
+    root, candidates = find_records(path)
+    cache = load_or_build(candidates, cfg.cache_size, cfg.cache_dir, cfg.scan_workers, progress)
+    report = scan_report(root, candidates, cache)
+    log(f"data: {report['usable']} usable images of {report['found']} found under {root}"
+        + (f"; {len(report['skipped'])} skipped (see data_report.json)" if report["skipped"] else ""))
+    keep = np.flatnonzero(cache.ok)
+    if len(keep) == 0:
+        raise DataError(f"--data {root}: none of the {len(candidates)} files could be read; "
+                        f"first problems: {report['skipped'][:3]}")
+    records = [candidates[i] for i in keep]
+    labels = [r.label for r in records]
+    labelled = all(lab is not None for lab in labels)
+    if need_labels and not labelled:
+        raise DataError(f"--data {root}: this command needs labels (class folders or a manifest "
+                        "`label` column), but the images are unlabelled")
+    for cls, n in report["classes_found"].items():
+        if report["classes"].get(cls, 0) == 0:
+            raise DataError(f"--data {root}: class {cls!r} has no usable image "
+                            f"({n} found, all skipped); fix or remove that folder")
+    class_names = sorted(set(labels)) if labelled else []
+    targets = np.array([class_names.index(lab) for lab in labels] if labelled
+                       else [-1] * len(records), dtype=np.int64)
+    fixed = [r.split for r in records]
+    is_test = split_test(labels, [r.group for r in records], cfg.test_fraction, cfg.split_seed,
+                         fixed if any(fixed) else None)
+    contiguous = len(keep) == len(candidates)  # avoid copying the map when nothing was skipped
+    images = cache.images if contiguous else cache.images[keep]
+    return Dataset(root=root, records=records, images=images, class_names=class_names,
+                   targets=targets, is_test=is_test, synthetic=synthetic, report=report)
+
+
+def scan_report(root: Path, candidates: list[Record], cache: Cache) -> dict:
+    found = Counter(r.label or "(unlabelled)" for r in candidates)
+    usable = Counter(r.label or "(unlabelled)" for r, ok in zip(candidates, cache.ok) if ok)
+    skipped = [{"path": r.rel, "reason": why}
+               for r, why in zip(candidates, cache.reasons) if why is not None]
+    return {"root": str(root), "found": len(candidates), "usable": int(cache.ok.sum()),
+            "classes_found": dict(found), "classes": dict(usable), "skipped": skipped,
+            "cache": str(cache.path)}
+
+
+def save_data_files(ds: Dataset, run_dir: Path) -> None:
+    """The scan report and the split, saved with every run."""
+    save_json(ds.report, run_dir / "data_report.json")
+    save_json(ds.split_dict(), run_dir / "split.json")

@@ -1,0 +1,99 @@
+"""Backbones (torchvision ResNets, with their ImageNet start) and the small heads on them."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torchvision
+
+ARCHS = {"resnet18": 512, "resnet50": 2048}  # backbone -> feature dimension
+
+
+def mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
+    """Linear, BN, ReLU, Linear: BYOL's projector and predictor shape."""
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.BatchNorm1d(hidden),
+                         nn.ReLU(inplace=True), nn.Linear(hidden, d_out))
+
+
+def backbone(arch: str, init: str = "random", weights: str = "V2") -> nn.Module:
+    """A ResNet whose forward returns pooled features (fc replaced by Identity).
+
+    init: "random", "imagenet" (torchvision's IMAGENET1K_<weights>) or a path to a state dict.
+    """
+    if arch not in ARCHS:
+        raise SystemExit(f"--arch must be one of {', '.join(ARCHS)}, not {arch!r}")
+    net = getattr(torchvision.models, arch)()
+    if init == "imagenet":
+        net.load_state_dict(imagenet_state_dict(arch, weights))
+    elif init != "random":
+        load_backbone_file(net, init)
+    net.fc = nn.Identity()
+    return net
+
+
+def imagenet_state_dict(arch: str, version: str = "V2") -> dict:
+    """torchvision's ImageNet weights, from its cache or a download, with a clear failure."""
+    enum = torchvision.models.get_model_weights(arch)
+    name = f"IMAGENET1K_{version.upper()}"
+    if not hasattr(enum, name):
+        raise SystemExit(f"{arch} has no {name} weights; choose one of "
+                         f"{', '.join(w.name for w in enum)}")
+    w = getattr(enum, name)
+    fname = os.path.basename(w.url)
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    try:
+        return w.get_state_dict(progress=False, check_hash=False)
+    except Exception as e:  # offline, proxy, truncated download...
+        raise SystemExit(
+            f"--init imagenet needs torchvision's {arch} {name} weights, file {fname}, and they "
+            f"could not be loaded ({type(e).__name__}: {e}).\n"
+            f"On a machine without internet, download {w.url}\n"
+            f"and put it at {hub / fname} (or set TORCH_HOME), or pass --init PATH to a local "
+            f"state dict, or --init random.") from None
+
+
+def _strip(key: str) -> str:
+    for prefix in ("_orig_mod.", "module.", "backbone.", "encoder."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def load_backbone_file(net: nn.Module, path: str) -> None:
+    """Load a local state dict (.pth/.pt or .safetensors) into a torchvision ResNet.
+
+    Wrapper prefixes (`module.`, `_orig_mod.`, `backbone.`) are removed and a classifier
+    (`fc.`) is ignored; every backbone weight must be present, or the error lists what is missing.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise SystemExit(f"--init {path}: no such file (expected a state dict .pth or "
+                         ".safetensors, or 'imagenet' / 'random')")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(p))
+    else:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+        sd = sd.get("state_dict", sd.get("model", sd)) if isinstance(sd, dict) else sd
+    sd = {_strip(k): v for k, v in sd.items() if not _strip(k).startswith("fc.")}
+    missing, unexpected = net.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise SystemExit(f"--init {path} does not fit {type(net).__name__}: "
+                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+
+
+class Classifier(nn.Module):
+    """Backbone + linear head, for fine-tuning."""
+
+    def __init__(self, encoder: nn.Module, feat_dim: int, n_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(feat_dim, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
