@@ -12,6 +12,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Self-supervised transfer learning for chest X-rays (Li et al.): "
                        "pretrain, finetune, evaluate, predict, bench.")
 
+
+
+@app.callback()
+def main() -> None:
+    """Self-supervised transfer learning for chest X-rays (Li et al.)."""
+
+
 # Options shared by every command that reads data.
 DATA = typer.Option(None, "--data", help="Folder (one sub-folder per class, or unlabelled images) "
                     "or manifest.csv. Omitted: the embedded SYNTHETIC demo set.")

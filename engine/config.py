@@ -137,8 +137,9 @@ def to_dict(cfg) -> dict:
 
 
 def config_hash(cfg) -> str:
-    """A short stable fingerprint of a config, stored with every artefact made from it."""
-    blob = json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()
+    """A short stable fingerprint of a config (or its dict), stored with what is made from it."""
+    blob = json.dumps(cfg if isinstance(cfg, dict) else to_dict(cfg), sort_keys=True,
+                      default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

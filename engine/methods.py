@@ -42,7 +42,7 @@ class MomentumBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.training:
             with torch.no_grad():
                 dims = [0] + list(range(2, x.dim()))
-                xf = x.float()
+                xf = x.to(self.running_mean.dtype)  # statistics in the buffers' precision
                 self.running_mean.lerp_(xf.mean(dims), 1 - self.stat_momentum)
                 self.running_var.lerp_(xf.var(dims, unbiased=True), 1 - self.stat_momentum)
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
@@ -75,13 +75,13 @@ class Cross(nn.Module):
         # 128; it outputs the projector's dimension (README).
         self.predictor = mlp(proj_dim, pred_hidden, proj_dim)
         self.target = copy.deepcopy(self.online)
-        self.target.requires_grad_(False)
         if target_bn == "momentum":
             use_momentum_bn_(self.target, target_bn_momentum)
         else:  # the target's running statistics come from the EMA, not its own batches
             for m in self.target.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.momentum = 0.0
+        self.target.requires_grad_(False)  # after the BN swap, which makes new parameters
 
     @property
     def encoder(self) -> nn.Module:

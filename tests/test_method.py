@@ -1,0 +1,94 @@
+"""The method: loss, target network, EMA and momentum BN. Oracles: float64 hand computations."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from sstl.engine.config import PretrainConfig, resolve
+from sstl.engine.methods import Cross, MomentumBatchNorm
+from sstl.engine.models import backbone
+from sstl.engine.pretrain import build_step, ssl_step
+
+
+def _cos(a, b):
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+
+
+def test_loss_matches_hand_computation_float64():
+    g = torch.Generator().manual_seed(0)
+    p1, p2, y2 = (torch.randn(7, 13, generator=g, dtype=torch.float64) for _ in range(3))
+    p1.requires_grad_(True)
+    p2.requires_grad_(True)
+    want = ((2 - 2 * _cos(p1, p2)) + (2 - 2 * _cos(p2, y2))).mean()
+    got = Cross.loss(p1, p2, y2)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g_got = torch.autograd.grad(got, (p1, p2))
+    g_want = torch.autograd.grad(want, (p1, p2))
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _small_method(target_bn="momentum"):
+    torch.manual_seed(0)
+    return Cross(backbone("resnet18"), 512, 32, 16, 64, target_bn=target_bn)
+
+
+def test_target_starts_equal_and_frozen():
+    m = _small_method()
+    for (n_o, p_o), (n_t, p_t) in zip(m.online.named_parameters(), m.target.named_parameters()):
+        assert n_o == n_t and torch.equal(p_o, p_t)
+        assert not p_t.requires_grad and p_o.requires_grad
+    for b_o, b_t in zip(m.online.buffers(), m.target.buffers()):
+        assert torch.equal(b_o, b_t)
+
+
+@pytest.mark.parametrize("target_bn", ["momentum", "batch"])
+def test_one_step_applies_sgd_then_ema(target_bn):
+    cfg = PretrainConfig(arch="resnet18", init="random", device="cpu", compile=False,
+                         target_bn=target_bn, tau=0.9)
+    m = _small_method(target_bn)
+    st = build_step(cfg, resolve(cfg), m)
+    online_t, target_t = m.ema_tensors()
+    target_before = [t.detach().clone() for t in target_t]
+    v1, v2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    ssl_step(st, v1, v2)
+    # The optimizer changed the online weights, and the EMA used the *updated* ones.
+    for t_new, t_old, o in zip(target_t, target_before, online_t):
+        torch.testing.assert_close(t_new, 0.9 * t_old + 0.1 * o.detach(), rtol=1e-6, atol=1e-7)
+    assert st.online.flat.data_ptr() == online_t[0].data_ptr()
+    assert st.target.flat.data_ptr() == target_t[0].data_ptr()
+
+
+def test_momentum_bn_against_reference():
+    torch.manual_seed(1)
+    bn = nn.BatchNorm2d(3)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.uniform_(-0.5, 0.5)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    mbn = MomentumBatchNorm(3)
+    mbn.load_state_dict(bn.state_dict())
+    mbn.stat_momentum = 0.9
+    x = torch.randn(8, 3, 5, 5, dtype=torch.float64) * 2 + 0.3
+    mbn = mbn.double()
+    rm0, rv0 = mbn.running_mean.clone(), mbn.running_var.clone()
+    y = mbn(x)
+    rm = 0.9 * rm0 + 0.1 * x.mean((0, 2, 3))
+    rv = 0.9 * rv0 + 0.1 * x.var((0, 2, 3), unbiased=True)
+    torch.testing.assert_close(mbn.running_mean, rm)
+    torch.testing.assert_close(mbn.running_var, rv)
+    want = (x - rm.view(1, 3, 1, 1)) / torch.sqrt(rv.view(1, 3, 1, 1) + mbn.eps) \
+        * mbn.weight.view(1, 3, 1, 1) + mbn.bias.view(1, 3, 1, 1)
+    torch.testing.assert_close(y, want)
+
+
+def test_target_uses_momentum_bn_and_online_plain_bn():
+    m = _small_method("momentum")
+    kinds = {type(mod) for mod in m.target.modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)}
+    assert kinds == {MomentumBatchNorm}
+    assert not any(isinstance(mod, MomentumBatchNorm) for mod in m.online.modules())
+    sd = copy.deepcopy(m.state_dict())
+    m.load_state_dict(sd)  # state dict keys survive the swap
