@@ -81,5 +81,9 @@ def pretrain(
     run(cfg)
 
 
+from sstl.cli.bench import bench  # noqa: E402
+
+app.command()(bench)
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,68 @@
+"""The peer baseline: a BYOL-style step written the way popular SSL libraries write it.
+
+What solo-learn, lightly and byol-pytorch users run today: PIL decoding and torchvision
+transforms in DataLoader worker processes (every epoch decodes every file again), eager
+fp32, one forward per view, the loss in plain ops, the target EMA as a per-parameter Python
+loop, and the loss read back every step for logging (a host sync). The model and the maths
+are the same as sstl's, so the comparison isolates the engineering.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from sstl.engine.config import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, ViewAugment
+
+
+def view_transform(view: ViewAugment, size: int) -> T.Compose:
+    s_lo, s_hi = view.blur_sigma
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=view.crop_scale, ratio=view.crop_ratio),
+        T.RandomHorizontalFlip(view.flip_p),
+        T.RandomApply([T.ColorJitter(view.brightness, view.contrast)], p=view.jitter_p),
+        T.RandomApply([T.GaussianBlur(2 * round(3 * s_hi) + 1, (s_lo, s_hi))], p=view.blur_p),
+        T.Grayscale(num_output_channels=3),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+class TwoViewFiles(Dataset):
+    def __init__(self, paths: list[str], aug: AugmentConfig):
+        self.paths = paths
+        self.t1, self.t2 = (view_transform(v, aug.size) for v in aug.views())
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        with Image.open(self.paths[i]) as im:
+            im = im.convert("L")
+        return self.t1(im), self.t2(im)
+
+
+def peer_loader(paths: list[str], aug: AugmentConfig, batch_size: int, workers: int | None = None,
+                pin_memory: bool = False) -> DataLoader:
+    workers = os.cpu_count() if workers is None else workers
+    return DataLoader(TwoViewFiles(paths, aug), batch_size=batch_size, shuffle=True,
+                      drop_last=True, num_workers=workers, pin_memory=pin_memory)
+
+
+def peer_step(method, opt, v1, v2, tau: float) -> float:
+    p1 = method.predictor(method.online(v1))
+    p2 = method.predictor(method.online(v2))
+    with torch.no_grad():
+        y2 = method.target(v2)
+    loss = (2 - 2 * F.cosine_similarity(p1, p2, dim=-1)).mean() \
+        + (2 - 2 * F.cosine_similarity(p2, y2, dim=-1)).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    for po, pt in zip(method.online.parameters(), method.target.parameters()):
+        pt.data.mul_(tau).add_(po.data, alpha=1 - tau)
+    return loss.item()

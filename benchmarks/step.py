@@ -1,0 +1,162 @@
+"""SSL training-step throughput: sstl's step against the peer baseline, rung by rung.
+
+Rungs, side by side in one run on the same data and model:
+  peer       DataLoader + torchvision, eager fp32, plain loss, EMA loop (benchmarks/peer.py)
+  eager      sstl's step with the views made on the device; reference loss, foreach EMA
+  +fused     ... with the Triton loss and one-launch flat EMA
+  +channels_last, +bf16, +compile   ... each optimisation on its own on top of `eager`
+  sstl       the step exactly as `sstl pretrain` runs it on this device (all of the above
+             on CUDA; fp32 eager on a CPU)
+Each rung: warm-up (compilation included) outside the timed region, then the median over
+repeats of synchronised step times. Reported: ms/step, images/s (source images: each makes
+two views), peak memory, and model FLOP utilisation (matmul/conv FLOPs counted per image,
+online forward + backward on two views and target forward on one, over the device's peak).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from dataclasses import dataclass
+
+import torch
+
+from sstl.engine.config import AugmentConfig, DataConfig, PretrainConfig, resolve
+from sstl.engine.data.dataset import load_dataset
+from sstl.engine.data.loader import TwoViewSource
+from sstl.engine.pretrain import build_method, build_step, ssl_step
+
+from .common import forward_flops, machine, median_seconds, peak_flops, sync, write_json
+from .peer import peer_loader, peer_step
+
+
+@dataclass(frozen=True)
+class Rung:
+    name: str
+    peer: bool = False  # the peer baseline's data path and step
+    fused: bool = False  # Triton loss + flat EMA (else the plain-ops reference path)
+    channels_last: bool = False
+    bf16: bool = False
+    compile: bool = False
+
+
+def rungs(device: str) -> list[Rung]:
+    on_gpu = device.startswith("cuda")
+    sstl = Rung("sstl", fused=on_gpu, channels_last=on_gpu, bf16=on_gpu, compile=on_gpu)
+    return [Rung("peer", peer=True), Rung("eager"), Rung("+fused", fused=True),
+            Rung("+channels_last", channels_last=True), Rung("+bf16", bf16=True),
+            Rung("+compile", compile=True), sstl]
+
+
+def skip_reason(r: Rung, device: str, cpu_all: bool) -> str | None:
+    if device.startswith("cuda") or cpu_all or r.name == "sstl":
+        return None
+    if r.bf16:
+        return "GPU rung (--cpu-all)"
+    if r.compile:
+        return "slow to compile on CPU (--cpu-all)"
+    if r.fused:
+        return "Triton: CUDA only"
+    return None
+
+
+def ssl_flops_per_image(method, size: int, device) -> float:
+    """Online fwd+bwd (3x fwd) on two views plus target fwd on one, per source image."""
+    was = method.training
+    method.eval()
+    x = torch.randn(2, 3, size, size, device=device)
+    f_online = forward_flops(method.predict, x) / 2
+    f_target = forward_flops(method.target_project, x) / 2
+    method.train(was)
+    return 3 * 2 * f_online + f_target
+
+
+def measure(rung: Rung, cfg: PretrainConfig, images, paths, steps, warmup, repeats) -> dict:
+    torch._dynamo.reset()
+    os.environ["SSTL_KERNELS"] = "auto" if rung.fused else "reference"
+    cfg = dataclasses.replace(cfg, compile=rung.compile, precision="bf16" if rung.bf16 else "fp32")
+    res = dataclasses.replace(resolve(cfg), channels_last=rung.channels_last)
+    method = build_method(cfg, res)
+    st = build_step(cfg, res, method)
+    if rung.peer:
+        loader = peer_loader(paths, cfg.augment, res.per_rank_batch,
+                             pin_memory=res.device.startswith("cuda"))
+        batches = (b for _ in itertools.count() for b in loader)
+
+        def one():
+            v1, v2 = next(batches)
+            peer_step(method, st.opt, v1.to(res.device, non_blocking=True),
+                      v2.to(res.device, non_blocking=True), cfg.tau)
+    else:
+        source = TwoViewSource(images, cfg.augment, res.per_rank_batch, cfg.seed, res.device,
+                               dtype=getattr(torch, res.dtype), channels_last=res.channels_last)
+        batches = itertools.chain.from_iterable(source.epoch(e) for e in itertools.count())
+
+        def one():
+            ssl_step(st, *next(batches))
+    if res.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(res.device)
+    for _ in range(warmup):
+        one()
+    sync(res.device)
+    sec, all_sec = median_seconds(one, res.device, steps, repeats)
+    peak_mem = torch.cuda.max_memory_allocated(res.device) if res.device.startswith("cuda") else None
+    if rung.peer:
+        batches.close()  # ends the DataLoader's workers: they must not steal the next rung's CPU
+    os.environ.pop("SSTL_KERNELS", None)
+    return {"rung": rung.name, **dataclasses.asdict(rung), "ms_per_step": sec * 1e3,
+            "images_per_s": res.per_rank_batch / sec, "repeats_ms": [s * 1e3 for s in all_sec],
+            "peak_mem_gb": peak_mem / 1e9 if peak_mem is not None else None}
+
+
+def run(data: str | None = None, device: str = "auto", arch: str = "resnet50",
+        batch_size: int | None = None, view_size: int = 112, steps: int | None = None,
+        warmup: int | None = None, repeats: int = 3, cpu_all: bool = False,
+        json_path=None, only: list[str] | None = None) -> dict:
+    on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    batch_size = batch_size or (256 if on_gpu else 32)
+    steps, warmup = steps or (20 if on_gpu else 2), warmup or (5 if on_gpu else 1)
+    cfg = PretrainConfig(data=DataConfig(path=data), arch=arch, init="random",
+                         batch_size=batch_size, augment=AugmentConfig(size=view_size),
+                         device=device, backend="torch")
+    ds = load_dataset(cfg.data, log=lambda m: None)
+    images, paths = ds.images[ds.train_idx], [ds.records[i].path for i in ds.train_idx]
+    dev = resolve(cfg).device
+    flops = ssl_flops_per_image(build_method(cfg, resolve(cfg)), view_size, dev)
+    peak, peak_src = peak_flops(dev)
+    rows = []
+    for r in rungs(dev):
+        if only and r.name not in only:
+            continue
+        why = skip_reason(r, dev, cpu_all)
+        row = {"rung": r.name, "skipped": why} if why else measure(r, cfg, images, paths, steps,
+                                                                      warmup, repeats)
+        if not why:
+            row["mfu"] = row["images_per_s"] * flops / peak
+        rows.append(row)
+    base = next((r for r in rows if r["rung"] == "peer" and "images_per_s" in r), None)
+    for r in rows:
+        if base and "images_per_s" in r:
+            r["x_peer"] = r["images_per_s"] / base["images_per_s"]
+    result = {"bench": "step", "machine": machine(), "device": dev, "arch": arch,
+              "batch_size": batch_size, "view_size": view_size, "steps": steps,
+              "warmup": warmup, "repeats": repeats, "flops_per_image": flops,
+              "peak_flops": peak, "peak_source": peak_src, "data": "synthetic" if ds.synthetic
+              else str(ds.root), "n_images": len(images), "rows": rows,
+              "targets": targets(rows, dev, arch, view_size, batch_size)}
+    write_json(result, json_path)
+    return result
+
+
+def targets(rows, device, arch, view_size, batch) -> list[dict]:
+    """The issue's targets, reported (never asserted): only meaningful on the named setup."""
+    by = {r["rung"]: r for r in rows if "images_per_s" in r}
+    out = []
+    if "sstl" in by and device.startswith("cuda") and arch == "resnet50" and view_size == 112:
+        out.append({"target": "sstl >= 12,000 images/s (resnet50, 112, bf16)",
+                    "value": by["sstl"]["images_per_s"], "met": by["sstl"]["images_per_s"] >= 12000})
+    if "sstl" in by and "peer" in by:
+        ratio = by["sstl"]["images_per_s"] / by["peer"]["images_per_s"]
+        need = 3.0 if device.startswith("cuda") else 1.0
+        out.append({"target": f"sstl >= {need:g}x peer", "value": ratio, "met": ratio >= need})
+    return out

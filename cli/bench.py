@@ -1,0 +1,75 @@
+"""`sstl bench`: the step, data and kernel benchmarks, side by side, as a table and one JSON."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, float):
+        return f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
+    return str(v)
+
+
+def print_rows(title: str, rows: list[dict], columns: list[str]) -> None:
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="left" if c in ("rung", "name", "skipped") else "right")
+    for r in rows:
+        table.add_row(*(_fmt(r.get(c)) for c in columns))
+    Console().print(table)
+
+
+def bench(
+    what: str = typer.Option("step", help="step | data | kernels | all"),
+    data: Optional[Path] = typer.Option(None, help="Images for step/data [default: the embedded synthetic set]"),
+    device: str = typer.Option("auto", help="auto | cuda | cpu"),
+    arch: str = typer.Option("resnet50", help="resnet50 | resnet18"),
+    batch_size: Optional[int] = typer.Option(None, help="[default: 256 on a GPU, 32 on a CPU]"),
+    view_size: int = typer.Option(112, help="Side of each view"),
+    steps: Optional[int] = typer.Option(None, help="Timed steps per repeat [default: 20 GPU, 2 CPU]"),
+    cpu_all: bool = typer.Option(False, help="Also run the bf16 and compile rungs on a CPU"),
+    json: Optional[Path] = typer.Option(None, "--json", help="Write all results to this JSON file"),
+):
+    """Measure sstl against the peer baseline and the chip (see benchmarks/)."""
+    from sstl.benchmarks.common import write_json
+
+    if what not in ("step", "data", "kernels", "all"):
+        raise SystemExit("--what must be step, data, kernels or all")
+    out = {}
+    data_s = str(data) if data else None
+    if what in ("step", "all"):
+        from sstl.benchmarks import step
+
+        r = out["step"] = step.run(data_s, device, arch, batch_size, view_size, steps, cpu_all=cpu_all)
+        print_rows(f"SSL step: {arch}, batch {r['batch_size']}, 2x{view_size}px views, "
+                   f"{r['machine']['gpu'] or 'CPU'} (peak {r['peak_flops'] / 1e12:.3g} TFLOP/s, "
+                   f"{r['peak_source']})", r["rows"],
+                   ["rung", "ms_per_step", "images_per_s", "x_peer", "mfu", "peak_mem_gb", "skipped"])
+        print_rows("targets", r["targets"], ["target", "value", "met"])
+    if what in ("data", "all"):
+        from sstl.benchmarks import data as data_bench
+
+        out["data"] = data_bench.run(data=data_s, device=device, batch_size=batch_size or 64,
+                                     view_size=view_size)
+        data_bench.print_report(out["data"])
+    if what in ("kernels", "all"):
+        from sstl.benchmarks import kernels
+
+        out["kernels"] = kernels.run(device=_device(device), arch=arch)
+        kernels.print_report(out["kernels"])
+    write_json(out, json)
+
+
+def _device(device: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
