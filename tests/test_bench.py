@@ -1,0 +1,69 @@
+"""The fast step and the bench: FLOP counting against hand counts, fast == eager, JSON shape."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from sstl.benchmarks.common import forward_flops
+from sstl.engine.config import PretrainConfig, resolve
+from sstl.engine.methods import Cross
+from sstl.engine.pretrain import build_step, ssl_step
+
+
+def test_flop_counter_one_conv_layer():
+    conv = nn.Conv2d(16, 32, kernel_size=3, stride=2, padding=1)
+    x = torch.randn(3, 16, 20, 20)
+    macs = 3 * 32 * 16 * 3 * 3 * 10 * 10  # batch x Cout x Cin x k x k x Hout x Wout
+    assert forward_flops(conv, x) == 2 * macs
+
+
+def test_flop_counter_resnet50_224():
+    net = torchvision.models.resnet50().eval()
+    gmac = forward_flops(net, torch.randn(1, 3, 224, 224)) / 2 / 1e9
+    assert abs(gmac - 4.09) < 0.02, gmac  # the published 4.09 GMAC
+
+
+def _tiny_method():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return Cross(net, 16, 32, 8, 32)
+
+
+def test_fast_step_matches_eager_step_fp32():
+    cfg = PretrainConfig(device="cpu", precision="fp32", compile=False, tau=0.9)
+    eager_m, fast_m = _tiny_method(), _tiny_method()
+    res = resolve(cfg)
+    eager = build_step(cfg, res, eager_m)
+    fast = build_step(dataclasses.replace(cfg, compile=True),
+                      dataclasses.replace(res, compile=True, channels_last=True),
+                      fast_m.to(memory_format=torch.channels_last))
+    g = torch.Generator().manual_seed(1)
+    v1, v2 = (torch.randn(8, 3, 16, 16, generator=g) for _ in range(2))
+    loss_e = ssl_step(eager, v1, v2)
+    loss_f = ssl_step(fast, v1.contiguous(memory_format=torch.channels_last),
+                      v2.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(loss_f, loss_e, rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(eager_m.state_dict().items(), fast_m.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_short_cpu_bench_writes_every_rung(tmp_path):
+    from sstl.benchmarks import step
+
+    path = tmp_path / "step.json"
+    step.run(device="cpu", arch="resnet18", batch_size=4, view_size=32, steps=1, warmup=1,
+             repeats=1, json_path=path)
+    result = json.loads(path.read_text())
+    names = [r["rung"] for r in result["rows"]]
+    assert names == [r.name for r in step.rungs("cpu")]
+    for r in result["rows"]:
+        assert r.get("skipped") or (r["images_per_s"] > 0 and 0 < r["mfu"] < 1.5), r
+    assert result["machine"]["torch"] == torch.__version__
+    assert result["flops_per_image"] > 0 and result["peak_flops"] > 0
