@@ -55,9 +55,10 @@ def imagenet_state_dict(arch: str, version: str = "V2") -> dict:
 
 
 def _strip(key: str) -> str:
-    for prefix in ("_orig_mod.", "module.", "backbone.", "encoder."):
-        while key.startswith(prefix):
-            key = key[len(prefix):]
+    """Remove wrapper prefixes in any order and number (`module._orig_mod.encoder.` ...)."""
+    prefixes = ("_orig_mod.", "module.", "backbone.", "encoder.")
+    while key.startswith(prefixes):
+        key = key[key.index(".") + 1:]
     return key
 
 
@@ -97,3 +98,38 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x))
+
+
+def weights_file(path: str | os.PathLike, default_name: str) -> Path:
+    """A weights file named directly, or `default_name` inside the run directory named."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / default_name
+    if not p.is_file():
+        raise SystemExit(f"{path}: no {default_name} there (give the file or its run directory)")
+    return p
+
+
+def sidecar(weights: Path) -> dict:
+    """The JSON written beside a .safetensors file by engine.runs.save_weights."""
+    import json
+
+    meta = weights.with_suffix(".json")
+    if not meta.is_file():
+        raise SystemExit(f"{weights}: its sidecar {meta.name} is missing (it holds the arch, "
+                         "the classes and the data split); copy it along with the weights")
+    return json.loads(meta.read_text())
+
+
+def load_classifier(path: str | os.PathLike, device="cpu") -> tuple[Classifier, dict]:
+    """A fine-tuned model (model.safetensors or its run directory) in eval mode, and its sidecar."""
+    from safetensors.torch import load_file
+
+    f = weights_file(path, "model.safetensors")
+    meta = sidecar(f)
+    if meta.get("kind") != "sstl-classifier":
+        raise SystemExit(f"{f} is not a fine-tuned classifier (kind {meta.get('kind')!r}); "
+                         "give the run directory of `sstl finetune`")
+    model = Classifier(backbone(meta["arch"]), ARCHS[meta["arch"]], len(meta["class_names"]))
+    model.load_state_dict(load_file(str(f)))
+    return model.to(device).eval(), meta

@@ -1,0 +1,64 @@
+"""Backbone initialisation: the real ImageNet path (offline), local files, clear failures."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+from sstl.engine.models import backbone
+
+
+def _random_sd(arch="resnet18"):
+    torch.manual_seed(3)
+    return getattr(torchvision.models, arch)().state_dict()
+
+
+def test_imagenet_loads_from_torch_hub_cache(tmp_path, monkeypatch):
+    """The real path: torchvision's weights file in $TORCH_HOME, found without a download."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    w = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    sd = _random_sd()
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(sd, tmp_path / "hub" / "checkpoints" / os.path.basename(w.url))
+    net = backbone("resnet18", "imagenet", "V1")
+    torch.testing.assert_close(net.state_dict()["layer1.0.conv1.weight"], sd["layer1.0.conv1.weight"])
+    assert isinstance(net.fc, torch.nn.Identity)
+
+
+def test_imagenet_offline_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(SystemExit) as e:
+        backbone("resnet50", "imagenet", "V2")
+    msg = str(e.value)
+    assert "resnet50-11ad3fa6.pth" in msg and str(tmp_path / "hub" / "checkpoints") in msg
+    with pytest.raises(SystemExit, match="has no IMAGENET1K_V9"):
+        backbone("resnet50", "imagenet", "V9")
+
+
+def test_local_state_dict_with_prefixes_and_head(tmp_path):
+    sd = _random_sd()
+    wrapped = {f"module._orig_mod.{k}": v for k, v in sd.items()}  # DDP + compile prefixes
+    torch.save({"state_dict": wrapped}, tmp_path / "w.pth")
+    save_file({k: v.contiguous() for k, v in sd.items() if not k.startswith("fc.")},
+              str(tmp_path / "w.safetensors"))
+    for f in ("w.pth", "w.safetensors"):
+        net = backbone("resnet18", str(tmp_path / f))
+        torch.testing.assert_close(net.state_dict()["conv1.weight"], sd["conv1.weight"])
+
+
+def test_local_state_dict_failures(tmp_path):
+    with pytest.raises(SystemExit, match="no such file"):
+        backbone("resnet18", str(tmp_path / "missing.pth"))
+    torch.save(_random_sd("resnet50"), tmp_path / "r50.pth")
+    with pytest.raises(SystemExit, match="does not fit"):
+        backbone("resnet18", str(tmp_path / "r50.pth"))
+    with pytest.raises(SystemExit, match="--arch must be one of"):
+        backbone("vgg11")
