@@ -80,7 +80,11 @@ def load_backbone_file(net: nn.Module, path: str) -> None:
         sd = torch.load(p, map_location="cpu", weights_only=True)
         sd = sd.get("state_dict", sd.get("model", sd)) if isinstance(sd, dict) else sd
     sd = {_strip(k): v for k, v in sd.items() if not _strip(k).startswith("fc.")}
-    missing, unexpected = net.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = net.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches: another architecture's weights
+        first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+        raise SystemExit(f"--init {path} does not fit {type(net).__name__}: {first}") from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise SystemExit(f"--init {path} does not fit {type(net).__name__}: "
