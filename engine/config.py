@@ -51,9 +51,14 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class FinetuneAugment:
-    """The fine-tuning view: a mild crop and flip; evaluation is a plain resize."""
+    """The fine-tuning view: a mild crop, flip and jitter; evaluation is a plain resize.
 
-    size: int = 224  # side of the classifier's input
+    Milder than pretraining's views: the labels must survive the crop (a 60% crop still
+    holds both lungs), and there is no blur, which would erase the fine opacities that
+    separate the classes.
+    """
+
+    size: int = 224  # side of the classifier's input (--image-size); the files are 224x224
     train: ViewAugment = ViewAugment(crop_scale=(0.6, 1.0), flip_p=0.5, blur_p=0.0, jitter_p=0.5,
                                      brightness=0.2, contrast=0.2)
 
@@ -105,7 +110,11 @@ class PretrainConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """`sstl finetune`: supervised fine-tuning and the paper's evaluation protocol."""
+    """`sstl finetune`: supervised fine-tuning and the paper's evaluation protocol.
+
+    The paper states 30 epochs and an evaluation on the test split after every epoch; the
+    optimizer, schedule, batch and image size it leaves open are chosen in the README.
+    """
 
     data: DataConfig = DataConfig()
     out: str = "runs"  # parent folder of run directories
@@ -117,19 +126,21 @@ class FinetuneConfig:
     fraction: float = 1.0  # share of the training split's labels used (paper: 0.01/0.1/0.5/1)
     epochs: int = 30  # paper: 30, evaluated on the test split after every epoch
     batch_size: int = 64  # not stated by the paper; see README
-    lr: float = 0.01  # SGD, cosine-decayed; not stated by the paper; see README
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.0
+    lr: float = 0.01  # SGD peak learning rate; not stated by the paper; see README
+    schedule: str = "cosine"  # cosine (per step, to 0 at the last step) | constant
+    momentum: float = 0.9  # SGD momentum, as in pretraining
+    weight_decay: float = 1e-4  # the usual ResNet value; the head and BN are decayed too
+    label_smoothing: float = 0.0  # cross-entropy label smoothing (0 = plain cross-entropy)
     augment: FinetuneAugment = FinetuneAugment()
     positive_class: str = "COVID"  # the positive class of sensitivity/specificity/AUC
     summary_last: int = 10  # Table 2 reports mean and std over the last 10 epochs
-    device: str = "auto"
-    backend: str = "auto"
-    compile: bool | None = None
-    precision: str = "auto"
-    seed: int = 0
-    log_every: int = 10
+    device: str = "auto"  # auto | cuda | cpu
+    backend: str = "torch"  # fine-tuning has one view path, the torch one (LabelledSource)
+    compile: bool | None = None  # torch.compile the classifier; None = on for CUDA, off for CPU
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    seed: int = 0  # head init, data order, augmentation and the --fraction subset
+    log_every: int = 10  # steps between host reads of the loss (the only syncs in the loop)
+    resume: bool = True  # continue from the run directory's checkpoint (epoch boundary)
 
 
 def to_dict(cfg) -> dict:
@@ -169,6 +180,9 @@ def dist_env() -> tuple[int, int, int]:
 def resolve(cfg) -> Resolved:
     """Turn the choices a config leaves open ('auto') into concrete values for this machine."""
     rank, world, local_rank = dist_env()
+    if world > 1:  # refuse rather than train N unsynchronised copies into one run directory
+        raise SystemExit(f"WORLD_SIZE={world}: multi-process (torchrun/DDP) training is not "
+                         "supported yet; run a single process")
     if cfg.device == "auto":
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     elif cfg.device == "cuda":
