@@ -65,7 +65,8 @@ def build_step(cfg: PretrainConfig, res: Resolved, method: Cross) -> Step:
     # the same storage, which the one-launch EMA updates in place.
     online_t, target_t = method.ema_tensors()
     online, target = kernels.FlatParams(online_t), kernels.FlatParams(target_t)
-    online.check(), target.check()
+    online.check()
+    target.check()
     on_gpu = res.device.startswith("cuda")
     params = list(method.online.parameters()) + list(method.predictor.parameters())
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
@@ -163,7 +164,8 @@ def load_checkpoint(path: Path, cfg: PretrainConfig, s: Step) -> tuple[int, int]
                          "use another --name (or --no-resume to start over here)")
     s.method.load_state_dict(ck["method"])  # copies in place: the flat views stay valid
     s.opt.load_state_dict(ck["opt"])
-    s.online.check(), s.target.check()
+    s.online.check()  # a load that re-allocated a tensor would detach it from the EMA
+    s.target.check()
     torch.set_rng_state(ck["torch_rng"])
     return ck["epoch"], ck["step"]
 
