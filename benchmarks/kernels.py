@@ -13,23 +13,21 @@ L2 between runs), a synchronising perf_counter median elsewhere; all warm-up is 
 """
 import argparse
 import copy
-import datetime
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
-import torchvision
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 
 import sstl.kernels as K
+from sstl.benchmarks.common import machine, sync
+from sstl.engine.models import ARCHS, backbone, mlp
 from sstl.kernels.loss import CrossLoss
 
 TAU = 0.996
@@ -39,14 +37,9 @@ TARGETS = {"ema_frac_copy": 0.8, "ema_vs_foreach": 1.5, "loss_vs_eager": 3.0}
 
 
 def _model(arch: str) -> nn.Module:
-    """Backbone (fc dropped) + projector feat->512->128 and predictor 128->4096->128, BN."""
-    backbone = getattr(torchvision.models, arch)()
-    feat, backbone.fc = backbone.fc.in_features, nn.Identity()
-    projector = nn.Sequential(nn.Linear(feat, 512), nn.BatchNorm1d(512), nn.ReLU(),
-                              nn.Linear(512, 128))
-    predictor = nn.Sequential(nn.Linear(128, 4096), nn.BatchNorm1d(4096), nn.ReLU(),
-                              nn.Linear(4096, 128))
-    return nn.Sequential(backbone, projector, predictor)
+    """Backbone + projector + predictor, as the method builds them (the EMA covers them all)."""
+    feat = ARCHS[arch]
+    return nn.Sequential(backbone(arch), mlp(feat, 512, 128), mlp(128, 4096, 128))
 
 
 def _median_ms(fn, device: torch.device, reps: int) -> float:
@@ -56,17 +49,12 @@ def _median_ms(fn, device: torch.device, reps: int) -> float:
         return do_bench(fn, return_mode="median")
     times = []
     for _ in range(reps):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _row(group, name, ms, nbytes, copy_gbps, **extra) -> dict:
@@ -141,22 +129,10 @@ def _speedups(rows, baselines) -> list[dict]:
 
 
 def _meta(device: torch.device, arch: str) -> dict:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        sha = None
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    return {"device": str(device), "device_name": name or platform.machine(), "arch": arch,
-            "torch": torch.__version__, "triton": triton_version, "git_sha": sha,
-            "hostname": socket.gethostname(),
-            "triton_interpret": os.environ.get("TRITON_INTERPRET"),
-            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    m = machine()
+    name = m["gpu"] if device.type == "cuda" else platform.processor() or platform.machine()
+    return {**m, "device": str(device), "device_name": name, "arch": arch,
+            "triton_interpret": os.environ.get("TRITON_INTERPRET")}
 
 
 def _targets(rows, interpreted: bool) -> list[dict]:
@@ -209,7 +185,7 @@ def print_report(result: dict) -> None:
     console, meta = Console(), result["meta"]
     console.print(f"[bold]{meta['device_name']}[/] ({meta['device']}), torch {meta['torch']}, "
                   f"triton {meta['triton']}, {meta['arch']}, copy {result['copy_gbps']:.0f} GB/s,"
-                  f" git {meta['git_sha']}, {meta['hostname']}, {meta['time']}")
+                  f" git {meta['git_sha']}, {meta['host']}, {meta['time']}")
     table = Table("what", "variant", "median ms", "GB/s", "% copy", "speedup", "max err")
     for r in result["rows"]:
         speed = ", ".join(f"{v:.2f}x {k}" for k, v in r["speedup"].items())
