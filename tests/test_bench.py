@@ -1,7 +1,6 @@
 """The fast step and the bench: FLOP counting against hand counts, fast == eager, JSON shape."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 

@@ -1,6 +1,7 @@
 """Which data path feeds the training loop: the one place that chooses, and builds it.
 
-`torch` (views.py, loader.py) runs everywhere; `dali` (dali.py) needs NVIDIA DALI and a GPU.
+`torch` (views.py, loader.py) runs everywhere; `dali` (dali.py) needs NVIDIA DALI, and `auto`
+picks it only on a GPU (it runs on the CPU too, which is how the tests check it).
 """
 from __future__ import annotations
 
@@ -28,13 +29,23 @@ def two_view_source(images, cfg, res):
     """The pretraining view source for `images` (N, S, S uint8) under config and resolved values."""
     import torch
 
-    dtype = getattr(torch, res.dtype)
     if res.backend == "dali":
-        from .dali import DaliTwoViewSource
+        from .dali import DaliTwoViewSource as Source
+    else:
+        from .loader import TwoViewSource as Source
+    return Source(images, cfg.augment, res.per_rank_batch, cfg.seed, res.device, res.rank,
+                  res.world_size, getattr(torch, res.dtype), res.channels_last)
 
-        return DaliTwoViewSource(images, cfg.augment, res.per_rank_batch, cfg.seed, res.device,
-                                 res.rank, res.world_size, dtype, res.channels_last)
-    from .loader import TwoViewSource
 
-    return TwoViewSource(images, cfg.augment, res.per_rank_batch, cfg.seed, res.device,
-                         res.rank, res.world_size, dtype, res.channels_last)
+def labelled_source(images, targets, cfg, res, train: bool):
+    """The fine-tuning source: augmented and reshuffled when `train`, else the deterministic
+    evaluation pass (every image once, in order), under a FinetuneConfig and resolved values."""
+    import torch
+
+    if res.backend == "dali":
+        from .dali import DaliLabelledSource as Source
+    else:
+        from .loader import LabelledSource as Source
+    return Source(images, targets, res.per_rank_batch, cfg.augment.size, res.device,
+                  cfg.augment.train if train else None, cfg.seed, res.rank, res.world_size,
+                  getattr(torch, res.dtype), res.channels_last)

@@ -18,7 +18,7 @@ from ..config import AugmentConfig, ViewAugment
 from .views import eval_view, normalize, render, sample_params, two_views
 
 
-def _seed(*parts: int) -> int:
+def step_seed(*parts: int) -> int:
     """A 63-bit seed mixed from integers (stateless: no generator state to checkpoint)."""
     digest = hashlib.blake2b(np.array(parts, dtype=np.int64).tobytes(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
@@ -26,7 +26,7 @@ def _seed(*parts: int) -> int:
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The permutation of an epoch, identical on every rank and every device."""
-    g = torch.Generator().manual_seed(_seed(seed, epoch, 0x5EED))
+    g = torch.Generator().manual_seed(step_seed(seed, epoch, 0x5EED))
     return torch.randperm(n, generator=g)
 
 
@@ -60,7 +60,7 @@ class TwoViewSource:
         order = self.shard(epoch).to(self.device, non_blocking=True)
         for step in range(start_step, self.steps_per_epoch):
             idx = order[step * self.batch:(step + 1) * self.batch]
-            self.gen.manual_seed(_seed(self.seed, epoch, step, self.rank))
+            self.gen.manual_seed(step_seed(self.seed, epoch, step, self.rank))
             yield two_views(self.images[idx], self.aug, self.gen, self.dtype, self.channels_last)
 
 
@@ -86,11 +86,13 @@ class LabelledSource:
         order = order[self.rank::self.world].to(self.device, non_blocking=True)
         for step in range(start_step, self.steps_per_epoch):
             idx = order[step * self.batch:(step + 1) * self.batch]
+            if len(idx) == 0:  # a rank whose shard is one image short ends one step early
+                return
             yield self.inputs(self.images[idx], epoch, step), self.targets[idx]
 
     def inputs(self, images: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
         if self.aug is None:
             return eval_view(images, self.size, self.dtype, self.channels_last)
-        self.gen.manual_seed(_seed(self.seed, epoch, step, self.rank, 1))
+        self.gen.manual_seed(step_seed(self.seed, epoch, step, self.rank, 1))
         p = sample_params(images.shape[0], self.aug, self.gen, images.device)
         return normalize(render(images, p, self.aug, self.size), self.dtype, self.channels_last)
