@@ -75,7 +75,9 @@ def measure(batches, batch: int, steps: int, warmup: int, repeats: int, sync) ->
 
 def machine(device: torch.device) -> dict:
     """The common record, plus what makes CPU data-path numbers readable (load, threads)."""
-    return {**common_machine(), "device": str(device), "cpus": len(os.sched_getaffinity(0)),
+    m = common_machine()
+    name = m["gpu"] if device.type == "cuda" else f"CPU ({len(os.sched_getaffinity(0))} cores)"
+    return {**m, "device": str(device), "device_name": name, "cpus": len(os.sched_getaffinity(0)),
             "load_avg_1min": os.getloadavg()[0], "torch_threads": torch.get_num_threads()}
 
 
@@ -175,7 +177,7 @@ def print_table(report: dict) -> None:
         got = "n/a" if t["measured"] is None else f"{t['measured']:,.2f}"
         console.print(f"target {what}: {t['target']:,} -> measured {got}, met: {t['met']}")
     console.print(f"load average before the run {m['load_avg_1min']:.2f} on {m['cpus']} CPUs; "
-                  f"git {m['git_sha']}; " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
+                  f"git {m['git_sha']}; " + ", ".join(f"{k} {m[k]}" for k in ("torch", "torchvision", "dali")))
 
 
 def main(argv=None) -> None:

@@ -58,9 +58,9 @@ def bench(
     if what in ("data", "all"):
         from sstl.benchmarks import data as data_bench
 
-        out["data"] = data_bench.run(data=data_s, device=device, batch_size=batch_size or 64,
-                                     view_size=view_size)
-        data_bench.print_report(out["data"])
+        out["data"] = data_bench.run(data=data_s, device=device, batch_size=batch_size,
+                                     view_size=view_size, steps=steps)
+        data_bench.print_table(out["data"])
     if what in ("kernels", "all"):
         from sstl.benchmarks import kernels
 
