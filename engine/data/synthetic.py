@@ -65,8 +65,11 @@ def draw(cls: str, rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
-def ensure_synthetic(folder: str | os.PathLike | None = None) -> Path:
-    """Draw the set once (seeded, so identical everywhere) and return its folder."""
+def ensure_synthetic(folder: str | os.PathLike | None = None, per_class: int = PER_CLASS) -> Path:
+    """Draw the set once (seeded, so identical everywhere) and return its folder.
+
+    A larger `per_class` (benchmarks) needs its own `folder`: the default one is the demo set.
+    """
     target = Path(folder) if folder else default_cache_dir() / f"synthetic-v{VERSION}"
     if (target / "manifest.csv").exists():
         return target
@@ -75,7 +78,7 @@ def ensure_synthetic(folder: str | os.PathLike | None = None) -> Path:
     rows = []
     for c, cls in enumerate(CLASSES):
         (tmp / cls).mkdir(parents=True)
-        for i in range(PER_CLASS):
+        for i in range(per_class):
             rng = np.random.default_rng([VERSION, c, i])
             rel = f"{cls}/synthetic_{i:03d}.png"
             Image.fromarray(draw(cls, rng)).save(tmp / rel)

@@ -1,0 +1,187 @@
+"""Every check that needs a GPU, in one command that fits a lent machine's minutes.
+
+    pip install --no-deps --no-build-isolation -e . && \
+        python -m sstl.benchmarks.gpu_check --out "$OUT"
+
+Sections, most important first, each written to its own JSON under --out as soon as it
+ends (a run cut short still returns what it finished), then a short table:
+  cuda      Triton loss (fp32/bf16/fp16, fwd+bwd) and EMA against float64 references on
+            CUDA; one compiled bf16 step against the eager fp32 step (same loss, close weights)
+  kernels   benchmarks/kernels.py: fused loss and EMA vs their baselines, vs copy bandwidth
+  step      benchmarks/step.py: resnet50, batch 256, 2x112 views, every rung and the peer
+  data      benchmarks/data.py: two-view samples/s (DALI rows skip where DALI is absent)
+  finetune  fine-tuning images/s at 224x224, batch 256, bf16 + compile
+  pretrain  `sstl pretrain` end to end for one epoch of resnet50 (synthetic images, 3,072)
+Sections are skipped once --budget seconds have passed, so the command ends in time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from .common import machine
+
+
+def cuda_checks() -> dict:
+    import copy
+
+    from sstl import kernels
+    from sstl.engine.config import PretrainConfig, resolve
+    from sstl.engine.methods import Cross
+    from sstl.engine.models import backbone
+    from sstl.engine.pretrain import build_step, ssl_step
+    from sstl.kernels.loss import CrossLoss
+
+    out = {}
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)):
+        for B, D in ((256, 128), (7, 130)):
+            g = torch.Generator(device="cuda").manual_seed(B + D)
+            p1, p2, y2 = (torch.randn(B, D, device="cuda", generator=g).to(dtype) for _ in range(3))
+            a1, a2 = (t.detach().clone().requires_grad_(True) for t in (p1, p2))
+            loss = CrossLoss.apply(a1, a2, y2, True)
+            loss.backward()
+            r1, r2 = (t.detach().double().requires_grad_(True) for t in (p1, p2))
+            ref = kernels.cross_loss_reference(r1, r2, y2.double())
+            ref.backward()
+            err = max(abs(loss.item() - ref.item()) / abs(ref.item()),
+                      *((a.grad.double() - r.grad).norm().item() / r.grad.norm().item()
+                        for a, r in ((a1, r1), (a2, r2))))
+            out[f"loss {str(dtype)[6:]} B={B} D={D}"] = {"rel_err": err, "ok": err < tol}
+    net = backbone("resnet50").cuda()
+    tgt = copy.deepcopy(net)
+    fo, ft = kernels.FlatParams(net.parameters()), kernels.FlatParams(tgt.parameters())
+    with torch.no_grad():
+        fo.flat.normal_()
+    want = 0.996 * ft.flat.double() + 0.004 * fo.flat.double()
+    kernels.ema_triton_(ft, fo, 0.996)
+    err = ((ft.flat.double() - want).norm() / want.norm()).item()
+    out["ema fp32 resnet50"] = {"rel_err": err, "ok": err < 1e-6}
+    # The fast step (compiled, bf16, channels_last, Triton) vs the eager fp32 step.
+    cfg = PretrainConfig(arch="resnet50", init="random", device="cuda", backend="torch")
+    losses = {}
+    for name, compile_, precision in (("eager fp32", False, "fp32"), ("fast bf16", True, "bf16")):
+        c = PretrainConfig(**{**cfg.__dict__, "compile": compile_, "precision": precision})
+        res = resolve(c)
+        torch.manual_seed(0)
+        m = Cross(backbone("resnet50"), 2048).cuda()
+        if res.channels_last:
+            m.to(memory_format=torch.channels_last)
+        st = build_step(c, res, m)
+        g = torch.Generator(device="cuda").manual_seed(1)
+        v1, v2 = (torch.randn(64, 3, 112, 112, device="cuda", generator=g) for _ in range(2))
+        ssl_step(st, v1, v2)  # warm-up/compile; the second step is compared
+        losses[name] = ssl_step(st, v1, v2).item()
+    diff = abs(losses["fast bf16"] - losses["eager fp32"]) / abs(losses["eager fp32"])
+    out["fast step vs eager step (loss)"] = {"rel_err": diff, "ok": diff < 5e-2, **losses}
+    return out
+
+
+def finetune_throughput(device: str = "cuda", arch: str = "resnet50", batch: int = 256,
+                        size: int = 224, steps: int = 20, warmup: int = 5) -> dict:
+    """Images/s of the fine-tuning step as `sstl finetune` builds it (a resident batch)."""
+    from sstl.engine.config import DataConfig, FinetuneAugment, FinetuneConfig, resolve
+    from sstl.engine.data.dataset import load_dataset
+    from sstl.engine.data.loader import LabelledSource
+    from sstl.engine.finetune import build_step, train_step
+
+    from .common import median_seconds, sync
+
+    cfg = FinetuneConfig(data=DataConfig(), arch=arch, init="random", batch_size=batch,
+                         augment=FinetuneAugment(size=size), device=device)
+    res = resolve(cfg)
+    ds = load_dataset(cfg.data, need_labels=True, log=lambda m: None)
+    src = LabelledSource(ds.images, ds.targets, batch, size, res.device, cfg.augment.train,
+                         dtype=getattr(torch, res.dtype), channels_last=res.channels_last)
+    st = build_step(cfg, res, len(ds.class_names), None)
+    x, y = next(src.epoch(0))
+    reps = max(1, -(-batch // len(x)))
+    x, y = x.repeat(reps, 1, 1, 1)[:batch], y.repeat(reps)[:batch]  # a full batch from 256 images
+    for _ in range(warmup):
+        train_step(st, x, y)
+    sync(res.device)
+    sec, all_sec = median_seconds(lambda: train_step(st, x, y), res.device, steps, 3)
+    return {"images_per_s": batch / sec, "ms_per_step": sec * 1e3, "batch": batch, "size": size,
+            "target_6000": batch / sec >= 6000, "note": "model step only, batch resident"}
+
+
+def pretrain_epoch(out: Path) -> dict:
+    from sstl.engine.config import DataConfig, PretrainConfig
+    from sstl.engine.data.synthetic import ensure_synthetic
+    from sstl.engine.pretrain import pretrain
+
+    data = ensure_synthetic(Path("/tmp/sstl-synthetic-3072"), per_class=768)
+    t0 = time.perf_counter()
+    run = pretrain(PretrainConfig(data=DataConfig(path=str(data)), out=str(out / "runs"),
+                                  name="gpu-epoch", arch="resnet50", init="random", epochs=1,
+                                  resume=False))
+    wall = time.perf_counter() - t0
+    rows = (run / "metrics.csv").read_text().splitlines()
+    return {"wall_s_including_compile": wall, "metrics_csv": rows,
+            "config": json.loads((run / "config.json").read_text())["resolved"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="gpu-check", help="folder for the JSON files")
+    p.add_argument("--budget", type=float, default=480, help="seconds after which sections skip")
+    p.add_argument("--only", nargs="*", default=None, help="run only these sections")
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from . import data, kernels, step
+
+    sections = {
+        "cuda": cuda_checks,
+        "kernels": lambda: kernels.run("cuda"),
+        "step": lambda: step.run(device="cuda", arch="resnet50", batch_size=256, view_size=112),
+        "data": lambda: data.run(device="cuda"),
+        "finetune": finetune_throughput,
+        "pretrain": lambda: pretrain_epoch(out),
+    }
+    t0, summary = time.perf_counter(), {"machine": machine()}
+    for name, fn in sections.items():
+        if a.only and name not in a.only:
+            continue
+        if time.perf_counter() - t0 > a.budget:
+            summary[name] = {"skipped": f"budget of {a.budget:.0f}s spent"}
+            continue
+        s0 = time.perf_counter()
+        try:
+            summary[name] = {"result": fn()}
+        except Exception as e:  # one broken section must not cost the others' minutes
+            summary[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
+        summary[name]["seconds"] = time.perf_counter() - s0
+        (out / f"{name}.json").write_text(json.dumps(summary[name], indent=2, default=str))
+        print(f"[{time.perf_counter() - t0:6.0f}s] {name}: "
+              f"{'error ' + summary[name]['error'] if 'error' in summary[name] else 'done'}", flush=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print_summary(summary)
+
+
+def print_summary(summary: dict) -> None:
+    print(f"\n{summary['machine'].get('gpu')} torch {summary['machine']['torch']} "
+          f"git {summary['machine']['git_sha']}")
+    cuda = summary.get("cuda", {}).get("result", {})
+    for k, v in cuda.items():
+        print(f"  check {k:40s} rel_err {v['rel_err']:.2e} {'ok' if v['ok'] else 'FAIL'}")
+    for r in summary.get("step", {}).get("result", {}).get("rows", []):
+        if "images_per_s" in r:
+            print(f"  step {r['rung']:16s} {r['images_per_s']:9,.0f} img/s  "
+                  f"{r.get('x_peer', 0):5.2f}x peer  MFU {r['mfu']:.3f}")
+    for t in summary.get("kernels", {}).get("result", {}).get("targets", []):
+        print(f"  kernels {t['name']:40s} {t['value']} (>= {t['target']}) met={t['met']}")
+    ft = summary.get("finetune", {}).get("result")
+    if ft:
+        print(f"  finetune 224: {ft['images_per_s']:,.0f} img/s")
+    for name, s in summary.items():
+        if isinstance(s, dict) and ("error" in s or "skipped" in s):
+            print(f"  {name}: {s.get('error') or s.get('skipped')}")
+
+
+if __name__ == "__main__":
+    main()
