@@ -16,7 +16,8 @@ import os
 import torch
 from torch import Tensor
 
-from .ema import HAS_TRITON, FlatParams, ema_loop_, ema_reference_, ema_triton_
+from ._triton import HAS_TRITON
+from .ema import FlatParams, ema_loop_, ema_reference_, ema_triton_
 from .loss import CrossLoss, cross_loss_op, cross_loss_reference
 
 __all__ = ["cross_loss", "ema_", "FlatParams", "cross_loss_reference", "ema_reference_",

@@ -10,17 +10,7 @@
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # CPU-only installs: the kernel is defined but never launched
-    from types import SimpleNamespace
-
-    triton = SimpleNamespace(jit=lambda fn: fn)
-    tl = SimpleNamespace(constexpr=None)
-    HAS_TRITON = False
+from ._triton import tl, triton
 
 # 4096 elements over 8 warps = 16 fp32 per thread, i.e. four 16-byte vector loads per
 # tensor in flight per thread: enough bytes in flight to cover DRAM latency, while a

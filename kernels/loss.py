@@ -23,17 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # CPU-only installs: the kernels are defined but never launched
-    from types import SimpleNamespace
-
-    triton = SimpleNamespace(jit=lambda fn: fn)
-    tl = SimpleNamespace(constexpr=None)
-    HAS_TRITON = False
+from ._triton import tl, triton
 
 EPS = 1e-8
 TILE = 1024  # elements per (rows x BLOCK_D) tile: 8 fp32 per thread at 4 warps
