@@ -23,7 +23,7 @@ import torch
 
 from sstl.engine.config import AugmentConfig, DataConfig, PretrainConfig, resolve
 from sstl.engine.data.dataset import load_dataset
-from sstl.engine.data.loader import TwoViewSource
+from sstl.engine.data.backends import pick_backend, two_view_source
 from sstl.engine.pretrain import build_method, build_step, ssl_step
 
 from .common import forward_flops, machine, median_seconds, peak_flops, sync, write_json
@@ -88,8 +88,9 @@ def measure(rung: Rung, cfg: PretrainConfig, images, paths, steps, warmup, repea
             peer_step(method, st.opt, v1.to(res.device, non_blocking=True),
                       v2.to(res.device, non_blocking=True), cfg.tau)
     else:
-        source = TwoViewSource(images, cfg.augment, res.per_rank_batch, cfg.seed, res.device,
-                               dtype=getattr(torch, res.dtype), channels_last=res.channels_last)
+        if rung.name == "sstl":  # the data path `sstl pretrain` would pick (DALI where present)
+            res = dataclasses.replace(res, backend=pick_backend("auto", res.device))
+        source = two_view_source(images, cfg, res)
         batches = itertools.chain.from_iterable(source.epoch(e) for e in itertools.count())
 
         def one():
@@ -104,7 +105,8 @@ def measure(rung: Rung, cfg: PretrainConfig, images, paths, steps, warmup, repea
     if rung.peer:
         batches.close()  # ends the DataLoader's workers: they must not steal the next rung's CPU
     os.environ.pop("SSTL_KERNELS", None)
-    return {"rung": rung.name, **dataclasses.asdict(rung), "ms_per_step": sec * 1e3,
+    return {"rung": rung.name, **dataclasses.asdict(rung), "backend": res.backend,
+            "ms_per_step": sec * 1e3,
             "images_per_s": res.per_rank_batch / sec, "repeats_ms": [s * 1e3 for s in all_sec],
             "peak_mem_gb": peak_mem / 1e9 if peak_mem is not None else None}
 
