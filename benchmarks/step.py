@@ -19,6 +19,7 @@ import itertools
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from sstl.engine.config import AugmentConfig, DataConfig, PretrainConfig, resolve
@@ -123,6 +124,8 @@ def run(data: str | None = None, device: str = "auto", arch: str = "resnet50",
                          device=device, backend="torch")
     ds = load_dataset(cfg.data, log=lambda m: None)
     images, paths = ds.images[ds.train_idx], [ds.records[i].path for i in ds.train_idx]
+    copies = -(-2 * batch_size // len(paths))  # small sets (the demo's 204) repeat to 2 batches
+    images, paths = np.concatenate([images] * copies), paths * copies
     dev = resolve(cfg).device
     flops = ssl_flops_per_image(build_method(cfg, resolve(cfg)), view_size, dev)
     peak, peak_src = peak_flops(dev)
