@@ -81,6 +81,104 @@ def pretrain(
     run(cfg)
 
 
+@app.command()
+def finetune(
+    data: Optional[Path] = DATA,
+    encoder: Optional[Path] = typer.Option(None, help="encoder.safetensors from `sstl pretrain`, "
+                                           "or its run directory (overrides --init)"),
+    init: str = typer.Option("imagenet", help="Without --encoder: imagenet (the paper's Transfer) "
+                             "| random (From Scratch) | PATH to a state dict"),
+    imagenet_weights: str = typer.Option("V2", help="torchvision IMAGENET1K_V2, or V1"),
+    fraction: float = typer.Option(1.0, help="Share of the training split's labels used "
+                                   "(paper: 0.01, 0.1, 0.5, 1); nested, stratified, group-aware"),
+    positive_class: str = typer.Option("COVID", help="Positive class of Sen/Spe/HM/AUC"),
+    out: Path = typer.Option(Path("runs"), help="Parent folder of run directories"),
+    name: Optional[str] = typer.Option(None, help="Run directory name [default: finetune-ARCH-TIME]"),
+    arch: str = typer.Option("resnet50", help="resnet50 (paper) | resnet18; must match --encoder"),
+    epochs: int = typer.Option(30, help="Epochs, each followed by a test evaluation (paper: 30)"),
+    batch_size: int = typer.Option(64, help="Batch size (paper: not stated; see README)"),
+    image_size: int = typer.Option(224, help="Side of the classifier's input (see README)"),
+    lr: float = typer.Option(0.01, help="SGD peak learning rate (see README)"),
+    schedule: str = typer.Option("cosine", help="cosine (per step, to 0) | constant"),
+    momentum: float = typer.Option(0.9, help="SGD momentum"),
+    weight_decay: float = typer.Option(1e-4, help="Weight decay"),
+    label_smoothing: float = typer.Option(0.0, help="Cross-entropy label smoothing"),
+    summary_last: int = typer.Option(10, help="Epochs averaged in summary.json (paper: last 10)"),
+    device: str = typer.Option("auto", help="auto | cuda | cpu"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                           help="torch.compile [default: on for CUDA]"),
+    precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32"),
+    seed: int = typer.Option(0, help="Training seed (also picks the --fraction subset)"),
+    log_every: int = typer.Option(10, help="Steps between loss reads"),
+    resume: bool = typer.Option(True, "--resume/--no-resume",
+                                help="Continue from the run directory's checkpoint"),
+    cache_dir: Optional[Path] = CACHE_DIR,
+    cache_size: int = CACHE_SIZE,
+    split_seed: int = SPLIT_SEED,
+    test_fraction: float = TEST_FRACTION,
+    workers: int = typer.Option(0, help="Decoder threads for the first scan [default: all CPUs]"),
+):
+    """Supervised fine-tuning with the paper's protocol: metrics on the test split every epoch."""
+    from sstl.engine.config import FinetuneAugment, FinetuneConfig
+    from sstl.engine.finetune import finetune as run
+
+    cfg = FinetuneConfig(
+        data=data_config(data, cache_dir, cache_size, split_seed, test_fraction, workers),
+        out=str(out), name=name, arch=arch, encoder=str(encoder) if encoder else None, init=init,
+        imagenet_weights=imagenet_weights, fraction=fraction, epochs=epochs,
+        batch_size=batch_size, lr=lr, schedule=schedule, momentum=momentum,
+        weight_decay=weight_decay, label_smoothing=label_smoothing,
+        augment=FinetuneAugment(size=image_size), positive_class=positive_class,
+        summary_last=summary_last, device=device, compile=compile, precision=precision,
+        seed=seed, log_every=log_every, resume=resume)
+    run(cfg)
+
+
+MODEL = typer.Option(..., "--model", help="Run directory of `sstl finetune` (or its model.safetensors)")
+
+
+@app.command()
+def predict(
+    inputs: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)"),
+    model: Path = MODEL,
+    out_csv: Path = typer.Option(Path("predictions.csv"), help="Where the per-image CSV goes"),
+    batch_size: int = typer.Option(64, help="Images per forward pass"),
+    device: str = typer.Option("auto", help="auto | cuda | cpu"),
+):
+    """Class probabilities for each image; unreadable files get an error row, the rest go on."""
+    from sstl.engine.config import PredictConfig
+    from sstl.engine.predict import predict as run
+
+    run(PredictConfig(model=str(model), inputs=tuple(str(p) for p in inputs),
+                      out_csv=str(out_csv), batch_size=batch_size, device=device))
+
+
+@app.command()
+def evaluate(
+    model: Path = MODEL,
+    data: Optional[Path] = DATA,
+    split: str = typer.Option("all", help="all: every image of --data | test: its held-out split"),
+    out: Optional[Path] = typer.Option(None, help="Also write metrics.json, predictions.csv and "
+                                       "the figures into this folder"),
+    batch_size: int = typer.Option(64, help="Images per forward pass"),
+    device: str = typer.Option("auto", help="auto | cuda | cpu"),
+    cache_dir: Optional[Path] = CACHE_DIR,
+    cache_size: int = CACHE_SIZE,
+    split_seed: int = SPLIT_SEED,
+    test_fraction: float = TEST_FRACTION,
+    workers: int = typer.Option(0, help="Decoder threads for the first scan [default: all CPUs]"),
+):
+    """The paper's metrics of a fine-tuned model on a labelled folder or manifest."""
+    from sstl.engine.config import EvaluateConfig
+    from sstl.engine.predict import evaluate as run
+
+    run(EvaluateConfig(model=str(model),
+                       data=data_config(data, cache_dir, cache_size, split_seed, test_fraction,
+                                        workers),
+                       split=split, out=str(out) if out else None, batch_size=batch_size,
+                       device=device))
+
+
 from sstl.cli.bench import bench  # noqa: E402
 
 app.command()(bench)

@@ -6,6 +6,7 @@ with the run beside the config itself; the config is never mutated after parsing
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -127,7 +128,7 @@ class FinetuneConfig:
     epochs: int = 30  # paper: 30, evaluated on the test split after every epoch
     batch_size: int = 64  # not stated by the paper; see README
     lr: float = 0.01  # SGD peak learning rate; not stated by the paper; see README
-    schedule: str = "cosine"  # cosine (per step, to 0 at the last step) | constant
+    schedule: str = "cosine"  # cosine (per step, from --lr down to 0 at the end) | constant
     momentum: float = 0.9  # SGD momentum, as in pretraining
     weight_decay: float = 1e-4  # the usual ResNet value; the head and BN are decayed too
     label_smoothing: float = 0.0  # cross-entropy label smoothing (0 = plain cross-entropy)
@@ -135,12 +136,41 @@ class FinetuneConfig:
     positive_class: str = "COVID"  # the positive class of sensitivity/specificity/AUC
     summary_last: int = 10  # Table 2 reports mean and std over the last 10 epochs
     device: str = "auto"  # auto | cuda | cpu
-    backend: str = "torch"  # fine-tuning has one view path, the torch one (LabelledSource)
+    backend: str = "auto"  # data path: auto (DALI if importable and on a GPU) | dali | torch
     compile: bool | None = None  # torch.compile the classifier; None = on for CUDA, off for CPU
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     seed: int = 0  # head init, data order, augmentation and the --fraction subset
     log_every: int = 10  # steps between host reads of the loss (the only syncs in the loop)
     resume: bool = True  # continue from the run directory's checkpoint (epoch boundary)
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """`sstl predict`: class probabilities for image files and folders."""
+
+    model: str  # run directory of `sstl finetune`, or its model.safetensors
+    inputs: tuple[str, ...]  # image files and folders (folders are searched recursively)
+    out_csv: str = "predictions.csv"  # one row per image; default in the current folder
+    batch_size: int = 64  # images per forward pass
+    device: str = "auto"  # auto | cuda | cpu
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    compile: bool = False  # one pass over a few images does not repay a compile
+    backend: str = "torch"  # the only view path for single images
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """`sstl evaluate`: the paper's metrics of a fine-tuned model on any labelled data."""
+
+    model: str  # run directory of `sstl finetune`, or its model.safetensors
+    data: DataConfig = DataConfig()  # labelled folder or manifest; its split settings for --split
+    split: str = "all"  # all: every image | test: the held-out split of `data`
+    out: str | None = None  # folder for metrics.json, predictions.csv and the figures; None = none
+    batch_size: int = 64
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    backend: str = "torch"
 
 
 def to_dict(cfg) -> dict:
@@ -167,6 +197,12 @@ class Resolved:
     local_rank: int
     per_rank_batch: int
     channels_last: bool
+
+    def autocast(self):
+        """The context the forward passes run in: bf16 autocast on CUDA, nothing in fp32."""
+        if self.dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.split(":")[0], dtype=getattr(torch, self.dtype))
 
 
 def dist_env() -> tuple[int, int, int]:

@@ -1,7 +1,6 @@
 """Self-supervised pretraining: the step, then the loop that owns all state worth saving."""
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -74,15 +73,7 @@ def build_step(cfg: PretrainConfig, res: Resolved, method: Cross) -> Step:
     predict, target_project = method.predict, method.target_project
     if res.compile:
         predict, target_project = torch.compile(predict), torch.compile(target_project)
-    dtype = getattr(torch, res.dtype)
-    device_type = "cuda" if on_gpu else "cpu"
-
-    def autocast():
-        if dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type, dtype=dtype)
-
-    return Step(method, predict, target_project, opt, online, target, cfg.tau, autocast)
+    return Step(method, predict, target_project, opt, online, target, cfg.tau, res.autocast)
 
 
 # Fields that may change between a run and its resumption without changing its meaning.

@@ -1,0 +1,186 @@
+"""Using a fine-tuned model: `predict` (class probabilities per image) and `evaluate` (metrics).
+
+Both read the run directory's model.safetensors and its sidecar (classes, image size,
+arch, positive class) and prepare images exactly as training evaluated them: decode to
+grey (load_gray), resize to the cache size (resize_square), then the evaluation view.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from .config import DataConfig, EvaluateConfig, PredictConfig, resolve, save_json
+from .data.dataset import load_dataset
+from .data.index import IMAGE_SUFFIXES, DataError, load_gray, resize_square
+from .data.loader import LabelledSource
+from .data.views import eval_view
+from .finetune import class_probs, draw_figures
+from .metrics import METRICS, NAMES, classification_metrics
+from .models import load_classifier
+from .runs import Reporter
+
+SHOWN_ROWS = 50  # the printed table stops here; the CSV has every row
+
+
+def image_files(inputs) -> list[tuple[str, str | None]]:
+    """(path, error) for every input: files as given, folders expanded to their images, sorted."""
+    out = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and _wanted(f, p))
+            out += [(str(f), None) for f in found] or [(str(p), "folder holds no image files")]
+        else:
+            out.append((str(p), None if p.exists() else "no such file or folder"))
+    return out
+
+
+def _wanted(f: Path, root: Path) -> bool:
+    parts = f.relative_to(root).parts
+    return (f.suffix.lower() in IMAGE_SUFFIXES and not any(s.startswith(".") for s in parts)
+            and "masks" not in (s.lower() for s in parts[:-1]))
+
+
+def decode(path: str, size: int) -> tuple[np.ndarray | None, str | None]:
+    """The image as training stored it (grey, size x size uint8), or why it cannot be read."""
+    try:
+        return resize_square(load_gray(path), size), None
+    except ValueError as e:
+        return None, str(e)
+    except Exception as e:  # a decoder crash on one file must not stop the others
+        return None, f"{type(e).__name__}: {e}"
+
+
+def predict(cfg: PredictConfig) -> list[dict]:
+    res = resolve(cfg)
+    model, meta = load_classifier(cfg.model, res.device)
+    if res.channels_last:
+        model.to(memory_format=torch.channels_last)
+    names, autocast = meta["class_names"], res.autocast
+    rows = []
+    files = image_files(cfg.inputs)
+    for b in range(0, len(files), cfg.batch_size):
+        chunk = [(p, *((None, err) if err else decode(p, meta["cache_size"])))
+                 for p, err in files[b:b + cfg.batch_size]]
+        good = [img for _, img, _ in chunk if img is not None]
+        if good:
+            x = torch.from_numpy(np.stack(good)).to(res.device)
+            x = eval_view(x, meta["image_size"], getattr(torch, res.dtype), res.channels_last)
+            probs = iter(class_probs(model, [x], autocast).cpu().numpy())
+        for path, img, err in chunk:
+            rows.append(_row(path, names, None if img is None else next(probs), err))
+    write_predictions(rows, names, Path(cfg.out_csv))
+    Console().print(predictions_table(rows, names, cfg.out_csv))
+    return rows
+
+
+def _row(path: str, names: list[str], p: np.ndarray | None, error: str | None) -> dict:
+    if p is None:
+        return {"path": path, "prediction": "", "confidence": "", **{n: "" for n in names},
+                "error": error}
+    k = int(p.argmax())
+    return {"path": path, "prediction": names[k], "confidence": float(p[k]),
+            **{n: float(v) for n, v in zip(names, p)}, "error": ""}
+
+
+def write_predictions(rows: list[dict], names: list[str], path: Path) -> None:
+    """CSV: path, [label,] prediction, confidence, one probability column per class, error."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fields = list(rows[0]) if rows else ["path", "prediction", "confidence", *names, "error"]
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        w.writerows({k: f"{v:.6f}" if isinstance(v, float) else v for k, v in r.items()}
+                    for r in rows)
+    os.replace(tmp, path)
+
+
+def predictions_table(rows: list[dict], names: list[str], csv_path) -> Table:
+    bad = sum(1 for r in rows if r["error"])
+    t = Table(title=f"{len(rows) - bad} predicted, {bad} unreadable; all rows in {csv_path}",
+              expand=True)
+    t.add_column("image", overflow="fold", ratio=3)
+    t.add_column("prediction", overflow="fold", ratio=2)
+    for name in names:
+        t.add_column(name, justify="right", ratio=1)
+    for r in rows[:SHOWN_ROWS]:
+        if r["error"]:
+            t.add_row(r["path"], f"[red]error: {r['error']}[/red]", *[""] * len(names))
+        else:
+            t.add_row(r["path"], r["prediction"], *(f"{r[n]:.3f}" for n in names))
+    if len(rows) > SHOWN_ROWS:
+        t.add_row(f"... {len(rows) - SHOWN_ROWS} more rows in the CSV", "", *[""] * len(names))
+    return t
+
+
+def model_targets(data_names: list[str], model_names: list[str], targets: np.ndarray) -> np.ndarray:
+    """The data's labels as the model's class indices, matched by name (not by position)."""
+    unknown = [c for c in data_names if c not in model_names]
+    if unknown:
+        raise DataError(f"the data has classes the model does not know: "
+                        f"{', '.join(map(repr, unknown))}; the model's classes are "
+                        f"{', '.join(map(repr, model_names))}")
+    return np.array([model_names.index(c) for c in data_names], dtype=np.int64)[targets]
+
+
+def evaluate(cfg: EvaluateConfig) -> dict:
+    if cfg.split not in ("all", "test"):
+        raise SystemExit(f"--split must be all or test, not {cfg.split!r}")
+    res = resolve(cfg)
+    model, meta = load_classifier(cfg.model, res.device)
+    if res.channels_last:
+        model.to(memory_format=torch.channels_last)
+    ds = load_dataset(cfg.data, need_labels=True, log=Reporter.log_line)
+    names = meta["class_names"]
+    targets = model_targets(ds.class_names, names, ds.targets)
+    idx = np.arange(len(ds.records)) if cfg.split == "all" else test_split(ds, meta, cfg.data)
+    source = LabelledSource(np.asarray(ds.images[idx]), targets[idx], cfg.batch_size,
+                            meta["image_size"], res.device, dtype=getattr(torch, res.dtype),
+                            channels_last=res.channels_last)
+    probs = class_probs(model, (x for x, _ in source.epoch(0)), res.autocast).cpu().numpy()
+    m = classification_metrics(targets[idx], probs.argmax(1), probs, names, meta["positive_class"])
+    Console().print(metrics_table(m, f"model {Path(cfg.model).name} on {ds.root.name}, "
+                                     f"{cfg.split}: {len(idx)} images"))
+    if cfg.out:
+        write_evaluation(Path(cfg.out), m, ds, idx, targets, probs, meta)
+    return m
+
+
+def test_split(ds, meta: dict, data: DataConfig) -> np.ndarray:
+    """The test split of `data`; for the model's own data, it must be the one training held out."""
+    if meta.get("data_fingerprint") == ds.fingerprint() and \
+            meta.get("test_fingerprint") != ds.fingerprint(ds.test_idx):
+        raise SystemExit(f"this is the model's training data, but --split-seed {data.split_seed} "
+                         f"--test-fraction {data.test_fraction} gives another test split than "
+                         f"training held out; pass --split-seed {meta.get('split_seed')} "
+                         f"--test-fraction {meta.get('test_fraction')}")
+    return ds.test_idx
+
+
+def write_evaluation(out: Path, m: dict, ds, idx, targets, probs, meta) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    save_json({"metrics": m, "n": len(idx), "data": str(ds.root), "model": meta},
+              out / "metrics.json")
+    names = meta["class_names"]
+    rows = []
+    for i, p in zip(idx, probs):
+        r = _row(ds.records[i].rel, names, p, None)
+        rows.append({"path": r.pop("path"), "label": names[targets[i]], **r})
+    write_predictions(rows, names, out / "predictions.csv")
+    draw_figures(out, targets[idx], probs, names, meta["positive_class"], f"{len(idx)} images")
+
+
+def metrics_table(m: dict, title: str) -> Table:
+    t = Table(title=title)
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k in (*METRICS, *(k for k in m if k.startswith("recall/"))):
+        t.add_row(NAMES.get(k, k.replace("recall/", "recall ")), f"{m[k]:.4f}")
+    return t

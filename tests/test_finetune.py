@@ -1,0 +1,214 @@
+"""End to end: `sstl finetune` learns, keeps the test split unseen, resumes, and its model
+is usable by `sstl predict` and `sstl evaluate`. Small and fast: resnet18 at 64 px on a CPU."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from sstl.cli.main import app
+from sstl.engine import finetune as finetune_mod
+from sstl.engine.config import (AugmentConfig, DataConfig, FinetuneAugment, FinetuneConfig,
+                                PretrainConfig)
+from sstl.engine.data.index import DataError
+from sstl.engine.data.synthetic import CLASSES, ensure_synthetic
+from sstl.engine.finetune import finetune
+from sstl.engine.metrics import METRICS
+from sstl.engine.config import EvaluateConfig
+from sstl.engine.predict import evaluate
+from sstl.engine.pretrain import pretrain
+
+from .conftest import CXR_SMALL, needs_shared
+
+SMALL = dict(arch="resnet18", batch_size=32, augment=FinetuneAugment(size=64), device="cpu",
+             compile=False, log_every=100)
+ACC_BAR = 0.5  # test accuracy on cxr-small's 4 balanced classes; chance is 0.25
+
+
+def _ft(out, name, data=None, **kw) -> FinetuneConfig:
+    args = {**SMALL, "init": "random", "epochs": 1, **kw}
+    return FinetuneConfig(data=DataConfig(path=data and str(data)), out=str(out), name=name, **args)
+
+
+def _pt(out, name, data=None, **kw) -> PretrainConfig:
+    return PretrainConfig(data=DataConfig(path=data and str(data)), out=str(out), name=name,
+                          arch="resnet18", init="random", epochs=1, batch_size=32,
+                          augment=AugmentConfig(size=64), device="cpu", compile=False, **kw)
+
+
+def _rows(run) -> list[dict]:
+    with open(run / "metrics.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _json(path):
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def session_cache(tmp_path_factory):
+    """Module fixtures run before conftest's per-test cache variable: point them at the same one."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SSTL_CACHE", str(tmp_path_factory.getbasetemp() / "sstl-cache"))
+        yield
+
+
+@pytest.fixture(scope="module")
+def syn_runs(tmp_path_factory, session_cache):
+    """Synthetic-set runs at two fractions (one epoch: for the bookkeeping, not the accuracy)."""
+    out = tmp_path_factory.mktemp("ft-syn")
+    return {f: finetune(_ft(out, f"frac{f}", fraction=f)) for f in (0.01, 0.1)}
+
+
+@pytest.fixture(scope="module")
+def syn_encoder(tmp_path_factory, session_cache):
+    """A real encoder from `sstl pretrain` on the synthetic set (one epoch, 6 steps)."""
+    return pretrain(_pt(tmp_path_factory.mktemp("pt-syn"), "enc"))
+
+
+def test_fraction_subsets_stay_in_the_training_split(syn_runs):
+    subsets = {}
+    for f, run in syn_runs.items():
+        split, sub = _json(run / "split.json"), _json(run / "subset.json")
+        train, test, chosen = set(split["train"]), set(split["test"]), set(sub["train"])
+        assert chosen <= train and not chosen & test, f
+        assert sub["fraction"] == f and sub["n"] == len(chosen)
+        assert set(sub["per_class"]) == set(CLASSES)
+        assert len(test) == 52  # always the full 20%, whatever the fraction
+        subsets[f] = chosen
+    assert subsets[0.01] < subsets[0.1]  # nested
+    assert _json(syn_runs[0.01] / "subset.json")["per_class"] == {
+        "Normal": 1, "COVID": 1, "Viral Pneumonia": 1, "Bacterial Pneumonia": 1}
+
+
+def test_run_directory_holds_the_protocols_outputs(syn_runs):
+    run = syn_runs[0.1]
+    rows = _rows(run)
+    assert len(rows) == 1 and all(k in rows[0] for k in METRICS)
+    assert "recall/COVID" in rows[0]
+    s = _json(run / "summary.json")
+    assert set(s["last_epochs"]) >= set(METRICS) and s["best"]["by"] == "hm"
+    assert s["last_epochs"]["acc"]["mean"] == pytest.approx(float(rows[0]["acc"]))
+    for name in ("model.safetensors", "model.json", "checkpoint.pt", "config.json",
+                 "confusion_matrix.png", "roc.png", "data_report.json"):
+        assert (run / name).exists(), name
+    meta = _json(run / "model.json")
+    assert meta["class_names"] == ["Bacterial Pneumonia", "COVID", "Normal", "Viral Pneumonia"]
+    assert meta["positive_class"] == "COVID" and meta["image_size"] == 64
+
+
+def test_tiny_fraction_warns_and_completes(tmp_path, capsys):
+    run = finetune(_ft(tmp_path, "tiny", fraction=0.01, epochs=2))
+    assert "few training images" in capsys.readouterr().err
+    assert len(_rows(run)) == 2 and (run / "summary.json").exists()
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    full = finetune(_ft(tmp_path, "full", fraction=0.1, epochs=2))
+    real = finetune_mod.train_epoch
+
+    def killed_in_epoch_two(st, cfg, source, epoch, rep):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real(st, cfg, source, epoch, rep)
+
+    monkeypatch.setattr(finetune_mod, "train_epoch", killed_in_epoch_two)
+    with pytest.raises(SystemExit):
+        finetune(_ft(tmp_path, "killed", fraction=0.1, epochs=2))
+    assert len(_rows(tmp_path / "killed")) == 1
+    monkeypatch.setattr(finetune_mod, "train_epoch", real)
+    resumed = finetune(_ft(tmp_path, "killed", fraction=0.1, epochs=2))
+    for a, b in zip(_rows(full), _rows(resumed)):
+        for k in ("loss", *METRICS):
+            assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-5, abs=1e-6), k
+
+
+def test_encoder_from_another_split_is_refused(syn_encoder, tmp_path):
+    args = ["finetune", "--encoder", str(syn_encoder), "--arch", "resnet18", "--split-seed", "1",
+            "--image-size", "64", "--epochs", "1", "--out", str(tmp_path), "--name", "x",
+            "--device", "cpu", "--no-compile"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0
+    assert "another train/test split" in result.output and "--split-seed 0" in result.output
+    assert not (tmp_path / "x").exists()  # refused before anything was written
+    with pytest.raises(SystemExit, match="resnet18 backbone but --arch is resnet50"):
+        finetune(_ft(tmp_path, "y", encoder=str(syn_encoder), arch="resnet50"))
+
+
+def test_encoder_from_other_data_warns_and_trains(syn_encoder, tmp_path, capsys):
+    src = sorted((ensure_synthetic() / "COVID").glob("*.png"))  # another set: a subset of files
+    for cls in ("COVID", "Normal"):
+        (tmp_path / "d" / cls).mkdir(parents=True)
+        for f in src[:5]:
+            shutil.copy(f, tmp_path / "d" / cls / f.name)
+    run = finetune(_ft(tmp_path, "other", tmp_path / "d", encoder=str(syn_encoder)))
+    said = capsys.readouterr().err
+    assert "pretrained on other images than --data (the embedded SYNTHETIC set)" in said
+    assert _json(run / "summary.json")["class_names"] == ["COVID", "Normal"]
+
+
+def test_missing_positive_class_lists_the_classes(tmp_path):
+    with pytest.raises(DataError, match="'Flu' is not a class.*'Bacterial Pneumonia', 'COVID'"):
+        finetune(_ft(tmp_path, "z", positive_class="Flu"))
+
+
+def test_predict_reports_bad_files_and_predicts_the_rest(syn_runs, tmp_path):
+    src = sorted((ensure_synthetic() / "COVID").glob("*.png"))
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for f in src[:3]:
+        shutil.copy(f, folder / f.name)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out_csv = tmp_path / "p.csv"
+    result = CliRunner().invoke(app, ["predict", str(folder), "--model", str(syn_runs[0.1]),
+                                      "--out-csv", str(out_csv), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    with open(out_csv) as fh:
+        rows = {r["path"].rsplit("/", 1)[-1]: r for r in csv.DictReader(fh)}
+    assert len(rows) == 4 and rows["broken.png"]["error"] and not rows["broken.png"]["prediction"]
+    names = _json(syn_runs[0.1] / "model.json")["class_names"]
+    for name, r in rows.items():
+        if name != "broken.png":
+            assert not r["error"] and r["prediction"] in names
+            assert sum(float(r[c]) for c in names) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_evaluate_reproduces_the_last_epoch(syn_runs):
+    run = syn_runs[0.1]
+    m = evaluate(EvaluateConfig(model=str(run), split="test", device="cpu"))
+    last = _rows(run)[-1]
+    for k in (*METRICS, "recall/COVID"):
+        assert m[k] == pytest.approx(float(last[k]), abs=1e-6, nan_ok=True), k
+    with pytest.raises(SystemExit, match="--split-seed 0"):
+        evaluate(EvaluateConfig(model=str(run), split="test", data=DataConfig(split_seed=3)))
+
+
+def test_evaluate_refuses_unknown_classes(syn_runs, tmp_path):
+    src = sorted((ensure_synthetic() / "COVID").glob("*.png"))
+    for cls in ("COVID", "Martian"):
+        (tmp_path / "d" / cls).mkdir(parents=True)
+        for f in src[:2]:
+            shutil.copy(f, tmp_path / "d" / cls / f.name)
+    with pytest.raises(DataError, match="'Martian'"):
+        evaluate(EvaluateConfig(model=str(syn_runs[0.1]),
+                                data=DataConfig(path=str(tmp_path / "d"))))
+
+
+@needs_shared
+def test_cxr_small_from_encoder_and_from_scratch_beat_chance(tmp_path):
+    encoder = pretrain(_pt(tmp_path, "enc", CXR_SMALL))
+    runs = {"encoder": finetune(_ft(tmp_path, "ft-enc", CXR_SMALL, encoder=str(encoder), epochs=3)),
+            "random": finetune(_ft(tmp_path, "ft-rand", CXR_SMALL, epochs=3))}
+    for start, run in runs.items():
+        rows = _rows(run)
+        split, sub = _json(run / "split.json"), _json(run / "subset.json")
+        assert len(split["test"]) == 120 and not set(sub["train"]) & set(split["test"])
+        acc = [float(r["acc"]) for r in rows]
+        assert max(acc) > ACC_BAR and acc[-1] > ACC_BAR, (start, acc)  # chance is 0.25
+    m = evaluate(EvaluateConfig(model=str(runs["random"]), data=DataConfig(path=str(CXR_SMALL)),
+                                split="test", device="cpu"))
+    assert m["acc"] == pytest.approx(float(_rows(runs["random"])[-1]["acc"]), abs=1e-6)
+
