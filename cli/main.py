@@ -27,6 +27,18 @@ CACHE_SIZE = typer.Option(224, "--cache-size", help="Side of the cached uint8 im
 SPLIT_SEED = typer.Option(0, "--split-seed", help="Seed of the train/test split (keep it equal "
                           "between pretrain and finetune so the test images stay unseen)")
 TEST_FRACTION = typer.Option(0.2, "--test-fraction", help="Held-out share (stratified, group-aware)")
+WORKERS = typer.Option(0, "--workers", help="Decoder threads for the first scan [default: all CPUs]")
+# Options shared by the training commands.
+OUT = typer.Option(Path("runs"), "--out", help="Parent folder of run directories")
+NAME = typer.Option(None, "--name", help="Run directory name [default: COMMAND-ARCH-TIME]")
+IMAGENET_WEIGHTS = typer.Option("V2", "--imagenet-weights",
+                                help="torchvision IMAGENET1K_V2, or V1 (the paper's era)")
+DEVICE = typer.Option("auto", "--device", help="auto | cuda | cpu")
+BACKEND = typer.Option("auto", "--backend", help="Data path: auto (DALI on a GPU if installed) | dali | torch")
+COMPILE = typer.Option(None, "--compile/--no-compile", help="torch.compile [default: on for CUDA]")
+PRECISION = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32")
+LOG_EVERY = typer.Option(10, "--log-every", help="Steps between loss reads (the only host syncs)")
+RESUME = typer.Option(True, "--resume/--no-resume", help="Continue from the run directory's checkpoint")
 
 
 def data_config(data, cache_dir, cache_size, split_seed, test_fraction, workers=0) -> DataConfig:
@@ -38,8 +50,8 @@ def data_config(data, cache_dir, cache_size, split_seed, test_fraction, workers=
 @app.command()
 def pretrain(
     data: Optional[Path] = DATA,
-    out: Path = typer.Option(Path("runs"), help="Parent folder of run directories"),
-    name: Optional[str] = typer.Option(None, help="Run directory name [default: pretrain-ARCH-TIME]"),
+    out: Path = OUT,
+    name: Optional[str] = NAME,
     epochs: int = typer.Option(40, help="Epochs (paper: 40)"),
     batch_size: int = typer.Option(256, help="Global batch size (paper: 256)"),
     view_size: int = typer.Option(112, help="Side of each augmented view (paper: 112)"),
@@ -49,23 +61,21 @@ def pretrain(
     tau: float = typer.Option(0.996, help="Target EMA rate, every step (paper: 0.996)"),
     arch: str = typer.Option("resnet50", help="resnet50 (paper) | resnet18"),
     init: str = typer.Option("imagenet", help="imagenet | random | PATH to a state dict"),
-    imagenet_weights: str = typer.Option("V2", help="torchvision IMAGENET1K_V2, or V1 (the paper's era)"),
+    imagenet_weights: str = IMAGENET_WEIGHTS,
     target_bn: str = typer.Option("momentum", help="Target BN statistics: momentum | batch"),
-    device: str = typer.Option("auto", help="auto | cuda | cpu"),
-    backend: str = typer.Option("auto", help="Data path: auto | dali | torch"),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
-                                           help="torch.compile [default: on for CUDA]"),
-    precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32"),
+    device: str = DEVICE,
+    backend: str = BACKEND,
+    compile: Optional[bool] = COMPILE,
+    precision: str = PRECISION,
     seed: int = typer.Option(0, help="Training seed"),
-    log_every: int = typer.Option(10, help="Steps between loss reads"),
+    log_every: int = LOG_EVERY,
     checkpoint_every: int = typer.Option(200, help="Steps between checkpoints"),
-    resume: bool = typer.Option(True, "--resume/--no-resume",
-                                help="Continue from the run directory's checkpoint"),
+    resume: bool = RESUME,
     cache_dir: Optional[Path] = CACHE_DIR,
     cache_size: int = CACHE_SIZE,
     split_seed: int = SPLIT_SEED,
     test_fraction: float = TEST_FRACTION,
-    workers: int = typer.Option(0, help="Decoder threads for the first scan [default: all CPUs]"),
+    workers: int = WORKERS,
 ):
     """Self-supervised pretraining (the paper's stage 2): writes encoder.safetensors."""
     from sstl.engine.pretrain import pretrain as run
@@ -88,12 +98,12 @@ def finetune(
                                            "or its run directory (overrides --init)"),
     init: str = typer.Option("imagenet", help="Without --encoder: imagenet (the paper's Transfer) "
                              "| random (From Scratch) | PATH to a state dict"),
-    imagenet_weights: str = typer.Option("V2", help="torchvision IMAGENET1K_V2, or V1"),
+    imagenet_weights: str = IMAGENET_WEIGHTS,
     fraction: float = typer.Option(1.0, help="Share of the training split's labels used "
                                    "(paper: 0.01, 0.1, 0.5, 1); nested, stratified, group-aware"),
     positive_class: str = typer.Option("COVID", help="Positive class of Sen/Spe/HM/AUC"),
-    out: Path = typer.Option(Path("runs"), help="Parent folder of run directories"),
-    name: Optional[str] = typer.Option(None, help="Run directory name [default: finetune-ARCH-TIME]"),
+    out: Path = OUT,
+    name: Optional[str] = NAME,
     arch: str = typer.Option("resnet50", help="resnet50 (paper) | resnet18; must match --encoder"),
     epochs: int = typer.Option(30, help="Epochs, each followed by a test evaluation (paper: 30)"),
     batch_size: int = typer.Option(64, help="Batch size (paper: not stated; see README)"),
@@ -104,19 +114,18 @@ def finetune(
     weight_decay: float = typer.Option(1e-4, help="Weight decay"),
     label_smoothing: float = typer.Option(0.0, help="Cross-entropy label smoothing"),
     summary_last: int = typer.Option(10, help="Epochs averaged in summary.json (paper: last 10)"),
-    device: str = typer.Option("auto", help="auto | cuda | cpu"),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
-                                           help="torch.compile [default: on for CUDA]"),
-    precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32"),
+    device: str = DEVICE,
+    backend: str = BACKEND,
+    compile: Optional[bool] = COMPILE,
+    precision: str = PRECISION,
     seed: int = typer.Option(0, help="Training seed (also picks the --fraction subset)"),
-    log_every: int = typer.Option(10, help="Steps between loss reads"),
-    resume: bool = typer.Option(True, "--resume/--no-resume",
-                                help="Continue from the run directory's checkpoint"),
+    log_every: int = LOG_EVERY,
+    resume: bool = RESUME,
     cache_dir: Optional[Path] = CACHE_DIR,
     cache_size: int = CACHE_SIZE,
     split_seed: int = SPLIT_SEED,
     test_fraction: float = TEST_FRACTION,
-    workers: int = typer.Option(0, help="Decoder threads for the first scan [default: all CPUs]"),
+    workers: int = WORKERS,
 ):
     """Supervised fine-tuning with the paper's protocol: metrics on the test split every epoch."""
     from sstl.engine.config import FinetuneAugment, FinetuneConfig
@@ -129,7 +138,7 @@ def finetune(
         batch_size=batch_size, lr=lr, schedule=schedule, momentum=momentum,
         weight_decay=weight_decay, label_smoothing=label_smoothing,
         augment=FinetuneAugment(size=image_size), positive_class=positive_class,
-        summary_last=summary_last, device=device, compile=compile, precision=precision,
+        summary_last=summary_last, device=device, backend=backend, compile=compile, precision=precision,
         seed=seed, log_every=log_every, resume=resume)
     run(cfg)
 
@@ -143,7 +152,7 @@ def predict(
     model: Path = MODEL,
     out_csv: Path = typer.Option(Path("predictions.csv"), help="Where the per-image CSV goes"),
     batch_size: int = typer.Option(64, help="Images per forward pass"),
-    device: str = typer.Option("auto", help="auto | cuda | cpu"),
+    device: str = DEVICE,
 ):
     """Class probabilities for each image; unreadable files get an error row, the rest go on."""
     from sstl.engine.config import PredictConfig
@@ -161,12 +170,12 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, help="Also write metrics.json, predictions.csv and "
                                        "the figures into this folder"),
     batch_size: int = typer.Option(64, help="Images per forward pass"),
-    device: str = typer.Option("auto", help="auto | cuda | cpu"),
+    device: str = DEVICE,
     cache_dir: Optional[Path] = CACHE_DIR,
     cache_size: int = CACHE_SIZE,
     split_seed: int = SPLIT_SEED,
     test_fraction: float = TEST_FRACTION,
-    workers: int = typer.Option(0, help="Decoder threads for the first scan [default: all CPUs]"),
+    workers: int = WORKERS,
 ):
     """The paper's metrics of a fine-tuned model on a labelled folder or manifest."""
     from sstl.engine.config import EvaluateConfig

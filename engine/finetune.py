@@ -213,10 +213,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
             Reporter.log_line(f"epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(
                 f"{k} {row[k]:.4f}" for k in ("loss", *METRICS)))
     except KeyboardInterrupt:
-        rep.close()
-        Reporter.log_line(f"interrupted: the last checkpoint is {ckpt_path}; "
-                          "run the same command again to continue")
-        raise SystemExit(130) from None
+        rep.interrupted(ckpt_path)
     rep.close()
     finish(run, cfg, ds, metrics.rows(), best_probs, start, len(subset))
     return run

@@ -133,10 +133,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
             save(epoch + 1, 0)
             save_encoder(run, cfg, method, ds, epoch + 1, (epoch + 1) * source.steps_per_epoch)
     except KeyboardInterrupt:
-        rep.close()
-        Reporter.log_line(f"interrupted: the last checkpoint is {ckpt_path}; "
-                          "run the same command again to continue")
-        raise SystemExit(130) from None
+        rep.interrupted(ckpt_path)
     rep.close()
     Reporter.log_line(f"done: {run / 'encoder.safetensors'}")
     return run

@@ -146,3 +146,10 @@ class Reporter:
     def close(self) -> None:
         if self.live:
             self.progress.stop()
+
+    def interrupted(self, checkpoint: Path):
+        """Ctrl-C: nothing is lost past the last checkpoint, and the same command continues."""
+        self.close()
+        self.log_line(f"interrupted: the last checkpoint is {checkpoint}; "
+                      "run the same command again to continue")
+        raise SystemExit(130)
