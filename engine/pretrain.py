@@ -33,7 +33,10 @@ class Step:
 
 
 def ssl_step(s: Step, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
-    """One step of the method, in the order the paper describes it. No host sync."""
+    """One step of the method, in the order the paper describes it. No host sync.
+
+    Returns [loss, spread] on the device; spread watches for collapse (see `spread`).
+    """
     with s.autocast():
         # Online network: both views in one batch (one pass, one compiled graph).
         p1, p2 = s.predict(torch.cat([v1, v2])).chunk(2)
@@ -46,7 +49,18 @@ def ssl_step(s: Step, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
     s.opt.step()
     # Target <- tau * target + (1 - tau) * online, over one flat buffer, in place.
     kernels.ema_(s.target, s.online, s.tau)
-    return loss.detach()
+    # Metrics stay on the device; the loop reads them every --log-every steps.
+    return torch.stack([loss.detach(), spread(p1.detach())])
+
+
+def spread(p: torch.Tensor) -> torch.Tensor:
+    """Per-dimension std of the L2-normalised predictions across the batch, times sqrt(D).
+
+    About 1 while predictions use every direction, 0 when they collapse to one vector, the
+    failure mode of non-contrastive methods (SimSiam, Chen & He 2021, section 4.1).
+    """
+    z = torch.nn.functional.normalize(p.float(), dim=1)
+    return z.std(0).mean() * z.shape[1] ** 0.5
 
 
 def build_method(cfg: PretrainConfig, res: Resolved) -> Cross:
@@ -111,23 +125,25 @@ def pretrain(cfg: PretrainConfig) -> Path:
     try:
         for epoch in range(epoch, cfg.epochs):
             t0, seen = time.perf_counter(), 0
-            loss_sum = torch.zeros((), device=res.device)
+            sums = torch.zeros(2, device=res.device)  # loss, spread
             for i, (v1, v2) in enumerate(source.epoch(epoch, start), start):
-                loss_sum += ssl_step(st, v1, v2)
+                sums += ssl_step(st, v1, v2)
                 seen += v1.shape[0] * res.world_size
                 if (i + 1) % cfg.log_every == 0 or i + 1 == source.steps_per_epoch:
-                    mean = (loss_sum / (i + 1 - start)).item()  # the loop's only host sync
+                    mean, spr = (sums / (i + 1 - start)).tolist()  # the loop's only host sync
                     if not math.isfinite(mean):
                         raise FloatingPointError(f"loss became {mean} at epoch {epoch} step {i}; "
                                                  f"the last good checkpoint is {ckpt_path}")
                     rate = seen / (time.perf_counter() - t0)
                     rep.update(epoch * source.steps_per_epoch + i + 1,
-                               f"epoch {epoch + 1}/{cfg.epochs} loss {mean:.4f} {rate:,.0f} img/s")
+                               f"epoch {epoch + 1}/{cfg.epochs} loss {mean:.4f} spread {spr:.2f} "
+                               f"{rate:,.0f} img/s")
                 if (i + 1) % cfg.checkpoint_every == 0 and i + 1 < source.steps_per_epoch:
                     save(epoch, i + 1)
             seconds = time.perf_counter() - t0
             metrics.append({"epoch": epoch, "steps": source.steps_per_epoch - start,
-                            "loss": (loss_sum / max(1, source.steps_per_epoch - start)).item(),
+                            **dict(zip(("loss", "spread"),
+                                       (sums / max(1, source.steps_per_epoch - start)).tolist())),
                             "images_per_s": seen / seconds, "seconds": seconds, "lr": cfg.lr})
             start = 0
             save(epoch + 1, 0)

@@ -92,3 +92,13 @@ def test_target_uses_momentum_bn_and_online_plain_bn():
     assert not any(isinstance(mod, MomentumBatchNorm) for mod in m.online.modules())
     sd = copy.deepcopy(m.state_dict())
     m.load_state_dict(sd)  # state dict keys survive the swap
+
+
+def test_spread_reads_collapse():
+    from sstl.engine.pretrain import spread
+
+    g = torch.Generator().manual_seed(2)
+    healthy = torch.randn(4096, 128, generator=g)
+    assert abs(spread(healthy).item() - 1) < 0.05  # isotropic: std of a unit coordinate ~ 1/sqrt(D)
+    collapsed = torch.randn(1, 128, generator=g).expand(256, 128) + 1e-6 * torch.randn(256, 128, generator=g)
+    assert spread(collapsed).item() < 1e-3
