@@ -19,10 +19,14 @@ def _fmt(v) -> str:
     return str(v)
 
 
+HEADERS = {"ms_per_step": "ms/step", "images_per_s": "img/s", "x_peer": "x peer", "mfu": "MFU",
+           "peak_mem_gb": "mem GB"}
+
+
 def print_rows(title: str, rows: list[dict], columns: list[str]) -> None:
     table = Table(title=title)
     for c in columns:
-        table.add_column(c, justify="left" if c in ("rung", "name", "skipped") else "right")
+        table.add_column(HEADERS.get(c, c), justify="left" if c in ("rung", "target", "skipped") else "right")
     for r in rows:
         table.add_row(*(_fmt(r.get(c)) for c in columns))
     Console().print(table)
