@@ -146,9 +146,14 @@ def run(data: str | None = None, device: str = "auto", batch_size: int | None = 
 def targets(rows: dict, gpu: bool) -> dict:
     """The issue's goals, reported beside what was measured (never asserted)."""
     if gpu:
-        got = rows["DALI, cache"].get("samples_per_s")
-        return {"dali_cache_samples_per_s": {"target": GPU_TARGET_SPS, "measured": got,
-                                             "met": None if got is None else got >= GPU_TARGET_SPS}}
+        # The lent GPUs have no DALI: the torch path is reported against the same bar.
+        out = {}
+        for name, key in (("DALI, cache", "dali_cache_samples_per_s"),
+                          ("torch path", "torch_path_samples_per_s")):
+            got = rows[name].get("samples_per_s")
+            out[key] = {"target": GPU_TARGET_SPS, "measured": got,
+                        "met": None if got is None else got >= GPU_TARGET_SPS}
+        return out
     best = max(r["vs_baseline"] for name, r in rows.items()
                if "vs_baseline" in r and not name.startswith("DataLoader"))
     return {"best_sstl_vs_baseline": {"target": CPU_TARGET_RATIO, "measured": best,

@@ -27,21 +27,26 @@ import torch
 from .common import machine
 
 
-def cuda_checks() -> dict:
+def cuda_checks(device: str = "cuda", arch: str = "resnet50", batch: int = 64) -> dict:
+    """Kernels vs float64 references and the fast step vs the eager one, on `device`.
+
+    On a CPU (a smoke run of this script) Triton runs interpreted and bf16 is skipped.
+    """
     import copy
 
     from sstl import kernels
     from sstl.engine.config import PretrainConfig, resolve
     from sstl.engine.methods import Cross
-    from sstl.engine.models import backbone
+    from sstl.engine.models import ARCHS, backbone
     from sstl.engine.pretrain import build_step, ssl_step
     from sstl.kernels.loss import CrossLoss
 
     out = {}
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)):
+    dtypes = ((torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3))
+    for dtype, tol in dtypes if device == "cuda" else dtypes[::2]:
         for B, D in ((256, 128), (7, 130)):
-            g = torch.Generator(device="cuda").manual_seed(B + D)
-            p1, p2, y2 = (torch.randn(B, D, device="cuda", generator=g).to(dtype) for _ in range(3))
+            g = torch.Generator(device=device).manual_seed(B + D)
+            p1, p2, y2 = (torch.randn(B, D, device=device, generator=g).to(dtype) for _ in range(3))
             a1, a2 = (t.detach().clone().requires_grad_(True) for t in (p1, p2))
             loss = CrossLoss.apply(a1, a2, y2, True)
             loss.backward()
@@ -52,7 +57,7 @@ def cuda_checks() -> dict:
                       *((a.grad.double() - r.grad).norm().item() / r.grad.norm().item()
                         for a, r in ((a1, r1), (a2, r2))))
             out[f"loss {str(dtype)[6:]} B={B} D={D}"] = {"rel_err": err, "ok": err < tol}
-    net = backbone("resnet50").cuda()
+    net = backbone(arch).to(device)
     tgt = copy.deepcopy(net)
     fo, ft = kernels.FlatParams(net.parameters()), kernels.FlatParams(tgt.parameters())
     with torch.no_grad():
@@ -60,20 +65,20 @@ def cuda_checks() -> dict:
     want = 0.996 * ft.flat.double() + 0.004 * fo.flat.double()
     kernels.ema_triton_(ft, fo, 0.996)
     err = ((ft.flat.double() - want).norm() / want.norm()).item()
-    out["ema fp32 resnet50"] = {"rel_err": err, "ok": err < 1e-6}
+    out[f"ema fp32 {arch}"] = {"rel_err": err, "ok": err < 1e-6}
     # The fast step (compiled, bf16, channels_last, Triton) vs the eager fp32 step.
-    cfg = PretrainConfig(arch="resnet50", init="random", device="cuda", backend="torch")
+    cfg = PretrainConfig(arch=arch, init="random", device=device, backend="torch")
     losses = {}
     for name, compile_, precision in (("eager fp32", False, "fp32"), ("fast bf16", True, "bf16")):
         c = PretrainConfig(**{**cfg.__dict__, "compile": compile_, "precision": precision})
         res = resolve(c)
         torch.manual_seed(0)
-        m = Cross(backbone("resnet50"), 2048).cuda()
+        m = Cross(backbone(arch), ARCHS[arch]).to(device)
         if res.channels_last:
             m.to(memory_format=torch.channels_last)
         st = build_step(c, res, m)
-        g = torch.Generator(device="cuda").manual_seed(1)
-        v1, v2 = (torch.randn(64, 3, 112, 112, device="cuda", generator=g) for _ in range(2))
+        g = torch.Generator(device=device).manual_seed(1)
+        v1, v2 = (torch.randn(batch, 3, 112, 112, device=device, generator=g) for _ in range(2))
         ssl_step(st, v1, v2)  # warm-up/compile; the second step is compared
         losses[name] = ssl_step(st, v1, v2)[0].item()
     diff = abs(losses["fast bf16"] - losses["eager fp32"]) / abs(losses["eager fp32"])
