@@ -70,6 +70,8 @@ def pretrain(
     seed: int = typer.Option(0, help="Training seed"),
     log_every: int = LOG_EVERY,
     checkpoint_every: int = typer.Option(200, help="Steps between checkpoints"),
+    split: str = typer.Option("train", help="Images pretraining sees: train (the test split stays "
+                              "unseen) | all (labels are never used, but finetune then warns)"),
     resume: bool = RESUME,
     cache_dir: Optional[Path] = CACHE_DIR,
     cache_size: int = CACHE_SIZE,
@@ -87,7 +89,7 @@ def pretrain(
         weight_decay=weight_decay, tau=tau, target_bn=target_bn,
         augment=AugmentConfig(size=view_size), device=device, backend=backend, compile=compile,
         precision=precision, seed=seed, log_every=log_every, checkpoint_every=checkpoint_every,
-        resume=resume)
+        resume=resume, split=split)
     run(cfg)
 
 

@@ -100,13 +100,15 @@ def resume_key(cfg: PretrainConfig) -> str:
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
+    if cfg.split not in ("train", "all"):
+        raise SystemExit(f"--split must be train or all, not {cfg.split!r}")
     res = resolve(cfg)
+    method = build_method(cfg, res)  # first: missing weights fail before a long first scan
     run = make_run_dir(cfg.out, cfg.name, f"pretrain-{cfg.arch}")
     ds = load_dataset(cfg.data, log=Reporter.log_line)
     save_data_files(ds, run)
     images = ds.images[ds.train_idx] if cfg.split == "train" else ds.images
     source = two_view_source(np.asarray(images), cfg, res)
-    method = build_method(cfg, res)
     st = build_step(cfg, res, method)
     ckpt_path = run / "checkpoint.pt"
     epoch, start = 0, 0
