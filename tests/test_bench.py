@@ -66,3 +66,17 @@ def test_short_cpu_bench_writes_every_rung(tmp_path):
         assert r.get("skipped") or (r["images_per_s"] > 0 and 0 < r["mfu"] < 1.5), r
     assert result["machine"]["torch"] == torch.__version__
     assert result["flops_per_image"] > 0 and result["peak_flops"] > 0
+
+
+def test_short_cpu_data_bench_reports_every_path(tmp_path):
+    from sstl.benchmarks import data
+
+    path = tmp_path / "data.json"
+    data.run(device="cpu", batch_size=8, view_size=32, steps=1, repeats=1, warmup=1,
+             json_path=str(path), log=lambda m: None)
+    result = json.loads(path.read_text())
+    assert set(result["rows"]) == {"DALI, cache", "DALI, files", "torch path",
+                                   "DataLoader + torchvision"}
+    for name, row in result["rows"].items():
+        assert row.get("skipped") or (row["samples_per_s"] > 0 and row["cpu_ms_per_sample"] > 0), name
+    assert result["rows"]["DataLoader + torchvision"]["vs_baseline"] == 1.0
