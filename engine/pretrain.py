@@ -90,6 +90,8 @@ def build_step(cfg: PretrainConfig, res: Resolved, method: Cross) -> Step:
     return Step(method, predict, target_project, opt, online, target, cfg.tau, res.autocast)
 
 
+COLLAPSED = 0.02  # spread below this: predictions have (nearly) become one vector
+
 # Fields that may change between a run and its resumption without changing its meaning.
 RESUMABLE = {"epochs", "log_every", "checkpoint_every", "resume", "device", "compile", "backend",
              "out", "name"}
@@ -143,10 +145,13 @@ def pretrain(cfg: PretrainConfig) -> Path:
                 if (i + 1) % cfg.checkpoint_every == 0 and i + 1 < source.steps_per_epoch:
                     save(epoch, i + 1)
             seconds = time.perf_counter() - t0
-            metrics.append({"epoch": epoch, "steps": source.steps_per_epoch - start,
-                            **dict(zip(("loss", "spread"),
-                                       (sums / max(1, source.steps_per_epoch - start)).tolist())),
-                            "images_per_s": seen / seconds, "seconds": seconds, "lr": cfg.lr})
+            loss, spr = (sums / max(1, source.steps_per_epoch - start)).tolist()
+            metrics.append({"epoch": epoch, "steps": source.steps_per_epoch - start, "loss": loss,
+                            "spread": spr, "images_per_s": seen / seconds, "seconds": seconds,
+                            "lr": cfg.lr})
+            if spr < COLLAPSED:
+                Reporter.log_line(f"warning: prediction spread {spr:.3f} < {COLLAPSED}: the online "
+                                  "predictions have collapsed toward one vector (see README)")
             start = 0
             save(epoch + 1, 0)
             save_encoder(run, cfg, method, ds, epoch + 1, (epoch + 1) * source.steps_per_epoch)
