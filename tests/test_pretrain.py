@@ -82,3 +82,11 @@ def test_resume_refuses_other_settings(tmp_path):
     pretrain_mod.pretrain(_cfg(tmp_path, "r", 1))
     with pytest.raises(SystemExit, match="different settings"):
         pretrain_mod.pretrain(_cfg(tmp_path, "r", 2, lr=0.1))
+
+
+def test_collapse_is_reported(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(pretrain_mod, "spread", lambda p: p.new_zeros(()))  # a collapsed run
+    run = pretrain_mod.pretrain(_cfg(tmp_path, "collapsed", 1))
+    assert "have collapsed" in capsys.readouterr().err
+    with open(run / "metrics.csv") as fh:
+        assert float(next(csv.DictReader(fh))["spread"]) == 0.0
