@@ -125,7 +125,8 @@ def sidecar(weights: Path) -> dict:
     return json.loads(meta.read_text())
 
 
-def load_classifier(path: str | os.PathLike, device="cpu") -> tuple[Classifier, dict]:
+def load_classifier(path: str | os.PathLike, device="cpu",
+                    channels_last: bool = False) -> tuple[Classifier, dict]:
     """A fine-tuned model (model.safetensors or its run directory) in eval mode, and its sidecar."""
     from safetensors.torch import load_file
 
@@ -136,4 +137,7 @@ def load_classifier(path: str | os.PathLike, device="cpu") -> tuple[Classifier, 
                          "give the run directory of `sstl finetune`")
     model = Classifier(backbone(meta["arch"]), ARCHS[meta["arch"]], len(meta["class_names"]))
     model.load_state_dict(load_file(str(f)))
-    return model.to(device).eval(), meta
+    model = model.to(device).eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model, meta

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from .config import DataConfig, EvaluateConfig, PredictConfig, resolve, save_json
 from .data.dataset import load_dataset
-from .data.index import IMAGE_SUFFIXES, DataError, load_gray, resize_square
+from .data.index import IMAGE_SUFFIXES, DataError, decode_square
 from .data.loader import LabelledSource
 from .data.views import eval_view
 from .finetune import class_probs, draw_figures
@@ -47,26 +47,14 @@ def _wanted(f: Path, root: Path) -> bool:
             and "masks" not in (s.lower() for s in parts[:-1]))
 
 
-def decode(path: str, size: int) -> tuple[np.ndarray | None, str | None]:
-    """The image as training stored it (grey, size x size uint8), or why it cannot be read."""
-    try:
-        return resize_square(load_gray(path), size), None
-    except ValueError as e:
-        return None, str(e)
-    except Exception as e:  # a decoder crash on one file must not stop the others
-        return None, f"{type(e).__name__}: {e}"
-
-
 def predict(cfg: PredictConfig) -> list[dict]:
     res = resolve(cfg)
-    model, meta = load_classifier(cfg.model, res.device)
-    if res.channels_last:
-        model.to(memory_format=torch.channels_last)
+    model, meta = load_classifier(cfg.model, res.device, res.channels_last)
     names, autocast = meta["class_names"], res.autocast
     rows = []
     files = image_files(cfg.inputs)
     for b in range(0, len(files), cfg.batch_size):
-        chunk = [(p, *((None, err) if err else decode(p, meta["cache_size"])))
+        chunk = [(p, *((None, err) if err else decode_square(p, meta["cache_size"])))
                  for p, err in files[b:b + cfg.batch_size]]
         good = [img for _, img, _ in chunk if img is not None]
         if good:
@@ -134,9 +122,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if cfg.split not in ("all", "test"):
         raise SystemExit(f"--split must be all or test, not {cfg.split!r}")
     res = resolve(cfg)
-    model, meta = load_classifier(cfg.model, res.device)
-    if res.channels_last:
-        model.to(memory_format=torch.channels_last)
+    model, meta = load_classifier(cfg.model, res.device, res.channels_last)
     ds = load_dataset(cfg.data, need_labels=True, log=Reporter.log_line)
     names = meta["class_names"]
     targets = model_targets(ds.class_names, names, ds.targets)

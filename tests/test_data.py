@@ -111,7 +111,7 @@ def test_cache_is_reused_and_keyed_by_content(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("decoded again although the cache exists")
 
-    monkeypatch.setattr(cache_mod, "load_gray", boom)
+    monkeypatch.setattr(cache_mod, "decode_square", boom)
     again = load_dataset(cfg, log=lambda m: None)
     np.testing.assert_array_equal(first.images, again.images)
     monkeypatch.undo()

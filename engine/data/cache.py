@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from .index import Record, load_gray, resize_square
+from .index import Record, decode_square
 
 FORMAT_VERSION = 1
 
@@ -48,15 +48,10 @@ def cache_key(records: list[Record], size: int) -> str:
 
 
 def _decode_into(out: np.ndarray, i: int, path: str, size: int) -> str | None:
-    try:
-        if not os.path.exists(path):
-            return "file not found"
-        out[i] = resize_square(load_gray(path), size)
-        return None
-    except ValueError as e:
-        return str(e)
-    except Exception as e:  # a decoder crash on one file must not lose the other thousands
-        return f"{type(e).__name__}: {e}"
+    img, why = decode_square(path, size)
+    if img is not None:
+        out[i] = img
+    return why
 
 
 def load_or_build(records: list[Record], size: int, cache_dir: str | os.PathLike | None = None,

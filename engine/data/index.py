@@ -130,3 +130,18 @@ def resize_square(gray: np.ndarray, size: int) -> np.ndarray:
     if gray.shape == (size, size):
         return gray
     return np.asarray(Image.fromarray(gray).resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def decode_square(path: str | os.PathLike, size: int) -> tuple[np.ndarray | None, str | None]:
+    """(image as the cache stores it: grey, size x size uint8, None) or (None, why not).
+
+    Never raises for one bad file: a decoder crash on one file must not lose the others.
+    """
+    try:
+        if not os.path.exists(path):
+            return None, "file not found"
+        return resize_square(load_gray(path), size), None
+    except ValueError as e:
+        return None, str(e)
+    except Exception as e:
+        return None, f"{type(e).__name__}: {e}"
