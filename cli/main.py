@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from sstl.engine.config import AugmentConfig, DataConfig, PretrainConfig
+from sstl.engine.config import (AugmentConfig, DataConfig, FinetuneAugment, FinetuneConfig,
+                               PretrainConfig, Runtime)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Self-supervised transfer learning for chest X-rays (Li et al.): "
@@ -14,31 +15,67 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"sstl {version('sstl')}")
+        except PackageNotFoundError:
+            typer.echo("sstl (not installed)")
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                      help="Print the version and exit")) -> None:
     """Self-supervised transfer learning for chest X-rays (Li et al.)."""
 
 
+def cli() -> None:
+    """The `sstl` entry point: Ctrl-C outside the training loop ends without a traceback."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise SystemExit(130) from None
+
+
+def default(cls, name: str):
+    """A config field's default: the dataclasses are the one place defaults live."""
+    import dataclasses
+
+    return next(f for f in dataclasses.fields(cls) if f.name == name).default
+
+
+D, R, P, F = DataConfig(), Runtime(), PretrainConfig, FinetuneConfig
 # Options shared by every command that reads data.
 DATA = typer.Option(None, "--data", help="Folder (one sub-folder per class, or unlabelled images) "
                     "or manifest.csv. Omitted: the embedded SYNTHETIC demo set.")
 CACHE_DIR = typer.Option(None, "--cache-dir", help="Decode-once cache [default: $SSTL_CACHE or ~/.cache/sstl]")
-CACHE_SIZE = typer.Option(224, "--cache-size", help="Side of the cached uint8 images")
-SPLIT_SEED = typer.Option(0, "--split-seed", help="Seed of the train/test split (keep it equal "
-                          "between pretrain and finetune so the test images stay unseen)")
-TEST_FRACTION = typer.Option(0.2, "--test-fraction", help="Held-out share (stratified, group-aware)")
-WORKERS = typer.Option(0, "--workers", help="Decoder threads for the first scan [default: all CPUs]")
-# Options shared by the training commands.
-OUT = typer.Option(Path("runs"), "--out", help="Parent folder of run directories")
-NAME = typer.Option(None, "--name", help="Run directory name [default: COMMAND-ARCH-TIME]")
-IMAGENET_WEIGHTS = typer.Option("V2", "--imagenet-weights",
-                                help="torchvision IMAGENET1K_V2, or V1 (the paper's era)")
-DEVICE = typer.Option("auto", "--device", help="auto | cuda | cpu")
-BACKEND = typer.Option("auto", "--backend", help="Data path: auto (DALI on a GPU if installed) | dali | torch")
+CACHE_SIZE = typer.Option(D.cache_size, "--cache-size", help="Side of the cached uint8 images")
+SPLIT_SEED = typer.Option(D.split_seed, "--split-seed", help="Seed of the train/test split (keep "
+                          "it equal between pretrain and finetune so the test images stay unseen)")
+TEST_FRACTION = typer.Option(D.test_fraction, "--test-fraction",
+                             help="Held-out share (stratified, group-aware)")
+WORKERS = typer.Option(D.scan_workers, "--workers", help="Decoder threads for the first scan [default: all CPUs]")
+# The runtime block, shared by the training commands.
+OUT = typer.Option(Path(R.out), "--out", help="Parent folder of run directories")
+NAME = typer.Option(None, "--name", help="Run directory name [default: from the command, method, "
+                    "arch and settings, so the same command resumes the same run]")
+DEVICE = typer.Option(R.device, "--device", help="auto | cuda | cpu")
+BACKEND = typer.Option(R.backend, "--backend", help="Data path: auto (DALI on a GPU if installed) | dali | torch")
 COMPILE = typer.Option(None, "--compile/--no-compile", help="torch.compile [default: on for CUDA]")
-PRECISION = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32")
-LOG_EVERY = typer.Option(10, "--log-every", help="Steps between loss reads (the only host syncs)")
-RESUME = typer.Option(True, "--resume/--no-resume", help="Continue from the run directory's checkpoint")
+PRECISION = typer.Option(R.precision, "--precision", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32")
+SEED = typer.Option(R.seed, "--seed", help="Training seed (init, order, augmentation, label subset)")
+LOG_EVERY = typer.Option(R.log_every, "--log-every", help="Steps between loss reads (the only host syncs)")
+CKPT_EVERY = typer.Option(R.checkpoint_every, "--checkpoint-every",
+                          help="Also checkpoint every N steps (0: by time and at the end only)")
+CKPT_MINUTES = typer.Option(R.checkpoint_minutes, "--checkpoint-minutes",
+                            help="Wall-clock minutes between checkpoints")
+RESUME = typer.Option(R.resume, "--resume/--no-resume", help="Continue from the run directory's checkpoint")
+IMAGENET_WEIGHTS = typer.Option(default(P, "imagenet_weights"), "--imagenet-weights",
+                                help="torchvision IMAGENET1K_V2, or V1 (the paper's era)")
 
 
 def data_config(data, cache_dir, cache_size, split_seed, test_fraction, workers=0) -> DataConfig:
@@ -47,50 +84,65 @@ def data_config(data, cache_dir, cache_size, split_seed, test_fraction, workers=
                       scan_workers=workers)
 
 
+def runtime(device, precision, compile, backend, seed, out, name, log_every, checkpoint_every,
+            checkpoint_minutes, resume) -> Runtime:
+    return Runtime(device=device, precision=precision, compile=compile, backend=backend, seed=seed,
+                   out=str(out), name=name, log_every=log_every, checkpoint_every=checkpoint_every,
+                   checkpoint_minutes=checkpoint_minutes, resume=resume)
+
+
+def method_options(tau, temperature, target_bn, proj_dim, options: list[str]) -> dict:
+    """--tau/--temperature/--target-bn/--proj-dim and --method-option KEY=VALUE, as overrides."""
+    out = {k: v for k, v in (("tau", tau), ("temperature", temperature), ("target_bn", target_bn),
+                             ("proj_dim", proj_dim)) if v is not None}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--method-option")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
 @app.command()
 def pretrain(
     data: Optional[Path] = DATA,
-    out: Path = OUT,
-    name: Optional[str] = NAME,
-    epochs: int = typer.Option(40, help="Epochs (paper: 40)"),
-    batch_size: int = typer.Option(256, help="Global batch size (paper: 256)"),
-    view_size: int = typer.Option(112, help="Side of each augmented view (paper: 112)"),
-    lr: float = typer.Option(0.03, help="SGD learning rate (paper: 0.03)"),
-    momentum: float = typer.Option(0.9, help="SGD momentum (paper: 0.9)"),
-    weight_decay: float = typer.Option(4e-4, help="Weight decay (paper: 4e-4)"),
-    tau: float = typer.Option(0.996, help="Target EMA rate, every step (paper: 0.996)"),
-    arch: str = typer.Option("resnet50", help="resnet50 (paper) | resnet18"),
-    init: str = typer.Option("imagenet", help="imagenet | random | PATH to a state dict"),
+    method: str = typer.Option(default(P, "method"), help="cross (the paper) | byol | simsiam | simclr"),
+    epochs: int = typer.Option(default(P, "epochs"), help="Epochs (paper: 40)"),
+    batch_size: int = typer.Option(default(P, "batch_size"), help="Global batch size (paper: 256)"),
+    view_size: int = typer.Option(AugmentConfig().size, help="Side of each augmented view (paper: 112)"),
+    lr: float = typer.Option(default(P, "lr"), help="SGD learning rate (paper: 0.03)"),
+    momentum: float = typer.Option(default(P, "momentum"), help="SGD momentum (paper: 0.9)"),
+    weight_decay: float = typer.Option(default(P, "weight_decay"), help="Weight decay (paper: 4e-4)"),
+    arch: str = typer.Option(default(P, "arch"), help="resnet50 (paper) | resnet18"),
+    init: str = typer.Option(default(P, "init"), help="imagenet | random | PATH to a state dict"),
     imagenet_weights: str = IMAGENET_WEIGHTS,
-    target_bn: str = typer.Option("momentum", help="Target BN statistics: momentum | batch"),
-    device: str = DEVICE,
-    backend: str = BACKEND,
-    compile: Optional[bool] = COMPILE,
-    precision: str = PRECISION,
-    seed: int = typer.Option(0, help="Training seed"),
-    log_every: int = LOG_EVERY,
-    checkpoint_every: int = typer.Option(200, help="Steps between checkpoints"),
-    split: str = typer.Option("train", help="Images pretraining sees: train (the test split stays "
-                              "unseen) | all (labels are never used, but finetune then warns)"),
-    resume: bool = RESUME,
-    cache_dir: Optional[Path] = CACHE_DIR,
-    cache_size: int = CACHE_SIZE,
-    split_seed: int = SPLIT_SEED,
-    test_fraction: float = TEST_FRACTION,
-    workers: int = WORKERS,
+    tau: Optional[float] = typer.Option(None, help="Target EMA rate (cross: 0.996 constant, the "
+                                        "paper; byol: base of its cosine schedule, 0.996)"),
+    temperature: Optional[float] = typer.Option(None, help="simclr: NT-Xent temperature (0.1)"),
+    target_bn: Optional[str] = typer.Option(None, help="cross: target BN statistics, momentum | batch"),
+    proj_dim: Optional[int] = typer.Option(None, help="Projector output size (method's default)"),
+    method_option: list[str] = typer.Option([], "--method-option",
+                                            help="Any other method setting, KEY=VALUE (README table)"),
+    split: str = typer.Option(default(P, "split"), help="Images pretraining sees: train (the test "
+                              "split stays unseen) | all (labels are never used; finetune warns)"),
+    out: Path = OUT, name: Optional[str] = NAME, device: str = DEVICE, backend: str = BACKEND,
+    compile: Optional[bool] = COMPILE, precision: str = PRECISION, seed: int = SEED,
+    log_every: int = LOG_EVERY, checkpoint_every: int = CKPT_EVERY,
+    checkpoint_minutes: float = CKPT_MINUTES, resume: bool = RESUME,
+    cache_dir: Optional[Path] = CACHE_DIR, cache_size: int = CACHE_SIZE,
+    split_seed: int = SPLIT_SEED, test_fraction: float = TEST_FRACTION, workers: int = WORKERS,
 ):
     """Self-supervised pretraining (the paper's stage 2): writes encoder.safetensors."""
     from sstl.engine.pretrain import pretrain as run
 
-    cfg = PretrainConfig(
+    run(PretrainConfig(
         data=data_config(data, cache_dir, cache_size, split_seed, test_fraction, workers),
-        out=str(out), name=name, arch=arch, init=init, imagenet_weights=imagenet_weights,
-        epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-        weight_decay=weight_decay, tau=tau, target_bn=target_bn,
-        augment=AugmentConfig(size=view_size), device=device, backend=backend, compile=compile,
-        precision=precision, seed=seed, log_every=log_every, checkpoint_every=checkpoint_every,
-        resume=resume, split=split)
-    run(cfg)
+        runtime=runtime(device, precision, compile, backend, seed, out, name, log_every,
+                        checkpoint_every, checkpoint_minutes, resume),
+        method=method, settings=method_options(tau, temperature, target_bn, proj_dim, method_option),
+        arch=arch, init=init, imagenet_weights=imagenet_weights, epochs=epochs,
+        batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
+        augment=AugmentConfig(size=view_size), split=split))
 
 
 @app.command()
@@ -98,51 +150,42 @@ def finetune(
     data: Optional[Path] = DATA,
     encoder: Optional[Path] = typer.Option(None, help="encoder.safetensors from `sstl pretrain`, "
                                            "or its run directory (overrides --init)"),
-    init: str = typer.Option("imagenet", help="Without --encoder: imagenet (the paper's Transfer) "
-                             "| random (From Scratch) | PATH to a state dict"),
+    init: str = typer.Option(default(F, "init"), help="Without --encoder: imagenet (the paper's "
+                             "Transfer) | random (From Scratch) | PATH to a state dict"),
     imagenet_weights: str = IMAGENET_WEIGHTS,
-    fraction: float = typer.Option(1.0, help="Share of the training split's labels used "
-                                   "(paper: 0.01, 0.1, 0.5, 1); nested, stratified, group-aware"),
-    positive_class: str = typer.Option("COVID", help="Positive class of Sen/Spe/HM/AUC"),
-    out: Path = OUT,
-    name: Optional[str] = NAME,
-    arch: str = typer.Option("resnet50", help="resnet50 (paper) | resnet18; must match --encoder"),
-    epochs: int = typer.Option(30, help="Epochs, each followed by a test evaluation (paper: 30)"),
-    batch_size: int = typer.Option(64, help="Batch size (paper: not stated; see README)"),
-    image_size: int = typer.Option(224, help="Side of the classifier's input (see README)"),
-    lr: float = typer.Option(0.01, help="SGD peak learning rate (see README)"),
-    schedule: str = typer.Option("cosine", help="cosine (per step, to 0) | constant"),
-    momentum: float = typer.Option(0.9, help="SGD momentum"),
-    weight_decay: float = typer.Option(1e-4, help="Weight decay"),
-    label_smoothing: float = typer.Option(0.0, help="Cross-entropy label smoothing"),
-    summary_last: int = typer.Option(10, help="Epochs averaged in summary.json (paper: last 10)"),
-    device: str = DEVICE,
-    backend: str = BACKEND,
-    compile: Optional[bool] = COMPILE,
-    precision: str = PRECISION,
-    seed: int = typer.Option(0, help="Training seed (also picks the --fraction subset)"),
-    log_every: int = LOG_EVERY,
-    resume: bool = RESUME,
-    cache_dir: Optional[Path] = CACHE_DIR,
-    cache_size: int = CACHE_SIZE,
-    split_seed: int = SPLIT_SEED,
-    test_fraction: float = TEST_FRACTION,
-    workers: int = WORKERS,
+    fraction: float = typer.Option(default(F, "fraction"), help="Share of the training split's "
+                                   "labels used (paper: 0.01, 0.1, 0.5, 1); nested, stratified"),
+    positive_class: str = typer.Option(default(F, "positive_class"), help="Positive class of Sen/Spe/HM/AUC"),
+    arch: str = typer.Option(default(F, "arch"), help="resnet50 (paper) | resnet18; must match --encoder"),
+    epochs: int = typer.Option(default(F, "epochs"), help="Epochs, each followed by a test evaluation (paper: 30)"),
+    batch_size: int = typer.Option(default(F, "batch_size"), help="Batch size (paper: not stated; see README)"),
+    image_size: int = typer.Option(FinetuneAugment().size, help="Side of the classifier's input (see README)"),
+    lr: float = typer.Option(default(F, "lr"), help="SGD peak learning rate (see README)"),
+    schedule: str = typer.Option(default(F, "schedule"), help="cosine (per step, to 0) | constant"),
+    momentum: float = typer.Option(default(F, "momentum"), help="SGD momentum"),
+    weight_decay: float = typer.Option(default(F, "weight_decay"), help="Weight decay"),
+    label_smoothing: float = typer.Option(default(F, "label_smoothing"), help="Cross-entropy label smoothing"),
+    summary_last: int = typer.Option(default(F, "summary_last"), help="Epochs averaged in summary.json (paper: last 10)"),
+    out: Path = OUT, name: Optional[str] = NAME, device: str = DEVICE, backend: str = BACKEND,
+    compile: Optional[bool] = COMPILE, precision: str = PRECISION, seed: int = SEED,
+    log_every: int = LOG_EVERY, checkpoint_every: int = CKPT_EVERY,
+    checkpoint_minutes: float = CKPT_MINUTES, resume: bool = RESUME,
+    cache_dir: Optional[Path] = CACHE_DIR, cache_size: int = CACHE_SIZE,
+    split_seed: int = SPLIT_SEED, test_fraction: float = TEST_FRACTION, workers: int = WORKERS,
 ):
     """Supervised fine-tuning with the paper's protocol: metrics on the test split every epoch."""
-    from sstl.engine.config import FinetuneAugment, FinetuneConfig
     from sstl.engine.finetune import finetune as run
 
-    cfg = FinetuneConfig(
+    run(FinetuneConfig(
         data=data_config(data, cache_dir, cache_size, split_seed, test_fraction, workers),
-        out=str(out), name=name, arch=arch, encoder=str(encoder) if encoder else None, init=init,
+        runtime=runtime(device, precision, compile, backend, seed, out, name, log_every,
+                        checkpoint_every, checkpoint_minutes, resume),
+        arch=arch, encoder=str(encoder) if encoder else None, init=init,
         imagenet_weights=imagenet_weights, fraction=fraction, epochs=epochs,
         batch_size=batch_size, lr=lr, schedule=schedule, momentum=momentum,
         weight_decay=weight_decay, label_smoothing=label_smoothing,
         augment=FinetuneAugment(size=image_size), positive_class=positive_class,
-        summary_last=summary_last, device=device, backend=backend, compile=compile, precision=precision,
-        seed=seed, log_every=log_every, resume=resume)
-    run(cfg)
+        summary_last=summary_last))
 
 
 MODEL = typer.Option(..., "--model", help="Run directory of `sstl finetune` (or its model.safetensors)")
@@ -195,4 +238,4 @@ from sstl.cli.bench import bench  # noqa: E402
 app.command()(bench)
 
 if __name__ == "__main__":
-    app()
+    cli()

@@ -1,8 +1,10 @@
-"""Frozen configuration: one dataclass per command, a comment per field.
+"""Frozen configuration: one dataclass per command, a comment per field, defaults in one place.
 
-The CLI only fills these. Values that depend on the machine or the data (the device, the
-dtype, the backend actually used, steps per epoch) are computed once in `resolve()` and saved
-with the run beside the config itself; the config is never mutated after parsing.
+The CLI only fills these (it reads its defaults from them). `check(cfg)` is the one place
+where a user's values are refused, with one line and a non-zero exit, before any work is
+done; it also fills the method's own settings. Values that depend on the machine (device,
+dtype, data path, per-process batch) come from `resolve()` and are saved beside the config.
+Nothing here imports the commands: config sits below them.
 """
 from __future__ import annotations
 
@@ -10,58 +12,27 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
+import re
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import torch
 
-# ImageNet statistics: the backbone starts from ImageNet weights, so its inputs keep them.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .data.augment import (IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, FinetuneAugment,  # noqa: F401
+                           ViewAugment)
+from .data.backends import pick_backend
+from .io import save_json  # noqa: F401  (re-exported: commands write JSON through it)
+from .methods import METHODS, SettingError, method_settings
 
 
-@dataclass(frozen=True)
-class ViewAugment:
-    """How one view is drawn from a grayscale image. Probabilities are per sample."""
-
-    crop_scale: tuple[float, float] = (0.2, 1.0)  # area fraction of the random resized crop
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect-ratio range of the crop
-    flip_p: float = 0.5  # horizontal flip
-    blur_p: float = 0.5  # Gaussian blur
-    blur_sigma: tuple[float, float] = (0.1, 2.0)  # sigma range, in pixels of the output view
-    jitter_p: float = 0.8  # brightness/contrast jitter
-    brightness: float = 0.4  # factor drawn from [1 - b, 1 + b]
-    contrast: float = 0.4  # factor drawn from [1 - c, 1 + c], around the view's mean
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AugmentConfig", "FinetuneAugment", "ViewAugment",
+           "DataConfig", "Runtime", "PretrainConfig", "FinetuneConfig", "PredictConfig",
+           "EvaluateConfig", "ConfigError", "check", "resolve", "resume_key", "save_json"]
 
 
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Both views' settings side by side. The torch and DALI backends read only this.
-
-    BYOL's asymmetry (blur always on one view, rarely on the other) is kept; colour
-    saturation/hue and solarisation are dropped because radiographs are grey.
-    """
-
-    size: int = 112  # output side of each view, pixels (the paper's 112x112)
-    view1: ViewAugment = ViewAugment(blur_p=1.0)
-    view2: ViewAugment = ViewAugment(blur_p=0.1)
-
-    def views(self) -> tuple[ViewAugment, ViewAugment]:
-        return (self.view1, self.view2)
-
-
-@dataclass(frozen=True)
-class FinetuneAugment:
-    """The fine-tuning view: a mild crop, flip and jitter; evaluation is a plain resize.
-
-    Milder than pretraining's views: the labels must survive the crop (a 60% crop still
-    holds both lungs), and there is no blur, which would erase the fine opacities that
-    separate the classes.
-    """
-
-    size: int = 224  # side of the classifier's input (--image-size); the files are 224x224
-    train: ViewAugment = ViewAugment(crop_scale=(0.6, 1.0), flip_p=0.5, blur_p=0.0, jitter_p=0.5,
-                                     brightness=0.2, contrast=0.2)
+class ConfigError(SystemExit):
+    """A value the user gave that cannot mean anything: printed as one line, exit code 1."""
 
 
 @dataclass(frozen=True)
@@ -76,14 +47,38 @@ class DataConfig:
     scan_workers: int = 0  # parallel decoders for scan + cache; 0 = number of CPUs
 
 
+
+@dataclass(frozen=True)
+class Runtime:
+    """How and where a training command runs; shared by every training command."""
+
+    device: str = "auto"  # auto | cuda | cpu
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    compile: bool | None = None  # torch.compile the networks; None = on for CUDA, off for CPU
+    backend: str = "auto"  # data path: auto (DALI if importable and on a GPU) | dali | torch
+    seed: int = 0  # training randomness: head init, data order, augmentation, label subset
+    out: str = "runs"  # parent folder of run directories
+    name: str | None = None  # run directory; None = named by command, method, arch and settings
+    log_every: int = 10  # steps between host reads of the loss (the loop's only syncs)
+    checkpoint_every: int = 0  # also checkpoint every N steps; 0 = by time and at the end only
+    checkpoint_minutes: float = 5.0  # wall-clock minutes between checkpoints
+    resume: bool = True  # continue from the run directory's checkpoint when it has one
+
+
+# Runtime fields that may change between a run and its resumption without changing its result.
+RESUMABLE_RUNTIME = ("device", "compile", "backend", "out", "name", "log_every",
+                     "checkpoint_every", "checkpoint_minutes", "resume")
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     """`sstl pretrain`: the paper's self-supervised stage (defaults are the paper's)."""
 
     data: DataConfig = DataConfig()
-    out: str = "runs"  # parent folder of run directories
-    name: str | None = None  # run directory name; None = pretrain-<arch>-<timestamp>
-    arch: str = "resnet50"  # resnet50 (paper) or resnet18 (small runs)
+    runtime: Runtime = Runtime()
+    method: str = "cross"  # cross (the paper) | byol | simsiam | simclr
+    settings: Any = None  # the method's settings dataclass; None = its defaults (filled by check)
+    arch: str = "resnet50"  # resnet50 (paper) | resnet18 (small runs)
     init: str = "imagenet"  # imagenet | random | PATH to a state dict (.pth/.safetensors)
     imagenet_weights: str = "V2"  # torchvision IMAGENET1K_V2 (default) or V1 (the paper's era)
     epochs: int = 40  # paper: 40
@@ -91,22 +86,8 @@ class PretrainConfig:
     lr: float = 0.03  # paper: SGD lr 0.03 (constant)
     momentum: float = 0.9  # paper: 0.9
     weight_decay: float = 4e-4  # paper: 4e-4
-    tau: float = 0.996  # paper: target EMA rate, applied after every optimizer step
-    proj_hidden: int = 512  # projector 2048 -> 512 -> 128
-    proj_dim: int = 128  # projector output; the predictor outputs the same (see README)
-    pred_hidden: int = 4096  # predictor hidden units (paper)
-    target_bn: str = "momentum"  # momentum: target BN uses momentum statistics; batch: plain
-    target_bn_momentum: float = 0.99  # weight of the old statistic in the target's momentum BN
-    augment: AugmentConfig = AugmentConfig()
-    device: str = "auto"  # auto | cuda | cpu
-    backend: str = "auto"  # data path: auto (DALI if importable and on a GPU) | dali | torch
-    compile: bool | None = None  # torch.compile the networks; None = on for CUDA, off for CPU
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
-    seed: int = 0  # training randomness (init of heads, order, augmentation)
-    log_every: int = 10  # steps between host reads of the loss (the only syncs in the loop)
-    checkpoint_every: int = 200  # steps between atomic checkpoints (also at every epoch end)
-    resume: bool = True  # continue from the run directory's checkpoint when it has one
-    split: str = "train"  # which split pretraining sees: train (default) | all
+    augment: AugmentConfig = AugmentConfig()  # the two views (paper: 112x112)
+    split: str = "train"  # which images pretraining sees: train (test stays unseen) | all
 
 
 @dataclass(frozen=True)
@@ -118,11 +99,10 @@ class FinetuneConfig:
     """
 
     data: DataConfig = DataConfig()
-    out: str = "runs"  # parent folder of run directories
-    name: str | None = None  # run directory name; None = finetune-<arch>-<timestamp>
+    runtime: Runtime = Runtime()
     arch: str = "resnet50"  # must match the encoder's arch when --encoder is given
     encoder: str | None = None  # encoder.safetensors from `sstl pretrain` (or its run dir)
-    init: str = "imagenet"  # used without --encoder: imagenet ("Transfer") | random ("From Scratch")
+    init: str = "imagenet"  # without --encoder: imagenet ("Transfer") | random ("From Scratch")
     imagenet_weights: str = "V2"  # torchvision IMAGENET1K_V2 or V1
     fraction: float = 1.0  # share of the training split's labels used (paper: 0.01/0.1/0.5/1)
     epochs: int = 30  # paper: 30, evaluated on the test split after every epoch
@@ -135,13 +115,6 @@ class FinetuneConfig:
     augment: FinetuneAugment = FinetuneAugment()
     positive_class: str = "COVID"  # the positive class of sensitivity/specificity/AUC
     summary_last: int = 10  # Table 2 reports mean and std over the last 10 epochs
-    device: str = "auto"  # auto | cuda | cpu
-    backend: str = "auto"  # data path: auto (DALI if importable and on a GPU) | dali | torch
-    compile: bool | None = None  # torch.compile the classifier; None = on for CUDA, off for CPU
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
-    seed: int = 0  # head init, data order, augmentation and the --fraction subset
-    log_every: int = 10  # steps between host reads of the loss (the only syncs in the loop)
-    resume: bool = True  # continue from the run directory's checkpoint (epoch boundary)
 
 
 @dataclass(frozen=True)
@@ -184,6 +157,112 @@ def config_hash(cfg) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def resume_key(cfg) -> str:
+    """What a checkpoint must match to be continued: the config minus how and where it runs."""
+    d = to_dict(cfg)
+    d["runtime"] = {k: v for k, v in d["runtime"].items() if k not in RESUMABLE_RUNTIME}
+    d["data"] = {k: v for k, v in d["data"].items() if k not in ("cache_dir", "scan_workers")}
+    return config_hash(d)
+
+
+# ------------------------------------------------------------------ checks of user input
+def check(cfg):
+    """Refuse values that cannot mean anything (one line, non-zero exit); fill method settings.
+
+    Returns the checked config (a PretrainConfig comes back with its method's settings).
+    """
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    if isinstance(cfg, (PretrainConfig, FinetuneConfig)):
+        _check_runtime(cfg.runtime, need)
+        _check_data(cfg.data, need)
+        need(cfg.epochs >= 1, f"--epochs must be at least 1, not {cfg.epochs}")
+        need(cfg.batch_size >= 1, f"--batch-size must be at least 1, not {cfg.batch_size}")
+        need(cfg.lr > 0, f"--lr must be positive, not {cfg.lr}")
+        need(0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), not {cfg.momentum}")
+        need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, not {cfg.weight_decay}")
+        need(cfg.arch in ("resnet18", "resnet50"),
+             f"--arch must be resnet18 or resnet50, not {cfg.arch!r}")
+        need(cfg.imagenet_weights.upper() in ("V1", "V2"),
+             f"--imagenet-weights must be V1 or V2, not {cfg.imagenet_weights!r}")
+    if isinstance(cfg, PretrainConfig):
+        need(cfg.augment.size >= 32, f"--view-size must be at least 32, not {cfg.augment.size}")
+        need(cfg.split in ("train", "all"), f"--split must be train or all, not {cfg.split!r}")
+        need(cfg.batch_size >= 2, "--batch-size must be at least 2 (BN and the loss compare "
+                                  "images within a batch)")
+        try:
+            given = cfg.settings
+            if given is None or isinstance(given, dict):
+                settings = method_settings(cfg.method, given)
+            else:
+                settings = given
+                need(type(settings) is METHODS.get(cfg.method, (None, None))[1],
+                     f"settings {type(settings).__name__} do not belong to --method {cfg.method}")
+        except SettingError as e:
+            raise ConfigError(str(e)) from None
+        _check_settings(settings, need)
+        return dataclasses.replace(cfg, settings=settings)
+    if isinstance(cfg, FinetuneConfig):
+        need(0 < cfg.fraction <= 1, f"--fraction must be in (0, 1], not {cfg.fraction}")
+        need(cfg.schedule in ("cosine", "constant"),
+             f"--schedule must be cosine or constant, not {cfg.schedule!r}")
+        need(cfg.augment.size >= 32, f"--image-size must be at least 32, not {cfg.augment.size}")
+        need(cfg.summary_last >= 1, f"--summary-last must be at least 1, not {cfg.summary_last}")
+        need(0 <= cfg.label_smoothing < 1,
+             f"--label-smoothing must be in [0, 1), not {cfg.label_smoothing}")
+        return cfg
+    if isinstance(cfg, (PredictConfig, EvaluateConfig)):
+        need(cfg.batch_size >= 1, f"--batch-size must be at least 1, not {cfg.batch_size}")
+        need(cfg.device in ("auto", "cuda", "cpu"),
+             f"--device must be auto, cuda or cpu, not {cfg.device!r}")
+        if isinstance(cfg, EvaluateConfig):
+            _check_data(cfg.data, need)
+            need(cfg.split in ("all", "test"), f"--split must be all or test, not {cfg.split!r}")
+        return cfg
+    raise TypeError(f"no checks for {type(cfg).__name__}")
+
+
+def _check_runtime(rt: Runtime, need) -> None:
+    need(rt.device in ("auto", "cuda", "cpu"), f"--device must be auto, cuda or cpu, not {rt.device!r}")
+    need(rt.precision in ("auto", "bf16", "fp32"),
+         f"--precision must be auto, bf16 or fp32, not {rt.precision!r}")
+    need(rt.backend in ("auto", "dali", "torch"),
+         f"--backend must be auto, dali or torch, not {rt.backend!r}")
+    need(rt.log_every >= 1, f"--log-every must be at least 1, not {rt.log_every}")
+    need(rt.checkpoint_every >= 0,
+         f"--checkpoint-every must be >= 0 (0 = by time only), not {rt.checkpoint_every}")
+    need(rt.checkpoint_minutes > 0,
+         f"--checkpoint-minutes must be positive, not {rt.checkpoint_minutes}")
+    need(rt.name is None or re.fullmatch(r"[\w.+=-]+", rt.name) is not None and rt.name not in (".", ".."),
+         f"--name {rt.name!r}: use letters, digits and . _ - + = (it names a folder)")
+
+
+def _check_data(d: DataConfig, need) -> None:
+    need(0 < d.test_fraction < 1, f"--test-fraction must be between 0 and 1, not {d.test_fraction}")
+    need(d.cache_size >= 32, f"--cache-size must be at least 32, not {d.cache_size}")
+    need(d.scan_workers >= 0, f"--workers must be >= 0 (0 = all CPUs), not {d.scan_workers}")
+
+
+def _check_settings(s, need) -> None:
+    """Method settings: dimensions positive, rates in range (the names are the CLI's)."""
+    for f in dataclasses.fields(s):
+        v = getattr(s, f.name)
+        if f.name == "tau":
+            need(0 <= v < 1, f"--tau must be in [0, 1), not {v}")
+        elif f.name == "temperature":
+            need(v > 0, f"--temperature must be positive, not {v}")
+        elif f.name == "target_bn":
+            need(v in ("momentum", "batch"), f"--target-bn must be momentum or batch, not {v!r}")
+        elif f.name == "target_bn_momentum":
+            need(0 <= v < 1, f"target_bn_momentum must be in [0, 1), not {v}")
+        elif isinstance(v, int):
+            need(v >= (0 if f.name == "proj_hidden" else 1),
+                 f"{f.name.replace('_', '-')} must be positive, not {v}")
+
+
+# -------------------------------------------------------- values derived from the machine
 @dataclass(frozen=True)
 class Resolved:
     """Values derived from a config and the machine, computed in one place, saved with the run."""
@@ -198,6 +277,10 @@ class Resolved:
     per_rank_batch: int
     channels_last: bool
 
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
     def autocast(self):
         """The context the forward passes run in: bf16 autocast on CUDA, nothing in fp32."""
         if self.dtype == "float32":
@@ -207,47 +290,31 @@ class Resolved:
 
 def dist_env() -> tuple[int, int, int]:
     """Rank, world size and local rank: the one place they come from (torchrun's variables)."""
-    import os
-
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
             int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def resolve(cfg) -> Resolved:
-    """Turn the choices a config leaves open ('auto') into concrete values for this machine."""
+def resolve(rt: Runtime, batch_size: int) -> Resolved:
+    """Turn the choices a runtime block leaves open ('auto') into values for this machine."""
     rank, world, local_rank = dist_env()
     if world > 1:  # refuse rather than train N unsynchronised copies into one run directory
-        raise SystemExit(f"WORLD_SIZE={world}: multi-process (torchrun/DDP) training is not "
-                         "supported yet; run a single process")
-    if cfg.device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    elif cfg.device == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda was asked for, but torch sees no CUDA device.")
-        device = f"cuda:{local_rank}"
-    elif cfg.device == "cpu":
-        device = "cpu"
-    else:
-        raise SystemExit(f"--device must be auto, cuda or cpu, not {cfg.device!r}")
-    on_gpu = device.startswith("cuda")
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if on_gpu else "fp32")
-    if precision not in ("bf16", "fp32"):
-        raise SystemExit(f"--precision must be auto, bf16 or fp32, not {cfg.precision!r}")
-    compile_ = on_gpu if cfg.compile is None else bool(cfg.compile)
-    from .data.backends import pick_backend  # late: the data package imports this module
-
-    backend = pick_backend(cfg.backend, device)
-    if cfg.batch_size % world:
-        raise SystemExit(f"--batch-size {cfg.batch_size} does not divide over {world} processes")
+        raise ConfigError(f"WORLD_SIZE={world}: multi-process (torchrun/DDP) training is not "
+                          "supported yet; run a single process")
+    if rt.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but torch sees no CUDA device")
+    on_gpu = rt.device != "cpu" and torch.cuda.is_available()
+    device = f"cuda:{local_rank}" if on_gpu else "cpu"
+    precision = rt.precision if rt.precision != "auto" else ("bf16" if on_gpu else "fp32")
+    if batch_size % world:
+        raise ConfigError(f"--batch-size {batch_size} does not divide over {world} processes")
     return Resolved(device=device, dtype="bfloat16" if precision == "bf16" else "float32",
-                    compile=compile_, backend=backend, rank=rank, world_size=world,
-                    local_rank=local_rank, per_rank_batch=cfg.batch_size // world,
+                    compile=on_gpu if rt.compile is None else bool(rt.compile),
+                    backend=pick_backend(rt.backend, device), rank=rank, world_size=world,
+                    local_rank=local_rank, per_rank_batch=batch_size // world,
                     channels_last=on_gpu)
 
 
-def save_json(obj, path: Path) -> None:
-    """Write JSON atomically: a temporary name, then rename (never a half-written file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)
+def inference_runtime(cfg) -> Runtime:
+    """The runtime block of predict/evaluate, whose few runtime options are flat fields."""
+    return Runtime(device=cfg.device, precision=cfg.precision, compile=cfg.compile,
+                   backend=cfg.backend)

@@ -1,17 +1,16 @@
-"""Supervised fine-tuning and the paper's evaluation protocol: the step, then the loop.
+"""Supervised fine-tuning and the paper's evaluation protocol, on the shared loop.
 
 Every epoch trains the whole network on the (--fraction of the) training split, then
-evaluates the whole test split: one row of metrics.csv, and checkpoint.pt and
-model.safetensors rewritten, so a killed run resumes at the epoch boundary. At the end:
-summary.json (Table 2's mean and std over the last epochs, and the best epoch), the
-confusion matrix and ROC of the best epoch, and a table.
+evaluates the whole test split: one row of metrics.csv. At the end (also when a finished run
+is rerun): model.safetensors from the final checkpoint's state, summary.json (Table 2's mean
+and std over the last epochs, and the best epoch), the final model's confusion matrix and ROC,
+and a table.
 """
 from __future__ import annotations
 
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,40 +19,27 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from .config import (IMAGENET_MEAN, IMAGENET_STD, FinetuneConfig, Resolved, config_hash, resolve,
-                     save_json, to_dict)
+from .config import (IMAGENET_MEAN, IMAGENET_STD, FinetuneConfig, Resolved, check, config_hash,
+                     resolve, resume_key, save_json)
+from .data.backends import labelled_source
 from .data.dataset import Dataset, load_dataset, save_data_files
 from .data.index import DataError
-from .data.backends import labelled_source
 from .data.split import fraction_subset
+from .loop import Plan, Trainer, fit, sgd
 from .metrics import (METRICS, NAMES, auc_score, best_epoch, classification_metrics, confusion,
                       roc_points, summarize)
 from .models import ARCHS, Classifier, backbone, sidecar, weights_file
 from .plots import confusion_png, roc_png
-from .runs import MetricsCSV, Reporter, atomic_save, make_run_dir, save_weights, write_config
+from .runs import Run, log, save_weights
 
 FEW_IMAGES = 5  # a class with fewer training images than this gets a warning (noisy results)
 
 
-@dataclass
-class Step:
-    """What one training step needs besides the batch (built once per run)."""
-
-    model: Classifier
-    forward: callable  # the model, compiled or not
-    opt: torch.optim.Optimizer
-    label_smoothing: float
-    autocast: callable  # () -> context manager
-
-
-def train_step(s: Step, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on one batch, backward, SGD step. No host sync."""
-    with s.autocast():
-        loss = F.cross_entropy(s.forward(x), y, label_smoothing=s.label_smoothing)
-    s.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    s.opt.step()
-    return loss.detach()
+def supervised_forward(model, label_smoothing: float):
+    """The classifier's step up to the loss: cross-entropy of one labelled batch."""
+    def forward(x: torch.Tensor, y: torch.Tensor):
+        return F.cross_entropy(model(x), y, label_smoothing=label_smoothing), {}
+    return forward
 
 
 def lr_at(cfg: FinetuneConfig, step: int, total: int) -> float:
@@ -63,34 +49,20 @@ def lr_at(cfg: FinetuneConfig, step: int, total: int) -> float:
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * step / total))
 
 
-@torch.no_grad()
-def class_probs(forward, batches, autocast) -> torch.Tensor:
-    """Softmax probabilities (fp32, on the device) of a stream of model inputs, in order."""
-    return torch.cat([_softmax(forward, x, autocast) for x in batches])
-
-
-def _softmax(forward, x, autocast) -> torch.Tensor:
-    with autocast():
-        return forward(x).float().softmax(1)
-
-
-def check(cfg: FinetuneConfig) -> None:
-    """Refuse settings that cannot mean anything, before any work is done."""
-    if not 0 < cfg.fraction <= 1:
-        raise SystemExit(f"--fraction must be in (0, 1], not {cfg.fraction}")
-    if cfg.schedule not in ("cosine", "constant"):
-        raise SystemExit(f"--schedule must be cosine or constant, not {cfg.schedule!r}")
-    if cfg.augment.size < 32:
-        raise SystemExit(f"--image-size {cfg.augment.size} is too small for a ResNet (min 32)")
-    if cfg.epochs < 1 or cfg.summary_last < 1:
-        raise SystemExit("--epochs and --summary-last must be at least 1")
-
-
-def check_positive(class_names: list[str], positive: str) -> int:
-    if positive not in class_names:
-        raise DataError(f"--positive-class {positive!r} is not a class of this data; its classes "
-                        f"are: {', '.join(repr(c) for c in class_names)}")
-    return class_names.index(positive)
+def build_trainer(cfg: FinetuneConfig, res: Resolved, n_classes: int, encoder: Path | None,
+                  total_steps: int) -> Trainer:
+    torch.manual_seed(cfg.runtime.seed)  # the head's initialisation (and a random backbone's)
+    net = backbone(cfg.arch, str(encoder) if encoder else cfg.init, cfg.imagenet_weights,
+                   flag="--encoder" if encoder else "--init")
+    model = Classifier(net, ARCHS[cfg.arch], n_classes).to(res.device)
+    if res.channels_last:
+        model.to(memory_format=torch.channels_last)
+    # The whole network is fine-tuned, as in the paper.
+    opt = sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, res.device)
+    compiled = torch.compile(model) if res.compile else model
+    return Trainer(model=model, forward=supervised_forward(compiled, cfg.label_smoothing),
+                   opt=opt, autocast=res.autocast,
+                   lr_at=lambda step: lr_at(cfg, step, total_steps))
 
 
 def check_encoder(cfg: FinetuneConfig, ds: Dataset) -> Path | None:
@@ -104,8 +76,8 @@ def check_encoder(cfg: FinetuneConfig, ds: Dataset) -> Path | None:
                          f"{cfg.arch}; pass --arch {meta.get('arch')}")
     if meta.get("data_fingerprint") != ds.fingerprint():
         what = " (the embedded SYNTHETIC set)" if meta.get("synthetic_data") else ""
-        Reporter.log_line(f"warning: --encoder {f} was pretrained on other images than --data"
-                          f"{what}; whether it has seen this run's test images cannot be checked")
+        log(f"warning: --encoder {f} was pretrained on other images than --data{what}; "
+            "whether it has seen this run's test images cannot be checked")
     elif meta.get("test_fingerprint") != ds.fingerprint(ds.test_idx):
         raise SystemExit(
             f"--encoder {f} was pretrained on this data with another train/test split "
@@ -115,151 +87,101 @@ def check_encoder(cfg: FinetuneConfig, ds: Dataset) -> Path | None:
             f"Rerun with --split-seed {meta.get('split_seed')} --test-fraction "
             f"{meta.get('test_fraction')}.")
     elif meta.get("pretrain_split") == "all":
-        Reporter.log_line(f"warning: --encoder {f} was pretrained with --split all: it has seen "
-                          "the test images (without labels); the test split is not unseen")
+        log(f"warning: --encoder {f} was pretrained with --split all: it has seen the test "
+            "images (without labels); the test split is not unseen")
     return f
+
+
+def default_name(cfg: FinetuneConfig, start: str) -> str:
+    """The same command names the same directory, so rerunning it resumes."""
+    return f"finetune-{cfg.arch}-{Path(start).parent.name or start}-f{cfg.fraction:g}-" \
+           f"{resume_key(cfg)[:8]}"
+
+
+def finetune(cfg: FinetuneConfig) -> Path:
+    cfg = check(cfg)
+    res = resolve(cfg.runtime, cfg.batch_size)
+    ds = load_dataset(cfg.data, need_labels=True, log=log)
+    check_positive(ds.class_names, cfg.positive_class)
+    if len(ds.class_names) < 2:
+        raise DataError(f"--data has one class ({ds.class_names[0]!r}): a classifier needs at "
+                        "least two")
+    encoder = check_encoder(cfg, ds)  # refusals come before the run directory exists
+    start = str(encoder) if encoder else cfg.init
+    with Run.open(cfg.runtime.out, cfg.runtime.name or default_name(cfg, start)) as run:
+        save_data_files(ds, run.path)
+        subset = choose_subset(cfg, ds, run.path)
+        train = labelled_source(np.asarray(ds.images[subset]), ds.targets[subset], cfg, res, True)
+        test = labelled_source(np.asarray(ds.images[ds.test_idx]), ds.targets[ds.test_idx], cfg,
+                               res, False)
+        t = build_trainer(cfg, res, len(ds.class_names), encoder,
+                          cfg.epochs * train.steps_per_epoch)
+        run.write_config(cfg, res, {"start": start, "n_train": len(subset),
+                                    "n_test": len(test.images),
+                                    "steps_per_epoch": train.steps_per_epoch,
+                                    "class_names": ds.class_names,
+                                    "data": {"synthetic": ds.synthetic, "root": str(ds.root),
+                                             "fingerprint": ds.fingerprint()}})
+        y_test = ds.targets[ds.test_idx]
+
+        def evaluate(epoch: int) -> dict:
+            t0 = time.perf_counter()
+            probs = test_probs(t, test)
+            row = classification_metrics(y_test, probs.argmax(1), probs, ds.class_names,
+                                         cfg.positive_class)
+            log(f"epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(f"{k} {row[k]:.4f}"
+                                                               for k in METRICS))
+            return {**row, "eval_seconds": time.perf_counter() - t0}
+
+        rows = fit(run, t, train, Plan(
+            epochs=cfg.epochs, key=resume_key(cfg), log_every=cfg.runtime.log_every,
+            checkpoint_every=cfg.runtime.checkpoint_every,
+            checkpoint_minutes=cfg.runtime.checkpoint_minutes, resume=cfg.runtime.resume,
+            desc=f"finetune {cfg.arch}", on_epoch_end=evaluate))
+        save_model(run.path, cfg, t.model, ds, cfg.epochs, start)
+        finish(run.path, cfg, ds, rows, test_probs(t, test), start, len(subset))
+        return run.path
+
+
+def test_probs(t: Trainer, test) -> np.ndarray:
+    """Class probabilities of the test split under the current weights (eval mode)."""
+    t.model.eval()
+    probs = class_probs(t.model, (x for x, _ in test.epoch(0)), t.autocast)
+    t.model.train()
+    return probs.cpu().numpy()  # the epoch's one transfer to the host
+
+
+@torch.no_grad()
+def class_probs(forward, batches, autocast) -> torch.Tensor:
+    """Softmax probabilities (fp32, on the device) of a stream of model inputs, in order."""
+    return torch.cat([_softmax(forward, x, autocast) for x in batches])
+
+
+def _softmax(forward, x, autocast) -> torch.Tensor:
+    with autocast():
+        return forward(x).float().softmax(1)
+
+
+def check_positive(class_names: list[str], positive: str) -> int:
+    if positive not in class_names:
+        raise DataError(f"--positive-class {positive!r} is not a class of this data; its classes "
+                        f"are: {', '.join(repr(c) for c in class_names)}")
+    return class_names.index(positive)
 
 
 def choose_subset(cfg: FinetuneConfig, ds: Dataset, run: Path) -> np.ndarray:
     """The --fraction subset of the training split (nested, stratified), saved as subset.json."""
-    idx = fraction_subset(ds.train_idx, ds.labels, ds.groups, cfg.fraction, cfg.seed)
+    idx = fraction_subset(ds.train_idx, ds.labels, ds.groups, cfg.fraction, cfg.runtime.seed)
     counts = Counter(ds.labels[i] for i in idx)
     few = {c: n for c, n in sorted(counts.items()) if n < FEW_IMAGES}
     if few:
         listed = ", ".join(f"{c!r}: {n}" for c, n in few.items())
-        Reporter.log_line(f"warning: --fraction {cfg.fraction} leaves few training images in "
+        log(f"warning: --fraction {cfg.fraction} leaves few training images in "
                           f"{listed}; expect noisy metrics")
-    save_json({"fraction": cfg.fraction, "seed": cfg.seed, "n": len(idx), "per_class": counts,
+    save_json({"fraction": cfg.fraction, "seed": cfg.runtime.seed, "n": len(idx), "per_class": counts,
                "fingerprint": ds.fingerprint(idx), "train": [ds.records[i].rel for i in idx]},
               run / "subset.json")
     return idx
-
-
-def build_step(cfg: FinetuneConfig, res: Resolved, n_classes: int, encoder: Path | None) -> Step:
-    torch.manual_seed(cfg.seed)  # the head's initialisation (and a random backbone's)
-    net = backbone(cfg.arch, str(encoder) if encoder else cfg.init, cfg.imagenet_weights)
-    model = Classifier(net, ARCHS[cfg.arch], n_classes).to(res.device)
-    if res.channels_last:
-        model.to(memory_format=torch.channels_last)
-    on_gpu = res.device.startswith("cuda")
-    # The whole network is fine-tuned, as in the paper.
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay,
-                          **({"fused": True} if on_gpu else {"foreach": True}))
-    forward = torch.compile(model) if res.compile else model
-    return Step(model, forward, opt, cfg.label_smoothing, res.autocast)
-
-
-def sources(cfg: FinetuneConfig, res: Resolved, ds: Dataset, subset: np.ndarray):
-    """The training source (augmented, shuffled) and the test source (plain resize, in order)."""
-    train = labelled_source(np.asarray(ds.images[subset]), ds.targets[subset], cfg, res, True)
-    test = labelled_source(np.asarray(ds.images[ds.test_idx]), ds.targets[ds.test_idx], cfg, res,
-                           False)
-    return train, test
-
-
-# Fields that may change between a run and its resumption without changing its meaning.
-# Unlike pretraining, `epochs` is not one of them: it sets the length of the cosine schedule.
-RESUMABLE = {"log_every", "resume", "device", "compile", "out", "name"}
-
-
-def resume_key(cfg: FinetuneConfig) -> str:
-    return config_hash({k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE})
-
-
-def finetune(cfg: FinetuneConfig) -> Path:
-    check(cfg)
-    res = resolve(cfg)
-    if res.world_size > 1:
-        raise SystemExit("sstl finetune runs in one process; launch it without torchrun")
-    ds = load_dataset(cfg.data, need_labels=True, log=Reporter.log_line)
-    check_positive(ds.class_names, cfg.positive_class)
-    encoder = check_encoder(cfg, ds)  # refusals come before the run directory exists
-    run = make_run_dir(cfg.out, cfg.name, f"finetune-{cfg.arch}")
-    save_data_files(ds, run)
-    subset = choose_subset(cfg, ds, run)
-    train, test = sources(cfg, res, ds, subset)
-    st = build_step(cfg, res, len(ds.class_names), encoder)
-    ckpt_path = run / "checkpoint.pt"
-    epoch, best_probs = 0, None
-    if cfg.resume and ckpt_path.exists():
-        epoch, best_probs = load_checkpoint(ckpt_path, cfg, st)
-        Reporter.log_line(f"resuming {run} after epoch {epoch}")
-    start = str(encoder) if encoder else cfg.init
-    write_config(run, cfg, res, {"start": start, "n_train": len(subset), "n_test": len(test.images),
-                                 "steps_per_epoch": train.steps_per_epoch,
-                                 "class_names": ds.class_names,
-                                 "data": {"synthetic": ds.synthetic, "root": str(ds.root),
-                                          "fingerprint": ds.fingerprint()}})
-    metrics = MetricsCSV(run / "metrics.csv")
-    metrics.truncate(epoch)
-    rep = Reporter(cfg.epochs * train.steps_per_epoch, f"finetune {cfg.arch}",
-                   done=epoch * train.steps_per_epoch)
-    y_test = ds.targets[ds.test_idx]
-    try:
-        for epoch in range(epoch, cfg.epochs):
-            row = {"epoch": epoch, **train_epoch(st, cfg, train, epoch, rep)}
-            t0 = time.perf_counter()
-            st.model.eval()
-            probs = class_probs(st.forward, (x for x, _ in test.epoch(0)), st.autocast)
-            probs = probs.cpu().numpy()  # the epoch's one transfer to the host
-            row.update(classification_metrics(y_test, probs.argmax(1), probs, ds.class_names,
-                                              cfg.positive_class))
-            metrics.append({**row, "eval_seconds": time.perf_counter() - t0})
-            if best_epoch(metrics.rows())[0] == epoch:
-                best_probs = probs
-            save_model(run, cfg, st.model, ds, epoch + 1, start)
-            atomic_save(checkpoint(st, epoch + 1, cfg, best_probs), ckpt_path)
-            Reporter.log_line(f"epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(
-                f"{k} {row[k]:.4f}" for k in ("loss", *METRICS)))
-    except KeyboardInterrupt:
-        rep.interrupted(ckpt_path)
-    rep.close()
-    finish(run, cfg, ds, metrics.rows(), best_probs, start, len(subset))
-    return run
-
-
-def train_epoch(st: Step, cfg: FinetuneConfig, source, epoch: int,
-                rep: Reporter) -> dict:
-    st.model.train()
-    steps, total = source.steps_per_epoch, cfg.epochs * source.steps_per_epoch
-    t0, seen = time.perf_counter(), 0
-    loss_sum = torch.zeros((), device=source.device)
-    for i, (x, y) in enumerate(source.epoch(epoch)):
-        lr = lr_at(cfg, epoch * steps + i, total)
-        for group in st.opt.param_groups:
-            group["lr"] = lr
-        loss_sum += train_step(st, x, y)
-        seen += x.shape[0]
-        if (i + 1) % cfg.log_every == 0 or i + 1 == steps:
-            mean = (loss_sum / (i + 1)).item()  # the loop's only host sync
-            if not math.isfinite(mean):
-                raise FloatingPointError(f"loss became {mean} at epoch {epoch} step {i}; "
-                                         "lower --lr")
-            rep.update(epoch * steps + i + 1, f"epoch {epoch + 1}/{cfg.epochs} loss {mean:.4f} "
-                                              f"{seen / (time.perf_counter() - t0):,.0f} img/s")
-    seconds = time.perf_counter() - t0
-    return {"loss": (loss_sum / steps).item(), "lr": lr, "images_per_s": seen / seconds,
-            "train_seconds": seconds}
-
-
-def checkpoint(s: Step, epoch: int, cfg: FinetuneConfig, best_probs) -> dict:
-    """All state needed to continue at an epoch boundary (order and augmentation are stateless)."""
-    return {"model": s.model.state_dict(), "opt": s.opt.state_dict(), "epoch": epoch,
-            "resume_key": resume_key(cfg), "torch_rng": torch.get_rng_state(),
-            "best_probs": None if best_probs is None else torch.from_numpy(best_probs)}
-
-
-def load_checkpoint(path: Path, cfg: FinetuneConfig, s: Step) -> tuple[int, np.ndarray | None]:
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    if ck["resume_key"] != resume_key(cfg):
-        raise SystemExit(f"{path} was written by a run with different settings; "
-                         "use another --name (or --no-resume to start over here)")
-    s.model.load_state_dict(ck["model"])
-    s.opt.load_state_dict(ck["opt"])
-    torch.set_rng_state(ck["torch_rng"])
-    best = ck["best_probs"]
-    return ck["epoch"], None if best is None else best.numpy()
 
 
 def save_model(run: Path, cfg: FinetuneConfig, model: Classifier, ds: Dataset, epoch: int,
@@ -276,9 +198,9 @@ def save_model(run: Path, cfg: FinetuneConfig, model: Classifier, ds: Dataset, e
         "synthetic_data": ds.synthetic})
 
 
-def finish(run: Path, cfg: FinetuneConfig, ds: Dataset, rows: list[dict], best_probs,
+def finish(run: Path, cfg: FinetuneConfig, ds: Dataset, rows: list[dict], probs,
            start: str, n_train: int) -> dict:
-    """summary.json, the best epoch's figures, and the table: what a reader looks at first."""
+    """summary.json, the final model's figures, and the table: what a reader looks at first."""
     keys = [*METRICS, *(f"recall/{c}" for c in ds.class_names)]
     b, by = best_epoch(rows)
     tail = rows[-cfg.summary_last:]
@@ -295,9 +217,9 @@ def finish(run: Path, cfg: FinetuneConfig, ds: Dataset, rows: list[dict], best_p
         "fraction": cfg.fraction, "start": start, "arch": cfg.arch,
         "image_size": cfg.augment.size, "synthetic_data": ds.synthetic}
     save_json(summary, run / "summary.json")
-    if best_probs is not None:
-        draw_figures(run, ds.targets[ds.test_idx], best_probs, ds.class_names, cfg.positive_class,
-                     f"best epoch {int(rows[b]['epoch']) + 1} by {by.upper()}")
+    # The figures describe the saved model: the final epoch's, as model.safetensors holds.
+    draw_figures(run, ds.targets[ds.test_idx], probs, ds.class_names, cfg.positive_class,
+                 f"final epoch {len(rows)}")
     Console().print(summary_table(summary, f"{cfg.arch} from {Path(start).name}, "
                                            f"fraction {cfg.fraction}: {run}"))
     return summary

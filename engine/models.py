@@ -17,10 +17,12 @@ def mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
                          nn.ReLU(inplace=True), nn.Linear(hidden, d_out))
 
 
-def backbone(arch: str, init: str = "random", weights: str = "V2") -> nn.Module:
+def backbone(arch: str, init: str = "random", weights: str = "V2",
+             flag: str = "--init") -> nn.Module:
     """A ResNet whose forward returns pooled features (fc replaced by Identity).
 
-    init: "random", "imagenet" (torchvision's IMAGENET1K_<weights>) or a path to a state dict.
+    init: "random", "imagenet" (torchvision's IMAGENET1K_<weights>) or a path to a state dict;
+    `flag` names the option the path came from in error messages.
     """
     if arch not in ARCHS:
         raise SystemExit(f"--arch must be one of {', '.join(ARCHS)}, not {arch!r}")
@@ -28,7 +30,7 @@ def backbone(arch: str, init: str = "random", weights: str = "V2") -> nn.Module:
     if init == "imagenet":
         net.load_state_dict(imagenet_state_dict(arch, weights))
     elif init != "random":
-        load_backbone_file(net, init)
+        load_backbone_file(net, init, flag)
     net.fc = nn.Identity()
     return net
 
@@ -62,32 +64,39 @@ def _strip(key: str) -> str:
     return key
 
 
-def load_backbone_file(net: nn.Module, path: str) -> None:
+def load_backbone_file(net: nn.Module, path: str, flag: str = "--init") -> None:
     """Load a local state dict (.pth/.pt or .safetensors) into a torchvision ResNet.
 
-    Wrapper prefixes (`module.`, `_orig_mod.`, `backbone.`) are removed and a classifier
-    (`fc.`) is ignored; every backbone weight must be present, or the error lists what is missing.
+    Wrapper prefixes (`module.`, `_orig_mod.`, `backbone.`, `encoder.`) are removed and a
+    classifier (`fc.`, or sstl's `head.`: a fine-tuned model.safetensors works) is ignored; every backbone weight must be present, or the error lists what is missing.
     """
     p = Path(path).expanduser()
     if not p.is_file():
-        raise SystemExit(f"--init {path}: no such file (expected a state dict .pth or "
+        raise SystemExit(f"{flag} {path}: no such file (expected a state dict .pth or "
                          ".safetensors, or 'imagenet' / 'random')")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        sd = load_file(str(p))
-    else:
-        sd = torch.load(p, map_location="cpu", weights_only=True)
-        sd = sd.get("state_dict", sd.get("model", sd)) if isinstance(sd, dict) else sd
-    sd = {_strip(k): v for k, v in sd.items() if not _strip(k).startswith("fc.")}
+            sd = load_file(str(p))
+        else:  # weights_only: a crafted pickle cannot run code, it fails to load
+            sd = torch.load(p, map_location="cpu", weights_only=True)
+            sd = sd.get("state_dict", sd.get("model", sd)) if isinstance(sd, dict) else sd
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise SystemExit(f"{flag} {path}: not a readable state dict ({first})") from None
+    if not isinstance(sd, dict):
+        raise SystemExit(f"{flag} {path}: holds a {type(sd).__name__}, not a state dict")
+    sd = {_strip(k): v for k, v in sd.items() if not _strip(k).startswith(("fc.", "head."))}
     try:
         missing, unexpected = net.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # shape mismatches: another architecture's weights
         first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
-        raise SystemExit(f"--init {path} does not fit {type(net).__name__}: {first}") from None
+        raise SystemExit(f"{flag} {path} does not fit a {type(net).__name__} of this --arch "
+                         f"(weights of another architecture?): {first}") from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
-        raise SystemExit(f"--init {path} does not fit {type(net).__name__}: "
+        raise SystemExit(f"{flag} {path} does not fit {type(net).__name__}: "
                          f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                          f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
 

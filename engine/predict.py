@@ -15,7 +15,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from .config import DataConfig, EvaluateConfig, PredictConfig, resolve, save_json
+from .config import (DataConfig, EvaluateConfig, PredictConfig, check, inference_runtime,
+                     resolve, save_json)
 from .data.dataset import load_dataset
 from .data.index import IMAGE_SUFFIXES, DataError, decode_square
 from .data.loader import LabelledSource
@@ -23,7 +24,7 @@ from .data.views import eval_view
 from .finetune import class_probs, draw_figures
 from .metrics import METRICS, NAMES, classification_metrics
 from .models import load_classifier
-from .runs import Reporter
+from .runs import log
 
 SHOWN_ROWS = 50  # the printed table stops here; the CSV has every row
 
@@ -48,7 +49,7 @@ def _wanted(f: Path, root: Path) -> bool:
 
 
 def predict(cfg: PredictConfig) -> list[dict]:
-    res = resolve(cfg)
+    res = resolve(inference_runtime(check(cfg)), cfg.batch_size)
     model, meta = load_classifier(cfg.model, res.device, res.channels_last)
     names, autocast = meta["class_names"], res.autocast
     rows = []
@@ -119,11 +120,9 @@ def model_targets(data_names: list[str], model_names: list[str], targets: np.nda
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
-    if cfg.split not in ("all", "test"):
-        raise SystemExit(f"--split must be all or test, not {cfg.split!r}")
-    res = resolve(cfg)
+    res = resolve(inference_runtime(check(cfg)), cfg.batch_size)
     model, meta = load_classifier(cfg.model, res.device, res.channels_last)
-    ds = load_dataset(cfg.data, need_labels=True, log=Reporter.log_line)
+    ds = load_dataset(cfg.data, need_labels=True, log=log)
     names = meta["class_names"]
     targets = model_targets(ds.class_names, names, ds.targets)
     idx = np.arange(len(ds.records)) if cfg.split == "all" else test_split(ds, meta, cfg.data)

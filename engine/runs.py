@@ -1,21 +1,31 @@
-"""Run directories: everything a run needs to explain and reproduce itself, written safely.
+"""Run directories: everything a run needs to explain, continue and reproduce itself.
 
 runs/<name>/
-  config.json        the frozen config, the resolved values, versions, git SHA, command line
-  data_report.json   what the scan found (skipped files and why)
-  split.json         the train/test split (relative paths)
-  metrics.csv        one row per epoch
-  checkpoint.pt      everything needed to continue (written atomically)
-  *.safetensors      weights, each with a .json sidecar
+  config.json          the frozen config, resolved values, versions, git SHA, command line
+  data_report.json     what the scan found (skipped files and why); split.json: the split
+  metrics.csv          one row per epoch
+  timing.json          wall time of the run's phases (scan, build, train, checkpoint)
+  checkpoint.pt        everything needed to continue exactly; checkpoint.prev.pt the one before
+  *.safetensors        weights, each with a .json sidecar, always from the final checkpoint
+  .lock                held by the one process training in this directory
+
+Checkpoints hold tensors, numbers and strings only and are read with weights_only=True, so a
+crafted file can never run code. They are copied to host memory at once and written on a
+thread (the step does not wait for the disk), then rotated: a kill at any moment leaves a
+readable checkpoint.pt or checkpoint.prev.pt.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict
 from importlib import metadata
@@ -26,10 +36,157 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
-from .config import config_hash, save_json, to_dict
+from .config import config_hash, to_dict
+from .io import WriteError, atomic_write, make_dir, save_json
 
 console = Console(stderr=True)
 SRC = Path(__file__).resolve().parent.parent
+CHECKPOINT_FORMAT = 2  # 2: one checkpoint layout for every command (the shared loop)
+
+
+def log(msg: str) -> None:
+    console.print(msg, highlight=False, soft_wrap=True)
+
+
+class Run:
+    """A run directory held by this process: lock, checkpoints, and its other files."""
+
+    def __init__(self, path: Path, is_main: bool = True):
+        self.path, self.is_main = path, is_main
+        self.checkpoint, self.previous = path / "checkpoint.pt", path / "checkpoint.prev.pt"
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.timing: dict[str, float] = {}
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, out: str, name: str, is_main: bool = True):
+        """Create or reopen runs/<name>, locked; a run that fails before its first checkpoint
+        leaves no directory behind (unless the directory was there before)."""
+        path = Path(out).expanduser() / name
+        created = not path.exists()
+        make_dir(path)
+        lock = open(path / ".lock", "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            lock.close()
+            raise SystemExit(f"{path} is in use by another sstl process (pid {holder}); wait "
+                             "for it, or give this run another --name") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        run = cls(path, is_main)
+        try:
+            yield run
+        except BaseException:
+            run.flush(raise_errors=False)
+            if created and not run.checkpoint.exists() and not run.previous.exists():
+                shutil.rmtree(path, ignore_errors=True)  # nothing worth keeping was made
+            raise
+        finally:
+            run.flush(raise_errors=False)
+            (path / ".lock").unlink(missing_ok=True)
+            lock.close()
+
+    # ------------------------------------------------------------------- checkpoints
+    def save(self, state: dict) -> None:
+        """Snapshot `state` to host memory now; write and rotate it on a background thread."""
+        if not self.is_main:
+            return
+        t0 = time.perf_counter()
+        self.flush()  # one write in flight at most; surfaces the previous write's error
+        snapshot = _to_host(state)
+        self._writer = threading.Thread(target=self._write, args=(snapshot,), daemon=True)
+        self._writer.start()
+        self.add_time("checkpoint", time.perf_counter() - t0)
+
+    def _write(self, snapshot: dict) -> None:
+        try:
+            nxt = self.path / "checkpoint.next.pt"
+            atomic_write(nxt, lambda tmp: torch.save(snapshot, tmp))
+            if self.checkpoint.exists():
+                os.replace(self.checkpoint, self.previous)
+            os.replace(nxt, self.checkpoint)
+        except BaseException as e:  # re-raised in the main thread by flush()
+            self._error = e
+
+    def flush(self, raise_errors: bool = True) -> None:
+        """Wait for the checkpoint being written; raise its error (disk full...) here."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        err, self._error = self._error, None
+        if err is not None and raise_errors:
+            if isinstance(err, SystemExit):
+                raise err
+            raise WriteError(f"could not write {self.checkpoint}: {err}") from None
+
+    def resume(self, key: str) -> dict | None:
+        """The newest readable checkpoint of this run, or None; refuses another run's."""
+        tried = []
+        for f in (self.checkpoint, self.previous):
+            if not f.exists():
+                continue
+            try:
+                ck = torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as e:  # truncated, corrupt, or not a plain-data checkpoint
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+                log(f"warning: {f} cannot be read ({first}); trying the previous checkpoint")
+                tried.append(f.name)
+                continue
+            if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+                raise SystemExit(f"{f} is not an sstl checkpoint of this version; use another "
+                                 "--name (or --no-resume to start over here)")
+            if ck.get("resume_key") != key:
+                raise SystemExit(f"{f} was written by a run with different settings; use "
+                                 "another --name (or --no-resume to start over here)")
+            if tried:
+                log(f"resuming from {f.name} (the newer checkpoint was unreadable)")
+            return ck
+        if tried:
+            raise SystemExit(f"no readable checkpoint in {self.path} ({', '.join(tried)}); "
+                             "rerun with --no-resume to start over")
+        return None
+
+    # ------------------------------------------------------------------- other files
+    def add_time(self, phase: str, seconds: float) -> None:
+        self.timing[phase] = self.timing.get(phase, 0.0) + seconds
+
+    def write_timing(self) -> None:
+        if self.is_main:
+            save_json({k: round(v, 3) for k, v in self.timing.items()}, self.path / "timing.json")
+
+    def write_config(self, cfg, resolved, extra: dict | None = None) -> None:
+        if self.is_main:
+            save_json({"config": to_dict(cfg), "config_hash": config_hash(cfg),
+                       "resolved": asdict(resolved), "environment": environment(),
+                       "command": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                       **(extra or {})}, self.path / "config.json")
+
+
+def _to_host(obj):
+    """A deep copy of a state tree with every tensor on the CPU (safe to write on a thread)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_host(v) for v in obj)
+    return obj
+
+
+def save_weights(state: dict, path: Path, meta: dict) -> None:
+    """safetensors weights + a JSON sidecar (path.with_suffix('.json')), both atomic, 0644."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp),
+                                             metadata={k: str(v) for k, v in meta.items()}))
+    save_json(meta, path.with_suffix(".json"))
 
 
 def git_sha() -> str:
@@ -37,7 +194,8 @@ def git_sha() -> str:
     try:
         sha = subprocess.run(["git", "-C", str(SRC), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(SRC), "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", str(SRC), "status", "--porcelain",
+                                "--untracked-files=no"],
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -59,43 +217,11 @@ def environment() -> dict:
             "host": socket.gethostname(), "platform": platform.platform()}
 
 
-def make_run_dir(out: str, name: str | None, prefix: str) -> Path:
-    name = name or f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run = Path(out).expanduser() / name
-    run.mkdir(parents=True, exist_ok=True)
-    return run
-
-
-def write_config(run: Path, cfg, resolved, extra: dict | None = None) -> None:
-    save_json({"config": to_dict(cfg), "config_hash": config_hash(cfg),
-               "resolved": asdict(resolved), "environment": environment(),
-               "command": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-               **(extra or {})}, run / "config.json")
-
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary name, then rename: a crash never leaves half a checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def save_weights(module_state: dict, path: Path, meta: dict) -> None:
-    """safetensors weights + a JSON sidecar (path.with_suffix('.json')), both atomic."""
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().to("cpu").contiguous() for k, v in module_state.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={k: str(v) for k, v in meta.items()})
-    os.replace(tmp, path)
-    save_json(meta, path.with_suffix(".json"))
-
-
 class MetricsCSV:
-    """Append-only per-epoch metrics; a resumed run keeps the rows it already wrote."""
+    """Per-epoch metrics; a resumed run keeps the rows of the epochs its checkpoint holds."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, is_main: bool = True):
+        self.path, self.is_main = path, is_main
 
     def rows(self) -> list[dict]:
         if not self.path.exists():
@@ -104,26 +230,33 @@ class MetricsCSV:
             return list(csv.DictReader(fh))
 
     def truncate(self, epochs: int) -> None:
-        """Drop rows past `epochs` (a resume from an earlier checkpoint redoes them)."""
-        rows = [r for r in self.rows() if int(r["epoch"]) < epochs]
-        self.path.unlink(missing_ok=True)
-        for r in rows:
-            self.append(r)
+        """Keep rows of epochs < `epochs` (a resume redoes the others)."""
+        if self.is_main:
+            self._write([r for r in self.rows() if int(r["epoch"]) < epochs])
 
     def append(self, row: dict) -> None:
-        new = not self.path.exists()
-        with open(self.path, "a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(row))
-            if new:
+        if self.is_main:
+            self._write(self.rows() + [row])
+
+    def _write(self, rows: list[dict]) -> None:
+        if not rows:
+            self.path.unlink(missing_ok=True)
+            return
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+
+        def write(tmp):
+            with open(tmp, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=fields)
                 w.writeheader()
-            w.writerow(row)
+                w.writerows(rows)
+        atomic_write(self.path, write)
 
 
 class Reporter:
     """A rich progress bar on a terminal, plain log lines elsewhere (CI, files, pipes)."""
 
-    def __init__(self, total_steps: int, description: str, done: int = 0):
-        self.live = console.is_terminal and not os.environ.get("SSTL_PLAIN_LOG")
+    def __init__(self, total_steps: int, description: str, done: int = 0, live: bool = True):
+        self.live = live and console.is_terminal and not os.environ.get("SSTL_PLAIN_LOG")
         self.total, self.desc = total_steps, description
         if self.live:
             self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
@@ -132,24 +265,15 @@ class Reporter:
             self.task = self.progress.add_task(description, total=total_steps, completed=done,
                                                stats="")
             self.progress.start()
+        self.enabled = live
 
     def update(self, step: int, stats: str) -> None:
         if self.live:
             self.progress.update(self.task, completed=step, stats=stats)
-        else:
-            console.print(f"{self.desc} step {step}/{self.total} {stats}", highlight=False)
-
-    @staticmethod
-    def log_line(msg: str) -> None:
-        console.print(msg, highlight=False)
+        elif self.enabled:
+            log(f"{self.desc} step {step}/{self.total} {stats}")
 
     def close(self) -> None:
         if self.live:
             self.progress.stop()
-
-    def interrupted(self, checkpoint: Path):
-        """Ctrl-C: nothing is lost past the last checkpoint, and the same command continues."""
-        self.close()
-        self.log_line(f"interrupted: the last checkpoint is {checkpoint}; "
-                      "run the same command again to continue")
-        raise SystemExit(130)
+            self.live = False

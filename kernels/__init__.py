@@ -1,6 +1,7 @@
 """sstl.kernels: the single dispatch point for the fused kernels.
 
-    cross_loss(p1, p2, y2) -> scalar loss (fp32; fp64 for fp64 inputs)
+    cross_loss(p1, p2, y2) -> scalar loss (fp32; fp64 for fp64 inputs)   Cross
+    cosine_loss(a, b)      -> mean(2 - 2 cos(a, b)), gradient to a only    BYOL, SimSiam
     ema_(target, online, tau)   target <- tau * target + (1 - tau) * online, in place
 
 Triton runs when the tensors are on CUDA and triton imports; everything else uses the torch
@@ -17,10 +18,11 @@ import torch
 from torch import Tensor
 
 from ._triton import HAS_TRITON
+from .cosine import CosineLoss, cosine_loss_op, cosine_loss_reference
 from .ema import FlatParams, ema_loop_, ema_reference_, ema_triton_
 from .loss import CrossLoss, cross_loss_op, cross_loss_reference
 
-__all__ = ["cross_loss", "ema_", "FlatParams", "cross_loss_reference", "ema_reference_",
+__all__ = ["cross_loss", "cosine_loss", "cosine_loss_reference", "ema_", "FlatParams", "cross_loss_reference", "ema_reference_",
            "ema_loop_", "ema_triton_", "triton_available", "use_triton"]
 
 
@@ -52,6 +54,14 @@ def cross_loss(p1: Tensor, p2: Tensor, y2: Tensor) -> Tensor:
     if torch.compiler.is_compiling():  # the custom op traces; eager skips its dispatch cost
         return cross_loss_op(p1, p2, y2, fused)[0]
     return CrossLoss.apply(p1, p2, y2, fused)
+
+
+def cosine_loss(a: Tensor, b: Tensor) -> Tensor:
+    """mean(2 - 2 cos(a_i, b_i)); gradients flow to a, never to b."""
+    fused = use_triton(a.device)
+    if torch.compiler.is_compiling():
+        return cosine_loss_op(a, b.detach(), fused)[0]
+    return CosineLoss.apply(a, b.detach(), fused)
 
 
 def ema_(target: FlatParams, online: FlatParams, tau: float) -> None:

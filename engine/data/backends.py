@@ -25,15 +25,17 @@ def pick_backend(name: str, device: str) -> str:
     return "dali" if device.startswith("cuda") and dali_available() else "torch"
 
 
-def two_view_source(images, cfg, res):
-    """The pretraining view source for `images` (N, S, S uint8) under config and resolved values."""
+def ssl_source(views: str, images, cfg, res):
+    """The pretraining source that makes the views a method asks for (`Method.views`)."""
+    if views != "two_crops":
+        raise ValueError(f"no data source makes {views!r} views")
     import torch
 
     if res.backend == "dali":
         from .dali import DaliTwoViewSource as Source
     else:
         from .loader import TwoViewSource as Source
-    return Source(images, cfg.augment, res.per_rank_batch, cfg.seed, res.device, res.rank,
+    return Source(images, cfg.augment, res.per_rank_batch, cfg.runtime.seed, res.device, res.rank,
                   res.world_size, getattr(torch, res.dtype), res.channels_last)
 
 
@@ -47,5 +49,5 @@ def labelled_source(images, targets, cfg, res, train: bool):
     else:
         from .loader import LabelledSource as Source
     return Source(images, targets, res.per_rank_batch, cfg.augment.size, res.device,
-                  cfg.augment.train if train else None, cfg.seed, res.rank, res.world_size,
-                  getattr(torch, res.dtype), res.channels_last)
+                  cfg.augment.train if train else None, cfg.runtime.seed, res.rank,
+                  res.world_size, getattr(torch, res.dtype), res.channels_last)

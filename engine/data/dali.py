@@ -53,7 +53,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from ..config import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, ViewAugment
+from .augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, ViewAugment
 from .loader import epoch_order, step_seed
 from .views import ViewParams, blur_radius, sample_params
 

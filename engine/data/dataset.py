@@ -8,14 +8,17 @@ import hashlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from ..config import DataConfig, save_json
+from ..io import save_json
 from .cache import Cache, load_or_build
 from .index import DataError, Record, find_records
 from .split import split_test
+
+if TYPE_CHECKING:  # the config is read, never imported: data sits below config
+    from ..config import DataConfig
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..config import AugmentConfig, ViewAugment
+from .augment import AugmentConfig, ViewAugment
 from .views import eval_view, normalize, render, sample_params, two_views
 
 

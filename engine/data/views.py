@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, ViewAugment
+from .augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, ViewAugment
 
 
 @dataclass

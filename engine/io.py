@@ -1,0 +1,55 @@
+"""Writing files so that a crash, a kill or a full disk never leaves half a file behind.
+
+Every file sstl writes goes through `atomic_write`: the bytes go to a temporary name in the
+same folder, are flushed to the disk, get the usual permissions (0644: sidecars and weights
+are read by other users and tools alike), and only then replace the real name. A failure
+(disk full, read-only folder) removes the temporary and becomes one clear `WriteError`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+
+class WriteError(SystemExit):
+    """A file could not be written (disk full, read-only folder...): one line, exit 1."""
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call write(tmp) to fill a temporary file, then move it over `path` in one rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"could not write {path}: {e.strerror or e} "
+                         "(free some space or choose another --out)") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_json(obj, path: str | os.PathLike) -> Path:
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def make_dir(path: str | os.PathLike) -> Path:
+    """mkdir -p with a one-line answer when the place is not writable."""
+    path = Path(path).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"could not create {path}: {e.strerror or e} "
+                         "(choose another --out)") from None
+    if not os.access(path, os.W_OK):
+        raise WriteError(f"{path} is not writable (choose another --out)")
+    return path

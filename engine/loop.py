@@ -1,0 +1,211 @@
+"""The one training loop, shared by every command: step, metrics, checkpoints, resume, signals.
+
+A command builds a `Trainer` (what to run) and a source (batches on the device), opens a
+`Run`, and calls `fit`. Everything else lives here once:
+  * train_step: forward (the method's or the classifier's), backward, SGD, EMA. No host sync.
+  * the log-every host read, which is also where a non-finite loss stops the run;
+  * checkpoints every --checkpoint-minutes (and every --checkpoint-every steps when set), at the
+    end, and on SIGINT/SIGTERM: the step in flight finishes, a checkpoint is written, exit 130;
+  * exact resume: the checkpoint holds the model, optimizer, RNG and the epoch's partial sums,
+    and data order/augmentation are functions of (seed, epoch, step), so a resumed run repeats
+    the uninterrupted one bit for bit on the CPU.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .. import kernels
+from .runs import CHECKPOINT_FORMAT, MetricsCSV, Reporter, Run, log
+
+
+class EMA:
+    """target <- tau * target + (1 - tau) * online over one flat buffer each: one launch."""
+
+    def __init__(self, online: list[torch.Tensor], target: list[torch.Tensor]):
+        self.online, self.target = kernels.FlatParams(online), kernels.FlatParams(target)
+        self.check()
+
+    def update(self, tau: float) -> None:
+        kernels.ema_(self.target, self.online, tau)
+
+    def check(self) -> None:  # a re-allocated tensor would silently leave the flat buffer
+        self.online.check()
+        self.target.check()
+
+
+@dataclass
+class Trainer:
+    """What one step needs besides the batch (built once per run)."""
+
+    model: torch.nn.Module  # everything checkpointed (a method, or a classifier)
+    forward: Callable  # (*batch) -> (loss, {stat: 0-dim tensor}); compiled or not
+    opt: torch.optim.Optimizer
+    autocast: Callable  # () -> context manager
+    lr_at: Callable[[int], float]  # learning rate of a global step
+    stats: tuple[str, ...] = ()  # names of the stats forward returns, in order
+    ema: EMA | None = None  # the target network's EMA, for methods that keep one
+    tau_at: Callable[[int], float] = lambda step: 1.0  # EMA rate of a global step
+
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                "torch_rng": torch.get_rng_state()}
+
+    def load(self, ck: dict) -> None:
+        self.model.load_state_dict(ck["model"])  # copies in place: flat EMA views stay valid
+        self.opt.load_state_dict(ck["opt"])
+        torch.set_rng_state(ck["torch_rng"])
+        if self.ema is not None:
+            self.ema.check()
+
+
+def sgd(params, lr: float, momentum: float, weight_decay: float, device: str):
+    on_gpu = str(device).startswith("cuda")
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           **({"fused": True} if on_gpu else {"foreach": True}))
+
+
+def train_step(t: Trainer, batch: tuple, step: int) -> torch.Tensor:
+    """One optimizer step; returns [loss, *stats] on the device (no host sync)."""
+    lr = t.lr_at(step)
+    for group in t.opt.param_groups:
+        group["lr"] = lr
+    with t.autocast():
+        loss, stats = t.forward(*batch)
+    t.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    t.opt.step()
+    if t.ema is not None:
+        t.ema.update(t.tau_at(step))
+    return torch.stack([loss.detach().float(), *(stats[k].detach().float() for k in t.stats)])
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and exits 130."""
+
+    def __init__(self):
+        self.requested, self._old = False, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C: the user means it
+            raise KeyboardInterrupt
+        self.requested = True
+        log("stopping: finishing this step and writing a checkpoint (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+@dataclass
+class Plan:
+    """How a command wants its loop run."""
+
+    epochs: int
+    key: str  # resume key: a checkpoint continues only the run it came from
+    log_every: int = 10
+    checkpoint_every: int = 0  # steps; 0 = by time only
+    checkpoint_minutes: float = 5.0
+    resume: bool = True
+    desc: str = "train"
+    images_per_step: int = 0  # for img/s; 0 = the batch's first dimension
+    on_epoch_end: Callable[[int], dict] | None = None  # extra metrics (e.g. test evaluation)
+    live: bool = True  # progress output (rank 0 only under DDP)
+    metrics: dict = field(default_factory=dict)  # filled: the last epoch's row
+
+
+def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
+    """Train to `plan.epochs`, resuming from the run's checkpoint; returns metrics.csv rows."""
+    steps = source.steps_per_epoch
+    ck = run.resume(plan.key) if plan.resume else None
+    epoch, start, partial = 0, 0, None
+    if ck is not None:
+        t.load(ck)
+        epoch, start, partial = ck["epoch"], ck["step"], ck.get("partial")
+        log(f"resuming {run.path} at epoch {epoch + 1 if epoch < plan.epochs else epoch}, "
+            f"step {start}")
+    metrics = MetricsCSV(run.path / "metrics.csv", run.is_main)
+    metrics.truncate(epoch)
+    rep = Reporter(plan.epochs * steps, plan.desc, epoch * steps + start, live=plan.live)
+    last_save = time.monotonic()
+
+    def save(epoch_: int, step_: int, part: dict | None) -> None:
+        nonlocal last_save
+        run.save({"format": CHECKPOINT_FORMAT, "resume_key": plan.key, "epoch": epoch_,
+                  "step": step_, "partial": part, **t.state()})
+        last_save = time.monotonic()
+
+    def due(step_in_epoch: int) -> bool:
+        by_steps = plan.checkpoint_every and step_in_epoch % plan.checkpoint_every == 0
+        return bool(by_steps) or time.monotonic() - last_save > 60 * plan.checkpoint_minutes
+
+    t_train = time.perf_counter()
+    try:
+        with StopRequest() as stop:
+            for epoch in range(epoch, plan.epochs):
+                sums = torch.zeros(1 + len(t.stats), dtype=torch.float64)
+                seen, seconds = 0, 0.0
+                if partial is not None:
+                    sums, seen, seconds = partial["sums"], partial["seen"], partial["seconds"]
+                sums = sums.to(source.device)
+                t0, i = time.perf_counter() - seconds, start - 1
+                for i, batch in enumerate(source.epoch(epoch, start), start):
+                    sums += train_step(t, batch, epoch * steps + i)
+                    seen += plan.images_per_step or batch[0].shape[0]
+                    if (i + 1) % plan.log_every == 0 or i + 1 == steps:
+                        means = (sums / (i + 1)).tolist()  # the loop's only host sync
+                        if not math.isfinite(means[0]):
+                            raise SystemExit(f"loss became {means[0]} at epoch {epoch + 1}, "
+                                             f"step {i + 1}: lower --lr; the last good "
+                                             f"checkpoint is in {run.path}")
+                        rep.update(epoch * steps + i + 1, _progress(epoch, plan.epochs, means,
+                                   t.stats, seen / (time.perf_counter() - t0)))
+                    if i + 1 < steps and (stop.requested or due(i + 1)):
+                        save(epoch, i + 1, {"sums": sums, "seen": seen,
+                                            "seconds": time.perf_counter() - t0})
+                    if stop.requested:
+                        break
+                if stop.requested and i + 1 < steps:
+                    break
+                seconds = time.perf_counter() - t0
+                means = (sums / max(steps, 1)).tolist()
+                row = {"epoch": epoch, "loss": means[0],
+                       **{k: v for k, v in zip(t.stats, means[1:])},
+                       "lr": t.opt.param_groups[0]["lr"], "images_per_s": seen / seconds,
+                       "seconds": seconds}
+                if plan.on_epoch_end is not None:
+                    row.update(plan.on_epoch_end(epoch))
+                metrics.append(row)
+                start, partial = 0, None
+                if epoch + 1 == plan.epochs or stop.requested or due(steps):
+                    save(epoch + 1, 0, None)
+                if stop.requested:
+                    break
+            run.flush()
+            if stop.requested:
+                rep.close()
+                log(f"interrupted: checkpoint written to {run.checkpoint}; run the same command "
+                    "again to continue")
+                raise SystemExit(130)
+    finally:
+        rep.close()
+        run.add_time("train", time.perf_counter() - t_train)
+        run.write_timing()
+    return metrics.rows()
+
+
+def _progress(epoch: int, epochs: int, means: list[float], names, rate: float) -> str:
+    stats = " ".join(f"{k} {v:.3f}" for k, v in zip(names, means[1:]))
+    return f"epoch {epoch + 1}/{epochs} loss {means[0]:.4f} {stats} {rate:,.0f} img/s"

@@ -1,0 +1,56 @@
+"""SimCLR (Chen et al., ICML 2020): Table 2's "SimCLR" row.
+
+One encoder and a projection MLP (feat -> feat -> 128). Each image's two views are a positive
+pair; the other 2B - 2 views of the batch are its negatives. The NT-Xent loss is the cross
+entropy of finding the positive among all others by cosine similarity / temperature.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..models import mlp
+from .base import Method, spread
+
+
+@dataclass(frozen=True)
+class SimCLRConfig:
+    proj_hidden: int = 0  # SimCLR: projection feat -> feat -> 128; 0 = the feature dimension
+    proj_dim: int = 128  # SimCLR: 128
+    temperature: float = 0.1  # SimCLR: 0.1 (its batch-256 setting)
+
+
+def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent over 2B rows where rows i and i + B are the two views of one image."""
+    z = F.normalize(z.float(), dim=1)
+    n = z.shape[0]
+    logits = z @ z.T / temperature
+    logits = logits.masked_fill(torch.eye(n, dtype=torch.bool, device=z.device), float("-inf"))
+    positives = torch.arange(n, device=z.device).roll(n // 2)  # i <-> i + B
+    return F.cross_entropy(logits, positives)
+
+
+class SimCLR(Method):
+    stats = ("spread", "pos_rank1")
+
+    def __init__(self, backbone: nn.Module, feat_dim: int, cfg: SimCLRConfig = SimCLRConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        self.projector = mlp(feat_dim, cfg.proj_hidden or feat_dim, cfg.proj_dim)
+
+    def forward(self, v1: torch.Tensor, v2: torch.Tensor):
+        z = self.projector(self.backbone(torch.cat([v1, v2])))
+        loss = nt_xent(z, self.cfg.temperature)
+        return loss, {"spread": spread(z), "pos_rank1": top1(z.detach())}
+
+
+def top1(z: torch.Tensor) -> torch.Tensor:
+    """Share of views whose nearest other view is their positive: contrastive accuracy."""
+    z = F.normalize(z.float(), dim=1)
+    n = z.shape[0]
+    sim = (z @ z.T).fill_diagonal_(float("-inf"))
+    return (sim.argmax(1) == torch.arange(n, device=z.device).roll(n // 2)).float().mean()
