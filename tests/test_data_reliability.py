@@ -39,7 +39,8 @@ def _png(path: Path, side: int = 40) -> Path:
 def _huge_png(path: Path, width: int, height: int) -> Path:
     """A valid 1-bit all-black PNG written by hand: 256 M pixels in ~140 kB, in ~0.05 s."""
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
 
     row = bytes(1 + (width + 7) // 8)  # filter byte 0, then packed bits
     z = zlib.compressobj(1)
@@ -145,7 +146,8 @@ def test_huge_image_is_reported_as_too_large(tmp_path):
     limit = 2 * Image.MAX_IMAGE_PIXELS
     square = _huge_png(tmp_path / "square.png", 16000, 16000)
     wide = _huge_png(tmp_path / "wide.png", 16000, 12000)  # W != H: the order is checked
-    with pytest.raises(ValueError, match=rf"^too large \(16000 x 16000 pixels, limit {limit} pixels\)$"):
+    expected = rf"^too large \(16000 x 16000 pixels, limit {limit} pixels\)$"
+    with pytest.raises(ValueError, match=expected):
         load_gray(square)
     img, why = decode_square(wide, 32)
     assert img is None and why == f"too large (16000 x 12000 pixels, limit {limit} pixels)"

@@ -90,7 +90,8 @@ def load_dataset(cfg: DataConfig, need_labels: bool = False,
     if need_labels and not labelled and any(r.label is not None for r in candidates):
         blank = [r.rel for r in candidates if r.label is None]
         raise DataError(f"--data {root}: {len(blank)} of {len(candidates)} manifest rows have no "
-                        f"label (first: {', '.join(blank[:3])}); fill in their `label` or remove them")
+                        f"label (first: {', '.join(blank[:3])}); fill in their `label` or remove "
+                        "them")
     if need_labels and not labelled:
         raise DataError(f"--data {root}: this command needs labels (class folders or a manifest "
                         "`label` column), but the images are unlabelled")
@@ -110,7 +111,8 @@ def load_dataset(cfg: DataConfig, need_labels: bool = False,
                    targets=targets, is_test=is_test, synthetic=synthetic, report=report)
 
 
-def scan_report(root: Path, candidates: list[Record], cache: Cache, found: Scan | None = None) -> dict:
+def scan_report(root: Path, candidates: list[Record], cache: Cache,
+                found: Scan | None = None) -> dict:
     """What the scan found. `skipped` lists files that could not be decoded, then what the scan
     left out (masks, hidden, unlisted...): one entry per file, or per folder with `files`."""
     counts = Counter(r.label or "(unlabelled)" for r in candidates)
