@@ -5,12 +5,19 @@ writes `<key>.npy` (N x S x S uint8) and `<key>.json` (which files failed and wh
 renames both into place; later runs with the same file list and storage size map the array
 and decode nothing. The key hashes each file's path, byte size and modification time, plus
 the storage size and this format's version, so an edited or added file makes a new cache.
+
+A build writes `<key>.npy.tmp<pid>@<host>` temporaries first. They are removed when the build
+fails or is interrupted (Ctrl-C included), and a build clears those left by a process that
+died harder (SIGKILL, power loss): same host, pid no longer running. Temporaries of other
+hosts sharing the folder are left alone, since their pids mean nothing here.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,21 +82,70 @@ def load_or_build(records: list[Record], size: int, cache_dir: str | os.PathLike
 def _build(records, size, npy: Path, meta: Path, workers: int, progress) -> None:
     # Unique temporary names: several processes (e.g. torchrun ranks) may build at once,
     # and whichever renames last wins with identical content.
-    tag = f".tmp{os.getpid()}"
+    clear_stale_temporaries(npy.parent)
+    tag = f".tmp{os.getpid()}@{socket.gethostname()}"
     tmp_npy, tmp_meta = npy.with_name(npy.name + tag), meta.with_name(meta.name + tag)
+    try:
+        reasons = _decode_all(records, size, tmp_npy, workers, progress)
+        tmp_meta.write_text(json.dumps({"version": FORMAT_VERSION, "size": size,
+                                        "paths": [r.path for r in records], "reasons": reasons}))
+        os.replace(tmp_npy, npy)
+        os.replace(tmp_meta, meta)
+    finally:  # after success both are renamed away; after any failure nothing half-made stays
+        tmp_npy.unlink(missing_ok=True)
+        tmp_meta.unlink(missing_ok=True)
+
+
+def _decode_all(records, size, tmp_npy: Path, workers: int, progress) -> list[str | None]:
     out = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.uint8,
                                     shape=(len(records), size, size))
     reasons: list[str | None] = [None] * len(records)
     # PIL releases the GIL while decoding and resizing, so threads scale across cores.
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         futures = [pool.submit(_decode_into, out, i, r.path, size) for i, r in enumerate(records)]
         for done, (i, fut) in enumerate(zip(range(len(records)), futures), 1):
             reasons[i] = fut.result()
             if progress is not None:
                 progress(done, len(records))
-    out.flush()
-    del out
-    tmp_meta.write_text(json.dumps({"version": FORMAT_VERSION, "size": size,
-                                    "paths": [r.path for r in records], "reasons": reasons}))
-    os.replace(tmp_npy, npy)
-    os.replace(tmp_meta, meta)
+        out.flush()
+    finally:
+        # On Ctrl-C, drop the queued decodes instead of finishing them all; wait for the
+        # running ones so no thread writes into the map after it is gone.
+        pool.shutdown(wait=True, cancel_futures=True)
+        del out
+    return reasons
+
+
+_TMP = re.compile(r"\.tmp(\d+)(?:@(.+))?$")
+
+
+def clear_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove build temporaries whose process is gone (same host, or no host in the name:
+    the older format); return what was removed."""
+    removed = []
+    host = socket.gethostname()
+    for f in folder.glob("*.tmp*"):
+        m = _TMP.search(f.name)
+        if not m or (m.group(2) or host) != host or _running(int(m.group(1))):
+            continue
+        try:
+            f.unlink()
+            removed.append(f)
+        except FileNotFoundError:  # another process cleared it first
+            pass
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return True  # unknown: keep the file rather than break a live build
+    return True

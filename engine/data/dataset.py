@@ -14,7 +14,7 @@ import numpy as np
 
 from ..io import save_json
 from .cache import Cache, load_or_build
-from .index import DataError, Record, find_records
+from .index import DataError, Record, Scan, scan
 from .split import split_test
 
 if TYPE_CHECKING:  # the config is read, never imported: data sits below config
@@ -73,11 +73,16 @@ def load_dataset(cfg: DataConfig, need_labels: bool = False,
             "(procedurally drawn radiograph-like images, not real X-rays)")
     else:
         path = cfg.path
-    root, candidates = find_records(path)
+    found = scan(path)
+    root, candidates = found.root, found.records
+    for note in found.notes:
+        log(f"data: {note}")
     cache = load_or_build(candidates, cfg.cache_size, cfg.cache_dir, cfg.scan_workers, progress)
-    report = scan_report(root, candidates, cache)
+    report = scan_report(root, candidates, cache, found)
     log(f"data: {report['usable']} usable images of {report['found']} found under {root}"
-        + (f"; {len(report['skipped'])} skipped (see data_report.json)" if report["skipped"] else ""))
+        + (f"; {report['unreadable']} skipped" if report["unreadable"] else "")
+        + (f"; {report['left_out']} image files left out" if report["left_out"] else "")
+        + (" (see data_report.json)" if report["skipped"] else ""))
     keep = np.flatnonzero(cache.ok)
     if len(keep) == 0:
         raise DataError(f"--data {root}: none of the {len(candidates)} files could be read; "
@@ -85,6 +90,11 @@ def load_dataset(cfg: DataConfig, need_labels: bool = False,
     records = [candidates[i] for i in keep]
     labels = [r.label for r in records]
     labelled = all(lab is not None for lab in labels)
+    if need_labels and not labelled and any(r.label is not None for r in candidates):
+        blank = [r.rel for r in candidates if r.label is None]
+        raise DataError(f"--data {root}: {len(blank)} of {len(candidates)} manifest rows have no "
+                        f"label (first: {', '.join(blank[:3])}); fill in their `label` or remove "
+                        "them")
     if need_labels and not labelled:
         raise DataError(f"--data {root}: this command needs labels (class folders or a manifest "
                         "`label` column), but the images are unlabelled")
@@ -104,13 +114,19 @@ def load_dataset(cfg: DataConfig, need_labels: bool = False,
                    targets=targets, is_test=is_test, synthetic=synthetic, report=report)
 
 
-def scan_report(root: Path, candidates: list[Record], cache: Cache) -> dict:
-    found = Counter(r.label or "(unlabelled)" for r in candidates)
+def scan_report(root: Path, candidates: list[Record], cache: Cache,
+                found: Scan | None = None) -> dict:
+    """What the scan found. `skipped` lists files that could not be decoded, then what the scan
+    left out (masks, hidden, unlisted...): one entry per file, or per folder with `files`."""
+    counts = Counter(r.label or "(unlabelled)" for r in candidates)
     usable = Counter(r.label or "(unlabelled)" for r, ok in zip(candidates, cache.ok) if ok)
-    skipped = [{"path": r.rel, "reason": why}
-               for r, why in zip(candidates, cache.reasons) if why is not None]
+    unreadable = [{"path": r.rel, "reason": why}
+                  for r, why in zip(candidates, cache.reasons) if why is not None]
+    left_out = found.left_out if found is not None else []
     return {"root": str(root), "found": len(candidates), "usable": int(cache.ok.sum()),
-            "classes_found": dict(found), "classes": dict(usable), "skipped": skipped,
+            "classes_found": dict(counts), "classes": dict(usable),
+            "skipped": unreadable + left_out, "unreadable": len(unreadable),
+            "left_out": sum(e.get("files", 1) for e in left_out),
             "cache": str(cache.path)}
 
 

@@ -2,18 +2,33 @@
 
 Three inputs are accepted, checked in this order:
   * a `manifest.csv` file, or a folder holding one: columns `path,label[,group][,split]`,
-    paths relative to the manifest's folder;
-  * a folder with one sub-folder per class (names may contain spaces). The COVID-19
-    Radiography Database nests `<Class>/images/*.png` beside `<Class>/masks/`: when a class
-    folder has an `images/` folder only that is read, and `masks/` folders are never read;
+    paths relative to the manifest's folder. Header names are matched ignoring case and
+    surrounding spaces (`Label` is `label`). A column that looks like a misspelt or renamed
+    accepted one (`lable`, `class`, `filename`, ...) while that column is missing is a
+    DataError with a "did you mean"; other extra columns (`source`, `age`) are kept out of
+    the data and named in the scan's notes;
+  * a folder with one sub-folder per class (names may contain spaces). Every image below a
+    class folder belongs to that class, at any depth: the COVID-19 Radiography Database's
+    `<Class>/images/*.png` is read, and so are images beside that `images/` folder;
   * a folder of images without class folders: unlabelled (enough for pretraining).
+
+Every image file under the data root is either a candidate Record or "left out" with a
+reason, so nothing disappears silently. Folders are left out whole, as ONE entry with the
+number of image files inside (one entry per file would bury the report under the 21,165
+masks of the COVID-19 Radiography Database):
+  * `masks/` folders (any case): "segmentation mask folder";
+  * hidden folders (`.name`) and links to folders, which are not followed;
+  * with a manifest, images it does not list: one entry per folder, "not listed in the manifest".
+Single files are left out one entry each: hidden image files, and images lying directly in a
+root that has class folders ("outside any class folder").
 Nothing the user owns is modified: files are only opened for reading.
 """
 from __future__ import annotations
 
 import csv
+import difflib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,62 +51,196 @@ class DataError(SystemExit):
     """A problem with the user's data, reported as a message rather than a traceback."""
 
 
+@dataclass
+class Scan:
+    root: Path
+    records: list[Record]  # candidate images, in a stable order
+    left_out: list[dict] = field(default_factory=list)  # {"path", "reason"[, "files"]} not read
+    notes: list[str] = field(default_factory=list)  # one-line remarks for the log
+
+
 def find_records(path: str | os.PathLike) -> tuple[Path, list[Record]]:
     """Return the data root and every candidate image under `path`, in a stable order."""
+    s = scan(path)
+    return s.root, s.records
+
+
+def scan(path: str | os.PathLike) -> Scan:
+    """Candidate images under `path`, and every other image file there with why it is not used."""
     p = Path(path).expanduser()
     if not p.exists():
         raise DataError(f"--data {p}: no such file or folder")
     if p.is_file():
         if p.suffix.lower() != ".csv":
             raise DataError(f"--data {p}: expected a folder or a manifest .csv file")
-        return p.parent.resolve(), read_manifest(p)
+        return _scan_manifest(p)
     if (p / "manifest.csv").is_file():
-        return p.resolve(), read_manifest(p / "manifest.csv")
+        return _scan_manifest(p / "manifest.csv")
     root = p.resolve()
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not _hidden(d))
-    labelled = [(d, _images_under(d)) for d in class_dirs]
+    out = Scan(root, [])
+    class_dirs = []
+    for d in sorted(root.iterdir()):
+        if d.is_dir() and _hidden(d):
+            _leave_out_folder(d, root, "hidden folder", out.left_out)
+        elif d.is_dir():
+            class_dirs.append(d)
+    labelled = [(d, _images_under(d, root, out.left_out)) for d in class_dirs]
     labelled = [(d, files) for d, files in labelled if files]
     if labelled:
-        return root, [Record(str(f), str(f.relative_to(root)), d.name, str(f.relative_to(root)))
-                      for d, files in labelled for f in files]
-    files = _images_under(root)
+        for f in _image_files(root):
+            out.left_out.append({"path": f.name, "reason": "outside any class folder"})
+        out.records = [Record(str(f), _rel(f, root), d.name, _rel(f, root))
+                       for d, files in labelled for f in files]
+        return out
+    out.left_out = []  # no class folders: the walk below meets the same folders again
+    files = _images_under(root, root, out.left_out)
     if not files:
-        raise DataError(f"--data {root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
-    return root, [Record(str(f), str(f.relative_to(root)), None, str(f.relative_to(root)))
-                  for f in files]
+        raise DataError(f"--data {root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found"
+                        + (f"; left out: {out.left_out[:3]}" if out.left_out else ""))
+    out.records = [Record(str(f), _rel(f, root), None, _rel(f, root)) for f in files]
+    return out
+
+
+def _rel(f: Path, root: Path) -> str:
+    return f.relative_to(root).as_posix()
+
+
+ACCEPTED_COLUMNS = ("path", "label", "group", "split")
+# Names people give these columns; a misspelling is caught by difflib instead.
+_SYNONYMS = {
+    "path": ("file", "filename", "file_name", "filepath", "file_path", "image", "image_path",
+             "img", "image_id"),
+    "label": ("class", "classes", "class_name", "target", "diagnosis", "category", "finding",
+              "findings"),
+    "group": ("patient", "patient_id", "patientid", "subject", "subject_id"),
+    "split": ("set", "subset"),
+}
 
 
 def read_manifest(manifest: Path) -> list[Record]:
+    return _scan_manifest(manifest).records
+
+
+def _scan_manifest(manifest: Path) -> Scan:
     root = manifest.parent.resolve()
-    with open(manifest, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows or "path" not in rows[0]:
-        raise DataError(f"{manifest}: a manifest needs a header with at least a `path` column")
+    # utf-8-sig: spreadsheets save a byte-order mark that would otherwise hide `path`.
+    with open(manifest, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, [])
+        rows = [r for r in reader if any(c.strip() for c in r)]
+    columns, extra = _manifest_columns(manifest, header)
+
+    def get(row: list[str], name: str) -> str:
+        i = columns.get(name)
+        return row[i].strip() if i is not None and i < len(row) else ""
+
     records = []
     for row in rows:
-        rel = row["path"].strip()
-        label = (row.get("label") or "").strip() or None
-        split = (row.get("split") or "").strip().lower() or None
+        rel = get(row, "path")
+        split = get(row, "split").lower() or None
         if split not in (None, "train", "test"):
             raise DataError(f"{manifest}: split must be train or test, found {split!r} for {rel}")
-        group = (row.get("group") or "").strip() or rel
-        records.append(Record(str(root / rel), rel, label, group, split))
-    return records
+        records.append(Record(str(root / rel), rel, get(row, "label") or None,
+                              get(row, "group") or rel, split))
+    out = Scan(root, records)
+    if extra:
+        out.notes.append(f"{manifest.name}: columns not used: {', '.join(extra)}")
+    _leave_out_unlisted(out)
+    return out
+
+
+def _manifest_columns(manifest: Path, header: list[str]) -> tuple[dict[str, int], list[str]]:
+    """Accepted column -> index (names matched ignoring case), and the extra column names."""
+    accepted_txt = f"accepted columns: {', '.join(ACCEPTED_COLUMNS)} (case does not matter)"
+    columns: dict[str, int] = {}
+    extra = []
+    for i, name in enumerate(header):
+        key = name.strip().lower()
+        if key in ACCEPTED_COLUMNS:
+            if key in columns:
+                raise DataError(f"{manifest}: column {key!r} appears twice in the header; keep one")
+            columns[key] = i
+        elif key:
+            extra.append(name.strip())
+    # An extra column that resembles a MISSING accepted one is a mistake (`lable` makes the
+    # data silently unlabelled); others (`source`, `age`) are metadata and merely noted.
+    missing = [c for c in ACCEPTED_COLUMNS if c not in columns]
+    for name in extra:
+        guess = _did_you_mean(name.lower(), missing)
+        if guess:
+            raise DataError(f"{manifest}: unknown column {name!r} (did you mean {guess!r}?); "
+                            f"{accepted_txt}; rename it (or remove it if it means something else)")
+    if "path" not in columns:
+        raise DataError(f"{manifest}: a manifest needs a header with a `path` column, "
+                        f"found {header}; {accepted_txt}")
+    return columns, extra
+
+
+def _did_you_mean(name: str, candidates: list[str]) -> str | None:
+    for col in candidates:
+        if name in _SYNONYMS[col]:
+            return col
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.7)
+    return close[0] if close else None
+
+
+def _leave_out_unlisted(out: Scan) -> None:
+    """Images under the manifest's folder that it does not list: one entry per folder."""
+    listed = {os.path.normpath(r.path) for r in out.records}
+    per_folder: dict[str, int] = {}
+    for dirpath, dirnames, filenames in os.walk(out.root):
+        dirnames[:] = sorted(dirnames)
+        for f in filenames:
+            if _is_image_name(f) and os.path.normpath(os.path.join(dirpath, f)) not in listed:
+                folder = Path(dirpath).relative_to(out.root).as_posix()
+                per_folder[folder] = per_folder.get(folder, 0) + 1
+    out.left_out += [{"path": folder, "reason": "not listed in the manifest", "files": n}
+                     for folder, n in sorted(per_folder.items())]
 
 
 def _hidden(p: Path) -> bool:
     return p.name.startswith(".")
 
 
-def _images_under(folder: Path) -> list[Path]:
-    """Images below `folder`, sorted; `<Class>/images/` wins over its siblings; masks skipped."""
-    if (folder / "images").is_dir():
-        folder = folder / "images"
+def _is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files directly in `folder` (hidden ones included: they are left out too)."""
+    return sorted(f for f in folder.iterdir() if f.is_file() and _is_image_name(f.name))
+
+
+def _leave_out_folder(folder: Path, root: Path, reason: str, left_out: list[dict]) -> None:
+    n = sum(_is_image_name(f) for _, _, files in os.walk(folder) for f in files)
+    if n:  # a folder without images (.git, an empty masks/) is not data: no entry
+        left_out.append({"path": _rel(folder, root), "reason": reason, "files": n})
+
+
+def _images_under(folder: Path, root: Path, left_out: list[dict]) -> list[Path]:
+    """Images below `folder`, sorted; masks, hidden and linked folders and hidden files go to
+    `left_out` with their reason instead."""
     out = []
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d.lower() != "masks")
-        out += [Path(dirpath) / f for f in filenames
-                if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES]
+        here, keep = Path(dirpath), []
+        for d in sorted(dirnames):
+            sub = here / d
+            if d.startswith("."):
+                _leave_out_folder(sub, root, "hidden folder", left_out)
+            elif d.lower() == "masks":
+                _leave_out_folder(sub, root, "segmentation mask folder", left_out)
+            elif sub.is_symlink():
+                _leave_out_folder(sub, root, "link to a folder (not followed)", left_out)
+            else:
+                keep.append(d)
+        dirnames[:] = keep
+        for f in sorted(filenames):
+            if not _is_image_name(f):
+                continue
+            if f.startswith("."):
+                left_out.append({"path": _rel(here / f, root), "reason": "hidden file"})
+            else:
+                out.append(here / f)
     return sorted(out)
 
 
@@ -117,12 +266,44 @@ def load_gray(path: str | os.PathLike) -> np.ndarray:
                 gray = np.asarray(im.convert("L"), dtype=np.uint8)
     except UnidentifiedImageError:
         raise ValueError("not an image (unrecognised format)") from None
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(_too_large(path, e)) from None
+    except (OSError, SyntaxError) as e:
         raise ValueError(f"unreadable or truncated: {e}") from None
     h, w = gray.shape
     if min(h, w) < MIN_SIDE:
         raise ValueError(f"too small ({w}x{h} pixels, minimum {MIN_SIDE})")
     return gray
+
+
+def _too_large(path, err: Exception) -> str:
+    """PIL refuses images over its pixel limit (a decompression-bomb guard): say so plainly."""
+    limit = Image.MAX_IMAGE_PIXELS or 0
+    limit = 2 * limit if isinstance(err, Image.DecompressionBombError) else limit
+    size = _header_size(path)
+    shown = f"{size[0]} x {size[1]} pixels" if size else str(err)
+    return f"too large ({shown}, limit {limit} pixels)"
+
+
+def _header_size(path) -> tuple[int, int] | None:
+    """Width and height from the file header alone. Image.open will not tell (it raises the
+    bomb error first), so ask each format's reader directly, as Image.open itself does."""
+    Image.init()
+    try:
+        with open(path, "rb") as fp:
+            prefix = fp.read(16)
+            for fmt in Image.ID:
+                factory, accept = Image.OPEN[fmt]
+                if accept and accept(prefix) is not True:
+                    continue
+                try:
+                    fp.seek(0)
+                    return factory(fp, str(path)).size
+                except Exception:
+                    continue
+    except OSError:
+        pass
+    return None
 
 
 def resize_square(gray: np.ndarray, size: int) -> np.ndarray:

@@ -1,0 +1,271 @@
+"""Data-layer reliability: nothing under --data vanishes silently, odd inputs get one-line
+reasons, an interrupted cache build leaves nothing behind, and the user's files stay untouched.
+
+Oracles: a tree walked independently of the scanner (every image file must be used or listed),
+hand-written PNG headers, file hashes, and the cache folder's listing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sstl.engine.config import DataConfig
+from sstl.engine.data.cache import clear_stale_temporaries, load_or_build
+from sstl.engine.data.dataset import load_dataset, save_data_files
+from sstl.engine.data.index import IMAGE_SUFFIXES, DataError, decode_square, load_gray, scan
+
+from .conftest import CXR_SMALL, needs_shared
+
+RNG = np.random.default_rng(0)
+
+
+def _png(path: Path, side: int = 40) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(RNG.integers(0, 255, (side, side), dtype=np.uint8)).save(path)
+    return path
+
+
+def _huge_png(path: Path, width: int, height: int) -> Path:
+    """A valid 1-bit all-black PNG written by hand: 256 M pixels in ~140 kB, in ~0.05 s."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    row = bytes(1 + (width + 7) // 8)  # filter byte 0, then packed bits
+    z = zlib.compressobj(1)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, greyscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def _all_image_files(root: Path) -> list[str]:
+    """Every image file under root, links followed: the oracle the report is checked against."""
+    out = []
+    for dirpath, _, files in os.walk(root, followlinks=True):
+        out += [(Path(dirpath) / f).relative_to(root).as_posix() for f in files
+                if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(out)
+
+
+def _accounted(rel: str, used: set, skipped: list[dict]) -> bool:
+    return rel in used or any(
+        rel == e["path"] or ("files" in e and rel.startswith(e["path"] + "/")) for e in skipped)
+
+
+def _load(root, tmp_path, **kw):
+    logs = []
+    ds = load_dataset(DataConfig(path=str(root), cache_dir=str(tmp_path / "cache"), cache_size=32),
+                      log=logs.append, **kw)
+    return ds, logs
+
+
+# 1. Every image under --data is used or reported ------------------------------------------
+
+def test_images_beside_an_images_folder_are_used_and_the_rest_reported(tmp_path):
+    root = tmp_path / "data"
+    _png(root / "Normal" / "images" / "one.png")
+    for i in range(40):
+        _png(root / "Normal" / f"n{i:02d}.png")
+    for i in range(3):  # the COVID-19 Radiography Database layout
+        _png(root / "COVID" / "images" / f"c{i}.png")
+        _png(root / "COVID" / "masks" / f"c{i}.png")
+    _png(root / "stray.png")  # beside the class folders: no class
+    (root / "Normal" / "._n00.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS copy
+    _png(root / "Normal" / ".ipynb_checkpoints" / "n00.png")
+    _png(tmp_path / "elsewhere" / "e0.png"), _png(tmp_path / "elsewhere" / "e1.png")
+    (root / "COVID" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+
+    ds, logs = _load(root, tmp_path)
+    assert ds.report["classes"] == {"COVID": 3, "Normal": 41}
+    skipped = ds.report["skipped"]
+    used = {r.rel for r in ds.records}
+    missing = [f for f in _all_image_files(root) if not _accounted(f, used, skipped)]
+    assert not missing, f"neither used nor reported: {missing}"
+    by_path = {e["path"]: e for e in skipped}
+    assert by_path["COVID/masks"] == {"path": "COVID/masks", "reason": "segmentation mask folder",
+                                      "files": 3}
+    assert by_path["stray.png"]["reason"] == "outside any class folder"
+    assert by_path["Normal/._n00.png"]["reason"] == "hidden file"
+    assert by_path["Normal/.ipynb_checkpoints"]["files"] == 1
+    assert by_path["COVID/linked"]["files"] == 2 and "link" in by_path["COVID/linked"]["reason"]
+    # Counted: what the report says was left out is every file not found as a candidate.
+    assert ds.report["left_out"] == len(_all_image_files(root)) - ds.report["found"] == 8
+    assert "8 image files left out" in logs[-1]
+    # data_report.json keeps its old keys (and entries their path/reason).
+    (tmp_path / "run").mkdir()
+    save_data_files(ds, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert {"root", "found", "usable", "classes_found", "classes", "skipped", "cache"} <= set(saved)
+    assert all({"path", "reason"} <= set(e) for e in saved["skipped"])
+
+
+def test_radiography_layout_without_loose_files_reports_only_masks(tmp_path):
+    for cls in ("COVID", "Normal"):
+        for i in range(2):
+            _png(tmp_path / cls / "images" / f"{i}.png")
+            _png(tmp_path / cls / "masks" / f"{i}.png")
+    s = scan(tmp_path)
+    assert [r.rel for r in s.records] == [f"{c}/images/{i}.png" for c in ("COVID", "Normal")
+                                          for i in range(2)]
+    assert s.left_out == [{"path": f"{c}/masks", "reason": "segmentation mask folder", "files": 2}
+                          for c in ("COVID", "Normal")]
+
+
+def test_manifest_reports_images_it_does_not_list(tmp_path):
+    for i in range(4):
+        _png(tmp_path / "A" / f"{i}.png")
+    (tmp_path / "manifest.csv").write_text("path,label\nA/0.png,a\nA/1.png,a\n")
+    s = scan(tmp_path)
+    assert len(s.records) == 2
+    assert s.left_out == [{"path": "A", "reason": "not listed in the manifest", "files": 2}]
+
+
+@needs_shared
+def test_cxr_small_scans_clean():
+    s = scan(CXR_SMALL)
+    assert len(s.records) == 600 and s.left_out == []
+    assert s.notes == ["manifest.csv: columns not used: source"]
+
+
+# 2. Decompression bombs --------------------------------------------------------------------
+
+def test_huge_image_is_reported_as_too_large(tmp_path):
+    limit = 2 * Image.MAX_IMAGE_PIXELS
+    square = _huge_png(tmp_path / "square.png", 16000, 16000)
+    wide = _huge_png(tmp_path / "wide.png", 16000, 12000)  # W != H: the order is checked
+    expected = rf"^too large \(16000 x 16000 pixels, limit {limit} pixels\)$"
+    with pytest.raises(ValueError, match=expected):
+        load_gray(square)
+    img, why = decode_square(wide, 32)
+    assert img is None and why == f"too large (16000 x 12000 pixels, limit {limit} pixels)"
+
+
+# 3. Partly labelled manifests --------------------------------------------------------------
+
+def test_manifest_with_some_empty_labels(tmp_path):
+    rows = ["path,label"]
+    for i in range(6):
+        _png(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{'' if i in (1, 4) else 'Normal' if i % 2 else 'COVID'}")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError) as e:
+        _load(tmp_path, tmp_path, need_labels=True)
+    msg = str(e.value)
+    assert "2 of 6 manifest rows have no label (first: 1.png, 4.png)" in msg and "\n" not in msg
+    ds, _ = _load(tmp_path, tmp_path)  # pretraining needs no labels: still fine
+    assert len(ds.records) == 6 and ds.class_names == []
+
+
+# 4. Manifest headers -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("column", ["lable", "labels", "class", "Diagnosis"])
+def test_misspelt_label_column_is_an_error(tmp_path, column):
+    _png(tmp_path / "a.png")
+    (tmp_path / "manifest.csv").write_text(f"path,{column}\na.png,COVID\n")
+    with pytest.raises(DataError) as e:
+        scan(tmp_path)
+    msg = str(e.value)
+    assert f"unknown column {column!r} (did you mean 'label'?)" in msg
+    assert "path, label, group, split" in msg and "\n" not in msg
+
+
+def test_header_case_bom_and_extra_columns(tmp_path):
+    _png(tmp_path / "a.png"), _png(tmp_path / "b.png")
+    (tmp_path / "manifest.csv").write_text(
+        "\ufeffPath, Label ,GROUP,Split,age\na.png,COVID,p1,test,71\nb.png,Normal,p2,train,40\n",
+        encoding="utf-8")
+    s = scan(tmp_path)
+    assert [(r.rel, r.label, r.group, r.split) for r in s.records] == [
+        ("a.png", "COVID", "p1", "test"), ("b.png", "Normal", "p2", "train")]
+    assert s.notes == ["manifest.csv: columns not used: age"]
+    (tmp_path / "manifest.csv").write_text("filename,label\na.png,COVID\n")
+    with pytest.raises(DataError, match=r"'filename' \(did you mean 'path'\?\)"):
+        scan(tmp_path)
+    (tmp_path / "manifest.csv").write_text("path,label,Label\na.png,COVID,COVID\n")
+    with pytest.raises(DataError, match="'label' appears twice"):
+        scan(tmp_path)
+
+
+# 5. Cache temporaries ----------------------------------------------------------------------
+
+def _records(tmp_path, n=24):
+    for i in range(n):
+        _png(tmp_path / "u" / f"{i:02d}.png")
+    return scan(tmp_path / "u").records
+
+
+def test_interrupted_cache_build_leaves_no_temporaries(tmp_path):
+    records, cache_dir = _records(tmp_path), tmp_path / "cache"
+    calls = []
+
+    def ctrl_c(done, total):
+        calls.append(done)
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        load_or_build(records, 32, cache_dir, workers=2, progress=ctrl_c)
+    assert calls == [1, 2, 3]
+    assert sorted(p.name for p in cache_dir.iterdir()) == []
+    cache = load_or_build(records, 32, cache_dir, workers=2)  # and the next run builds cleanly
+    assert cache.ok.all() and sorted(p.suffix for p in cache_dir.iterdir()) == [".json", ".npy"]
+
+
+def test_stale_temporaries_of_dead_processes_are_cleared(tmp_path):
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid now names no process (reuse within the test is vanishingly rare)
+    host = socket.gethostname()
+    stale = [f"k1.npy.tmp{dead.pid}", f"k1.json.tmp{dead.pid}@{host}"]
+    kept = [f"k2.npy.tmp{os.getppid()}@{host}",  # a live process: maybe building right now
+            f"k3.npy.tmp{dead.pid}@another-host",  # a shared folder: pids of elsewhere
+            "notes.tmpfile"]
+    for name in stale + kept:
+        (cache_dir / name).write_bytes(b"x")
+    load_or_build(_records(tmp_path, 2), 32, cache_dir)
+    assert all((cache_dir / k).exists() for k in kept)
+    assert not any((cache_dir / s).exists() for s in stale)
+    assert clear_stale_temporaries(cache_dir) == []
+
+
+# 6. The user's files are never modified ----------------------------------------------------
+
+def _fingerprint(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(),
+                                            p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_scanning_never_modifies_the_data(tmp_path):
+    root = tmp_path / "data"
+    for i in range(4):
+        _png(root / "A" / f"{i}.png"), _png(root / "B" / "images" / f"{i}.png")
+        _png(root / "B" / "masks" / f"{i}.png")
+    good = (root / "A" / "0.png").read_bytes()
+    (root / "A" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "A" / "empty.png").write_bytes(b"")
+    (root / "B" / "text.jpg").write_text("not an image\n")
+    _huge_png(root / "B" / "huge.png", 16000, 16000)
+    _png(root / "B" / "icon.png", side=8)
+    before = _fingerprint(root)
+    first, _ = _load(root, tmp_path)
+    again, _ = _load(root, tmp_path)  # from the cache
+    assert _fingerprint(root) == before
+    reasons = {e["path"]: e["reason"] for e in first.report["skipped"]}
+    assert reasons["B/huge.png"].startswith("too large (16000 x 16000 pixels")
+    assert {"A/truncated.png", "A/empty.png", "B/text.jpg", "B/icon.png", "B/masks"} <= set(reasons)
+    assert first.report == again.report
