@@ -1,4 +1,6 @@
-"""The method: loss, target network, EMA and momentum BN. Oracles: float64 hand computations."""
+"""Cross, the paper's method: loss, target network, EMA and momentum BN.
+
+Oracles: float64 hand computations."""
 from __future__ import annotations
 
 import copy
@@ -7,10 +9,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sstl.engine.config import PretrainConfig, resolve
-from sstl.engine.methods import Cross, MomentumBatchNorm
+from sstl import kernels
+from sstl.engine.config import check, resolve
+from sstl.engine.loop import train_step
+from sstl.engine.methods import Cross, CrossConfig
+from sstl.engine.methods.base import spread
+from sstl.engine.methods.cross import MomentumBatchNorm
 from sstl.engine.models import backbone
-from sstl.engine.pretrain import build_step, ssl_step
+from sstl.engine.pretrain import build_trainer
+
+from .configs import pretrain_cfg
 
 
 def _cos(a, b):
@@ -23,7 +31,7 @@ def test_loss_matches_hand_computation_float64():
     p1.requires_grad_(True)
     p2.requires_grad_(True)
     want = ((2 - 2 * _cos(p1, p2)) + (2 - 2 * _cos(p2, y2))).mean()
-    got = Cross.loss(p1, p2, y2)
+    got = kernels.cross_loss(p1, p2, y2)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     g_got = torch.autograd.grad(got, (p1, p2))
     g_want = torch.autograd.grad(want, (p1, p2))
@@ -31,35 +39,39 @@ def test_loss_matches_hand_computation_float64():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def _small_method(target_bn="momentum"):
+def _small_method(target_bn="momentum", tau=0.996):
     torch.manual_seed(0)
-    return Cross(backbone("resnet18"), 512, 32, 16, 64, target_bn=target_bn)
+    return Cross(backbone("resnet18"), 512, CrossConfig(proj_hidden=32, proj_dim=16, pred_hidden=64,
+                                                        target_bn=target_bn, tau=tau))
+
+
+def _online(m):
+    return nn.Sequential(m.backbone, m.projector)
 
 
 def test_target_starts_equal_and_frozen():
     m = _small_method()
-    for (n_o, p_o), (n_t, p_t) in zip(m.online.named_parameters(), m.target.named_parameters()):
+    for (n_o, p_o), (n_t, p_t) in zip(_online(m).named_parameters(), m.target.named_parameters()):
         assert n_o == n_t and torch.equal(p_o, p_t)
         assert not p_t.requires_grad and p_o.requires_grad
-    for b_o, b_t in zip(m.online.buffers(), m.target.buffers()):
+    for b_o, b_t in zip(_online(m).buffers(), m.target.buffers()):
         assert torch.equal(b_o, b_t)
 
 
 @pytest.mark.parametrize("target_bn", ["momentum", "batch"])
 def test_one_step_applies_sgd_then_ema(target_bn):
-    cfg = PretrainConfig(arch="resnet18", init="random", device="cpu", compile=False,
-                         target_bn=target_bn, tau=0.9)
-    m = _small_method(target_bn)
-    st = build_step(cfg, resolve(cfg), m)
-    online_t, target_t = m.ema_tensors()
-    target_before = [t.detach().clone() for t in target_t]
+    cfg = check(pretrain_cfg(settings={"target_bn": target_bn, "tau": 0.9}))
+    m = _small_method(target_bn, tau=0.9)
+    t = build_trainer(cfg, resolve(cfg.runtime, cfg.batch_size), m, total_steps=10)
+    online_t, target_t = m.ema_pairs()
+    target_before = [x.detach().clone() for x in target_t]
     v1, v2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
-    ssl_step(st, v1, v2)
+    train_step(t, (v1, v2), 0)
     # The optimizer changed the online weights, and the EMA used the *updated* ones.
     for t_new, t_old, o in zip(target_t, target_before, online_t):
         torch.testing.assert_close(t_new, 0.9 * t_old + 0.1 * o.detach(), rtol=1e-6, atol=1e-7)
-    assert st.online.flat.data_ptr() == online_t[0].data_ptr()
-    assert st.target.flat.data_ptr() == target_t[0].data_ptr()
+    assert t.ema.online.flat.data_ptr() == online_t[0].data_ptr()
+    assert t.ema.target.flat.data_ptr() == target_t[0].data_ptr()
 
 
 def test_momentum_bn_against_reference():
@@ -89,14 +101,12 @@ def test_target_uses_momentum_bn_and_online_plain_bn():
     m = _small_method("momentum")
     kinds = {type(mod) for mod in m.target.modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)}
     assert kinds == {MomentumBatchNorm}
-    assert not any(isinstance(mod, MomentumBatchNorm) for mod in m.online.modules())
+    assert not any(isinstance(mod, MomentumBatchNorm) for mod in _online(m).modules())
     sd = copy.deepcopy(m.state_dict())
     m.load_state_dict(sd)  # state dict keys survive the swap
 
 
 def test_spread_reads_collapse():
-    from sstl.engine.pretrain import spread
-
     g = torch.Generator().manual_seed(2)
     healthy = torch.randn(4096, 128, generator=g)
     assert abs(spread(healthy).item() - 1) < 0.05  # isotropic: std of a unit coordinate ~ 1/sqrt(D)
