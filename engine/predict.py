@@ -17,7 +17,7 @@ from rich.table import Table
 
 from .config import DataConfig, EvaluateConfig, PredictConfig, resolve, save_json
 from .data.dataset import load_dataset
-from .data.index import IMAGE_SUFFIXES, DataError, decode_square
+from .data.index import DataError, decode_square, is_image_file
 from .data.loader import LabelledSource
 from .data.views import eval_view
 from .finetune import class_probs, draw_figures
@@ -43,7 +43,7 @@ def image_files(inputs) -> list[tuple[str, str | None]]:
 
 def _wanted(f: Path, root: Path) -> bool:
     parts = f.relative_to(root).parts
-    return (f.suffix.lower() in IMAGE_SUFFIXES and not any(s.startswith(".") for s in parts)
+    return (is_image_file(f) and not any(s.startswith(".") for s in parts)
             and "masks" not in (s.lower() for s in parts[:-1]))
 
 

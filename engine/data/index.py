@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+from .dicom import is_dicom, load_dicom_gray
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm"}
 MIN_SIDE = 32  # smaller files are thumbnails or icons, not radiographs
 
 
@@ -91,8 +93,14 @@ def _images_under(folder: Path) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d.lower() != "masks")
         out += [Path(dirpath) / f for f in filenames
-                if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES]
+                if not f.startswith(".") and is_image_file(Path(dirpath) / f)]
     return sorted(out)
+
+
+def is_image_file(path: Path) -> bool:
+    """A supported suffix, or no suffix and a DICOM preamble (PACS exports are often unnamed)."""
+    suffix = path.suffix.lower()
+    return suffix in IMAGE_SUFFIXES or (suffix == "" and is_dicom(path))
 
 
 def load_gray(path: str | os.PathLike) -> np.ndarray:
@@ -104,6 +112,8 @@ def load_gray(path: str | os.PathLike) -> np.ndarray:
     """
     if os.path.getsize(path) == 0:
         raise ValueError("empty file (0 bytes)")
+    if str(path).lower().endswith(".dcm") or is_dicom(path):
+        return _min_side(load_dicom_gray(path))
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
@@ -119,6 +129,10 @@ def load_gray(path: str | os.PathLike) -> np.ndarray:
         raise ValueError("not an image (unrecognised format)") from None
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"unreadable or truncated: {e}") from None
+    return _min_side(gray)
+
+
+def _min_side(gray: np.ndarray) -> np.ndarray:
     h, w = gray.shape
     if min(h, w) < MIN_SIDE:
         raise ValueError(f"too small ({w}x{h} pixels, minimum {MIN_SIDE})")
