@@ -20,7 +20,8 @@ from .data.dataset import load_dataset
 from .data.index import DataError, decode_square, is_image_file
 from .data.loader import LabelledSource
 from .data.views import eval_view
-from .finetune import class_probs, draw_figures
+from .evaluation import draw_figures
+from .finetune import class_probs
 from .metrics import METRICS, NAMES, classification_metrics
 from .models import load_classifier
 from .runs import Reporter
