@@ -155,13 +155,16 @@ def predict(
     out_csv: Path = typer.Option(Path("predictions.csv"), help="Where the per-image CSV goes"),
     batch_size: int = typer.Option(64, help="Images per forward pass"),
     device: str = DEVICE,
+    cam: Optional[Path] = typer.Option(None, "--cam", help="Also write a Grad-CAM overlay of the "
+                                       "predicted class per image into this folder"),
 ):
     """Class probabilities for each image; unreadable files get an error row, the rest go on."""
     from sstl.engine.config import PredictConfig
     from sstl.engine.predict import predict as run
 
     run(PredictConfig(model=str(model), inputs=tuple(str(p) for p in inputs),
-                      out_csv=str(out_csv), batch_size=batch_size, device=device))
+                      out_csv=str(out_csv), batch_size=batch_size, device=device,
+                      cam=str(cam) if cam else None))
 
 
 @app.command()

@@ -61,12 +61,31 @@ def predict(cfg: PredictConfig) -> list[dict]:
         if good:
             x = torch.from_numpy(np.stack(good)).to(res.device)
             x = eval_view(x, meta["image_size"], getattr(torch, res.dtype), res.channels_last)
-            probs = iter(class_probs(model, [x], autocast).cpu().numpy())
+            probs = class_probs(model, [x], autocast).cpu().numpy()
+            if cfg.cam:
+                cam_overlays(model, meta, chunk, b, probs.argmax(1), cfg.cam, res.device)
+            probs = iter(probs)
         for path, img, err in chunk:
             rows.append(_row(path, names, None if img is None else next(probs), err))
     write_predictions(rows, names, Path(cfg.out_csv))
     Console().print(predictions_table(rows, names, cfg.out_csv))
+    if cfg.cam:
+        Console().print(f"Grad-CAM overlays of the predicted class in {cfg.cam}")
     return rows
+
+
+def cam_overlays(model, meta: dict, chunk, start: int, predicted, out_dir, device) -> None:
+    """Grad-CAM of the predicted class for the decoded images of one chunk.
+
+    Files are <input number>-<file stem>-<class>.png: numbered, since stems repeat across folders.
+    """
+    from .explain import gradcam_overlays
+
+    good = [(start + i, path, img) for i, (path, img, _) in enumerate(chunk) if img is not None]
+    names = [f"{i:05d}-{Path(path).stem}-{meta['class_names'][k]}".replace(" ", "_")
+             for (i, path, _), k in zip(good, predicted)]
+    gradcam_overlays(model, np.stack([img for _, _, img in good]), meta["image_size"],
+                     [int(k) for k in predicted], out_dir, names, device)
 
 
 def _row(path: str, names: list[str], p: np.ndarray | None, error: str | None) -> dict:
