@@ -197,5 +197,9 @@ from sstl.cli.bench import bench  # noqa: E402
 
 app.command()(bench)
 
+from sstl.cli.export import export  # noqa: E402
+
+app.command()(export)
+
 if __name__ == "__main__":
     app()
