@@ -170,7 +170,8 @@ def predict(
 @app.command()
 def evaluate(
     model: Path = MODEL,
-    data: Optional[Path] = DATA,
+    data: Optional[Path] = typer.Option(None, "--data", help="Labelled folder (one sub-folder per "
+                                        "class) or manifest.csv; required"),
     split: str = typer.Option("all", help="all: every image of --data | test: its held-out split"),
     out: Optional[Path] = typer.Option(None, help="Also write metrics.json, predictions.csv and "
                                        "the figures into this folder"),
@@ -183,6 +184,9 @@ def evaluate(
     workers: int = WORKERS,
 ):
     """The paper's metrics of a fine-tuned model on a labelled folder or manifest."""
+    if data is None:  # the synthetic demo set would give numbers that say nothing about X-rays
+        raise SystemExit("sstl evaluate needs --data: a labelled folder (one sub-folder per "
+                         "class) or a manifest.csv to evaluate the model on")
     from sstl.engine.config import EvaluateConfig
     from sstl.engine.predict import evaluate as run
 

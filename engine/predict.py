@@ -71,6 +71,9 @@ def predict(cfg: PredictConfig) -> list[dict]:
     Console().print(predictions_table(rows, names, cfg.out_csv))
     if cfg.cam:
         Console().print(f"Grad-CAM overlays of the predicted class in {cfg.cam}")
+    if rows and all(r["error"] for r in rows):  # scripts must see that nothing was predicted
+        raise SystemExit(f"no input could be read ({len(rows)} tried; first: {rows[0]['path']}: "
+                         f"{rows[0]['error']}); the reasons are in {cfg.out_csv}")
     return rows
 
 
