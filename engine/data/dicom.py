@@ -18,6 +18,15 @@ import numpy as np
 PREAMBLE = 128  # bytes before the "DICM" magic in a Part 10 file
 
 
+def _luts():
+    """pydicom's modality and VOI transforms: pydicom.pixels from 3.0, its old home in 2.x."""
+    try:
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+    return apply_modality_lut, apply_voi_lut
+
+
 def is_dicom(path: str | os.PathLike) -> bool:
     """A Part 10 file: "DICM" at byte 128 (whatever its name, as PACS exports often have none)."""
     try:
@@ -40,11 +49,13 @@ def load_dicom_gray(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"not a readable DICOM file ({e})") from None
     if "PixelData" not in ds:
         raise ValueError("DICOM without pixel data (a report or other non-image object)")
-    _check_decoder(ds)
+    uid = _transfer_syntax(ds)
+    _check_decoder(uid)
     try:
         arr = ds.pixel_array
-    except Exception as e:  # a truncated or malformed pixel stream
-        raise ValueError(f"DICOM pixel data cannot be decoded: {type(e).__name__}: {e}") from None
+    except Exception as e:  # a truncated or malformed pixel stream (or, in pydicom 2, no decoder)
+        raise ValueError(f"DICOM pixel data ({uid.name}) cannot be decoded: "
+                         f"{type(e).__name__}: {e}") from None
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         arr = arr[0]  # a radiograph series: its first frame
     if int(ds.get("SamplesPerPixel", 1)) == 3:  # secondary captures: pydicom gives RGB
@@ -52,14 +63,20 @@ def load_dicom_gray(path: str | os.PathLike) -> np.ndarray:
     return to_uint8(arr, ds)
 
 
-def _check_decoder(ds) -> None:
-    """ValueError naming the transfer syntax and the packages that decode it, if none is here."""
-    from pydicom.pixels import get_decoder
+def _transfer_syntax(ds):
     from pydicom.uid import UID
 
     meta = getattr(ds, "file_meta", None)
-    uid = UID(meta.get("TransferSyntaxUID", "1.2.840.10008.1.2.1") if meta else "1.2.840.10008.1.2.1")
+    return UID((meta.get("TransferSyntaxUID") if meta else None) or "1.2.840.10008.1.2.1")
+
+
+def _check_decoder(uid) -> None:
+    """ValueError naming the transfer syntax and the packages that decode it, if none is here."""
     if not uid.is_compressed:
+        return
+    try:
+        from pydicom.pixels import get_decoder
+    except ImportError:  # pydicom 2.x: pixel_array's own error names the missing handler
         return
     try:
         decoder = get_decoder(uid)
@@ -74,8 +91,7 @@ def _check_decoder(ds) -> None:
 
 def to_uint8(arr: np.ndarray, ds) -> np.ndarray:
     """Stored grey values -> display uint8: modality LUT, VOI (or min-max), MONOCHROME1 flip."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
+    apply_modality_lut, apply_voi_lut = _luts()
     v = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
     if "VOILUTSequence" in ds:
         lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float64)
