@@ -37,3 +37,15 @@ def test_evaluate_without_data_refuses(tmp_path):
     r = CliRunner().invoke(app, ["evaluate", "--model", str(tmp_path / "run"), "--device", "cpu"])
     assert r.exit_code != 0 and "needs --data" in r.output
     assert "SYNTHETIC" not in r.output and "Traceback" not in r.output
+
+
+def test_evaluate_with_data_writes_metrics_and_figures(tmp_path):
+    make_run(tmp_path / "run")
+    for k, cls in enumerate(("COVID", "Normal")):
+        write_pngs(tmp_path / "data" / cls, n=3, seed=k)
+    r = CliRunner().invoke(app, ["evaluate", "--model", str(tmp_path / "run"), "--data",
+                                 str(tmp_path / "data"), "--out", str(tmp_path / "ev"),
+                                 "--device", "cpu", "--cache-size", "48", "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    for name in ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png"):
+        assert (tmp_path / "ev" / name).stat().st_size > 0, name

@@ -135,3 +135,23 @@ def test_not_a_dicom_and_no_pixels_are_reasons(tmp_path):
     ds.save_as(str(f))
     img, err = decode_square(f, 32)
     assert img is None and "pixel data" in err
+
+
+def test_the_scan_reports_an_undecodable_dicom_and_keeps_the_rest(tmp_path):
+    from pydicom.pixels import get_decoder
+
+    from sstl.engine.config import DataConfig
+    from sstl.engine.data.dataset import load_dataset
+
+    if get_decoder(JPEGLSLossless).is_available:
+        pytest.skip("a JPEG-LS decoder is installed here")
+    for k, cls in enumerate(("COVID", "Normal")):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            write_dcm(tmp_path / cls / f"{i}.dcm", pixels(12, seed=10 * k + i), bits=12)
+    write_dcm(tmp_path / "COVID" / "ls.dcm", pixels(8), syntax=JPEGLSLossless)
+    ds = load_dataset(DataConfig(path=str(tmp_path), cache_size=32, scan_workers=1),
+                      need_labels=True, log=lambda s: None)
+    assert len(ds.records) == 6 and ds.report["usable"] == 6 and ds.report["found"] == 7
+    (skipped,) = ds.report["skipped"]
+    assert skipped["path"] == "COVID/ls.dcm" and "JPEG-LS" in skipped["reason"]
