@@ -98,7 +98,8 @@ def roc_figure(y_true, probs, class_names: list[str], positive: str, what: str):
                     label=f"{class_names[k]} vs rest, AUC {curve[2]:.3f}")
     curve = _one_vs_rest(y_true == pos, probs[:, pos])
     if curve:
-        ax.plot(curve[0], curve[1], lw=2.5, color="C0", label=f"{positive} vs rest, AUC {curve[2]:.4f}")
+        ax.plot(curve[0], curve[1], lw=2.5, color="C0",
+                label=f"{positive} vs rest, AUC {curve[2]:.4f}")
     else:
         ax.plot([], [], color="C0", label=f"{positive} vs rest: AUC undefined (one side only)")
     fpr, tpr = operating_point(y_true, probs, pos)

@@ -82,7 +82,8 @@ def export_onnx(model_path, out=None, images=(), tolerance: float = TOLERANCE) -
     """
     ort = require_onnx()
     model, meta = load_classifier(model_path, "cpu")
-    out = Path(out) if out else weights_file(model_path, "model.safetensors").with_name("model.onnx")
+    weights = weights_file(model_path, "model.safetensors")
+    out = Path(out) if out else weights.with_name("model.onnx")
     out.parent.mkdir(parents=True, exist_ok=True)
     s = int(meta["image_size"])
     wrapped = WithProbs(model).eval()
@@ -126,7 +127,8 @@ def check_images(model_path, meta: dict, images=()) -> tuple[np.ndarray, str]:
         paths, source = _training_images(model_path), "the run's training data"
     decoded = [img for img in (decode_square(p, size)[0] for p in paths) if img is not None]
     if images and not decoded:
-        raise SystemExit(f"none of {', '.join(map(str, images))} could be decoded to check the export")
+        raise SystemExit(f"none of {', '.join(map(str, images))} could be decoded to check "
+                         "the export")
     if not decoded:
         from .data.synthetic import CLASSES, draw
 

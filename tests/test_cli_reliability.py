@@ -1,4 +1,5 @@
-"""Exit codes a script can trust: `sstl predict` with nothing readable, `sstl evaluate` without data."""
+"""Exit codes a script can trust: `sstl predict` with nothing readable, `sstl evaluate` without
+data; and evaluate's --out folder with the figures."""
 import csv
 
 from typer.testing import CliRunner
