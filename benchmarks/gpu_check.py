@@ -35,10 +35,12 @@ def cuda_checks(device: str = "cuda", arch: str = "resnet50", batch: int = 64) -
     import copy
 
     from sstl import kernels
-    from sstl.engine.config import PretrainConfig, resolve
-    from sstl.engine.methods import Cross
-    from sstl.engine.models import ARCHS, backbone
-    from sstl.engine.pretrain import build_step, ssl_step
+    import dataclasses
+
+    from sstl.engine.config import PretrainConfig, Runtime, check, resolve
+    from sstl.engine.loop import train_step
+    from sstl.engine.models import backbone
+    from sstl.engine.pretrain import build_method, build_trainer
     from sstl.kernels.loss import CrossLoss
 
     out = {}
@@ -67,20 +69,19 @@ def cuda_checks(device: str = "cuda", arch: str = "resnet50", batch: int = 64) -
     err = ((ft.flat.double() - want).norm() / want.norm()).item()
     out[f"ema fp32 {arch}"] = {"rel_err": err, "ok": err < 1e-6}
     # The fast step (compiled, bf16, channels_last, Triton) vs the eager fp32 step.
-    cfg = PretrainConfig(arch=arch, init="random", device=device, backend="torch")
+    cfg = check(PretrainConfig(arch=arch, init="random",
+                               runtime=Runtime(device=device, backend="torch")))
     losses = {}
     for name, compile_, precision in (("eager fp32", False, "fp32"), ("fast bf16", True, "bf16")):
-        c = PretrainConfig(**{**cfg.__dict__, "compile": compile_, "precision": precision})
-        res = resolve(c)
-        torch.manual_seed(0)
-        m = Cross(backbone(arch), ARCHS[arch]).to(device)
-        if res.channels_last:
-            m.to(memory_format=torch.channels_last)
-        st = build_step(c, res, m)
+        c = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, compile=compile_,
+                                                                 precision=precision))
+        res = resolve(c.runtime, c.batch_size)
+        m = build_method(c, res)
+        t = build_trainer(c, res, m, total_steps=10)
         g = torch.Generator(device=device).manual_seed(1)
         v1, v2 = (torch.randn(batch, 3, 112, 112, device=device, generator=g) for _ in range(2))
-        ssl_step(st, v1, v2)  # warm-up/compile; the second step is compared
-        losses[name] = ssl_step(st, v1, v2)[0].item()
+        train_step(t, (v1, v2), 0)  # warm-up/compile; the second step is compared
+        losses[name] = train_step(t, (v1, v2), 1)[0].item()
     diff = abs(losses["fast bf16"] - losses["eager fp32"]) / abs(losses["eager fp32"])
     out["fast step vs eager step (loss)"] = {"rel_err": diff, "ok": diff < 5e-2, **losses}
     return out
@@ -89,41 +90,42 @@ def cuda_checks(device: str = "cuda", arch: str = "resnet50", batch: int = 64) -
 def finetune_throughput(device: str = "cuda", arch: str = "resnet50", batch: int = 256,
                         size: int = 224, steps: int = 20, warmup: int = 5) -> dict:
     """Images/s of the fine-tuning step as `sstl finetune` builds it (a resident batch)."""
-    from sstl.engine.config import DataConfig, FinetuneAugment, FinetuneConfig, resolve
+    from sstl.engine.config import DataConfig, FinetuneAugment, FinetuneConfig, Runtime, check, resolve
     from sstl.engine.data.dataset import load_dataset
     from sstl.engine.data.loader import LabelledSource
-    from sstl.engine.finetune import build_step, train_step
+    from sstl.engine.finetune import build_trainer
+    from sstl.engine.loop import train_step
 
     from .common import median_seconds, sync
 
-    cfg = FinetuneConfig(data=DataConfig(), arch=arch, init="random", batch_size=batch,
-                         augment=FinetuneAugment(size=size), device=device)
-    res = resolve(cfg)
+    cfg = check(FinetuneConfig(data=DataConfig(), arch=arch, init="random", batch_size=batch,
+                               augment=FinetuneAugment(size=size), runtime=Runtime(device=device)))
+    res = resolve(cfg.runtime, cfg.batch_size)
     ds = load_dataset(cfg.data, need_labels=True, log=lambda m: None)
     src = LabelledSource(ds.images, ds.targets, batch, size, res.device, cfg.augment.train,
                          dtype=getattr(torch, res.dtype), channels_last=res.channels_last)
-    st = build_step(cfg, res, len(ds.class_names), None)
+    t = build_trainer(cfg, res, len(ds.class_names), None, total_steps=10 ** 6)
     x, y = next(src.epoch(0))
     reps = max(1, -(-batch // len(x)))
     x, y = x.repeat(reps, 1, 1, 1)[:batch], y.repeat(reps)[:batch]  # a full batch from 256 images
-    for _ in range(warmup):
-        train_step(st, x, y)
+    for i in range(warmup):
+        train_step(t, (x, y), i)
     sync(res.device)
-    sec, all_sec = median_seconds(lambda: train_step(st, x, y), res.device, steps, 3)
+    sec, all_sec = median_seconds(lambda: train_step(t, (x, y), 0), res.device, steps, 3)
     return {"images_per_s": batch / sec, "ms_per_step": sec * 1e3, "batch": batch, "size": size,
             "target_6000": batch / sec >= 6000, "note": "model step only, batch resident"}
 
 
 def pretrain_epoch(out: Path) -> dict:
-    from sstl.engine.config import DataConfig, PretrainConfig
+    from sstl.engine.config import DataConfig, PretrainConfig, Runtime
     from sstl.engine.data.synthetic import ensure_synthetic
     from sstl.engine.pretrain import pretrain
 
     data = ensure_synthetic(Path("/tmp/sstl-synthetic-3072"), per_class=768)
     t0 = time.perf_counter()
-    run = pretrain(PretrainConfig(data=DataConfig(path=str(data)), out=str(out / "runs"),
-                                  name="gpu-epoch", arch="resnet50", init="random", epochs=1,
-                                  resume=False))
+    run = pretrain(PretrainConfig(data=DataConfig(path=str(data)), arch="resnet50", init="random",
+                                  epochs=1, runtime=Runtime(out=str(out / "runs"),
+                                                            name="gpu-epoch", resume=False)))
     wall = time.perf_counter() - t0
     rows = (run / "metrics.csv").read_text().splitlines()
     return {"wall_s_including_compile": wall, "metrics_csv": rows,
@@ -138,13 +140,14 @@ def main() -> None:
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    from . import data, kernels, step
+    from . import data, kernels, methods, step
 
     sections = {
         "cuda": cuda_checks,
         "kernels": lambda: kernels.run("cuda"),
         "step": lambda: step.run(device="cuda", arch="resnet50", batch_size=256, view_size=112),
         "data": lambda: data.run(device="cuda"),
+        "methods": lambda: methods.run(device="cuda"),
         "finetune": finetune_throughput,
         "pretrain": lambda: pretrain_epoch(out),
     }
@@ -180,6 +183,9 @@ def print_summary(summary: dict) -> None:
                   f"{r.get('x_peer', 0):5.2f}x peer  MFU {r['mfu']:.3f}")
     for t in summary.get("kernels", {}).get("result", {}).get("targets", []):
         print(f"  kernels {t['name']:40s} {t['value']} (>= {t['target']}) met={t['met']}")
+    for r in summary.get("methods", {}).get("result", {}).get("rows", []):
+        print(f"  method {r['method']:10s} {r.get('images_per_s', 0):9,.0f} img/s  "
+              f"warm-up {r.get('warmup_s', 0):5.1f} s")
     ft = summary.get("finetune", {}).get("result")
     if ft:
         print(f"  finetune 224: {ft['images_per_s']:,.0f} img/s")

@@ -54,8 +54,10 @@ def peer_loader(paths: list[str], aug: AugmentConfig, batch_size: int, workers: 
 
 
 def peer_step(method, opt, v1, v2, tau: float) -> float:
-    p1 = method.predictor(method.online(v1))
-    p2 = method.predictor(method.online(v2))
+    """The Cross step as a library user writes it: per-view passes, plain ops, EMA loop."""
+    online = torch.nn.Sequential(method.backbone, method.projector)
+    p1 = method.predictor(online(v1))
+    p2 = method.predictor(online(v2))
     with torch.no_grad():
         y2 = method.target(v2)
     loss = (2 - 2 * F.cosine_similarity(p1, p2, dim=-1)).mean() \
@@ -63,6 +65,6 @@ def peer_step(method, opt, v1, v2, tau: float) -> float:
     opt.zero_grad()
     loss.backward()
     opt.step()
-    for po, pt in zip(method.online.parameters(), method.target.parameters()):
+    for po, pt in zip(online.parameters(), method.target.parameters()):
         pt.data.mul_(tau).add_(po.data, alpha=1 - tau)
     return loss.item()

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sstl.engine.config import AugmentConfig, DataConfig, PretrainConfig, resolve
+from sstl.engine.config import AugmentConfig, DataConfig, PretrainConfig, Runtime, check, resolve
+from sstl.engine.data.backends import pick_backend, ssl_source
 from sstl.engine.data.dataset import load_dataset
-from sstl.engine.data.backends import pick_backend, two_view_source
-from sstl.engine.pretrain import build_method, build_step, ssl_step
+from sstl.engine.loop import train_step
+from sstl.engine.pretrain import build_method, build_trainer
 
 from .common import forward_flops, machine, median_seconds, peak_flops, sync, write_json
 from .peer import peer_loader, peer_step
@@ -62,23 +63,33 @@ def skip_reason(r: Rung, device: str, cpu_all: bool) -> str | None:
 
 
 def ssl_flops_per_image(method, size: int, device) -> float:
-    """Online fwd+bwd (3x fwd) on two views plus target fwd on one, per source image."""
+    """Online fwd+bwd (3x fwd) on two views plus the target's fwd (Cross: one view), per image."""
     was = method.training
     method.eval()
     x = torch.randn(2, 3, size, size, device=device)
-    f_online = forward_flops(method.predict, x) / 2
-    f_target = forward_flops(method.target_project, x) / 2
+    online = torch.nn.Sequential(method.backbone, method.projector,
+                                 getattr(method, "predictor", torch.nn.Identity()))
+    f_online = forward_flops(online, x) / 2
+    target = getattr(method, "target", None)
+    f_target = forward_flops(target, x) / 2 if target is not None else 0.0
     method.train(was)
     return 3 * 2 * f_online + f_target
+
+
+def rung_config(cfg: PretrainConfig, rung: Rung) -> PretrainConfig:
+    rt = dataclasses.replace(cfg.runtime, compile=rung.compile,
+                             precision="bf16" if rung.bf16 else "fp32")
+    return dataclasses.replace(cfg, runtime=rt)
 
 
 def measure(rung: Rung, cfg: PretrainConfig, images, paths, steps, warmup, repeats) -> dict:
     torch._dynamo.reset()
     os.environ["SSTL_KERNELS"] = "auto" if rung.fused else "reference"
-    cfg = dataclasses.replace(cfg, compile=rung.compile, precision="bf16" if rung.bf16 else "fp32")
-    res = dataclasses.replace(resolve(cfg), channels_last=rung.channels_last)
+    cfg = rung_config(cfg, rung)
+    res = dataclasses.replace(resolve(cfg.runtime, cfg.batch_size),
+                              channels_last=rung.channels_last)
     method = build_method(cfg, res)
-    st = build_step(cfg, res, method)
+    t = build_trainer(cfg, res, method, total_steps=10 ** 6)
     if rung.peer:
         loader = peer_loader(paths, cfg.augment, res.per_rank_batch,
                              pin_memory=res.device.startswith("cuda"))
@@ -86,16 +97,17 @@ def measure(rung: Rung, cfg: PretrainConfig, images, paths, steps, warmup, repea
 
         def one():
             v1, v2 = next(batches)
-            peer_step(method, st.opt, v1.to(res.device, non_blocking=True),
-                      v2.to(res.device, non_blocking=True), cfg.tau)
+            peer_step(method, t.opt, v1.to(res.device, non_blocking=True),
+                      v2.to(res.device, non_blocking=True), cfg.settings.tau)
     else:
         if rung.name == "sstl":  # the data path `sstl pretrain` would pick (DALI where present)
             res = dataclasses.replace(res, backend=pick_backend("auto", res.device))
-        source = two_view_source(images, cfg, res)
+        source = ssl_source(method.views, images, cfg, res)
         batches = itertools.chain.from_iterable(source.epoch(e) for e in itertools.count())
+        step = itertools.count()
 
         def one():
-            ssl_step(st, *next(batches))
+            train_step(t, next(batches), next(step))
     if res.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(res.device)
     for _ in range(warmup):
@@ -119,15 +131,17 @@ def run(data: str | None = None, device: str = "auto", arch: str = "resnet50",
     on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     batch_size = batch_size or (256 if on_gpu else 32)
     steps, warmup = steps or (20 if on_gpu else 2), warmup or (5 if on_gpu else 1)
-    cfg = PretrainConfig(data=DataConfig(path=data), arch=arch, init="random",
-                         batch_size=batch_size, augment=AugmentConfig(size=view_size),
-                         device=device, backend="torch")
+    cfg = check(PretrainConfig(data=DataConfig(path=data), runtime=Runtime(device=device,
+                                                                           backend="torch"),
+                               arch=arch, init="random", batch_size=batch_size,
+                               augment=AugmentConfig(size=view_size)))
     ds = load_dataset(cfg.data, log=lambda m: None)
     images, paths = ds.images[ds.train_idx], [ds.records[i].path for i in ds.train_idx]
     copies = -(-2 * batch_size // len(paths))  # small sets (the demo's 204) repeat to 2 batches
     images, paths = np.concatenate([images] * copies), paths * copies
-    dev = resolve(cfg).device
-    flops = ssl_flops_per_image(build_method(cfg, resolve(cfg)), view_size, dev)
+    res = resolve(cfg.runtime, cfg.batch_size)
+    dev = res.device
+    flops = ssl_flops_per_image(build_method(cfg, res), view_size, dev)
     peak, peak_src = peak_flops(dev)
     rows = []
     for r in rungs(dev):

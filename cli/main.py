@@ -198,19 +198,23 @@ def predict(
     out_csv: Path = typer.Option(Path("predictions.csv"), help="Where the per-image CSV goes"),
     batch_size: int = typer.Option(64, help="Images per forward pass"),
     device: str = DEVICE,
+    cam: Optional[Path] = typer.Option(None, "--cam", help="Also write a Grad-CAM overlay of the "
+                                       "predicted class per image into this folder"),
 ):
     """Class probabilities for each image; unreadable files get an error row, the rest go on."""
     from sstl.engine.config import PredictConfig
     from sstl.engine.predict import predict as run
 
     run(PredictConfig(model=str(model), inputs=tuple(str(p) for p in inputs),
-                      out_csv=str(out_csv), batch_size=batch_size, device=device))
+                      out_csv=str(out_csv), batch_size=batch_size, device=device,
+                      cam=str(cam) if cam else None))
 
 
 @app.command()
 def evaluate(
     model: Path = MODEL,
-    data: Optional[Path] = DATA,
+    data: Optional[Path] = typer.Option(None, "--data", help="Labelled folder (one sub-folder per "
+                                        "class) or manifest.csv; required"),
     split: str = typer.Option("all", help="all: every image of --data | test: its held-out split"),
     out: Optional[Path] = typer.Option(None, help="Also write metrics.json, predictions.csv and "
                                        "the figures into this folder"),
@@ -223,6 +227,9 @@ def evaluate(
     workers: int = WORKERS,
 ):
     """The paper's metrics of a fine-tuned model on a labelled folder or manifest."""
+    if data is None:  # the synthetic demo set would give numbers that say nothing about X-rays
+        raise SystemExit("sstl evaluate needs --data: a labelled folder (one sub-folder per "
+                         "class) or a manifest.csv to evaluate the model on")
     from sstl.engine.config import EvaluateConfig
     from sstl.engine.predict import evaluate as run
 
@@ -236,6 +243,10 @@ def evaluate(
 from sstl.cli.bench import bench  # noqa: E402
 
 app.command()(bench)
+
+from sstl.cli.export import export  # noqa: E402
+
+app.command()(export)
 
 if __name__ == "__main__":
     cli()

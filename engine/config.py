@@ -129,6 +129,7 @@ class PredictConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     compile: bool = False  # one pass over a few images does not repay a compile
     backend: str = "torch"  # the only view path for single images
+    cam: str | None = None  # folder for Grad-CAM overlays; None = none
 
 
 @dataclass(frozen=True)

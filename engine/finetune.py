@@ -26,13 +26,13 @@ from .data.dataset import Dataset, load_dataset, save_data_files
 from .data.index import DataError
 from .data.split import fraction_subset
 from .loop import Plan, Trainer, fit, sgd
-from .metrics import (METRICS, NAMES, auc_score, best_epoch, classification_metrics, confusion,
-                      roc_points, summarize)
+from .evaluation import bootstrap_ci, card_fields, curves_png, draw_figures, write_model_card
+from .metrics import METRICS, NAMES, best_epoch, classification_metrics, summarize
 from .models import ARCHS, Classifier, backbone, sidecar, weights_file
-from .plots import confusion_png, roc_png
 from .runs import Run, log, save_weights
 
 FEW_IMAGES = 5  # a class with fewer training images than this gets a warning (noisy results)
+CI_RESAMPLES = 1000  # bootstrap resamples of the test split for the model card's 95% intervals
 
 
 def supervised_forward(model, label_smoothing: float):
@@ -139,7 +139,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
             checkpoint_minutes=cfg.runtime.checkpoint_minutes, resume=cfg.runtime.resume,
             desc=f"finetune {cfg.arch}", on_epoch_end=evaluate))
         save_model(run.path, cfg, t.model, ds, cfg.epochs, start)
-        finish(run.path, cfg, ds, rows, test_probs(t, test), start, len(subset))
+        finish(run.path, cfg, ds, rows, test_probs(t, test), start, subset)
         return run.path
 
 
@@ -199,8 +199,9 @@ def save_model(run: Path, cfg: FinetuneConfig, model: Classifier, ds: Dataset, e
 
 
 def finish(run: Path, cfg: FinetuneConfig, ds: Dataset, rows: list[dict], probs,
-           start: str, n_train: int) -> dict:
-    """summary.json, the final model's figures, and the table: what a reader looks at first."""
+           start: str, subset: np.ndarray) -> dict:
+    """summary.json, the final model's figures and card, and the table: what a reader sees first."""
+    subset_counts = Counter(ds.labels[i] for i in subset)
     keys = [*METRICS, *(f"recall/{c}" for c in ds.class_names)]
     b, by = best_epoch(rows)
     tail = rows[-cfg.summary_last:]
@@ -213,29 +214,18 @@ def finish(run: Path, cfg: FinetuneConfig, ds: Dataset, rows: list[dict], probs,
         "best_note": "the best epoch is chosen on the test split, so it is optimistic; "
                      "Table 2's form is the mean over the last epochs",
         "epochs_done": len(rows), "positive_class": cfg.positive_class,
-        "class_names": ds.class_names, "n_train": n_train, "n_test": int(len(ds.test_idx)),
+        "class_names": ds.class_names, "n_train": len(subset), "n_test": int(len(ds.test_idx)),
         "fraction": cfg.fraction, "start": start, "arch": cfg.arch,
         "image_size": cfg.augment.size, "synthetic_data": ds.synthetic}
     save_json(summary, run / "summary.json")
-    # The figures describe the saved model: the final epoch's, as model.safetensors holds.
-    draw_figures(run, ds.targets[ds.test_idx], probs, ds.class_names, cfg.positive_class,
-                 f"final epoch {len(rows)}")
+    # The figures and the card describe the saved model: the final epoch's.
+    y_test = ds.targets[ds.test_idx]
+    draw_figures(run, y_test, probs, ds.class_names, cfg.positive_class, f"final epoch {len(rows)}")
+    curves_png(rows, run / "curves.png")
+    write_card(run, cfg, ds, rows, summary, probs, subset_counts)
     Console().print(summary_table(summary, f"{cfg.arch} from {Path(start).name}, "
                                            f"fraction {cfg.fraction}: {run}"))
     return summary
-
-
-def draw_figures(folder: Path, y_true, probs, class_names: list[str], positive: str,
-                 what: str) -> None:
-    """confusion_matrix.png (Figure 4's form) and roc.png (positive vs rest) into `folder`."""
-    cm = confusion(y_true, probs.argmax(1), len(class_names))
-    confusion_png(cm, class_names, folder / "confusion_matrix.png", f"Confusion matrix, {what}")
-    pos = class_names.index(positive)
-    is_pos = np.asarray(y_true) == pos
-    auc = auc_score(is_pos, probs[:, pos])
-    fpr, tpr = roc_points(is_pos, probs[:, pos]) if not np.isnan(auc) else ([0], [0])
-    roc_png(np.asarray(fpr), np.asarray(tpr), auc, folder / "roc.png",
-            f"ROC, {positive} vs rest, {what}")
 
 
 def summary_table(summary: dict, title: str) -> Table:
@@ -249,3 +239,25 @@ def summary_table(summary: dict, title: str) -> Table:
         name = NAMES.get(k, k.replace("recall/", "recall "))
         t.add_row(name, f"{last[k]['mean']:.4f} ± {last[k]['std']:.4f}", f"{best[k]:.4f}")
     return t
+
+
+def write_card(run: Path, cfg: FinetuneConfig, ds: Dataset, rows: list[dict], summary: dict,
+               probs: np.ndarray, train_counts: Counter) -> None:
+    """MODEL_CARD.md, and the same facts in model.json, with the final epoch's 95% intervals."""
+    y_test = ds.targets[ds.test_idx]
+    test_counts = Counter(ds.labels[i] for i in ds.test_idx)
+    final = classification_metrics(y_test, probs.argmax(1), probs, ds.class_names,
+                                   cfg.positive_class)
+    info = {"arch": cfg.arch, "start": summary["start"], "fraction": cfg.fraction,
+            "epochs": len(rows), "image_size": cfg.augment.size, "class_names": ds.class_names,
+            "positive_class": cfg.positive_class, "data": str(ds.root),
+            "synthetic_data": ds.synthetic, "last_epochs": summary["last_epochs"],
+            "last_n": len(summary["last_epochs_used"]), "final": final,
+            "final_epoch": len(rows) - 1, "run": run.name, "ci_n": CI_RESAMPLES,
+            "final_ci": bootstrap_ci(y_test, probs, ds.class_names, cfg.positive_class,
+                                     n=CI_RESAMPLES, seed=cfg.runtime.seed),
+            "counts": {c: {"train": train_counts.get(c, 0), "test": test_counts.get(c, 0)}
+                       for c in ds.class_names}}
+    write_model_card(run, info)
+    meta = sidecar(run / "model.safetensors")
+    save_json({**meta, "model_card": card_fields(info)}, run / "model.json")

@@ -18,10 +18,11 @@ from rich.table import Table
 from .config import (DataConfig, EvaluateConfig, PredictConfig, check, inference_runtime,
                      resolve, save_json)
 from .data.dataset import load_dataset
-from .data.index import IMAGE_SUFFIXES, DataError, decode_square
+from .data.index import DataError, decode_square, is_image_file
 from .data.loader import LabelledSource
 from .data.views import eval_view
-from .finetune import class_probs, draw_figures
+from .evaluation import draw_figures
+from .finetune import class_probs
 from .metrics import METRICS, NAMES, classification_metrics
 from .models import load_classifier
 from .runs import log
@@ -44,7 +45,7 @@ def image_files(inputs) -> list[tuple[str, str | None]]:
 
 def _wanted(f: Path, root: Path) -> bool:
     parts = f.relative_to(root).parts
-    return (f.suffix.lower() in IMAGE_SUFFIXES and not any(s.startswith(".") for s in parts)
+    return (is_image_file(f) and not any(s.startswith(".") for s in parts)
             and "masks" not in (s.lower() for s in parts[:-1]))
 
 
@@ -61,12 +62,34 @@ def predict(cfg: PredictConfig) -> list[dict]:
         if good:
             x = torch.from_numpy(np.stack(good)).to(res.device)
             x = eval_view(x, meta["image_size"], getattr(torch, res.dtype), res.channels_last)
-            probs = iter(class_probs(model, [x], autocast).cpu().numpy())
+            probs = class_probs(model, [x], autocast).cpu().numpy()
+            if cfg.cam:
+                cam_overlays(model, meta, chunk, b, probs.argmax(1), cfg.cam, res.device)
+            probs = iter(probs)
         for path, img, err in chunk:
             rows.append(_row(path, names, None if img is None else next(probs), err))
     write_predictions(rows, names, Path(cfg.out_csv))
     Console().print(predictions_table(rows, names, cfg.out_csv))
+    if cfg.cam:
+        Console().print(f"Grad-CAM overlays of the predicted class in {cfg.cam}")
+    if rows and all(r["error"] for r in rows):  # scripts must see that nothing was predicted
+        raise SystemExit(f"no input could be read ({len(rows)} tried; first: {rows[0]['path']}: "
+                         f"{rows[0]['error']}); the reasons are in {cfg.out_csv}")
     return rows
+
+
+def cam_overlays(model, meta: dict, chunk, start: int, predicted, out_dir, device) -> None:
+    """Grad-CAM of the predicted class for the decoded images of one chunk.
+
+    Files are <input number>-<file stem>-<class>.png: numbered, since stems repeat across folders.
+    """
+    from .explain import gradcam_overlays
+
+    good = [(start + i, path, img) for i, (path, img, _) in enumerate(chunk) if img is not None]
+    names = [f"{i:05d}-{Path(path).stem}-{meta['class_names'][k]}".replace(" ", "_")
+             for (i, path, _), k in zip(good, predicted)]
+    gradcam_overlays(model, np.stack([img for _, _, img in good]), meta["image_size"],
+                     [int(k) for k in predicted], out_dir, names, device)
 
 
 def _row(path: str, names: list[str], p: np.ndarray | None, error: str | None) -> dict:

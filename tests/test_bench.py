@@ -9,9 +9,12 @@ import torch.nn as nn
 import torchvision
 
 from sstl.benchmarks.common import forward_flops
-from sstl.engine.config import PretrainConfig, resolve
-from sstl.engine.methods import Cross
-from sstl.engine.pretrain import build_step, ssl_step
+from sstl.engine.config import check, resolve
+from sstl.engine.loop import train_step
+from sstl.engine.methods import Cross, CrossConfig
+from sstl.engine.pretrain import build_trainer
+
+from .configs import pretrain_cfg
 
 
 def test_flop_counter_one_conv_layer():
@@ -32,22 +35,22 @@ def _tiny_method():
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                         nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    return Cross(net, 16, 32, 8, 32)
+    return Cross(net, 16, CrossConfig(proj_hidden=32, proj_dim=8, pred_hidden=32, tau=0.9))
 
 
 def test_fast_step_matches_eager_step_fp32():
-    cfg = PretrainConfig(device="cpu", precision="fp32", compile=False, tau=0.9)
+    cfg = check(pretrain_cfg("cross", precision="fp32", settings={"tau": 0.9}))
     eager_m, fast_m = _tiny_method(), _tiny_method()
-    res = resolve(cfg)
-    eager = build_step(cfg, res, eager_m)
-    fast = build_step(dataclasses.replace(cfg, compile=True),
-                      dataclasses.replace(res, compile=True, channels_last=True),
-                      fast_m.to(memory_format=torch.channels_last))
+    res = resolve(cfg.runtime, cfg.batch_size)
+    eager = build_trainer(cfg, res, eager_m, total_steps=1)
+    fast_cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, compile=True))
+    fast = build_trainer(fast_cfg, dataclasses.replace(res, compile=True, channels_last=True),
+                         fast_m.to(memory_format=torch.channels_last), total_steps=1)
     g = torch.Generator().manual_seed(1)
     v1, v2 = (torch.randn(8, 3, 16, 16, generator=g) for _ in range(2))
-    loss_e = ssl_step(eager, v1, v2)
-    loss_f = ssl_step(fast, v1.contiguous(memory_format=torch.channels_last),
-                      v2.contiguous(memory_format=torch.channels_last))
+    loss_e = train_step(eager, (v1, v2), 0)
+    loss_f = train_step(fast, (v1.contiguous(memory_format=torch.channels_last),
+                               v2.contiguous(memory_format=torch.channels_last)), 0)
     torch.testing.assert_close(loss_f, loss_e, rtol=1e-5, atol=1e-6)
     for (name, a), b in zip(eager_m.state_dict().items(), fast_m.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)

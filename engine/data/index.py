@@ -34,7 +34,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+from .dicom import is_dicom, load_dicom_gray
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm"}
 MIN_SIDE = 32  # smaller files are thumbnails or icons, not radiographs
 
 
@@ -235,13 +237,19 @@ def _images_under(folder: Path, root: Path, left_out: list[dict]) -> list[Path]:
                 keep.append(d)
         dirnames[:] = keep
         for f in sorted(filenames):
-            if not _is_image_name(f):
+            if not is_image_file(here / f):  # suffix-less DICOM files included
                 continue
             if f.startswith("."):
                 left_out.append({"path": _rel(here / f, root), "reason": "hidden file"})
             else:
                 out.append(here / f)
     return sorted(out)
+
+
+def is_image_file(path: Path) -> bool:
+    """A supported suffix, or no suffix and a DICOM preamble (PACS exports are often unnamed)."""
+    suffix = path.suffix.lower()
+    return suffix in IMAGE_SUFFIXES or (suffix == "" and is_dicom(path))
 
 
 def load_gray(path: str | os.PathLike) -> np.ndarray:
@@ -253,6 +261,8 @@ def load_gray(path: str | os.PathLike) -> np.ndarray:
     """
     if os.path.getsize(path) == 0:
         raise ValueError("empty file (0 bytes)")
+    if str(path).lower().endswith(".dcm") or is_dicom(path):
+        return _min_side(load_dicom_gray(path))
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
@@ -270,6 +280,10 @@ def load_gray(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(_too_large(path, e)) from None
     except (OSError, SyntaxError) as e:
         raise ValueError(f"unreadable or truncated: {e}") from None
+    return _min_side(gray)
+
+
+def _min_side(gray: np.ndarray) -> np.ndarray:
     h, w = gray.shape
     if min(h, w) < MIN_SIDE:
         raise ValueError(f"too small ({w}x{h} pixels, minimum {MIN_SIDE})")

@@ -1,0 +1,84 @@
+"""Images/s of every method's training step, side by side, as `sstl pretrain` builds it.
+
+One row per method of Table 2 (resnet50, batch 256, two 112-pixel views, bf16 and
+torch.compile on a GPU): the step `engine.loop.train_step` runs, on batches from the data
+path pretraining uses, timed after a warm-up that includes compilation (reported apart).
+    python -m sstl.benchmarks.methods --device cuda --json benchmarks/results/methods-<gpu>.json
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+
+import numpy as np
+import torch
+
+from sstl.engine.config import AugmentConfig, PretrainConfig, Runtime, check, resolve
+from sstl.engine.data.backends import ssl_source
+from sstl.engine.data.dataset import load_dataset
+from sstl.engine.loop import train_step
+from sstl.engine.methods import METHODS
+from sstl.engine.pretrain import build_method, build_trainer
+
+from .common import machine, median_seconds, sync, write_json
+
+
+def measure(method: str, images, device: str, arch: str, batch: int, size: int, steps: int,
+            warmup: int, repeats: int) -> dict:
+    torch._dynamo.reset()
+    cfg = check(PretrainConfig(method=method, arch=arch, init="random", batch_size=batch,
+                               augment=AugmentConfig(size=size),
+                               runtime=Runtime(device=device, backend="torch")))
+    res = resolve(cfg.runtime, cfg.batch_size)
+    m = build_method(cfg, res)
+    t = build_trainer(cfg, res, m, total_steps=10 ** 6)
+    source = ssl_source(m.views, images, cfg, res)
+    batches = itertools.chain.from_iterable(source.epoch(e) for e in itertools.count())
+    step = itertools.count()
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        train_step(t, next(batches), next(step))
+    sync(res.device)
+    warm = time.perf_counter() - t0
+    sec, all_sec = median_seconds(lambda: train_step(t, next(batches), next(step)), res.device,
+                                  steps, repeats)
+    return {"method": method, "images_per_s": batch / sec, "ms_per_step": sec * 1e3,
+            "repeats_ms": [s * 1e3 for s in all_sec], "warmup_s": warm,
+            "compile": res.compile, "dtype": res.dtype}
+
+
+def run(device: str = "auto", arch: str = "resnet50", batch: int | None = None, size: int = 112,
+        steps: int | None = None, warmup: int | None = None, repeats: int = 3,
+        json_path=None) -> dict:
+    on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    batch = batch or (256 if on_gpu else 32)
+    steps, warmup = steps or (20 if on_gpu else 2), warmup or (5 if on_gpu else 1)
+    ds = load_dataset(PretrainConfig().data, log=lambda m: None)
+    images = ds.images[ds.train_idx]
+    images = np.concatenate([images] * -(-2 * batch // len(images)))  # at least two batches
+    rows = [measure(name, images, device, arch, batch, size, steps, warmup, repeats)
+            for name in METHODS]
+    result = {"bench": "methods", "machine": machine(), "arch": arch, "batch_size": batch,
+              "view_size": size, "steps": steps, "warmup": warmup, "repeats": repeats,
+              "rows": rows}
+    write_json(result, json_path)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--size", type=int, default=112)
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    r = run(a.device, a.arch, a.batch, a.size, json_path=a.json)
+    for row in r["rows"]:
+        print(f"{row['method']:10s} {row['images_per_s']:9,.0f} img/s  {row['ms_per_step']:7.1f} "
+              f"ms/step  warm-up {row['warmup_s']:5.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""`sstl export`: a fine-tuned model as ONNX, its preprocessing in a JSON sidecar, checked."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+
+def export(
+    model: Path = typer.Option(..., "--model", help="Run directory of `sstl finetune` "
+                               "(or its model.safetensors)"),
+    format: str = typer.Option("onnx", "--format", help="onnx (the only format so far)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output file [default: model.onnx "
+                                       "in the run directory]"),
+    images: Optional[list[Path]] = typer.Option(None, "--images", help="Images or folders to "
+                                                "check the export on [default: a few of the "
+                                                "run's training data, else synthetic ones]"),
+    tolerance: float = typer.Option(1e-4, help="Largest accepted |onnx - torch| probability"),
+):
+    """Export the classifier (opset 17, any batch size) and check it against torch."""
+    if format != "onnx":
+        raise SystemExit(f"--format must be onnx, not {format!r}")
+    from sstl.engine.export import export_onnx
+
+    r = export_onnx(model, out, tuple(str(p) for p in images or ()), tolerance)
+    Console().print(f"wrote {r['onnx']} (opset {r['opset']}) and {r['sidecar']}\n"
+                    f"checked on {r['images_checked']} {r['check_source']}: onnxruntime vs torch "
+                    f"max |diff| of probabilities {r['max_abs_diff_probs']:.2e} "
+                    f"(tolerance {r['tolerance']:g}), same predicted class: "
+                    f"{'yes' if r['same_argmax'] else 'NO'}")

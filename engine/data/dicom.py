@@ -1,0 +1,121 @@
+"""DICOM radiographs to the one grayscale uint8 array every other format decodes to.
+
+The display pipeline of the DICOM standard (PS3.3 C.11), in its order:
+  1. stored values -> modality values: Modality LUT or Rescale Slope/Intercept;
+  2. modality values -> display values: the first VOI LUT, or else the first Window
+     Centre/Width; the display range of that transform is mapped to 0..255. Without either,
+     the data's own min..max is (12-16 bit data rarely fills its nominal range);
+  3. MONOCHROME1 (white = low values) is inverted, so that bone is bright in every image.
+Compressed transfer syntaxes go through pydicom's decoders; a missing one is a ValueError
+naming the syntax and what to install, which the scan reports for that file alone.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+PREAMBLE = 128  # bytes before the "DICM" magic in a Part 10 file
+
+
+def _luts():
+    """pydicom's modality and VOI transforms: pydicom.pixels from 3.0, its old home in 2.x."""
+    try:
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+    return apply_modality_lut, apply_voi_lut
+
+
+def is_dicom(path: str | os.PathLike) -> bool:
+    """A Part 10 file: "DICM" at byte 128 (whatever its name, as PACS exports often have none)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(PREAMBLE)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def load_dicom_gray(path: str | os.PathLike) -> np.ndarray:
+    """(H, W) uint8 of a DICOM file's first frame, or ValueError saying why not."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        # force: a `.dcm` without the preamble (older exports) is still read.
+        ds = pydicom.dcmread(path, force=str(path).lower().endswith(".dcm"))
+    except (InvalidDicomError, EOFError, OSError) as e:
+        raise ValueError(f"not a readable DICOM file ({e})") from None
+    if "PixelData" not in ds:
+        raise ValueError("DICOM without pixel data (a report or other non-image object)")
+    uid = _transfer_syntax(ds)
+    _check_decoder(uid)
+    try:
+        arr = ds.pixel_array
+    except Exception as e:  # a truncated or malformed pixel stream (or, in pydicom 2, no decoder)
+        raise ValueError(f"DICOM pixel data ({uid.name}) cannot be decoded: "
+                         f"{type(e).__name__}: {e}") from None
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        arr = arr[0]  # a radiograph series: its first frame
+    if int(ds.get("SamplesPerPixel", 1)) == 3:  # secondary captures: pydicom gives RGB
+        return _luma(arr)
+    return to_uint8(arr, ds)
+
+
+def _transfer_syntax(ds):
+    from pydicom.uid import UID
+
+    meta = getattr(ds, "file_meta", None)
+    return UID((meta.get("TransferSyntaxUID") if meta else None) or "1.2.840.10008.1.2.1")
+
+
+def _check_decoder(uid) -> None:
+    """ValueError naming the transfer syntax and the packages that decode it, if none is here."""
+    if not uid.is_compressed:
+        return
+    try:
+        from pydicom.pixels import get_decoder
+    except ImportError:  # pydicom 2.x: pixel_array's own error names the missing handler
+        return
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        raise ValueError(f"DICOM transfer syntax {uid.name} ({uid}) has no decoder in "
+                         "pydicom") from None
+    if not decoder.is_available:
+        options = [m.split(" - requires ", 1)[-1] for m in decoder.missing_dependencies]
+        raise ValueError(f"compressed DICOM ({uid.name}) needs a decoder that is not installed: "
+                         f"pip install one of: {'; '.join(options)}")
+
+
+def to_uint8(arr: np.ndarray, ds) -> np.ndarray:
+    """Stored grey values -> display uint8: modality LUT, VOI (or min-max), MONOCHROME1 flip."""
+    apply_modality_lut, apply_voi_lut = _luts()
+    v = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    if "VOILUTSequence" in ds:
+        lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float64)
+        lo, hi = float(lut.min()), float(lut.max())
+        v = np.asarray(apply_voi_lut(v.astype(np.int64), ds), dtype=np.float64)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        # The window's display range: what it maps values far outside it to.
+        lo, hi = sorted(float(y) for y in apply_voi_lut(np.array([-1e12, 1e12]), ds,
+                                                        prefer_lut=False))
+        v = np.asarray(apply_voi_lut(v, ds, prefer_lut=False), dtype=np.float64)
+    else:
+        lo, hi = float(v.min()), float(v.max())
+    v = np.zeros_like(v) if hi <= lo else (v - lo) * (255.0 / (hi - lo))
+    gray = np.rint(np.clip(v, 0, 255)).astype(np.uint8)
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        gray = 255 - gray
+    return gray
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    """RGB -> grey with PIL's ITU-R 601 weights, as load_gray does for colour images."""
+    from PIL import Image
+
+    if rgb.dtype != np.uint8:
+        lo, hi = float(rgb.min()), float(rgb.max())
+        rgb = np.rint((rgb - lo) * (255.0 / max(hi - lo, 1e-12))).astype(np.uint8)
+    return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).convert("L"), dtype=np.uint8)

@@ -1,0 +1,150 @@
+"""Export a fine-tuned classifier to ONNX, with its preprocessing written down, and check it.
+
+The graph takes the normalised input tensor (float32, N x 3 x S x S, any N) and returns
+`logits` and `probs` (softmax). Decoding and resizing stay outside the graph, as in every
+deployment: the JSON sidecar beside it (model.onnx.json) says exactly what to do, step by step,
+matching engine/predict.py (decode_square) and engine/data/views.py (eval_view). The export
+is then run with onnxruntime on real images and compared with torch on the same tensors.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .config import IMAGENET_MEAN, IMAGENET_STD
+from .data.index import decode_square, find_records
+from .data.views import eval_view
+from .models import load_classifier, weights_file
+
+OPSET = 17
+TOLERANCE = 1e-4  # largest |onnx - torch| probability accepted
+CHECK_IMAGES = 8  # images the check runs when none are given
+
+
+class WithProbs(nn.Module):
+    """The classifier with its softmax: deployments want probabilities, audits want logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        logits = self.model(x)
+        return logits, logits.softmax(1)
+
+
+def require_onnx():
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+    except ImportError as e:
+        raise SystemExit(f"export needs onnx and onnxruntime ({e.name} is missing): "
+                         "pip install 'sstl[clinical]' (or pip install onnx onnxruntime)") from None
+    return onnxruntime
+
+
+def preprocessing(meta: dict) -> dict:
+    """What a deployment must do to an image file before the graph: predict()'s path, in words."""
+    s, c = int(meta["image_size"]), int(meta["cache_size"])
+    return {
+        "input_name": "input", "input_shape": ["batch", 3, s, s], "input_dtype": "float32",
+        "outputs": {"logits": ["batch", len(meta["class_names"])],
+                    "probs": "softmax of logits over the classes, in class_names order"},
+        "class_names": meta["class_names"], "positive_class": meta["positive_class"],
+        "image_size": s, "cache_size": c, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+        "steps": [
+            "decode to grey uint8 (H, W): 8-bit files keep their values (RGB -> ITU-R 601 luma); "
+            "16-bit and float files are stretched from their own min..max to 0..255; DICOM: "
+            "modality LUT (rescale slope/intercept), then the VOI LUT or window centre/width "
+            "(else min..max) to 0..255, MONOCHROME1 inverted",
+            f"resize the whole image to {c} x {c} (PIL bilinear; the aspect ratio is not kept)",
+            f"resize to {s} x {s} (bilinear, antialiased, align_corners=False, as "
+            "torch.nn.functional.interpolate)" if s != c else f"(already {s} x {s})",
+            "x = grey / 255 as float32, clamped to [0, 1]",
+            "replicate to 3 channels and normalise each: (x - mean[c]) / std[c] (ImageNet)",
+            "stack images along the batch axis: N x 3 x S x S, NCHW",
+        ],
+        "reference": "sstl engine/predict.py predict(), engine/data/views.py eval_view()",
+    }
+
+
+def export_onnx(model_path, out=None, images=(), tolerance: float = TOLERANCE) -> dict:
+    """Write the ONNX graph and its sidecar; verify on `images` (or real ones); return a report.
+
+    out: the .onnx file [default: model.onnx beside model.safetensors]. images: files or
+    folders to verify on; without them, the run's own training data when it is still there,
+    else synthetic radiograph-like images. SystemExit when the outputs differ by > tolerance.
+    """
+    ort = require_onnx()
+    model, meta = load_classifier(model_path, "cpu")
+    weights = weights_file(model_path, "model.safetensors")
+    out = Path(out) if out else weights.with_name("model.onnx")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    s = int(meta["image_size"])
+    wrapped = WithProbs(model).eval()
+    with warnings.catch_warnings():  # the TorchScript exporter: no onnxscript dependency
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(wrapped, torch.zeros(2, 3, s, s), str(out), opset_version=OPSET,
+                          input_names=["input"], output_names=["logits", "probs"],
+                          dynamic_axes={n: {0: "batch"} for n in ("input", "logits", "probs")},
+                          dynamo=False)
+    grey, source = check_images(model_path, meta, images)
+    x = eval_view(torch.from_numpy(grey), s)
+    with torch.no_grad():
+        want = wrapped(x)[1].numpy()
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(["probs"], {"input": x.numpy()})[0]
+    diff = float(np.abs(got - want).max())
+    report = {"onnx": str(out), "opset": OPSET, "images_checked": len(grey),
+              "check_source": source, "max_abs_diff_probs": diff, "tolerance": tolerance,
+              "same_argmax": bool((got.argmax(1) == want.argmax(1)).all()),
+              "ok": diff <= tolerance}
+    sidecar = out.with_name(out.name + ".json")  # model.onnx.json: model.json is the weights'!
+    sidecar.write_text(json.dumps({"format": "onnx", "opset": OPSET, "source_model": meta,
+                                   "preprocessing": preprocessing(meta), "verification": report},
+                                  indent=2, default=str))
+    report["sidecar"] = str(sidecar)
+    if not report["ok"]:
+        raise SystemExit(f"{out}: onnxruntime's probabilities differ from torch's by {diff:.2e} "
+                         f"(> {tolerance:g}) on {len(grey)} images; the export is not faithful")
+    return report
+
+
+def check_images(model_path, meta: dict, images=()) -> tuple[np.ndarray, str]:
+    """(N, C, C) uint8 at the cache size, and where they came from, for the comparison."""
+    size = int(meta["cache_size"])
+    if images:
+        from .predict import image_files
+
+        paths = [p for p, err in image_files(images) if err is None]
+        source = "given images"
+    else:
+        paths, source = _training_images(model_path), "the run's training data"
+    decoded = [img for img in (decode_square(p, size)[0] for p in paths) if img is not None]
+    if images and not decoded:
+        raise SystemExit(f"none of {', '.join(map(str, images))} could be decoded to check "
+                         "the export")
+    if not decoded:
+        from .data.synthetic import CLASSES, draw
+
+        rng = np.random.default_rng(0)
+        return (np.stack([draw(CLASSES[i % len(CLASSES)], rng, size) for i in range(CHECK_IMAGES)]),
+                "synthetic radiograph-like images (the training data was not found)")
+    return np.stack(decoded[:64]), source
+
+
+def _training_images(model_path) -> list[str]:
+    """A spread of CHECK_IMAGES files from the data named in the run's config.json, if any."""
+    run = weights_file(model_path, "model.safetensors").parent
+    try:
+        data = json.loads((run / "config.json").read_text())["config"]["data"]["path"]
+        _, records = find_records(data)
+    except (OSError, KeyError, TypeError, ValueError, SystemExit):
+        return []
+    step = max(1, len(records) // CHECK_IMAGES)
+    return [r.path for r in records[::step][:CHECK_IMAGES]]

@@ -1,0 +1,157 @@
+"""DICOM input: synthetic files written with pydicom, decoded against a NumPy reference."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pydicom = pytest.importorskip("pydicom")
+from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid  # noqa: E402
+
+from sstl.engine.data.dicom import is_dicom, load_dicom_gray  # noqa: E402
+from sstl.engine.data.index import decode_square, find_records, load_gray  # noqa: E402
+from sstl.engine.predict import image_files  # noqa: E402
+
+DX = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+
+
+def write_dcm(path: Path, pixels: np.ndarray, photometric="MONOCHROME2", bits=8,
+              syntax=ExplicitVRLittleEndian, **tags) -> Path:
+    """A minimal Part 10 DX file: one frame of unsigned grey `pixels`, extra `tags` as given."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DX
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = syntax
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = DX, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated = 8 if bits == 8 else 16
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits - 1, 0
+    for k, v in tags.items():
+        setattr(ds, k, v)
+    if syntax.is_compressed:
+        from pydicom.encaps import encapsulate
+
+        ds.PixelData = encapsulate([b"\xff\xd8 not really a JPEG-LS stream \xff\xd9"])
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+    else:
+        ds.PixelData = pixels.astype(np.uint8 if bits == 8 else "<u2").tobytes()
+    try:
+        ds.save_as(str(path), enforce_file_format=True)
+    except TypeError:  # pydicom 2.x
+        ds.save_as(str(path), write_like_original=False)
+    return path
+
+
+def minmax_u8(v: np.ndarray) -> np.ndarray:
+    v = v.astype(np.float64)
+    return np.rint((v - v.min()) * 255.0 / (v.max() - v.min())).astype(np.uint8)
+
+
+def pixels(bits: int, seed=0, shape=(40, 48)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 2 ** bits, size=shape)
+
+
+def test_monochrome2_8bit_is_stretched_from_its_own_range(tmp_path):
+    a = pixels(8)
+    a[0, 0], a[0, 1] = 10, 200  # the data's range, not 0..255
+    a = np.clip(a, 10, 200)
+    got = load_gray(write_dcm(tmp_path / "a.dcm", a))
+    assert got.dtype == np.uint8 and got.shape == a.shape
+    np.testing.assert_array_equal(got, minmax_u8(a))
+
+
+def test_monochrome1_is_inverted(tmp_path):
+    a = pixels(8, seed=1)
+    got = load_gray(write_dcm(tmp_path / "m1.dcm", a, photometric="MONOCHROME1"))
+    np.testing.assert_array_equal(got, 255 - minmax_u8(a))
+
+
+def test_12bit_with_rescale_slope_and_intercept(tmp_path):
+    a = pixels(12, seed=2)
+    f = write_dcm(tmp_path / "ct.dcm", a, bits=12, RescaleSlope="2", RescaleIntercept="-1024")
+    np.testing.assert_array_equal(load_gray(f), minmax_u8(a * 2.0 - 1024))
+
+
+def test_window_centre_width_applies_after_the_rescale(tmp_path):
+    a = pixels(12, seed=3)
+    c, w = 300.0, 1200.0  # in rescaled units: x * 2 - 1024 spans -1024..7166
+    f = write_dcm(tmp_path / "w.dcm", a, bits=12, RescaleSlope="2", RescaleIntercept="-1024",
+                  WindowCenter=str(c), WindowWidth=str(w))
+    m = a * 2.0 - 1024
+    # DICOM PS3.3 C.11.2.1.2.1, LINEAR: ((x - (c - 0.5)) / (w - 1) + 0.5), clipped to 0..1.
+    want = np.rint(np.clip((m - (c - 0.5)) / (w - 1) + 0.5, 0, 1) * 255).astype(np.uint8)
+    got = load_gray(f)
+    assert np.abs(got.astype(int) - want).max() <= 1  # rounding at exact .5 may differ
+    assert (got == want).mean() > 0.99
+    assert (got == 0).any() and (got == 255).any()  # the window saturates both ends here
+
+
+def test_a_file_without_suffix_is_found_and_decoded(tmp_path):
+    a = pixels(8, seed=4)
+    (tmp_path / "data").mkdir()
+    f = write_dcm(tmp_path / "data" / "IM000001", a)
+    (tmp_path / "data" / "notes").write_text("not an image")  # no suffix, no preamble: skipped
+    assert is_dicom(f) and not is_dicom(tmp_path / "data" / "notes")
+    _, records = find_records(tmp_path / "data")
+    assert [Path(r.path).name for r in records] == ["IM000001"]
+    np.testing.assert_array_equal(load_gray(f), minmax_u8(a))
+    assert [Path(p).name for p, _ in image_files([tmp_path / "data"])] == ["IM000001"]
+
+
+def test_a_folder_of_dcm_files_is_a_labelled_data_set(tmp_path):
+    for k, cls in enumerate(("COVID", "Normal")):
+        (tmp_path / cls).mkdir()
+        for i in range(2):
+            write_dcm(tmp_path / cls / f"{i}.dcm", pixels(12, seed=10 * k + i), bits=12)
+    root, records = find_records(tmp_path)
+    assert sorted({r.label for r in records}) == ["COVID", "Normal"] and len(records) == 4
+    img, err = decode_square(records[0].path, 32)
+    assert err is None and img.shape == (32, 32) and img.dtype == np.uint8
+
+
+def test_missing_decoder_names_the_syntax_and_package(tmp_path):
+    get_decoder = pytest.importorskip("pydicom.pixels").get_decoder  # pydicom 3
+
+    if get_decoder(JPEGLSLossless).is_available:
+        pytest.skip("a JPEG-LS decoder is installed here: the missing-decoder path cannot be shown")
+    f = write_dcm(tmp_path / "ls.dcm", pixels(8), syntax=JPEGLSLossless)
+    with pytest.raises(ValueError, match="JPEG-LS Lossless.*pip install"):
+        load_dicom_gray(f)
+    img, err = decode_square(f, 32)  # what the scan does: a reason, not a crash
+    assert img is None and "JPEG-LS" in err and "pylibjpeg" in err
+
+
+def test_not_a_dicom_and_no_pixels_are_reasons(tmp_path):
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"\0" * 200)
+    assert decode_square(bad, 32)[0] is None
+    f = write_dcm(tmp_path / "sr.dcm", pixels(8))
+    ds = pydicom.dcmread(f)
+    del ds.PixelData
+    ds.save_as(str(f))
+    img, err = decode_square(f, 32)
+    assert img is None and "pixel data" in err
+
+
+def test_the_scan_reports_an_undecodable_dicom_and_keeps_the_rest(tmp_path):
+    from pydicom.pixels import get_decoder
+
+    from sstl.engine.config import DataConfig
+    from sstl.engine.data.dataset import load_dataset
+
+    if get_decoder(JPEGLSLossless).is_available:
+        pytest.skip("a JPEG-LS decoder is installed here")
+    for k, cls in enumerate(("COVID", "Normal")):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            write_dcm(tmp_path / cls / f"{i}.dcm", pixels(12, seed=10 * k + i), bits=12)
+    write_dcm(tmp_path / "COVID" / "ls.dcm", pixels(8), syntax=JPEGLSLossless)
+    ds = load_dataset(DataConfig(path=str(tmp_path), cache_size=32, scan_workers=1),
+                      need_labels=True, log=lambda s: None)
+    assert len(ds.records) == 6 and ds.report["usable"] == 6 and ds.report["found"] == 7
+    (skipped,) = ds.report["skipped"]
+    assert skipped["path"] == "COVID/ls.dcm" and "JPEG-LS" in skipped["reason"]

@@ -1,0 +1,84 @@
+"""`sstl export`: ONNX probabilities equal torch's; the sidecar states the preprocessing."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from sstl.engine.data.index import decode_square  # noqa: E402
+from sstl.engine.data.views import eval_view  # noqa: E402
+from sstl.engine.export import export_onnx  # noqa: E402
+from sstl.engine.models import load_classifier  # noqa: E402
+from tests.conftest import CXR_SMALL, needs_shared  # noqa: E402
+from tests.tiny_run import make_run, write_pngs  # noqa: E402
+
+
+def onnx_vs_torch(run, onnx_path, files):
+    """Both models on the same tensors, built here the way predict() builds them."""
+    model, meta = load_classifier(run)
+    grey = np.stack([decode_square(f, meta["cache_size"])[0] for f in files])
+    x = eval_view(torch.from_numpy(grey), meta["image_size"])
+    with torch.no_grad():
+        want = model(x).softmax(1).numpy()
+    got = ort.InferenceSession(str(onnx_path)).run(["probs"], {"input": x.numpy()})[0]
+    return got, want
+
+
+def test_export_matches_torch_on_synthetic_images(tmp_path):
+    run = make_run(tmp_path / "run")
+    files = write_pngs(tmp_path / "imgs", n=5)
+    r = export_onnx(run, images=(str(tmp_path / "imgs"),))
+    assert r["ok"] and r["images_checked"] == 5 and r["max_abs_diff_probs"] <= 1e-4
+    got, want = onnx_vs_torch(run, run / "model.onnx", files)  # 5 images: the batch axis is free
+    assert got.shape == (5, 2)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    side = json.loads((run / "model.json").read_text())  # the weights' sidecar is untouched
+    assert side["kind"] == "sstl-classifier"
+    meta = json.loads((run / "model.onnx.json").read_text())
+    pre = meta["preprocessing"]
+    assert meta["opset"] == 17 and pre["input_shape"] == ["batch", 3, 32, 32]
+    assert pre["mean"] == [0.485, 0.456, 0.406] and pre["class_names"] == ["COVID", "Normal"]
+    assert meta["verification"]["max_abs_diff_probs"] == r["max_abs_diff_probs"]
+
+
+def test_export_without_images_falls_back_to_synthetic(tmp_path):
+    run = make_run(tmp_path / "run")
+    r = export_onnx(run, out=tmp_path / "x" / "m.onnx")
+    assert r["ok"] and r["images_checked"] == 8 and "synthetic" in r["check_source"]
+    assert (tmp_path / "x" / "m.onnx.json").is_file()
+
+
+@needs_shared
+def test_export_matches_torch_on_real_chest_xrays(tmp_path):
+    run = make_run(tmp_path / "run", image_size=64, cache_size=64)
+    files = sorted((CXR_SMALL).rglob("*.png"))[::75][:8]
+    r = export_onnx(run, images=tuple(map(str, files)))
+    assert r["ok"] and r["images_checked"] == len(files) >= 4
+    got, want = onnx_vs_torch(run, run / "model.onnx", files)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_cli_export_reports_the_difference(tmp_path):
+    from typer.testing import CliRunner
+
+    from sstl.cli.main import app
+
+    run = make_run(tmp_path / "run")
+    write_pngs(tmp_path / "imgs", n=2)
+    res = CliRunner().invoke(app, ["export", "--model", str(run), "--out",
+                                   str(tmp_path / "m.onnx"), "--images", str(tmp_path / "imgs")])
+    assert res.exit_code == 0, res.output
+    assert "max |diff|" in res.output and (tmp_path / "m.onnx").is_file()
+    bad = CliRunner().invoke(app, ["export", "--model", str(run), "--format", "tflite"])
+    assert bad.exit_code != 0 and "--format must be onnx" in bad.output
+
+
+def test_missing_onnxruntime_is_a_clear_refusal(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import now raises ImportError
+    with pytest.raises(SystemExit, match="onnxruntime.*pip install"):
+        export_onnx(make_run(tmp_path / "run"))
