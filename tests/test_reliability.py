@@ -1,0 +1,220 @@
+"""Reliability: nothing lost, nothing executed, every bad input and fault gets a clear answer.
+
+Each test is one case of the reliability issue; the oracle is the exit code and message, the
+files left behind, or weights equal (bitwise, on the CPU) to an uninterrupted run's.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from sstl.cli.main import app
+from sstl.engine import pretrain as pretrain_mod
+from sstl.engine.finetune import finetune
+from sstl.engine.pretrain import pretrain
+from sstl.engine.runs import Run
+
+from .configs import finetune_cfg, pretrain_cfg
+
+FAST = ["--arch", "resnet18", "--init", "random", "--device", "cpu", "--no-compile"]
+BAD = [
+    ("pretrain", ["--epochs", "0"], "--epochs must be at least 1"),
+    ("pretrain", ["--epochs", "-1"], "--epochs must be at least 1"),
+    ("pretrain", ["--batch-size", "0"], "--batch-size must be at least"),
+    ("pretrain", ["--batch-size", "-4"], "--batch-size must be at least"),
+    ("pretrain", ["--batch-size", "1"], "--batch-size must be at least 2"),
+    ("pretrain", ["--view-size", "0"], "--view-size must be at least 32"),
+    ("pretrain", ["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
+    ("pretrain", ["--checkpoint-minutes", "0"], "--checkpoint-minutes must be positive"),
+    ("pretrain", ["--log-every", "0"], "--log-every must be at least 1"),
+    ("pretrain", ["--lr", "0"], "--lr must be positive"),
+    ("pretrain", ["--tau", "1.5"], "--tau must be in [0, 1)"),
+    ("pretrain", ["--method", "moco"], "--method must be one of"),
+    ("pretrain", ["--method", "simclr", "--temperature", "0"], "--temperature must be positive"),
+    ("pretrain", ["--method-option", "nonsense=1"], "has no setting 'nonsense'"),
+    ("pretrain", ["--name", "../escape"], "--name '../escape'"),
+    ("pretrain", ["--test-fraction", "0"], "--test-fraction must be between 0 and 1"),
+    ("finetune", ["--test-fraction", "1"], "--test-fraction must be between 0 and 1"),
+    ("finetune", ["--batch-size", "-4"], "--batch-size must be at least 1"),
+    ("finetune", ["--epochs", "0"], "--epochs must be at least 1"),
+    ("finetune", ["--fraction", "0"], "--fraction must be in (0, 1]"),
+    ("finetune", ["--image-size", "0"], "--image-size must be at least 32"),
+    ("finetune", ["--summary-last", "0"], "--summary-last must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("command,args,message", BAD, ids=[" ".join(a) for _, a, _ in BAD])
+def test_bad_values_exit_nonzero_with_one_line(command, args, message, tmp_path):
+    r = CliRunner().invoke(app, [command, *FAST, "--out", str(tmp_path), *args])
+    assert r.exit_code not in (0, None), r.output
+    assert isinstance(r.exception, SystemExit), r.exception  # a message, not a traceback
+    assert message in r.output, r.output
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+def test_one_class_data_is_refused_for_finetuning(tmp_path):
+    from .tiny_run import write_pngs
+
+    write_pngs(tmp_path / "d" / "COVID", n=6)
+    with pytest.raises(SystemExit, match="one class"):
+        finetune(finetune_cfg(path=tmp_path / "d", out=str(tmp_path), name="x",
+                              positive_class="COVID"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_run_directory_is_locked(tmp_path):
+    with Run.open(str(tmp_path), "r"):
+        with pytest.raises(SystemExit, match=f"in use by another sstl process \\(pid {os.getpid()}"):
+            with Run.open(str(tmp_path), "r"):
+                pass
+    with Run.open(str(tmp_path), "r"):  # released at the end
+        pass
+
+
+def test_a_run_failing_before_its_first_checkpoint_leaves_no_directory(tmp_path):
+    with pytest.raises(SystemExit, match="fewer than one batch"):
+        pretrain(pretrain_cfg(out=str(tmp_path), name="big", batch_size=4096))
+    assert not (tmp_path / "big").exists()
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {MARK}",))
+
+
+MARK = "/tmp/sstl-test-pickle-ran"
+
+
+def test_a_crafted_checkpoint_never_runs_code(tmp_path):
+    if os.path.exists(MARK):
+        os.remove(MARK)
+    run = tmp_path / "r"
+    run.mkdir()
+    with open(run / "checkpoint.pt", "wb") as fh:
+        pickle.dump({"format": 2, "x": Exploit()}, fh)
+    with pytest.raises(SystemExit, match="no readable checkpoint"):
+        pretrain(pretrain_cfg(out=str(tmp_path), name="r"))
+    assert not os.path.exists(MARK)
+    with pytest.raises(SystemExit, match="not a readable state dict"):  # --init too
+        pretrain(pretrain_cfg(out=str(tmp_path), name="s", init=str(run / "checkpoint.pt")))
+    assert not os.path.exists(MARK)
+
+
+def _two_epochs(tmp_path, name, **kw):
+    return pretrain_cfg(out=str(tmp_path), name=name, epochs=2, checkpoint_every=2, **kw)
+
+
+def _same_weights(a, b):
+    sa, sb = load_file(a / "encoder.safetensors"), load_file(b / "encoder.safetensors")
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    full = pretrain(_two_epochs(tmp_path, "full"))
+    run = pretrain(_two_epochs(tmp_path, "cut"))
+    assert (run / "checkpoint.prev.pt").exists()
+    data = (run / "checkpoint.pt").read_bytes()
+    (run / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    (run / "encoder.safetensors").unlink()
+    pretrain(_two_epochs(tmp_path, "cut"))
+    assert "resuming from checkpoint.prev.pt" in capsys.readouterr().err
+    assert _same_weights(full, run)
+
+
+def test_the_final_weights_always_match_the_final_checkpoint(tmp_path, monkeypatch):
+    real = pretrain_mod.save_encoder
+
+    def killed_before_the_encoder(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain_mod, "save_encoder", killed_before_the_encoder)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(_two_epochs(tmp_path, "r"))
+    monkeypatch.setattr(pretrain_mod, "save_encoder", real)
+    run = pretrain(_two_epochs(tmp_path, "r"))  # finds the finished checkpoint: writes, no training
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    enc = load_file(run / "encoder.safetensors")
+    assert ck["epoch"] == 2 and all(torch.equal(ck["model"][f"backbone.{k}"], v)
+                                    for k, v in enc.items())
+
+
+def test_a_full_disk_is_one_message_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    def no_space(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(SystemExit, match="No space left on device"):
+        pretrain(pretrain_cfg(out=str(tmp_path), name="full", checkpoint_every=1))
+    leftovers = [p for p in tmp_path.rglob("*") if ".tmp" in p.name or p.name.endswith(".next.pt")]
+    assert leftovers == []
+    monkeypatch.undo()
+    assert (pretrain(pretrain_cfg(out=str(tmp_path), name="full")) / "encoder.safetensors").exists()
+
+
+def test_an_unwritable_out_is_one_message(tmp_path):
+    (tmp_path / "file").write_text("")
+    r = CliRunner().invoke(app, ["pretrain", *FAST, "--out", str(tmp_path / "file" / "runs")])
+    assert r.exit_code not in (0, None) and isinstance(r.exception, SystemExit)
+    assert "could not create" in r.output
+
+
+def test_weights_are_world_readable_and_a_model_works_as_init(tmp_path):
+    old = os.umask(0o077)  # a strict umask must not make weights private while sidecars are not
+    try:
+        run = finetune(finetune_cfg(out=str(tmp_path), name="ft"))
+    finally:
+        os.umask(old)
+    for f in ("model.safetensors", "model.json"):
+        assert (run / f).stat().st_mode & 0o777 == 0o644, f
+    again = finetune(finetune_cfg(out=str(tmp_path), name="ft2", init=str(run / "model.safetensors")))
+    assert (again / "model.safetensors").exists()
+
+
+def test_wrong_architecture_encoder_is_reported_as_the_encoder(tmp_path):
+    enc = pretrain(pretrain_cfg(out=str(tmp_path), name="enc"))
+    meta = (enc / "encoder.json").read_text().replace('"resnet18"', '"resnet50"')
+    (enc / "encoder.json").write_text(meta)  # a sidecar that lies about the weights
+    with pytest.raises(SystemExit, match=r"^--encoder .* does not fit"):
+        finetune(finetune_cfg(out=str(tmp_path), name="ft", encoder=str(enc), arch="resnet50"))
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_rerun_equals_an_uninterrupted_run(tmp_path):
+    """Real processes killed with SIGKILL (nothing runs after it), twice, then run to the end."""
+    args = [sys.executable, "-m", "sstl.cli.main", "pretrain", *FAST, "--epochs", "2",
+            "--batch-size", "32", "--view-size", "32", "--cache-size", "64",
+            "--checkpoint-every", "1", "--log-every", "1", "--method-option", "proj_hidden=64",
+            "--method-option", "pred_hidden=64", "--out", str(tmp_path), "--name", "killed"]
+    env = {**os.environ, "SSTL_PLAIN_LOG": "1"}
+    rng = random.Random(0)
+    run = tmp_path / "killed"
+    for _ in range(2):
+        p = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 240
+        seen = run / "checkpoint.pt"
+        start = seen.stat().st_mtime_ns if seen.exists() else 0
+        while time.monotonic() < deadline and p.poll() is None:  # wait for a new checkpoint
+            if seen.exists() and seen.stat().st_mtime_ns != start:
+                break
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0, 0.5))  # then a random moment: mid-step, mid-write...
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    full = pretrain(pretrain_cfg(out=str(tmp_path), name="full", epochs=2, cache_size=64,
+                                 settings={"proj_hidden": 64, "pred_hidden": 64, "proj_dim": 128}))
+    assert _same_weights(full, run)
