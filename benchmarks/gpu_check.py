@@ -59,6 +59,18 @@ def cuda_checks(device: str = "cuda", arch: str = "resnet50", batch: int = 64) -
                       *((a.grad.double() - r.grad).norm().item() / r.grad.norm().item()
                         for a, r in ((a1, r1), (a2, r2))))
             out[f"loss {str(dtype)[6:]} B={B} D={D}"] = {"rel_err": err, "ok": err < tol}
+    for dtype, tol in dtypes if device == "cuda" else dtypes[::2]:  # BYOL/SimSiam's kernel
+        g = torch.Generator(device=device).manual_seed(5)
+        a, b = (torch.randn(512, 256, device=device, generator=g).to(dtype) for _ in range(2))
+        a1 = a.detach().clone().requires_grad_(True)
+        loss = kernels.cosine_loss(a1, b)
+        loss.backward()
+        r = a.detach().double().requires_grad_(True)
+        ref = kernels.cosine_loss_reference(r, b.double())
+        ref.backward()
+        err = max(abs(loss.item() - ref.item()) / abs(ref.item()),
+                  (a1.grad.double() - r.grad).norm().item() / r.grad.norm().item())
+        out[f"cosine loss {str(dtype)[6:]} B=512 D=256"] = {"rel_err": err, "ok": err < tol}
     net = backbone(arch).to(device)
     tgt = copy.deepcopy(net)
     fo, ft = kernels.FlatParams(net.parameters()), kernels.FlatParams(tgt.parameters())
