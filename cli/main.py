@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from sstl.engine.config import (AugmentConfig, DataConfig, FinetuneAugment, FinetuneConfig,
-                               PretrainConfig, Runtime)
+                               PretrainConfig, Runtime, SupervisedConfig)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Self-supervised transfer learning for chest X-rays (Li et al.): "
@@ -186,6 +186,75 @@ def finetune(
         weight_decay=weight_decay, label_smoothing=label_smoothing,
         augment=FinetuneAugment(size=image_size), positive_class=positive_class,
         summary_last=summary_last))
+
+
+S = SupervisedConfig
+
+
+@app.command()
+def supervised(
+    data: Path = typer.Option(..., "--data", help="Class folders (or manifest) of labelled natural "
+                              "images: ImageNet, or CIFAR-10 where ImageNet weights cannot be had"),
+    arch: str = typer.Option(default(S, "arch"), help="resnet50 (paper) | resnet18"),
+    init: str = typer.Option(default(S, "init"), help="random | imagenet | PATH"),
+    epochs: int = typer.Option(default(S, "epochs"), help="Epochs (ImageNet recipe: 90)"),
+    batch_size: int = typer.Option(default(S, "batch_size"), help="Batch size"),
+    image_size: int = typer.Option(default(S, "augment").size, help="Side of the input (CIFAR-10: 32)"),
+    lr: float = typer.Option(default(S, "lr"), help="SGD peak learning rate"),
+    schedule: str = typer.Option(default(S, "schedule"), help="cosine | constant"),
+    weight_decay: float = typer.Option(default(S, "weight_decay"), help="Weight decay"),
+    out: Path = OUT, name: Optional[str] = NAME, device: str = DEVICE, backend: str = BACKEND,
+    compile: Optional[bool] = COMPILE, precision: str = PRECISION, seed: int = SEED,
+    log_every: int = LOG_EVERY, checkpoint_every: int = CKPT_EVERY,
+    checkpoint_minutes: float = CKPT_MINUTES, resume: bool = RESUME,
+    cache_dir: Optional[Path] = CACHE_DIR,
+    cache_size: int = typer.Option(default(S, "data").cache_size, "--cache-size",
+                                   help="Side of the cached uint8 images"),
+    split_seed: int = SPLIT_SEED, test_fraction: float = TEST_FRACTION, workers: int = WORKERS,
+):
+    """The paper's stage 1: supervised training on natural images; writes encoder.safetensors."""
+    import dataclasses
+
+    from sstl.engine.supervised import supervised as run
+
+    aug = dataclasses.replace(default(S, "augment"), size=image_size)
+    run(SupervisedConfig(
+        data=data_config(data, cache_dir, cache_size, split_seed, test_fraction, workers),
+        runtime=runtime(device, precision, compile, backend, seed, out, name, log_every,
+                        checkpoint_every, checkpoint_minutes, resume),
+        arch=arch, init=init, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,
+        weight_decay=weight_decay, augment=aug))
+
+
+@app.command()
+def reproduce(
+    data: Optional[Path] = DATA,
+    preset: str = typer.Option("paper", help="paper (resnet50, the paper's settings; a GPU job) | "
+                               "quick (resnet18, small images, few epochs; a CPU job)"),
+    rows: list[str] = typer.Option([], "--row", help="Only these rows (repeatable): ours, transfer, "
+                                   "cross, byol, simsiam, simclr, scratch [default: all]"),
+    fraction: list[float] = typer.Option([], "--fraction", help="Label fractions (repeatable) "
+                                         "[default: 0.01 0.1 0.5 1]"),
+    seeds: int = typer.Option(1, help="Seeds per cell; tables give mean and std across them"),
+    transfer: str = typer.Option("imagenet", help="Start of Ours and Transfer: imagenet | PATH to "
+                                 "a stage-1 encoder (`sstl supervised`)"),
+    evaluate_on: Optional[Path] = typer.Option(None, help="Also evaluate every fine-tuned model "
+                                               "on this labelled set (another hospital's data)"),
+    out: Path = OUT, name: Optional[str] = NAME, device: str = DEVICE, backend: str = BACKEND,
+    compile: Optional[bool] = COMPILE, precision: str = PRECISION, seed: int = SEED,
+    log_every: int = LOG_EVERY, cache_dir: Optional[Path] = CACHE_DIR,
+    split_seed: int = SPLIT_SEED, test_fraction: float = TEST_FRACTION, workers: int = WORKERS,
+):
+    """Table 2 and Fig. 3: every row x label fraction as ordinary runs, collected into tables."""
+    from sstl.engine.config import ReproduceConfig
+    from sstl.engine.reproduce import reproduce as run
+
+    run(ReproduceConfig(
+        data=data_config(data, cache_dir, D.cache_size, split_seed, test_fraction, workers),
+        runtime=runtime(device, precision, compile, backend, seed, out, name, log_every,
+                        R.checkpoint_every, R.checkpoint_minutes, True),
+        preset=preset, rows=tuple(rows), fractions=tuple(fraction) or ReproduceConfig().fractions,
+        seeds=seeds, transfer=transfer, evaluate_on=str(evaluate_on) if evaluate_on else None))
 
 
 MODEL = typer.Option(..., "--model", help="Run directory of `sstl finetune` (or its model.safetensors)")

@@ -28,7 +28,7 @@ from .methods import METHODS, SettingError, method_settings
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AugmentConfig", "FinetuneAugment", "ViewAugment",
            "DataConfig", "Runtime", "PretrainConfig", "FinetuneConfig", "PredictConfig",
-           "EvaluateConfig", "ConfigError", "check", "resolve", "resume_key", "save_json"]
+           "EvaluateConfig", "SupervisedConfig", "ReproduceConfig", "ConfigError", "check", "resolve", "resume_key", "save_json"]
 
 
 class ConfigError(SystemExit):
@@ -118,6 +118,49 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class SupervisedConfig:
+    """`sstl supervised`: the paper's stage 1, a backbone trained with labels on natural images.
+
+    Defaults follow the usual ImageNet recipe (torchvision's): SGD 0.1, momentum 0.9, weight
+    decay 1e-4, batch 256, cosine schedule, random-resized crops of 8-100% of the area.
+    """
+
+    data: DataConfig = DataConfig(cache_size=32)  # class folders of natural images (CIFAR-10: 32 px)
+    runtime: Runtime = Runtime()
+    arch: str = "resnet50"  # the backbone the later stages use
+    init: str = "random"  # random | imagenet | PATH: where stage 1 itself starts
+    imagenet_weights: str = "V2"
+    epochs: int = 90  # the ImageNet recipe; the CIFAR-10 stand-in needs far fewer
+    batch_size: int = 256
+    lr: float = 0.1
+    schedule: str = "cosine"  # cosine | constant
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    augment: FinetuneAugment = FinetuneAugment(size=32, train=ViewAugment(
+        crop_scale=(0.08, 1.0), flip_p=0.5, blur_p=0.0, jitter_p=0.8, brightness=0.4,
+        contrast=0.4))  # the input side (--image-size) and ImageNet-style crops
+
+
+@dataclass(frozen=True)
+class ReproduceConfig:
+    """`sstl reproduce`: the grid of Table 2 (rows x all labels) and Fig. 3 (label fractions).
+
+    Every cell is an ordinary run directory under <out>/<name>/, so an interrupted grid
+    continues where it stopped and a finished cell is never redone.
+    """
+
+    data: DataConfig = DataConfig()
+    runtime: Runtime = Runtime()  # out/name: where the grid's folder goes; seed: the first seed
+    preset: str = "paper"  # paper (resnet50, the paper's settings; a GPU job) | quick (CPU-sized)
+    rows: tuple[str, ...] = ()  # Table 2's rows to run; () = every row sstl can train
+    fractions: tuple[float, ...] = (0.01, 0.1, 0.5, 1.0)  # Fig. 3's label fractions
+    seeds: int = 1  # repetitions with seeds seed, seed+1, ...; tables report mean and std over them
+    transfer: str = "imagenet"  # the transfer start: imagenet | PATH to a stage-1 encoder
+    evaluate_on: str | None = None  # another labelled set every fine-tuned model is evaluated on
+
+
+@dataclass(frozen=True)
 class PredictConfig:
     """`sstl predict`: class probabilities for image files and folders."""
 
@@ -176,7 +219,7 @@ def check(cfg):
         if not ok:
             raise ConfigError(msg)
 
-    if isinstance(cfg, (PretrainConfig, FinetuneConfig)):
+    if isinstance(cfg, (PretrainConfig, FinetuneConfig, SupervisedConfig)):
         _check_runtime(cfg.runtime, need)
         _check_data(cfg.data, need)
         need(cfg.epochs >= 1, f"--epochs must be at least 1, not {cfg.epochs}")
@@ -213,6 +256,21 @@ def check(cfg):
         need(cfg.summary_last >= 1, f"--summary-last must be at least 1, not {cfg.summary_last}")
         need(0 <= cfg.label_smoothing < 1,
              f"--label-smoothing must be in [0, 1), not {cfg.label_smoothing}")
+        return cfg
+    if isinstance(cfg, SupervisedConfig):
+        need(cfg.schedule in ("cosine", "constant"),
+             f"--schedule must be cosine or constant, not {cfg.schedule!r}")
+        need(cfg.augment.size >= 32, f"--image-size must be at least 32, not {cfg.augment.size}")
+        need(0 <= cfg.label_smoothing < 1,
+             f"--label-smoothing must be in [0, 1), not {cfg.label_smoothing}")
+        return cfg
+    if isinstance(cfg, ReproduceConfig):
+        _check_runtime(cfg.runtime, need)
+        _check_data(cfg.data, need)
+        need(cfg.preset in ("paper", "quick"), f"--preset must be paper or quick, not {cfg.preset!r}")
+        need(cfg.seeds >= 1, f"--seeds must be at least 1, not {cfg.seeds}")
+        need(len(cfg.fractions) > 0 and all(0 < f <= 1 for f in cfg.fractions),
+             f"--fraction values must be in (0, 1], not {cfg.fractions}")
         return cfg
     if isinstance(cfg, (PredictConfig, EvaluateConfig)):
         need(cfg.batch_size >= 1, f"--batch-size must be at least 1, not {cfg.batch_size}")

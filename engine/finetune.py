@@ -8,14 +8,11 @@ and a table.
 """
 from __future__ import annotations
 
-import math
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
@@ -25,44 +22,25 @@ from .data.backends import labelled_source
 from .data.dataset import Dataset, load_dataset, save_data_files
 from .data.index import DataError
 from .data.split import fraction_subset
-from .loop import Plan, Trainer, fit, sgd
+from .loop import Plan, Trainer, fit
 from .evaluation import bootstrap_ci, card_fields, curves_png, draw_figures, write_model_card
 from .metrics import METRICS, NAMES, best_epoch, classification_metrics, summarize
-from .models import ARCHS, Classifier, backbone, sidecar, weights_file
+from .models import sidecar, weights_file
 from .runs import Run, log, save_weights
+from .supervised import classifier_trainer, test_probs
 
 FEW_IMAGES = 5  # a class with fewer training images than this gets a warning (noisy results)
 CI_RESAMPLES = 1000  # bootstrap resamples of the test split for the model card's 95% intervals
 
 
-def supervised_forward(model, label_smoothing: float):
-    """The classifier's step up to the loss: cross-entropy of one labelled batch."""
-    def forward(x: torch.Tensor, y: torch.Tensor):
-        return F.cross_entropy(model(x), y, label_smoothing=label_smoothing), {}
-    return forward
-
-
-def lr_at(cfg: FinetuneConfig, step: int, total: int) -> float:
-    """The learning rate of a global step: a function of the step alone (nothing to resume)."""
-    if cfg.schedule == "constant":
-        return cfg.lr
-    return 0.5 * cfg.lr * (1 + math.cos(math.pi * step / total))
-
-
 def build_trainer(cfg: FinetuneConfig, res: Resolved, n_classes: int, encoder: Path | None,
                   total_steps: int) -> Trainer:
-    torch.manual_seed(cfg.runtime.seed)  # the head's initialisation (and a random backbone's)
-    net = backbone(cfg.arch, str(encoder) if encoder else cfg.init, cfg.imagenet_weights,
-                   flag="--encoder" if encoder else "--init")
-    model = Classifier(net, ARCHS[cfg.arch], n_classes).to(res.device)
-    if res.channels_last:
-        model.to(memory_format=torch.channels_last)
-    # The whole network is fine-tuned, as in the paper.
-    opt = sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, res.device)
-    compiled = torch.compile(model) if res.compile else model
-    return Trainer(model=model, forward=supervised_forward(compiled, cfg.label_smoothing),
-                   opt=opt, autocast=res.autocast,
-                   lr_at=lambda step: lr_at(cfg, step, total_steps))
+    return classifier_trainer(
+        cfg.arch, str(encoder) if encoder else cfg.init, cfg.imagenet_weights, n_classes, res,
+        lr=cfg.lr, schedule=cfg.schedule, momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay, label_smoothing=cfg.label_smoothing,
+        seed=cfg.runtime.seed, total_steps=total_steps,
+        flag="--encoder" if encoder else "--init")
 
 
 def check_encoder(cfg: FinetuneConfig, ds: Dataset) -> Path | None:
@@ -74,7 +52,9 @@ def check_encoder(cfg: FinetuneConfig, ds: Dataset) -> Path | None:
     if meta.get("arch") != cfg.arch:
         raise SystemExit(f"--encoder {f} holds a {meta.get('arch')} backbone but --arch is "
                          f"{cfg.arch}; pass --arch {meta.get('arch')}")
-    if meta.get("data_fingerprint") != ds.fingerprint():
+    if meta.get("stage") == "supervised":  # stage 1 on natural images: never saw these X-rays
+        log(f"--encoder {f}: a stage-1 encoder (supervised on {meta.get('data_root')})")
+    elif meta.get("data_fingerprint") != ds.fingerprint():
         what = " (the embedded SYNTHETIC set)" if meta.get("synthetic_data") else ""
         log(f"warning: --encoder {f} was pretrained on other images than --data{what}; "
             "whether it has seen this run's test images cannot be checked")
@@ -143,25 +123,6 @@ def finetune(cfg: FinetuneConfig) -> Path:
         return run.path
 
 
-def test_probs(t: Trainer, test) -> np.ndarray:
-    """Class probabilities of the test split under the current weights (eval mode)."""
-    t.model.eval()
-    probs = class_probs(t.model, (x for x, _ in test.epoch(0)), t.autocast)
-    t.model.train()
-    return probs.cpu().numpy()  # the epoch's one transfer to the host
-
-
-@torch.no_grad()
-def class_probs(forward, batches, autocast) -> torch.Tensor:
-    """Softmax probabilities (fp32, on the device) of a stream of model inputs, in order."""
-    return torch.cat([_softmax(forward, x, autocast) for x in batches])
-
-
-def _softmax(forward, x, autocast) -> torch.Tensor:
-    with autocast():
-        return forward(x).float().softmax(1)
-
-
 def check_positive(class_names: list[str], positive: str) -> int:
     if positive not in class_names:
         raise DataError(f"--positive-class {positive!r} is not a class of this data; its classes "
@@ -184,7 +145,7 @@ def choose_subset(cfg: FinetuneConfig, ds: Dataset, run: Path) -> np.ndarray:
     return idx
 
 
-def save_model(run: Path, cfg: FinetuneConfig, model: Classifier, ds: Dataset, epoch: int,
+def save_model(run: Path, cfg: FinetuneConfig, model, ds: Dataset, epoch: int,
                start: str) -> None:
     """model.safetensors + model.json: everything `sstl predict` / `evaluate` need to use it."""
     save_weights(model.state_dict(), run / "model.safetensors", {

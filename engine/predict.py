@@ -22,7 +22,7 @@ from .data.index import DataError, decode_square, is_image_file
 from .data.loader import LabelledSource
 from .data.views import eval_view
 from .evaluation import draw_figures
-from .finetune import class_probs
+from .supervised import class_probs
 from .metrics import METRICS, NAMES, classification_metrics
 from .models import load_classifier
 from .runs import log

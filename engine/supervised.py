@@ -1,0 +1,127 @@
+"""Supervised training of a classifier: the step fine-tuning shares, and the paper's stage 1.
+
+Stage 1 of the paper is the backbone's supervised start on natural images (ImageNet, through
+torchvision's weights). `sstl supervised --data FOLDER` trains it on any class-folder set,
+the same way fine-tuning trains (one loop, `engine/loop.py`), and writes encoder.safetensors,
+which `--init PATH`, `sstl pretrain --init` and `sstl finetune --encoder` accept. Where
+ImageNet weights cannot be had, CIFAR-10 stands in: the run records which start it is.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import Resolved, SupervisedConfig, check, config_hash, resolve, resume_key
+from .data.backends import labelled_source
+from .data.dataset import load_dataset, save_data_files
+from .loop import Plan, Trainer, fit, sgd
+from .models import ARCHS, Classifier, backbone
+from .runs import Run, log, save_weights
+
+
+def supervised_forward(model, label_smoothing: float):
+    """The classifier's step up to the loss: cross-entropy of one labelled batch."""
+    def forward(x: torch.Tensor, y: torch.Tensor):
+        return F.cross_entropy(model(x), y, label_smoothing=label_smoothing), {}
+    return forward
+
+
+def lr_at(lr: float, schedule: str, step: int, total: int) -> float:
+    """The learning rate of a global step: a function of the step alone (nothing to resume)."""
+    if schedule == "constant":
+        return lr
+    return 0.5 * lr * (1 + math.cos(math.pi * step / total))
+
+
+def classifier_trainer(arch: str, init: str, imagenet_weights: str, n_classes: int,
+                       res: Resolved, *, lr: float, schedule: str, momentum: float,
+                       weight_decay: float, label_smoothing: float, seed: int, total_steps: int,
+                       flag: str = "--init") -> Trainer:
+    """Backbone (from `init`) + linear head, SGD on every weight, the schedule per step."""
+    torch.manual_seed(seed)  # the head's initialisation (and a random backbone's)
+    net = backbone(arch, init, imagenet_weights, flag=flag)
+    model = Classifier(net, ARCHS[arch], n_classes).to(res.device)
+    if res.channels_last:
+        model.to(memory_format=torch.channels_last)
+    opt = sgd(model.parameters(), lr, momentum, weight_decay, res.device)
+    compiled = torch.compile(model) if res.compile else model
+    return Trainer(model=model, forward=supervised_forward(compiled, label_smoothing), opt=opt,
+                   autocast=res.autocast,
+                   lr_at=lambda step: lr_at(lr, schedule, step, total_steps))
+
+
+@torch.no_grad()
+def class_probs(forward, batches, autocast) -> torch.Tensor:
+    """Softmax probabilities (fp32, on the device) of a stream of model inputs, in order."""
+    return torch.cat([_softmax(forward, x, autocast) for x in batches])
+
+
+def _softmax(forward, x, autocast) -> torch.Tensor:
+    with autocast():
+        return forward(x).float().softmax(1)
+
+
+def test_probs(t: Trainer, test) -> np.ndarray:
+    """Class probabilities of a test source under the current weights (eval mode)."""
+    t.model.eval()
+    probs = class_probs(t.model, (x for x, _ in test.epoch(0)), t.autocast)
+    t.model.train()
+    return probs.cpu().numpy()  # the epoch's one transfer to the host
+
+
+test_probs.__test__ = False  # not a pytest test, despite its name
+
+
+def default_name(cfg: SupervisedConfig) -> str:
+    return f"supervised-{cfg.arch}-{resume_key(cfg)[:8]}"
+
+
+def supervised(cfg: SupervisedConfig) -> Path:
+    """Stage 1: train backbone + head on labelled images; held-out top-1 after every epoch."""
+    cfg = check(cfg)
+    res = resolve(cfg.runtime, cfg.batch_size)
+    ds = load_dataset(cfg.data, need_labels=True, log=log)
+    with Run.open(cfg.runtime.out, cfg.runtime.name or default_name(cfg)) as run:
+        save_data_files(ds, run.path)
+        train = labelled_source(np.asarray(ds.images[ds.train_idx]), ds.targets[ds.train_idx],
+                                cfg, res, True)
+        test = labelled_source(np.asarray(ds.images[ds.test_idx]), ds.targets[ds.test_idx],
+                               cfg, res, False)
+        t = classifier_trainer(cfg.arch, cfg.init, cfg.imagenet_weights, len(ds.class_names),
+                               res, lr=cfg.lr, schedule=cfg.schedule, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay,
+                               label_smoothing=cfg.label_smoothing, seed=cfg.runtime.seed,
+                               total_steps=cfg.epochs * train.steps_per_epoch)
+        run.write_config(cfg, res, {"n_train": len(ds.train_idx), "n_test": len(ds.test_idx),
+                                    "class_names": ds.class_names,
+                                    "data": {"root": str(ds.root), "synthetic": ds.synthetic,
+                                             "fingerprint": ds.fingerprint()}})
+        y_test = ds.targets[ds.test_idx]
+
+        def evaluate(epoch: int) -> dict:
+            t0 = time.perf_counter()
+            acc = float((test_probs(t, test).argmax(1) == y_test).mean())
+            log(f"epoch {epoch + 1}/{cfg.epochs}: held-out top-1 {acc:.4f}")
+            return {"test_top1": acc, "eval_seconds": time.perf_counter() - t0}
+
+        rows = fit(run, t, train, Plan(
+            epochs=cfg.epochs, key=resume_key(cfg), log_every=cfg.runtime.log_every,
+            checkpoint_every=cfg.runtime.checkpoint_every,
+            checkpoint_minutes=cfg.runtime.checkpoint_minutes, resume=cfg.runtime.resume,
+            desc=f"supervised {cfg.arch}", on_epoch_end=evaluate))
+        save_weights(t.model.encoder.state_dict(), run.path / "encoder.safetensors", {
+            "kind": "sstl-encoder", "stage": "supervised", "method": "supervised",
+            "arch": cfg.arch, "init": cfg.init, "epoch": cfg.epochs,
+            "feat_dim": ARCHS[cfg.arch], "config_hash": config_hash(cfg),
+            "data_root": str(ds.root), "data_fingerprint": ds.fingerprint(),
+            "class_names": ds.class_names, "test_top1": float(rows[-1]["test_top1"]),
+            "synthetic_data": ds.synthetic,
+            "note": "stage 1 (supervised, natural images): a stand-in for ImageNet weights"})
+        log(f"done: {run.path / 'encoder.safetensors'} (held-out top-1 "
+            f"{float(rows[-1]['test_top1']):.4f})")
+        return run.path

@@ -1,0 +1,87 @@
+"""Stage 1 (`sstl supervised`) and `sstl reproduce`: a tiny grid end to end, its tables hold
+the runs' own numbers, and a rerun redoes nothing."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file
+
+from sstl.engine import reproduce as reproduce_mod
+from sstl.engine.config import (DataConfig, FinetuneAugment, ReproduceConfig, Runtime,
+                                SupervisedConfig)
+from sstl.engine.finetune import finetune
+from sstl.engine.models import backbone
+from sstl.engine.supervised import supervised
+
+from .configs import finetune_cfg
+from .conftest import SHARED
+
+TINY = dict(arch="resnet18", pretrain_epochs=1, view_size=32, pretrain_batch=32,
+            finetune_epochs=1, image_size=32, finetune_batch=32, cache_size=64, summary_last=1)
+CIFAR = SHARED / "cifar10-train"
+
+
+def _losses(run):
+    with open(run / "metrics.csv") as fh:
+        return [float(r["loss"]) for r in csv.DictReader(fh)]
+
+
+@pytest.mark.skipif(not CIFAR.is_dir(), reason=f"CIFAR-10 not found at {CIFAR}")
+def test_stage1_on_cifar_learns_and_its_encoder_is_a_start(tmp_path):
+    for cls in sorted(p.name for p in CIFAR.iterdir())[:4]:  # 4 classes x 16 images
+        (tmp_path / "cifar" / cls).mkdir(parents=True)
+        for f in sorted((CIFAR / cls).iterdir())[:16]:
+            shutil.copy(f, tmp_path / "cifar" / cls / f.name)
+    run = supervised(SupervisedConfig(
+        data=DataConfig(path=str(tmp_path / "cifar"), cache_size=32),
+        runtime=Runtime(device="cpu", compile=False, out=str(tmp_path), name="s1", log_every=100),
+        arch="resnet18", epochs=3, batch_size=16, lr=0.01))
+    losses = _losses(run)
+    assert losses[-1] < losses[0], losses
+    meta = json.loads((run / "encoder.json").read_text())
+    assert meta["stage"] == "supervised" and meta["arch"] == "resnet18"
+    net = backbone("resnet18", init=str(run / "encoder.safetensors"))
+    sd = load_file(run / "encoder.safetensors")
+    assert all((net.state_dict()[k] == v).all() for k, v in sd.items())
+    ft = finetune(finetune_cfg(out=str(tmp_path), name="ft", encoder=str(run)))
+    assert json.loads((ft / "summary.json").read_text())["start"].endswith("encoder.safetensors")
+
+
+def test_tiny_grid_end_to_end_and_a_rerun_redoes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setitem(reproduce_mod.PRESETS, "quick", TINY)
+    s1 = supervised(SupervisedConfig(  # a stage-1 encoder (on the demo set) as the transfer start
+        runtime=Runtime(device="cpu", compile=False, out=str(tmp_path), name="s1"),
+        data=DataConfig(cache_size=64), arch="resnet18", epochs=1, batch_size=32, lr=0.01,
+        augment=FinetuneAugment(size=32)))
+    cfg = ReproduceConfig(runtime=Runtime(device="cpu", compile=False, out=str(tmp_path),
+                                          name="grid", log_every=100),
+                          preset="quick", rows=("ours", "transfer"),
+                          fractions=(1.0,), transfer=str(s1 / "encoder.safetensors"))
+    grid = reproduce_mod.reproduce(cfg)
+    with open(grid / "table2.csv") as fh:
+        table = {r["row"]: r for r in csv.DictReader(fh)}
+    assert list(table) == ["ours", "transfer"]
+    for row in table:  # the table holds each cell's own last-epochs mean
+        s = json.loads((grid / f"finetune-{row}-f1-s0" / "summary.json").read_text())
+        for k in ("sen", "spe", "hm", "auc", "acc"):
+            assert float(table[row][f"{k}_mean"]) == pytest.approx(s["last_epochs"][k]["mean"],
+                                                                   nan_ok=True), (row, k)
+    ours = json.loads((grid / "pretrain-ours-s0" / "encoder.json").read_text())
+    assert ours["init"].endswith("s1/encoder.safetensors")  # Ours starts from the transfer start
+    assert json.loads((grid / "finetune-transfer-f1-s0" / "summary.json").read_text())[
+        "start"].endswith("s1/encoder.safetensors")
+    assert (grid / "fig3.png").stat().st_size > 1000 and (grid / "table2.md").exists()
+    results = json.loads((grid / "results.json").read_text())
+    assert len(results["cells"]) == 2
+    stamps = {p: p.stat().st_mtime_ns for p in grid.glob("*/*.safetensors")}
+    reproduce_mod.reproduce(cfg)  # finished cells are read, never retrained
+    assert stamps == {p: p.stat().st_mtime_ns for p in grid.glob("*/*.safetensors")}
+
+
+def test_unknown_rows_are_refused(tmp_path):
+    cfg = ReproduceConfig(runtime=Runtime(device="cpu", out=str(tmp_path)), rows=("moco",))
+    with pytest.raises(SystemExit, match="unknown moco"):
+        reproduce_mod.reproduce(cfg)
