@@ -12,12 +12,14 @@ the bank without image i (K = 32000, at most N - 1), and the noise-contrastive e
   L_NCE(m_i, a) = -log h(a, m_i) - sum_{j in D_N} log(1 - h(a, m_j)),
 the loss is (batch mean)
   L = lambda L_NCE(m_i, g(v_It)) + (1 - lambda) L_NCE(m_i, f(v_i)),   lambda = 0.5.
-The paper writes h with noise K/|D| next to an unnormalised model exp(s/T); its model density
-is exp(s/T) / Z with Z = |D| Zbar, and, as the implementations it descends from (NPID, VISSL's
-NCE loss) do, Zbar is the mean of exp(s/T) over the first step's negatives, then fixed (one
-per term; a buffer, so resume keeps it). Without it the K negative terms start near K log 2
-and dwarf the positive one. Negatives are drawn with replacement (as NPID's sampler does) from
-a generator seeded by (seed, step): the step counter is a buffer, so resume is exact.
+The paper writes h with noise K/|D| next to an unnormalised model exp(s/T); the model density
+is exp(s/T) / Z with Z = |D| Zbar, Zbar the mean of exp(s/T) over the step's negatives
+(detached, per term), as the implementations PIRL descends from estimate it (NPID, VISSL's
+NCE loss). Without Z the K negative terms start near K log 2 and dwarf the positive one. NPID
+fixes Zbar after the first step; here the bank starts random and becomes structured within an
+epoch, which would make a fixed Zbar too small and the loss grow with the structure, so it is
+re-estimated every step. Negatives are drawn with replacement (as NPID's sampler does) from a
+generator seeded by (seed, step): the step counter is a buffer, so resume is exact.
 """
 from __future__ import annotations
 
@@ -66,11 +68,10 @@ class PIRL(Method):
         self.backbone = backbone
         self.f_head = nn.Linear(feat_dim, cfg.proj_dim)
         self.g_head = self.make_g_head(feat_dim)
-        # Per-image state, sized by attach() once the data is known: the memory bank, the step
-        # counter that seeds the negatives, and each term's fixed partition estimate (0 = unset).
+        # State beyond the weights: the memory bank (sized by attach() once the data is known)
+        # and the step counter that seeds the negatives.
         self.register_buffer("bank", torch.zeros(0, cfg.proj_dim))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self.register_buffer("zbar", torch.zeros(2))
         self.seed, self._step, self._gen = 0, 0, None
 
     def make_g_head(self, feat_dim: int) -> nn.Module:
@@ -114,25 +115,19 @@ class PIRL(Method):
         # Out of place: the loss's backward still needs the bank it was computed with.
         self.bank = self.bank.index_copy(0, idx, rows)
 
-    def log_c(self, term: int, neg_scores: torch.Tensor, k: int) -> torch.Tensor:
-        """log(K Zbar); Zbar estimated from this step's negatives the first time, then fixed."""
-        with torch.no_grad():
-            est = neg_scores.exp().mean()
-            zbar = torch.where(self.zbar[term] > 0, self.zbar[term], est)
-            self.zbar[term] = zbar
-        return math.log(k) + zbar.log()
-
     def forward(self, x: torch.Tensor, x_t: torch.Tensor, idx: torch.Tensor):
         f_raw = self.f_head(self.backbone(x))
         g_raw = self.pretext_features(x_t)
         neg = self.negatives(idx)
-        with torch.autocast(x.device.type, enabled=False):  # the loss in float32
-            f = F.normalize(f_raw.float(), dim=1)
-            g = F.normalize(g_raw.float(), dim=1)
+        with torch.autocast(x.device.type, enabled=False):  # the loss in the bank's float32
             bank, t, lam = self.bank, self.cfg.temperature, self.cfg.lam
+            f = F.normalize(f_raw.to(bank.dtype), dim=1)
+            g = F.normalize(g_raw.to(bank.dtype), dim=1)
             losses = []
-            for term, q in enumerate((g, f)):
-                log_c = self.log_c(term, (q.detach() @ bank.T / t).gather(1, neg), neg.shape[1])
+            for q in (g, f):
+                with torch.no_grad():  # log(K Zbar), Zbar from this step's negatives
+                    zbar = (q @ bank.T / t).gather(1, neg).exp().mean()
+                log_c = math.log(neg.shape[1]) + zbar.log()
                 losses.append(nce_loss(q, bank, idx, neg, t, log_c))
             loss = lam * losses[0] + (1 - lam) * losses[1]
         self.update_bank(idx, f.detach())
