@@ -76,7 +76,7 @@ class PretrainConfig:
 
     data: DataConfig = DataConfig()
     runtime: Runtime = Runtime()
-    method: str = "cross"  # cross (the paper) | byol | simsiam | simclr | pirl-jigsaw | pirl-rotation
+    method: str = "cross"  # cross (the paper) | byol | simsiam | simclr | pirl-jigsaw|-rotation
     settings: Any = None  # the method's settings dataclass; None = its defaults (filled by check)
     arch: str = "resnet50"  # resnet50 (paper) | resnet18 (small runs)
     init: str = "imagenet"  # imagenet | random | PATH to a state dict (.pth/.safetensors)
