@@ -106,7 +106,8 @@ def method_options(tau, temperature, target_bn, proj_dim, options: list[str]) ->
 @app.command()
 def pretrain(
     data: Optional[Path] = DATA,
-    method: str = typer.Option(default(P, "method"), help="cross (the paper) | byol | simsiam | simclr"),
+    method: str = typer.Option(default(P, "method"), help="cross (the paper) | byol | simsiam | "
+                               "simclr | pirl-jigsaw | pirl-rotation"),
     epochs: int = typer.Option(default(P, "epochs"), help="Epochs (paper: 40)"),
     batch_size: int = typer.Option(default(P, "batch_size"), help="Global batch size (paper: 256)"),
     view_size: int = typer.Option(AugmentConfig().size, help="Side of each augmented view (paper: 112)"),

@@ -76,7 +76,7 @@ class PretrainConfig:
 
     data: DataConfig = DataConfig()
     runtime: Runtime = Runtime()
-    method: str = "cross"  # cross (the paper) | byol | simsiam | simclr
+    method: str = "cross"  # cross (the paper) | byol | simsiam | simclr | pirl-jigsaw|-rotation
     settings: Any = None  # the method's settings dataclass; None = its defaults (filled by check)
     arch: str = "resnet50"  # resnet50 (paper) | resnet18 (small runs)
     init: str = "imagenet"  # imagenet | random | PATH to a state dict (.pth/.safetensors)
@@ -247,6 +247,9 @@ def check(cfg):
         except SettingError as e:
             raise ConfigError(str(e)) from None
         _check_settings(settings, need)
+        need(cfg.runtime.backend != "dali" or METHODS[cfg.method].cls.views == "two_crops",
+             f"--backend dali cannot make {cfg.method}'s pretext views; use --backend torch "
+             "or auto")
         return dataclasses.replace(cfg, settings=settings)
     if isinstance(cfg, FinetuneConfig):
         need(0 < cfg.fraction <= 1, f"--fraction must be in (0, 1], not {cfg.fraction}")
@@ -314,8 +317,10 @@ def _check_settings(s, need) -> None:
             need(v > 0, f"--temperature must be positive, not {v}")
         elif f.name == "target_bn":
             need(v in ("momentum", "batch"), f"--target-bn must be momentum or batch, not {v!r}")
-        elif f.name == "target_bn_momentum":
-            need(0 <= v < 1, f"target_bn_momentum must be in [0, 1), not {v}")
+        elif f.name in ("target_bn_momentum", "bank_momentum"):
+            need(0 <= v < 1, f"{f.name} must be in [0, 1), not {v}")
+        elif f.name == "lam":
+            need(0 <= v <= 1, f"lam (PIRL's lambda) must be in [0, 1], not {v}")
         elif isinstance(v, int):
             need(v >= (0 if f.name == "proj_hidden" else 1),
                  f"{f.name.replace('_', '-')} must be positive, not {v}")

@@ -6,6 +6,7 @@ always written from the final checkpoint's state (also when a finished run is re
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from .config import PretrainConfig, Resolved, check, config_hash, resolve, resum
 from .data.backends import ssl_source
 from .data.dataset import load_dataset, save_data_files
 from .loop import EMA, Plan, Trainer, fit, sgd
-from .methods import Method, build
+from .methods import METHODS, Method, build
 from .models import ARCHS, backbone
 from .runs import Run, log, save_weights
 
@@ -53,6 +54,9 @@ def default_name(cfg: PretrainConfig) -> str:
 def pretrain(cfg: PretrainConfig) -> Path:
     cfg = check(cfg)
     res = resolve(cfg.runtime, cfg.batch_size)
+    if res.backend == "dali" and METHODS[cfg.method].cls.views != "two_crops":  # auto chose it
+        log(f"--method {cfg.method}: DALI cannot make its pretext views; using --backend torch")
+        res = dataclasses.replace(res, backend="torch")
     t0 = time.perf_counter()
     method = build_method(cfg, res)  # first: missing weights fail before a long first scan
     build_s = time.perf_counter() - t0
@@ -63,6 +67,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         save_data_files(ds, run.path)
         images = ds.images[ds.train_idx] if cfg.split == "train" else ds.images
         source = ssl_source(method.views, np.asarray(images), cfg, res)
+        method.attach(len(images), cfg.runtime.seed)
         run.add_time("data", time.perf_counter() - t0)
         total = cfg.epochs * source.steps_per_epoch
         t = build_trainer(cfg, res, method, total)

@@ -12,7 +12,9 @@ DATA = {f.name for f in dataclasses.fields(DataConfig)}
 SMALL_HEADS = {"cross": dict(proj_hidden=64, proj_dim=32, pred_hidden=64),
                "byol": dict(proj_hidden=64, proj_dim=32, pred_hidden=64),
                "simsiam": dict(proj_dim=64, pred_hidden=16),
-               "simclr": dict(proj_hidden=64, proj_dim=32)}
+               "simclr": dict(proj_hidden=64, proj_dim=32),
+               "pirl-jigsaw": dict(proj_dim=32, tile_dim=16, negatives=64),
+               "pirl-rotation": dict(proj_dim=32, negatives=64)}
 
 
 def _split(kw: dict) -> tuple[dict, dict, dict]:

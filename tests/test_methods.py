@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from sstl import kernels
 from sstl.engine.config import ConfigError, check, resolve
+from sstl.engine.data.backends import ssl_source
 from sstl.engine.loop import train_step
 from sstl.engine.methods import METHODS, BYOL, BYOLConfig, SimSiam, SimSiamConfig, method_settings
 from sstl.engine.methods.base import cosine_tau
@@ -131,13 +133,15 @@ def test_nt_xent_matches_the_papers_formula():
 
 
 def test_every_method_is_one_step_on_the_same_protocol():
+    images = np.random.default_rng(0).integers(0, 256, (8, 64, 64), dtype=np.uint8)
     for name in METHODS:
-        cfg = check(pretrain_cfg(name))
+        cfg = check(pretrain_cfg(name, batch_size=4))
         res = resolve(cfg.runtime, cfg.batch_size)
         m = build_method(cfg, res)
+        source = ssl_source(m.views, images, cfg, res)  # the batch its data seam makes
+        m.attach(len(images), cfg.runtime.seed)
         t = build_trainer(cfg, res, m, total_steps=2)
-        torch.manual_seed(0)
-        out = train_step(t, (torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)), 0)
+        out = train_step(t, next(source.epoch(0)), 0)
         assert out.shape == (1 + len(m.stats),) and torch.isfinite(out).all(), name
         assert m.encoder is m.backbone
 

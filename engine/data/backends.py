@@ -26,11 +26,21 @@ def pick_backend(name: str, device: str) -> str:
 
 
 def ssl_source(views: str, images, cfg, res):
-    """The pretraining source that makes the views a method asks for (`Method.views`)."""
-    if views != "two_crops":
-        raise ValueError(f"no data source makes {views!r} views")
+    """The pretraining source that makes the views a method asks for (`Method.views`):
+    "two_crops", or "pirl-<pretext>" (an augmented view, its pretext transform and the images'
+    indices, pretext.py; torch path only: pretrain.py routes `--backend auto` there)."""
     import torch
 
+    if views.startswith("pirl-"):
+        if res.backend == "dali":
+            raise ValueError(f"the DALI backend cannot make {views!r} views")
+        from .pretext import PretextSource
+
+        return PretextSource(images, cfg.augment, res.per_rank_batch, cfg.runtime.seed,
+                             res.device, res.rank, res.world_size, getattr(torch, res.dtype),
+                             res.channels_last, pretext=views.removeprefix("pirl-"))
+    if views != "two_crops":
+        raise ValueError(f"no data source makes {views!r} views")
     if res.backend == "dali":
         from .dali import DaliTwoViewSource as Source
     else:

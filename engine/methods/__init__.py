@@ -7,6 +7,7 @@ from typing import NamedTuple
 from .base import Method
 from .byol import BYOL, BYOLConfig
 from .cross import Cross, CrossConfig
+from .pirl import PIRLConfig, PIRLJigsaw, PIRLRotation
 from .simclr import SimCLR, SimCLRConfig
 from .simsiam import SimSiam, SimSiamConfig
 
@@ -22,6 +23,8 @@ METHODS: dict[str, Entry] = {
     "byol": Entry(BYOL, BYOLConfig, "Grill et al., NeurIPS 2020"),
     "simsiam": Entry(SimSiam, SimSiamConfig, "Chen & He, CVPR 2021"),
     "simclr": Entry(SimCLR, SimCLRConfig, "Chen et al., ICML 2020"),
+    "pirl-jigsaw": Entry(PIRLJigsaw, PIRLConfig, "Misra & van der Maaten, CVPR 2020"),
+    "pirl-rotation": Entry(PIRLRotation, PIRLConfig, "Misra & van der Maaten, CVPR 2020"),
 }
 
 
@@ -54,4 +57,5 @@ def build(name: str, backbone, feat_dim: int, settings) -> Method:
 
 
 __all__ = ["METHODS", "Method", "method_settings", "build", "SettingError", "Cross", "BYOL",
-           "SimSiam", "SimCLR", "CrossConfig", "BYOLConfig", "SimSiamConfig", "SimCLRConfig"]
+           "SimSiam", "SimCLR", "PIRLJigsaw", "PIRLRotation", "CrossConfig", "BYOLConfig",
+           "SimSiamConfig", "SimCLRConfig", "PIRLConfig"]

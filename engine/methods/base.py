@@ -7,8 +7,11 @@ A method is an nn.Module holding its networks and heads. The loop calls only:
   trainable()                        the parameters SGD updates
   ema_pairs()                        (online, target) tensors the EMA averages; [] = no target
   tau(step, total)                   the EMA rate at a global step
+  attach(n_images, seed)             per-image state (PIRL's memory bank), sized once the data is
+                                     known; a no-op for the others
   encoder                            the backbone fine-tuning starts from
-and reads `views` (which views the data seam must make) and `stats` (names, in order).
+and reads `views` (which views the data seam must make: "two_crops", or PIRL's
+"pirl-<pretext>", whose batches are (x, x_t, idx)) and `stats` (names, in order).
 """
 from __future__ import annotations
 
@@ -35,6 +38,9 @@ class Method(nn.Module):
 
     def tau(self, step: int, total: int) -> float:
         return 1.0
+
+    def attach(self, n_images: int, seed: int) -> None:
+        """Told the training set's size before training (PIRL sizes its memory bank here)."""
 
 
 def spread(z: torch.Tensor) -> torch.Tensor:
