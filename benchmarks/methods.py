@@ -34,6 +34,7 @@ def measure(method: str, images, device: str, arch: str, batch: int, size: int, 
     m = build_method(cfg, res)
     t = build_trainer(cfg, res, m, total_steps=10 ** 6)
     source = ssl_source(m.views, images, cfg, res)
+    m.attach(len(images), cfg.runtime.seed)  # PIRL sizes its memory bank; others ignore it
     batches = itertools.chain.from_iterable(source.epoch(e) for e in itertools.count())
     step = itertools.count()
     t0 = time.perf_counter()

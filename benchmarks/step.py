@@ -103,6 +103,7 @@ def measure(rung: Rung, cfg: PretrainConfig, images, paths, steps, warmup, repea
         if rung.name == "sstl":  # the data path `sstl pretrain` would pick (DALI where present)
             res = dataclasses.replace(res, backend=pick_backend("auto", res.device))
         source = ssl_source(method.views, images, cfg, res)
+        method.attach(len(images), cfg.runtime.seed)
         batches = itertools.chain.from_iterable(source.epoch(e) for e in itertools.count())
         step = itertools.count()
 
