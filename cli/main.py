@@ -233,7 +233,8 @@ def reproduce(
     preset: str = typer.Option("paper", help="paper (resnet50, the paper's settings; a GPU job) | "
                                "quick (resnet18, small images, few epochs; a CPU job)"),
     rows: list[str] = typer.Option([], "--row", help="Only these rows (repeatable): ours, transfer, "
-                                   "cross, byol, simsiam, simclr, scratch [default: all]"),
+                                   "cross, byol, simsiam, simclr, pirl-jigsaw, pirl-rotation, "
+                                   "scratch [default: all]"),
     fraction: list[float] = typer.Option([], "--fraction", help="Label fractions (repeatable) "
                                          "[default: 0.01 0.1 0.5 1]"),
     seeds: int = typer.Option(1, help="Seeds per cell; tables give mean and std across them"),
