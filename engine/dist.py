@@ -118,6 +118,23 @@ def any_rank(flag: bool, device) -> bool:
 
 
 # ----------------------------------------------------------------- models across processes
+class _SumOverRanks(torch.autograd.Function):
+    """all_reduce(SUM) with its gradient: every rank's output depends on every rank's input,
+    so the gradient of the input is the sum over ranks of the output gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics are those of the global batch, on any device.
 
@@ -134,12 +151,10 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and initialized() and world() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         dims = [0] + list(range(2, x.dim()))
         xd = x.double()
         count = x.new_full((1,), x.numel() // x.shape[1], dtype=torch.float64)
-        s = all_reduce(torch.cat([xd.sum(dims), (xd * xd).sum(dims), count]))
+        s = _SumOverRanks.apply(torch.cat([xd.sum(dims), (xd * xd).sum(dims), count]))
         c = x.shape[1]
         n = s[-1]
         mean = s[:c] / n
@@ -193,5 +208,10 @@ def data_parallel(module: nn.Module, res) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     on_gpu = res.device.startswith("cuda")
+    import inspect
+
+    no_sync = ({"forward_sync_buffers": False}  # newer torch's name for broadcast_buffers
+               if "forward_sync_buffers" in inspect.signature(DDP).parameters
+               else {"broadcast_buffers": False})
     return DDP(module, device_ids=[torch.device(res.device).index] if on_gpu else None,
-               broadcast_buffers=False)
+               **no_sync)

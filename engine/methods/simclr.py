@@ -54,9 +54,10 @@ def gather_views(z: torch.Tensor) -> torch.Tensor:
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return z
-    from torch.distributed.nn.functional import all_gather
+    import torch.distributed._functional_collectives as fc  # differentiable, compilable
 
-    halves = [part.chunk(2) for part in all_gather(z)]
+    gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
+    halves = [part.chunk(2) for part in gather(z, 0, dist.group.WORLD).chunk(dist.get_world_size())]
     return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
 
 
