@@ -47,7 +47,8 @@ def _command(method: str, out, name: str, test_fraction: float = 0.75) -> list[s
             "--master_port", str(_free_port()), "-m", "sstl.cli.main", "pretrain",
             "--method", method, "--arch", "resnet18", "--init", "random", "--device", "cpu",
             "--no-compile", "--epochs", "1", "--batch-size", "32",
-            "--test-fraction", str(test_fraction), "--lr", "0.003", "--view-size", "32", "--cache-size", "64",
+            "--test-fraction", str(test_fraction), "--lr", "0.003", "--view-size", "32",
+            "--cache-size", "64",
             "--log-every", "1", "--checkpoint-every", "1", "--out", str(out), "--name", name,
             *heads]
 

@@ -4,8 +4,9 @@ A view source is anything with `steps_per_epoch` and `epoch(epoch, start_step=0)
 iterator of ready model inputs. Everything random is a function of (seed, epoch, step, rank):
 the order of an epoch comes from (seed, epoch), a step's augmentation from (seed, epoch,
 step) (pretraining: each rank keeps its rows of the global batch's draws, so N processes see
-the views one process would) or (seed, epoch, step, rank) (fine-tuning). A resumed run therefore sees exactly the batches it would have seen, from any
-step, with no iterator state to save. Sharding takes the global rank and world size.
+the views one process would) or (seed, epoch, step, rank) (fine-tuning). A resumed run
+therefore sees exactly the batches it would have seen, from any step, with no iterator state
+to save. Sharding takes the global rank and world size.
 """
 from __future__ import annotations
 
