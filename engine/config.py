@@ -359,18 +359,19 @@ def dist_env() -> tuple[int, int, int]:
 
 
 def resolve(rt: Runtime, batch_size: int) -> Resolved:
-    """Turn the choices a runtime block leaves open ('auto') into values for this machine."""
+    """Turn the choices a runtime block leaves open ('auto') into values for this machine.
+
+    Under torchrun (WORLD_SIZE > 1) the batch stays the user's global one: per_rank_batch is
+    its share, and the device is cuda:LOCAL_RANK."""
     rank, world, local_rank = dist_env()
-    if world > 1:  # refuse rather than train N unsynchronised copies into one run directory
-        raise ConfigError(f"WORLD_SIZE={world}: multi-process (torchrun/DDP) training is not "
-                          "supported yet; run a single process")
     if rt.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but torch sees no CUDA device")
     on_gpu = rt.device != "cpu" and torch.cuda.is_available()
     device = f"cuda:{local_rank}" if on_gpu else "cpu"
     precision = rt.precision if rt.precision != "auto" else ("bf16" if on_gpu else "fp32")
-    if batch_size % world:
-        raise ConfigError(f"--batch-size {batch_size} does not divide over {world} processes")
+    if batch_size % world:  # --batch-size is global: each of the processes takes a share
+        raise ConfigError(f"--batch-size {batch_size} does not divide over the {world} processes "
+                          f"of this run (WORLD_SIZE); use a multiple of {world}")
     return Resolved(device=device, dtype="bfloat16" if precision == "bf16" else "float32",
                     compile=on_gpu if rt.compile is None else bool(rt.compile),
                     backend=pick_backend(rt.backend, device), rank=rank, world_size=world,

@@ -8,6 +8,7 @@ and a table.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from . import dist
 from .config import (IMAGENET_MEAN, IMAGENET_STD, FinetuneConfig, Resolved, check, config_hash,
                      resolve, resume_key, save_json)
 from .data.backends import labelled_source
@@ -81,19 +83,28 @@ def default_name(cfg: FinetuneConfig, start: str) -> str:
 def finetune(cfg: FinetuneConfig) -> Path:
     cfg = check(cfg)
     res = resolve(cfg.runtime, cfg.batch_size)
-    ds = load_dataset(cfg.data, need_labels=True, log=log)
+    with dist.group(res):  # torchrun: join the other processes for the run
+        return _finetune(cfg, res)
+
+
+def _finetune(cfg: FinetuneConfig, res: Resolved) -> Path:
+    with dist.main_first():  # rank 0 decodes the cache; the others then map it
+        ds = load_dataset(cfg.data, need_labels=True, log=log)
     check_positive(ds.class_names, cfg.positive_class)
     if len(ds.class_names) < 2:
         raise DataError(f"--data has one class ({ds.class_names[0]!r}): a classifier needs at "
                         "least two")
     encoder = check_encoder(cfg, ds)  # refusals come before the run directory exists
     start = str(encoder) if encoder else cfg.init
-    with Run.open(cfg.runtime.out, cfg.runtime.name or default_name(cfg, start)) as run:
-        save_data_files(ds, run.path)
-        subset = choose_subset(cfg, ds, run.path)
+    with Run.open(cfg.runtime.out, cfg.runtime.name or default_name(cfg, start),
+                  res.is_main) as run:
+        if res.is_main:
+            save_data_files(ds, run.path)
+        subset = choose_subset(cfg, ds, run.path, res.is_main)
         train = labelled_source(np.asarray(ds.images[subset]), ds.targets[subset], cfg, res, True)
+        # The test split is evaluated whole, by rank 0 alone.
         test = labelled_source(np.asarray(ds.images[ds.test_idx]), ds.targets[ds.test_idx], cfg,
-                               res, False)
+                               dataclasses.replace(res, rank=0, world_size=1), False)
         t = build_trainer(cfg, res, len(ds.class_names), encoder,
                           cfg.epochs * train.steps_per_epoch)
         run.write_config(cfg, res, {"start": start, "n_train": len(subset),
@@ -105,21 +116,26 @@ def finetune(cfg: FinetuneConfig) -> Path:
         y_test = ds.targets[ds.test_idx]
 
         def evaluate(epoch: int) -> dict:
+            if not res.is_main:  # the others wait while rank 0 evaluates (its row is the one)
+                dist.barrier()
+                return {}
             t0 = time.perf_counter()
             probs = test_probs(t, test)
             row = classification_metrics(y_test, probs.argmax(1), probs, ds.class_names,
                                          cfg.positive_class)
             log(f"epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(f"{k} {row[k]:.4f}"
                                                                for k in METRICS))
+            dist.barrier()
             return {**row, "eval_seconds": time.perf_counter() - t0}
 
         rows = fit(run, t, train, Plan(
             epochs=cfg.epochs, key=resume_key(cfg), log_every=cfg.runtime.log_every,
             checkpoint_every=cfg.runtime.checkpoint_every,
             checkpoint_minutes=cfg.runtime.checkpoint_minutes, resume=cfg.runtime.resume,
-            desc=f"finetune {cfg.arch}", on_epoch_end=evaluate))
-        save_model(run.path, cfg, t.model, ds, cfg.epochs, start)
-        finish(run.path, cfg, ds, rows, test_probs(t, test), start, subset)
+            desc=f"finetune {cfg.arch}", on_epoch_end=evaluate, live=res.is_main))
+        if res.is_main:
+            save_model(run.path, cfg, t.model, ds, cfg.epochs, start)
+            finish(run.path, cfg, ds, rows, test_probs(t, test), start, subset)
         return run.path
 
 
@@ -130,7 +146,7 @@ def check_positive(class_names: list[str], positive: str) -> int:
     return class_names.index(positive)
 
 
-def choose_subset(cfg: FinetuneConfig, ds: Dataset, run: Path) -> np.ndarray:
+def choose_subset(cfg: FinetuneConfig, ds: Dataset, run: Path, write: bool = True) -> np.ndarray:
     """The --fraction subset of the training split (nested, stratified), saved as subset.json."""
     idx = fraction_subset(ds.train_idx, ds.labels, ds.groups, cfg.fraction, cfg.runtime.seed)
     counts = Counter(ds.labels[i] for i in idx)
@@ -139,9 +155,10 @@ def choose_subset(cfg: FinetuneConfig, ds: Dataset, run: Path) -> np.ndarray:
         listed = ", ".join(f"{c!r}: {n}" for c, n in few.items())
         log(f"warning: --fraction {cfg.fraction} leaves few training images in "
                           f"{listed}; expect noisy metrics")
-    save_json({"fraction": cfg.fraction, "seed": cfg.runtime.seed, "n": len(idx), "per_class": counts,
-               "fingerprint": ds.fingerprint(idx), "train": [ds.records[i].rel for i in idx]},
-              run / "subset.json")
+    if write:
+        save_json({"fraction": cfg.fraction, "seed": cfg.runtime.seed, "n": len(idx),
+                   "per_class": counts, "fingerprint": ds.fingerprint(idx),
+                   "train": [ds.records[i].rel for i in idx]}, run / "subset.json")
     return idx
 
 

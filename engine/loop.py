@@ -6,6 +6,10 @@ A command builds a `Trainer` (what to run) and a source (batches on the device),
   * the log-every host read, which is also where a non-finite loss stops the run;
   * checkpoints every --checkpoint-minutes (and every --checkpoint-every steps when set), at the
     end, and on SIGINT/SIGTERM: the step in flight finishes, a checkpoint is written, exit 130;
+  * under torchrun (engine/dist.py) the ranks agree, by one all-reduce at each log-every and
+    --checkpoint-every step, on the global mean loss and on stopping and checkpointing: a
+    signal or a time-based checkpoint takes effect at the next such step on every rank. The
+    checkpoint holds the global partial sums, so every rank resumes from the same one;
   * exact resume: the checkpoint holds the model, optimizer, RNG and the epoch's partial sums,
     and data order/augmentation are functions of (seed, epoch, step), so a resumed run repeats
     the uninterrupted one bit for bit on the CPU.
@@ -22,6 +26,7 @@ from typing import Callable
 import torch
 
 from .. import kernels
+from . import dist
 from .runs import CHECKPOINT_FORMAT, MetricsCSV, Reporter, Run, log
 
 
@@ -152,6 +157,7 @@ def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
         return bool(by_steps) or time.monotonic() - last_save > 60 * plan.checkpoint_minutes
 
     t_train = time.perf_counter()
+    world, stopping = dist.world(), False
     try:
         with StopRequest() as stop:
             for epoch in range(epoch, plan.epochs):
@@ -160,41 +166,49 @@ def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
                 if partial is not None:
                     sums, seen, seconds = partial["sums"], partial["seen"], partial["seconds"]
                 sums = sums.to(source.device)
-                t0, i = time.perf_counter() - seconds, start - 1
+                t0, i, stopping = time.perf_counter() - seconds, start - 1, False
                 for i, batch in enumerate(source.epoch(epoch, start), start):
                     sums += train_step(t, batch, epoch * steps + i)
-                    seen += plan.images_per_step or batch[0].shape[0]
-                    if (i + 1) % plan.log_every == 0 or i + 1 == steps:
-                        means = (sums / (i + 1)).tolist()  # the loop's only host sync
+                    seen += plan.images_per_step or batch[0].shape[0] * world
+                    at_log = (i + 1) % plan.log_every == 0 or i + 1 == steps
+                    by_steps = plan.checkpoint_every and (i + 1) % plan.checkpoint_every == 0
+                    if world > 1 and not (at_log or by_steps):
+                        continue  # ranks agree on stopping and saving at these steps only
+                    # One all-reduce under torchrun: the global running sums, and whether any
+                    # rank was signalled or is due a checkpoint, so all act at the same step.
+                    glob, stopping, saving = _agree(sums, stop.requested, due(i + 1))
+                    if at_log:
+                        means = (glob / (i + 1)).tolist()  # the loop's only host sync
                         if not math.isfinite(means[0]):
                             raise SystemExit(f"loss became {means[0]} at epoch {epoch + 1}, "
                                              f"step {i + 1}: lower --lr; the last good "
                                              f"checkpoint is in {run.path}")
                         rep.update(epoch * steps + i + 1, _progress(epoch, plan.epochs, means,
                                    t.stats, seen / (time.perf_counter() - t0)))
-                    if i + 1 < steps and (stop.requested or due(i + 1)):
-                        save(epoch, i + 1, {"sums": sums, "seen": seen,
+                    if i + 1 < steps and (stopping or saving):
+                        save(epoch, i + 1, {"sums": glob, "seen": seen,
                                             "seconds": time.perf_counter() - t0})
-                    if stop.requested:
+                    if stopping:
                         break
-                if stop.requested and i + 1 < steps:
+                if stopping and i + 1 < steps:
                     break
                 seconds = time.perf_counter() - t0
-                means = (sums / max(steps, 1)).tolist()
+                means = (dist.all_reduce_mean(sums.clone()) / max(steps, 1)).tolist()
                 row = {"epoch": epoch, "loss": means[0],
                        **{k: v for k, v in zip(t.stats, means[1:])},
                        "lr": t.opt.param_groups[0]["lr"], "images_per_s": seen / seconds,
                        "seconds": seconds}
                 if plan.on_epoch_end is not None:
                     row.update(plan.on_epoch_end(epoch))
+                stopping = dist.any_rank(stopping or stop.requested, source.device)
                 metrics.append(row)
                 start, partial = 0, None
-                if epoch + 1 == plan.epochs or stop.requested or due(steps):
-                    save(epoch + 1, 0, None)
-                if stop.requested:
+                if epoch + 1 == plan.epochs or stopping or due(steps):
+                    save(epoch + 1, 0, None)  # rank 0 writes; the others need not agree
+                if stopping:
                     break
             run.flush()
-            if stop.requested:
+            if stopping:
                 rep.close()
                 log(f"interrupted: checkpoint written to {run.checkpoint}; run the same command "
                     "again to continue")
@@ -204,6 +218,16 @@ def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
         run.add_time("train", time.perf_counter() - t_train)
         run.write_timing()
     return metrics.rows()
+
+
+def _agree(sums: torch.Tensor, stop: bool, due: bool) -> tuple[torch.Tensor, bool, bool]:
+    """(mean over ranks of the running sums, any rank stopping, any rank due a checkpoint)."""
+    if dist.world() == 1:
+        return sums, stop, due
+    packed = dist.all_reduce_sum(torch.cat([sums, sums.new_tensor([float(stop), float(due)])]))
+    n = len(sums)
+    flags = packed[n:].tolist()
+    return packed[:n] / dist.world(), flags[0] > 0, flags[1] > 0
 
 
 def _progress(epoch: int, epochs: int, means: list[float], names, rate: float) -> str:

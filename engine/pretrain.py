@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import dist
 from .config import PretrainConfig, Resolved, check, config_hash, resolve, resume_key
 from .data.backends import ssl_source
 from .data.dataset import load_dataset, save_data_files
@@ -28,6 +29,8 @@ def build_method(cfg: PretrainConfig, res: Resolved) -> Method:
     torch.manual_seed(cfg.runtime.seed)  # heads' initialisation
     net = backbone(cfg.arch, cfg.init, cfg.imagenet_weights)
     method = build(cfg.method, net, ARCHS[cfg.arch], cfg.settings).to(res.device)
+    if res.world_size > 1:  # BN statistics of the global batch, online and target alike
+        dist.sync_batchnorm_(method, res.device.startswith("cuda"))
     if res.channels_last:
         method.to(memory_format=torch.channels_last)
     return method
@@ -39,7 +42,8 @@ def build_trainer(cfg: PretrainConfig, res: Resolved, method: Method, total_step
     online, target = method.ema_pairs()
     ema = EMA(online, target) if online else None
     opt = sgd(method.trainable(), cfg.lr, cfg.momentum, cfg.weight_decay, res.device)
-    forward = torch.compile(method) if res.compile else method
+    ddp = dist.data_parallel(method, res)  # gradients averaged over ranks (torchrun)
+    forward = torch.compile(ddp) if res.compile else ddp
     return Trainer(model=method, forward=forward, opt=opt, autocast=res.autocast,
                    lr_at=lambda step: cfg.lr,  # the paper's constant rate
                    stats=method.stats, ema=ema,
@@ -60,11 +64,14 @@ def pretrain(cfg: PretrainConfig) -> Path:
     t0 = time.perf_counter()
     method = build_method(cfg, res)  # first: missing weights fail before a long first scan
     build_s = time.perf_counter() - t0
-    with Run.open(cfg.runtime.out, cfg.runtime.name or default_name(cfg), res.is_main) as run:
+    with dist.group(res), \
+            Run.open(cfg.runtime.out, cfg.runtime.name or default_name(cfg), res.is_main) as run:
         run.add_time("build", build_s)
         t0 = time.perf_counter()
-        ds = load_dataset(cfg.data, log=log)
-        save_data_files(ds, run.path)
+        with dist.main_first():  # rank 0 decodes the cache; the others then map it
+            ds = load_dataset(cfg.data, log=log)
+        if res.is_main:
+            save_data_files(ds, run.path)
         images = ds.images[ds.train_idx] if cfg.split == "train" else ds.images
         source = ssl_source(method.views, np.asarray(images), cfg, res)
         method.attach(len(images), cfg.runtime.seed)

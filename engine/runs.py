@@ -36,6 +36,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
+from . import dist
 from .config import config_hash, to_dict
 from .io import WriteError, atomic_write, make_dir, save_json
 
@@ -45,7 +46,8 @@ CHECKPOINT_FORMAT = 2  # 2: one checkpoint layout for every command (the shared 
 
 
 def log(msg: str) -> None:
-    console.print(msg, highlight=False, soft_wrap=True)
+    if dist.is_main():  # under torchrun the other ranks would repeat every line
+        console.print(msg, highlight=False, soft_wrap=True)
 
 
 class Run:
@@ -62,8 +64,15 @@ class Run:
     @contextlib.contextmanager
     def open(cls, out: str, name: str, is_main: bool = True):
         """Create or reopen runs/<name>, locked; a run that fails before its first checkpoint
-        leaves no directory behind (unless the directory was there before)."""
+        leaves no directory behind (unless the directory was there before).
+
+        Under torchrun only rank 0 creates and locks the directory; the others wait for it
+        and then use it without the lock (they read checkpoints, rank 0 writes every file)."""
         path = Path(out).expanduser() / name
+        if not is_main:
+            dist.barrier()  # rank 0 has created and locked the directory
+            yield cls(path, False)
+            return
         created = not path.exists()
         make_dir(path)
         lock = open(path / ".lock", "a+")
@@ -79,6 +88,7 @@ class Run:
         lock.truncate()
         lock.write(str(os.getpid()))
         lock.flush()
+        dist.barrier()  # the other ranks may use the directory now
         run = cls(path, is_main)
         try:
             yield run

@@ -8,6 +8,7 @@ ImageNet weights cannot be had, CIFAR-10 stands in: the run records which start 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import dist
 from .config import Resolved, SupervisedConfig, check, config_hash, resolve, resume_key
 from .data.backends import labelled_source
 from .data.dataset import load_dataset, save_data_files
@@ -46,10 +48,13 @@ def classifier_trainer(arch: str, init: str, imagenet_weights: str, n_classes: i
     torch.manual_seed(seed)  # the head's initialisation (and a random backbone's)
     net = backbone(arch, init, imagenet_weights, flag=flag)
     model = Classifier(net, ARCHS[arch], n_classes).to(res.device)
+    if res.world_size > 1:  # BN statistics of the global batch (torchrun)
+        dist.sync_batchnorm_(model, res.device.startswith("cuda"))
     if res.channels_last:
         model.to(memory_format=torch.channels_last)
     opt = sgd(model.parameters(), lr, momentum, weight_decay, res.device)
-    compiled = torch.compile(model) if res.compile else model
+    ddp = dist.data_parallel(model, res)  # gradients averaged over ranks (torchrun)
+    compiled = torch.compile(ddp) if res.compile else ddp
     return Trainer(model=model, forward=supervised_forward(compiled, label_smoothing), opt=opt,
                    autocast=res.autocast,
                    lr_at=lambda step: lr_at(lr, schedule, step, total_steps))
@@ -85,13 +90,21 @@ def supervised(cfg: SupervisedConfig) -> Path:
     """Stage 1: train backbone + head on labelled images; held-out top-1 after every epoch."""
     cfg = check(cfg)
     res = resolve(cfg.runtime, cfg.batch_size)
-    ds = load_dataset(cfg.data, need_labels=True, log=log)
-    with Run.open(cfg.runtime.out, cfg.runtime.name or default_name(cfg)) as run:
-        save_data_files(ds, run.path)
+    with dist.group(res):  # torchrun: join the other processes for the run
+        return _supervised(cfg, res)
+
+
+def _supervised(cfg: SupervisedConfig, res: Resolved) -> Path:
+    with dist.main_first():  # rank 0 decodes the cache; the others then map it
+        ds = load_dataset(cfg.data, need_labels=True, log=log)
+    with Run.open(cfg.runtime.out, cfg.runtime.name or default_name(cfg), res.is_main) as run:
+        if res.is_main:
+            save_data_files(ds, run.path)
         train = labelled_source(np.asarray(ds.images[ds.train_idx]), ds.targets[ds.train_idx],
                                 cfg, res, True)
+        # Every rank scores the whole held-out split (the same number on each).
         test = labelled_source(np.asarray(ds.images[ds.test_idx]), ds.targets[ds.test_idx],
-                               cfg, res, False)
+                               cfg, dataclasses.replace(res, rank=0, world_size=1), False)
         t = classifier_trainer(cfg.arch, cfg.init, cfg.imagenet_weights, len(ds.class_names),
                                res, lr=cfg.lr, schedule=cfg.schedule, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay,
@@ -113,7 +126,9 @@ def supervised(cfg: SupervisedConfig) -> Path:
             epochs=cfg.epochs, key=resume_key(cfg), log_every=cfg.runtime.log_every,
             checkpoint_every=cfg.runtime.checkpoint_every,
             checkpoint_minutes=cfg.runtime.checkpoint_minutes, resume=cfg.runtime.resume,
-            desc=f"supervised {cfg.arch}", on_epoch_end=evaluate))
+            desc=f"supervised {cfg.arch}", on_epoch_end=evaluate, live=res.is_main))
+        if not res.is_main:
+            return run.path
         save_weights(t.model.encoder.state_dict(), run.path / "encoder.safetensors", {
             "kind": "sstl-encoder", "stage": "supervised", "method": "supervised",
             "arch": cfg.arch, "init": cfg.init, "epoch": cfg.epochs,

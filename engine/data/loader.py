@@ -3,8 +3,10 @@
 A view source is anything with `steps_per_epoch` and `epoch(epoch, start_step=0)`, an
 iterator of ready model inputs. Everything random is a function of (seed, epoch, step, rank):
 the order of an epoch comes from (seed, epoch), a step's augmentation from (seed, epoch,
-step, rank). A resumed run therefore sees exactly the batches it would have seen, from any
-step, with no iterator state to save. Sharding takes the global rank and world size.
+step) (pretraining: each rank keeps its rows of the global batch's draws, so N processes see
+the views one process would) or (seed, epoch, step, rank) (fine-tuning). A resumed run
+therefore sees exactly the batches it would have seen, from any step, with no iterator state
+to save. Sharding takes the global rank and world size.
 """
 from __future__ import annotations
 
@@ -61,8 +63,10 @@ class TwoViewSource:
         order = self.shard(epoch).to(self.device, non_blocking=True)
         for step in range(start_step, self.steps_per_epoch):
             idx = order[step * self.batch:(step + 1) * self.batch]
-            self.gen.manual_seed(step_seed(self.seed, epoch, step, self.rank))
-            yield two_views(self.images[idx], self.aug, self.gen, self.dtype, self.channels_last)
+            # Seeded without the rank: every rank draws the global batch's numbers (two_views).
+            self.gen.manual_seed(step_seed(self.seed, epoch, step, 0))
+            yield two_views(self.images[idx], self.aug, self.gen, self.dtype, self.channels_last,
+                            (self.rank, self.world))
 
 
 class LabelledSource:
@@ -84,6 +88,8 @@ class LabelledSource:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.images)
         order = epoch_order(n, self.seed, epoch) if self.aug is not None else torch.arange(n)
+        if self.aug is not None and self.world > 1:  # DDP needs as many steps on every rank:
+            order = torch.cat([order, order[:-n % self.world]])  # repeat a few images
         order = order[self.rank::self.world].to(self.device, non_blocking=True)
         for step in range(start_step, self.steps_per_epoch):
             idx = order[step * self.batch:(step + 1) * self.batch]

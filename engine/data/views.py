@@ -14,7 +14,7 @@ tests can reproduce it exactly: `sample_params` draws every random number for a 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -105,11 +105,19 @@ def render(images: torch.Tensor, p: ViewParams, aug: ViewAugment, size: int) -> 
 
 
 def two_views(images: torch.Tensor, aug: AugmentConfig, gen: torch.Generator,
-              dtype=torch.float32, channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pretraining seam's torch implementation: (B, S, S) uint8 -> two normalised views."""
+              dtype=torch.float32, channels_last: bool = False,
+              share: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pretraining seam's torch implementation: (B, S, S) uint8 -> two normalised views.
+
+    share=(rank, world): the random numbers are drawn for the global batch of world * B
+    images and this rank keeps rows rank::world (its images' rows in the global batch), so
+    N processes augment each image exactly as one process would."""
+    rank, world = share
     out = []
     for view in aug.views():
-        p = sample_params(images.shape[0], view, gen, images.device)
+        p = sample_params(images.shape[0] * world, view, gen, images.device)
+        if world > 1:
+            p = ViewParams(*(getattr(p, f.name)[rank::world] for f in fields(ViewParams)))
         out.append(normalize(render(images, p, view, aug.size), dtype, channels_last))
     return out[0], out[1]
 

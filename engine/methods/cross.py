@@ -50,11 +50,33 @@ class MomentumBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.training:
             with torch.no_grad():
                 dims = [0] + list(range(2, x.dim()))
-                xf = x.to(self.running_mean.dtype)  # statistics in the buffers' precision
-                self.running_mean.lerp_(xf.mean(dims), 1 - self.stat_momentum)
-                self.running_var.lerp_(xf.var(dims, unbiased=True), 1 - self.stat_momentum)
+                if _world() > 1:
+                    mean, var = _global_stats(x, dims)
+                else:
+                    xf = x.to(self.running_mean.dtype)  # statistics in the buffers' precision
+                    mean, var = xf.mean(dims), xf.var(dims, unbiased=True)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), 1 - self.stat_momentum)
+                self.running_var.lerp_(var.to(self.running_var.dtype), 1 - self.stat_momentum)
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                             False, 0.0, self.eps)
+
+
+def _world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _global_stats(x: torch.Tensor, dims: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance over the global batch (torchrun): one all-reduce of the
+    per-channel sum, sum of squares and count, in float64 (a single process's two-pass
+    statistics agree to rounding)."""
+    xd = x.double()
+    count = x.new_full((1,), x.numel() // x.shape[1], dtype=torch.float64)
+    s = torch.cat([xd.sum(dims), (xd * xd).sum(dims), count])
+    torch.distributed.all_reduce(s)
+    c, n = x.shape[1], s[-1]
+    mean = s[:c] / n
+    return mean, (s[c:2 * c] - n * mean * mean) / (n - 1)
 
 
 def use_momentum_bn_(module: nn.Module, momentum: float) -> nn.Module:

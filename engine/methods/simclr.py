@@ -44,8 +44,21 @@ class SimCLR(Method):
 
     def forward(self, v1: torch.Tensor, v2: torch.Tensor):
         z = self.projector(self.backbone(torch.cat([v1, v2])))
-        loss = nt_xent(z, self.cfg.temperature)
+        loss = nt_xent(gather_views(z), self.cfg.temperature)
         return loss, {"spread": spread(z), "pos_rank1": top1(z.detach())}
+
+
+def gather_views(z: torch.Tensor) -> torch.Tensor:
+    """Under torchrun, every rank's projections (with gradient), laid out as one process's
+    [view 1 of the global batch; view 2 of it], so the negatives are the global batch's."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return z
+    import torch.distributed._functional_collectives as fc  # differentiable, compilable
+
+    gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
+    halves = [part.chunk(2) for part in gather(z, 0, dist.group.WORLD).chunk(dist.get_world_size())]
+    return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
 
 
 def top1(z: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,130 @@
+"""torchrun data parallelism on the CPU (gloo): two processes with half the batch each train
+the same model as one process with the whole batch, resume exactly, and refuse a batch that
+does not divide.
+
+Oracle of equality: the update. Both runs start from the same seeded weights; the two-process
+run averages gradients over ranks (DDP), normalises BN over the global batch and draws each
+image's augmentation as one process would, so it differs from the one-process run only by
+float32 summation order (~1e-7 relative per operation). A few steps amplify that through BN
+channels of near-zero variance (random init, 32-pixel views), so single tensors can differ by
+a percent of their (tiny) update; over the whole state (online, target, BN buffers) the
+difference stays below 1e-3 of the update's norm (measured: ~3e-5), while per-rank BN instead
+of global BN gives ~1e-1. The loss (metrics.csv) agrees to 1e-5 relative.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sstl.cli.main import app
+from sstl.engine.config import check, resolve
+from sstl.engine.pretrain import build_method, pretrain
+
+from .configs import SMALL_HEADS, pretrain_cfg
+
+pytestmark = pytest.mark.timeout(120)  # the whole file takes about 1.5 minutes on 2 cores
+SETTINGS = dict(batch_size=32, test_fraction=0.75, lr=0.003, cache_size=64, log_every=1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _command(method: str, out, name: str, test_fraction: float = 0.75) -> list[str]:
+    heads = [f"--method-option={k}={v}" for k, v in SMALL_HEADS[method].items()]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", str(_free_port()), "-m", "sstl.cli.main", "pretrain",
+            "--method", method, "--arch", "resnet18", "--init", "random", "--device", "cpu",
+            "--no-compile", "--epochs", "1", "--batch-size", "32",
+            "--test-fraction", str(test_fraction), "--lr", "0.003", "--view-size", "32",
+            "--cache-size", "64",
+            "--log-every", "1", "--checkpoint-every", "1", "--out", str(out), "--name", name,
+            *heads]
+
+
+ENV = {**os.environ, "SSTL_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _start(method, out, name, test_fraction=0.75) -> subprocess.Popen:
+    """A 2-process run in the background (the test overlaps it with other work)."""
+    return subprocess.Popen(_command(method, out, name, test_fraction), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(p: subprocess.Popen, run):
+    err = p.communicate(timeout=100)[1]
+    assert p.returncode == 0, err[-3000:]
+    return run
+
+
+def _model(run):
+    return torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+
+
+def _losses(run):
+    with open(run / "metrics.csv") as fh:
+        return [float(r["loss"]) for r in csv.DictReader(fh)]
+
+
+@pytest.mark.parametrize("method", ["cross", "byol"])
+def test_two_processes_with_half_batches_equal_one_process(method, tmp_path):
+    p = _start(method, tmp_path, "two")  # 2 steps of 2 x 16 images
+    cfg = pretrain_cfg(method, out=str(tmp_path), name="one", **SETTINGS)  # 2 steps of 32
+    one = pretrain(cfg)
+    two = _finish(p, tmp_path / "two")
+    init = build_method(check(cfg), resolve(cfg.runtime, cfg.batch_size)).state_dict()
+    a, b = _model(two), _model(one)
+    assert a.keys() == b.keys()
+    keys = [k for k in a if a[k].is_floating_point()]
+    diff = torch.cat([(a[k] - b[k]).flatten().double() for k in keys]).norm()
+    update = torch.cat([(b[k] - init[k]).flatten().double() for k in keys]).norm()
+    assert diff < 1e-3 * update, (diff / update).item()
+    assert any("target" in k and "running_var" in k for k in keys)  # the target's BN buffers
+    torch.testing.assert_close(_losses(two), _losses(one), rtol=1e-5, atol=0)
+
+
+def test_sigterm_to_torchrun_then_rerun_equals_the_uninterrupted_run(tmp_path):
+    uninterrupted = _start("cross", tmp_path, "full", test_fraction=0.5)  # 4 steps
+    cmd = _command("cross", tmp_path, "killed", test_fraction=0.5)
+    ck = tmp_path / "killed" / "checkpoint.pt"
+    p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while not ck.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode != 0, "the run ended before the signal: nothing was interrupted"
+    assert "run the same command again to continue" in err, err[-2000:]
+    stopped = torch.load(ck, weights_only=True)
+    assert (stopped["epoch"], stopped["step"]) < (1, 0)  # stopped mid-epoch
+    again = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=100)
+    full = _finish(uninterrupted, tmp_path / "full")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming" in again.stderr
+    a, b = _model(full), _model(tmp_path / "killed")  # the same ranks, the same sums: bitwise
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert _losses(full) == _losses(tmp_path / "killed")
+
+
+def test_a_batch_that_does_not_divide_over_the_processes_is_one_line(tmp_path, monkeypatch):
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    r = CliRunner().invoke(app, ["pretrain", "--arch", "resnet18", "--init", "random",
+                                 "--device", "cpu", "--no-compile", "--batch-size", "33",
+                                 "--out", str(tmp_path)])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert "--batch-size 33 does not divide over the 2 processes" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
