@@ -51,7 +51,7 @@ def measure(method: str, images, device: str, arch: str, batch: int, size: int, 
 
 def run(device: str = "auto", arch: str = "resnet50", batch: int | None = None, size: int = 112,
         steps: int | None = None, warmup: int | None = None, repeats: int = 3,
-        json_path=None) -> dict:
+        json_path=None, methods=None) -> dict:
     on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     batch = batch or (256 if on_gpu else 32)
     steps, warmup = steps or (20 if on_gpu else 2), warmup or (5 if on_gpu else 1)
@@ -59,7 +59,7 @@ def run(device: str = "auto", arch: str = "resnet50", batch: int | None = None, 
     images = ds.images[ds.train_idx]
     images = np.concatenate([images] * -(-2 * batch // len(images)))  # at least two batches
     rows = [measure(name, images, device, arch, batch, size, steps, warmup, repeats)
-            for name in METHODS]
+            for name in (methods or METHODS)]
     result = {"bench": "methods", "machine": machine(), "arch": arch, "batch_size": batch,
               "view_size": size, "steps": steps, "warmup": warmup, "repeats": repeats,
               "rows": rows}
@@ -74,8 +74,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--size", type=int, default=112)
     p.add_argument("--json", default=None)
+    p.add_argument("--methods", nargs="*", default=None, help="default: every method")
     a = p.parse_args()
-    r = run(a.device, a.arch, a.batch, a.size, json_path=a.json)
+    r = run(a.device, a.arch, a.batch, a.size, json_path=a.json, methods=a.methods)
     for row in r["rows"]:
         print(f"{row['method']:10s} {row['images_per_s']:9,.0f} img/s  {row['ms_per_step']:7.1f} "
               f"ms/step  warm-up {row['warmup_s']:5.1f} s")

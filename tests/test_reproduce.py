@@ -31,14 +31,14 @@ def _losses(run):
 
 @pytest.mark.skipif(not CIFAR.is_dir(), reason=f"CIFAR-10 not found at {CIFAR}")
 def test_stage1_on_cifar_learns_and_its_encoder_is_a_start(tmp_path):
-    for cls in sorted(p.name for p in CIFAR.iterdir())[:4]:  # 4 classes x 16 images
+    for cls in sorted(p.name for p in CIFAR.iterdir())[:4]:  # 4 classes x 40 images
         (tmp_path / "cifar" / cls).mkdir(parents=True)
-        for f in sorted((CIFAR / cls).iterdir())[:16]:
+        for f in sorted((CIFAR / cls).iterdir())[:40]:
             shutil.copy(f, tmp_path / "cifar" / cls / f.name)
     run = supervised(SupervisedConfig(
         data=DataConfig(path=str(tmp_path / "cifar"), cache_size=32),
         runtime=Runtime(device="cpu", compile=False, out=str(tmp_path), name="s1", log_every=100),
-        arch="resnet18", epochs=3, batch_size=16, lr=0.01))
+        arch="resnet18", epochs=5, batch_size=32, lr=0.01))
     losses = _losses(run)
     assert losses[-1] < losses[0], losses
     meta = json.loads((run / "encoder.json").read_text())
