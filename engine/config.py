@@ -232,6 +232,8 @@ def check(cfg):
         need(cfg.imagenet_weights.upper() in ("V1", "V2"),
              f"--imagenet-weights must be V1 or V2, not {cfg.imagenet_weights!r}")
     if isinstance(cfg, PretrainConfig):
+        need(cfg.method in METHODS,
+             f"--method must be one of {', '.join(METHODS)}, not {cfg.method!r}")
         need(cfg.augment.size >= 32, f"--view-size must be at least 32, not {cfg.augment.size}")
         need(cfg.split in ("train", "all"), f"--split must be train or all, not {cfg.split!r}")
         need(cfg.batch_size >= 2, "--batch-size must be at least 2 (BN and the loss compare "
@@ -242,7 +244,7 @@ def check(cfg):
                 settings = method_settings(cfg.method, given)
             else:
                 settings = given
-                need(type(settings) is METHODS.get(cfg.method, (None, None))[1],
+                need(type(settings) is METHODS[cfg.method].config,
                      f"settings {type(settings).__name__} do not belong to --method {cfg.method}")
         except SettingError as e:
             raise ConfigError(str(e)) from None
@@ -251,21 +253,16 @@ def check(cfg):
              f"--backend dali cannot make {cfg.method}'s pretext views; use --backend torch "
              "or auto")
         return dataclasses.replace(cfg, settings=settings)
-    if isinstance(cfg, FinetuneConfig):
-        need(0 < cfg.fraction <= 1, f"--fraction must be in (0, 1], not {cfg.fraction}")
-        need(cfg.schedule in ("cosine", "constant"),
-             f"--schedule must be cosine or constant, not {cfg.schedule!r}")
-        need(cfg.augment.size >= 32, f"--image-size must be at least 32, not {cfg.augment.size}")
-        need(cfg.summary_last >= 1, f"--summary-last must be at least 1, not {cfg.summary_last}")
-        need(0 <= cfg.label_smoothing < 1,
-             f"--label-smoothing must be in [0, 1), not {cfg.label_smoothing}")
-        return cfg
-    if isinstance(cfg, SupervisedConfig):
+    if isinstance(cfg, (FinetuneConfig, SupervisedConfig)):  # the supervised step's settings
         need(cfg.schedule in ("cosine", "constant"),
              f"--schedule must be cosine or constant, not {cfg.schedule!r}")
         need(cfg.augment.size >= 32, f"--image-size must be at least 32, not {cfg.augment.size}")
         need(0 <= cfg.label_smoothing < 1,
              f"--label-smoothing must be in [0, 1), not {cfg.label_smoothing}")
+        if isinstance(cfg, FinetuneConfig):
+            need(0 < cfg.fraction <= 1, f"--fraction must be in (0, 1], not {cfg.fraction}")
+            need(cfg.summary_last >= 1,
+                 f"--summary-last must be at least 1, not {cfg.summary_last}")
         return cfg
     if isinstance(cfg, ReproduceConfig):
         _check_runtime(cfg.runtime, need)

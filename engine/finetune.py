@@ -29,7 +29,7 @@ from .evaluation import bootstrap_ci, card_fields, curves_png, draw_figures, wri
 from .metrics import METRICS, NAMES, best_epoch, classification_metrics, summarize
 from .models import sidecar, weights_file
 from .runs import Run, log, save_weights
-from .supervised import classifier_trainer, test_probs
+from .supervised import classifier_trainer, eval_probs
 
 FEW_IMAGES = 5  # a class with fewer training images than this gets a warning (noisy results)
 CI_RESAMPLES = 1000  # bootstrap resamples of the test split for the model card's 95% intervals
@@ -114,13 +114,16 @@ def _finetune(cfg: FinetuneConfig, res: Resolved) -> Path:
                                     "data": {"synthetic": ds.synthetic, "root": str(ds.root),
                                              "fingerprint": ds.fingerprint()}})
         y_test = ds.targets[ds.test_idx]
+        scored = {}  # epoch -> test probabilities of the latest evaluation (the figures reuse it)
 
         def evaluate(epoch: int) -> dict:
             if not res.is_main:  # the others wait while rank 0 evaluates (its row is the one)
                 dist.barrier()
                 return {}
             t0 = time.perf_counter()
-            probs = test_probs(t, test)
+            probs = eval_probs(t, test)
+            scored.clear()
+            scored[epoch] = probs
             row = classification_metrics(y_test, probs.argmax(1), probs, ds.class_names,
                                          cfg.positive_class)
             log(f"epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(f"{k} {row[k]:.4f}"
@@ -128,14 +131,15 @@ def _finetune(cfg: FinetuneConfig, res: Resolved) -> Path:
             dist.barrier()
             return {**row, "eval_seconds": time.perf_counter() - t0}
 
-        rows = fit(run, t, train, Plan(
-            epochs=cfg.epochs, key=resume_key(cfg), log_every=cfg.runtime.log_every,
-            checkpoint_every=cfg.runtime.checkpoint_every,
-            checkpoint_minutes=cfg.runtime.checkpoint_minutes, resume=cfg.runtime.resume,
-            desc=f"finetune {cfg.arch}", on_epoch_end=evaluate, live=res.is_main))
+        rows = fit(run, t, train, Plan.of(cfg, desc=f"finetune {cfg.arch}",
+                                          on_epoch_end=evaluate, live=res.is_main))
         if res.is_main:
             save_model(run.path, cfg, t.model, ds, cfg.epochs, start)
-            finish(run.path, cfg, ds, rows, test_probs(t, test), start, subset)
+            # The final epoch's scores, unless this process did not train it (a rerun of a
+            # finished run): then the final weights are scored once more.
+            final = scored.get(cfg.epochs - 1)
+            finish(run.path, cfg, ds, rows, final if final is not None else eval_probs(t, test),
+                   start, subset)
         return run.path
 
 

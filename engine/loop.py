@@ -20,13 +20,14 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from .. import kernels
 from . import dist
+from .config import resume_key
 from .runs import CHECKPOINT_FORMAT, MetricsCSV, Reporter, Run, log
 
 
@@ -128,7 +129,14 @@ class Plan:
     images_per_step: int = 0  # for img/s; 0 = the batch's first dimension
     on_epoch_end: Callable[[int], dict] | None = None  # extra metrics (e.g. test evaluation)
     live: bool = True  # progress output (rank 0 only under DDP)
-    metrics: dict = field(default_factory=dict)  # filled: the last epoch's row
+
+    @classmethod
+    def of(cls, cfg, **kw) -> "Plan":
+        """A training command's plan: its epochs, resume key and runtime block's intervals."""
+        rt = cfg.runtime
+        return cls(epochs=cfg.epochs, key=resume_key(cfg), log_every=rt.log_every,
+                   checkpoint_every=rt.checkpoint_every,
+                   checkpoint_minutes=rt.checkpoint_minutes, resume=rt.resume, **kw)
 
 
 def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:

@@ -82,12 +82,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
                                     "steps_per_epoch": source.steps_per_epoch,
                                     "data": {"synthetic": ds.synthetic, "root": str(ds.root),
                                              "fingerprint": ds.fingerprint()}})
-        rows = fit(run, t, source, Plan(
-            epochs=cfg.epochs, key=resume_key(cfg), log_every=cfg.runtime.log_every,
-            checkpoint_every=cfg.runtime.checkpoint_every,
-            checkpoint_minutes=cfg.runtime.checkpoint_minutes, resume=cfg.runtime.resume,
-            desc=f"pretrain {cfg.method} {cfg.arch}", images_per_step=cfg.batch_size,
-            live=res.is_main))
+        rows = fit(run, t, source, Plan.of(cfg, desc=f"pretrain {cfg.method} {cfg.arch}",
+                                           images_per_step=cfg.batch_size, live=res.is_main))
         if rows and "spread" in rows[-1] and float(rows[-1]["spread"]) < COLLAPSED:
             log(f"warning: spread {float(rows[-1]['spread']):.3f} < {COLLAPSED}: the outputs "
                 "have collapsed toward one vector (see README, 'spread')")

@@ -71,15 +71,12 @@ def _softmax(forward, x, autocast) -> torch.Tensor:
         return forward(x).float().softmax(1)
 
 
-def test_probs(t: Trainer, test) -> np.ndarray:
+def eval_probs(t: Trainer, test) -> np.ndarray:
     """Class probabilities of a test source under the current weights (eval mode)."""
     t.model.eval()
     probs = class_probs(t.model, (x for x, _ in test.epoch(0)), t.autocast)
     t.model.train()
     return probs.cpu().numpy()  # the epoch's one transfer to the host
-
-
-test_probs.__test__ = False  # not a pytest test, despite its name
 
 
 def default_name(cfg: SupervisedConfig) -> str:
@@ -118,15 +115,12 @@ def _supervised(cfg: SupervisedConfig, res: Resolved) -> Path:
 
         def evaluate(epoch: int) -> dict:
             t0 = time.perf_counter()
-            acc = float((test_probs(t, test).argmax(1) == y_test).mean())
+            acc = float((eval_probs(t, test).argmax(1) == y_test).mean())
             log(f"epoch {epoch + 1}/{cfg.epochs}: held-out top-1 {acc:.4f}")
             return {"test_top1": acc, "eval_seconds": time.perf_counter() - t0}
 
-        rows = fit(run, t, train, Plan(
-            epochs=cfg.epochs, key=resume_key(cfg), log_every=cfg.runtime.log_every,
-            checkpoint_every=cfg.runtime.checkpoint_every,
-            checkpoint_minutes=cfg.runtime.checkpoint_minutes, resume=cfg.runtime.resume,
-            desc=f"supervised {cfg.arch}", on_epoch_end=evaluate, live=res.is_main))
+        rows = fit(run, t, train, Plan.of(cfg, desc=f"supervised {cfg.arch}",
+                                          on_epoch_end=evaluate, live=res.is_main))
         if not res.is_main:
             return run.path
         save_weights(t.model.encoder.state_dict(), run.path / "encoder.safetensors", {
