@@ -10,9 +10,21 @@ ends (a run cut short still returns what it finished), then a short table:
   kernels   benchmarks/kernels.py: fused loss and EMA vs their baselines, vs copy bandwidth
   step      benchmarks/step.py: resnet50, batch 256, 2x112 views, every rung and the peer
   data      benchmarks/data.py: two-view samples/s (DALI rows skip where DALI is absent)
-  finetune  fine-tuning images/s at 224x224, batch 256, bf16 + compile
+  methods   benchmarks/methods.py: every method's step, without and with CUDA graphs
+  finetune  fine-tuning step images/s at 224x224, batch 256, bf16 + compile, +- CUDA graphs
   pretrain  `sstl pretrain` end to end for one epoch of resnet50 (synthetic images, 3,072)
+  recipe    the paper's recipe end to end, twice, as a user types it: `sstl pretrain` (40
+            epochs) then `sstl finetune` (30 epochs) on --data (cxr-dev-gray224); the second
+            pass shows what the compile cache saves. Wall time, per-epoch img/s, timing.json
 Sections are skipped once --budget seconds have passed, so the command ends in time.
+
+Issue 13 (CUDA graphs, compile cache, the fine-tune loop) on a lent GPU, in two commands that
+each fit the 10-minute limit; first, here, `mkdir -p .data && cp -r
+../shared/data/cxr-dev-gray224 .data/` (.data is git-ignored) and carry `.data`:
+    pip install -q --no-deps --no-build-isolation -e . && python -m pytest -q tests/test_graphs.py \
+        && python -m sstl.benchmarks.gpu_check --out "$OUT" --only cuda methods
+    pip install -q --no-deps --no-build-isolation -e . && python -m sstl.benchmarks.gpu_check \
+        --out "$OUT" --only finetune recipe --data .data/cxr-dev-gray224
 """
 from __future__ import annotations
 
@@ -100,18 +112,24 @@ def cuda_checks(device: str = "cuda", arch: str = "resnet50", batch: int = 64) -
 
 
 def finetune_throughput(device: str = "cuda", arch: str = "resnet50", batch: int = 256,
-                        size: int = 224, steps: int = 20, warmup: int = 5) -> dict:
+                        size: int = 224, steps: int = 20, warmup: int = 6) -> dict:
+    return {"rows": [finetune_step(device, arch, batch, size, steps, warmup, g)
+                     for g in (False, True)]}
+
+
+def finetune_step(device, arch, batch, size, steps, warmup, graphs: bool) -> dict:
     """Images/s of the fine-tuning step as `sstl finetune` builds it (a resident batch)."""
     from sstl.engine.config import DataConfig, FinetuneAugment, FinetuneConfig, Runtime, check, resolve
     from sstl.engine.data.dataset import load_dataset
     from sstl.engine.data.loader import LabelledSource
     from sstl.engine.finetune import build_trainer
-    from sstl.engine.loop import train_step
+    from sstl.engine.loop import stepper
 
     from .common import median_seconds, sync
 
     cfg = check(FinetuneConfig(data=DataConfig(), arch=arch, init="random", batch_size=batch,
-                               augment=FinetuneAugment(size=size), runtime=Runtime(device=device)))
+                               augment=FinetuneAugment(size=size),
+                               runtime=Runtime(device=device, cuda_graphs=graphs)))
     res = resolve(cfg.runtime, cfg.batch_size)
     ds = load_dataset(cfg.data, need_labels=True, log=lambda m: None)
     src = LabelledSource(ds.images, ds.targets, batch, size, res.device, cfg.augment.train,
@@ -120,12 +138,14 @@ def finetune_throughput(device: str = "cuda", arch: str = "resnet50", batch: int
     x, y = next(src.epoch(0))
     reps = max(1, -(-batch // len(x)))
     x, y = x.repeat(reps, 1, 1, 1)[:batch], y.repeat(reps)[:batch]  # a full batch from 256 images
+    one = stepper(t)
     for i in range(warmup):
-        train_step(t, (x, y), i)
+        one((x, y), i)
     sync(res.device)
-    sec, all_sec = median_seconds(lambda: train_step(t, (x, y), 0), res.device, steps, 3)
-    return {"images_per_s": batch / sec, "ms_per_step": sec * 1e3, "batch": batch, "size": size,
-            "target_6000": batch / sec >= 6000, "note": "model step only, batch resident"}
+    sec, all_sec = median_seconds(lambda: one((x, y), 0), res.device, steps, 3)
+    return {"graphs": t.graphs, "images_per_s": batch / sec, "ms_per_step": sec * 1e3,
+            "batch": batch, "size": size, "target_6000": batch / sec >= 6000,
+            "note": "model step only, batch resident"}
 
 
 def pretrain_epoch(out: Path) -> dict:
@@ -144,11 +164,55 @@ def pretrain_epoch(out: Path) -> dict:
             "config": json.loads((run / "config.json").read_text())["resolved"]}
 
 
+def recipe(out: Path, data: str | None, passes: int = 2) -> dict:
+    """The paper's recipe as a user runs it (subprocesses, so the compile cache is the real
+    on-disk one): pretrain 40 epochs, then fine-tune 30 epochs on all labels."""
+    import subprocess
+    import sys
+
+    if not data or not Path(data).exists():
+        return {"skipped": f"--data {data!r} not found (copy cxr-dev-gray224 into the checkout)"}
+    rows = []
+    for i in range(passes):
+        runs = out / "recipe-runs"
+        row = {"pass": i + 1}
+        for cmd, name, extra in (
+                ("pretrain", f"pretrain-{i}", ["--init", "random"]),  # no ImageNet offline
+                ("finetune", f"finetune-{i}", ["--encoder", str(runs / f"pretrain-{i}"),
+                                               "--fraction", "1.0"])):
+            argv = [sys.executable, "-m", "sstl.cli.main", cmd, "--data", data, "--out", str(runs),
+                    "--name", name, "--no-resume", *extra]
+            t0 = time.perf_counter()
+            proc = subprocess.run(argv, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            run = runs / name
+            row[cmd] = {"wall_s": wall, "rc": proc.returncode, "tail": proc.stderr[-1500:],
+                        **_run_facts(run)}
+        rows.append(row)
+    return {"rows": rows, "data": data}
+
+
+def _run_facts(run: Path) -> dict:
+    import csv
+
+    facts = {}
+    if (run / "timing.json").exists():
+        facts["timing"] = json.loads((run / "timing.json").read_text())
+    if (run / "metrics.csv").exists():
+        with open(run / "metrics.csv") as f:
+            rates = [float(r["images_per_s"]) for r in csv.DictReader(f)]
+        facts["images_per_s_epochs"] = rates
+        if len(rates) > 1:  # the first epoch holds compilation and capture
+            facts["images_per_s_median_after_first"] = sorted(rates[1:])[len(rates[1:]) // 2]
+    return facts
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="gpu-check", help="folder for the JSON files")
     p.add_argument("--budget", type=float, default=480, help="seconds after which sections skip")
     p.add_argument("--only", nargs="*", default=None, help="run only these sections")
+    p.add_argument("--data", default=None, help="labelled set for the recipe section")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,9 +223,11 @@ def main() -> None:
         "kernels": lambda: kernels.run("cuda"),
         "step": lambda: step.run(device="cuda", arch="resnet50", batch_size=256, view_size=112),
         "data": lambda: data.run(device="cuda"),
-        "methods": lambda: methods.run(device="cuda"),
+        "methods": lambda: methods.run(device="cuda", methods=["cross", "byol", "simsiam",
+                                                                "simclr"], graphs=(False, True)),
         "finetune": finetune_throughput,
         "pretrain": lambda: pretrain_epoch(out),
+        "recipe": lambda: recipe(out, a.data),
     }
     t0, summary = time.perf_counter(), {"machine": machine()}
     for name, fn in sections.items():
@@ -196,11 +262,15 @@ def print_summary(summary: dict) -> None:
     for t in summary.get("kernels", {}).get("result", {}).get("targets", []):
         print(f"  kernels {t['name']:40s} {t['value']} (>= {t['target']}) met={t['met']}")
     for r in summary.get("methods", {}).get("result", {}).get("rows", []):
-        print(f"  method {r['method']:10s} {r.get('images_per_s', 0):9,.0f} img/s  "
-              f"warm-up {r.get('warmup_s', 0):5.1f} s")
-    ft = summary.get("finetune", {}).get("result")
-    if ft:
-        print(f"  finetune 224: {ft['images_per_s']:,.0f} img/s")
+        print(f"  method {r['method']:10s} graphs {str(r.get('graphs')):5s} "
+              f"{r.get('images_per_s', 0):9,.0f} img/s  warm-up {r.get('warmup_s', 0):5.1f} s")
+    for r in summary.get("finetune", {}).get("result", {}).get("rows", []):
+        print(f"  finetune 224 graphs {str(r['graphs']):5s} {r['images_per_s']:9,.0f} img/s")
+    for r in summary.get("recipe", {}).get("result", {}).get("rows", []):
+        for cmd in ("pretrain", "finetune"):
+            c = r.get(cmd, {})
+            print(f"  recipe pass {r['pass']} {cmd:8s} wall {c.get('wall_s', 0):6.1f} s  "
+                  f"{c.get('images_per_s_median_after_first', 0):8,.0f} img/s  rc {c.get('rc')}")
     for name, s in summary.items():
         if isinstance(s, dict) and ("error" in s or "skipped" in s):
             print(f"  {name}: {s.get('error') or s.get('skipped')}")

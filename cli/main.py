@@ -66,6 +66,8 @@ NAME = typer.Option(None, "--name", help="Run directory name [default: from the 
 DEVICE = typer.Option(R.device, "--device", help="auto | cuda | cpu")
 BACKEND = typer.Option(R.backend, "--backend", help="Data path: auto (DALI on a GPU if installed) | dali | torch")
 COMPILE = typer.Option(None, "--compile/--no-compile", help="torch.compile [default: on for CUDA]")
+GRAPHS = typer.Option(None, "--cuda-graphs/--no-cuda-graphs",
+                      help="Replay the whole step as a CUDA graph [default: on for CUDA, one process]")
 PRECISION = typer.Option(R.precision, "--precision", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32")
 SEED = typer.Option(R.seed, "--seed", help="Training seed (init, order, augmentation, label subset)")
 LOG_EVERY = typer.Option(R.log_every, "--log-every", help="Steps between loss reads (the only host syncs)")
@@ -85,10 +87,10 @@ def data_config(data, cache_dir, cache_size, split_seed, test_fraction, workers=
 
 
 def runtime(device, precision, compile, backend, seed, out, name, log_every, checkpoint_every,
-            checkpoint_minutes, resume) -> Runtime:
+            checkpoint_minutes, resume, cuda_graphs=None) -> Runtime:
     return Runtime(device=device, precision=precision, compile=compile, backend=backend, seed=seed,
                    out=str(out), name=name, log_every=log_every, checkpoint_every=checkpoint_every,
-                   checkpoint_minutes=checkpoint_minutes, resume=resume)
+                   checkpoint_minutes=checkpoint_minutes, resume=resume, cuda_graphs=cuda_graphs)
 
 
 def method_options(tau, temperature, target_bn, proj_dim, options: list[str]) -> dict:
@@ -127,7 +129,8 @@ def pretrain(
     split: str = typer.Option(default(P, "split"), help="Images pretraining sees: train (the test "
                               "split stays unseen) | all (labels are never used; finetune warns)"),
     out: Path = OUT, name: Optional[str] = NAME, device: str = DEVICE, backend: str = BACKEND,
-    compile: Optional[bool] = COMPILE, precision: str = PRECISION, seed: int = SEED,
+    compile: Optional[bool] = COMPILE, cuda_graphs: Optional[bool] = GRAPHS,
+    precision: str = PRECISION, seed: int = SEED,
     log_every: int = LOG_EVERY, checkpoint_every: int = CKPT_EVERY,
     checkpoint_minutes: float = CKPT_MINUTES, resume: bool = RESUME,
     cache_dir: Optional[Path] = CACHE_DIR, cache_size: int = CACHE_SIZE,
@@ -139,7 +142,7 @@ def pretrain(
     run(PretrainConfig(
         data=data_config(data, cache_dir, cache_size, split_seed, test_fraction, workers),
         runtime=runtime(device, precision, compile, backend, seed, out, name, log_every,
-                        checkpoint_every, checkpoint_minutes, resume),
+                        checkpoint_every, checkpoint_minutes, resume, cuda_graphs),
         method=method, settings=method_options(tau, temperature, target_bn, proj_dim, method_option),
         arch=arch, init=init, imagenet_weights=imagenet_weights, epochs=epochs,
         batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -168,7 +171,8 @@ def finetune(
     label_smoothing: float = typer.Option(default(F, "label_smoothing"), help="Cross-entropy label smoothing"),
     summary_last: int = typer.Option(default(F, "summary_last"), help="Epochs averaged in summary.json (paper: last 10)"),
     out: Path = OUT, name: Optional[str] = NAME, device: str = DEVICE, backend: str = BACKEND,
-    compile: Optional[bool] = COMPILE, precision: str = PRECISION, seed: int = SEED,
+    compile: Optional[bool] = COMPILE, cuda_graphs: Optional[bool] = GRAPHS,
+    precision: str = PRECISION, seed: int = SEED,
     log_every: int = LOG_EVERY, checkpoint_every: int = CKPT_EVERY,
     checkpoint_minutes: float = CKPT_MINUTES, resume: bool = RESUME,
     cache_dir: Optional[Path] = CACHE_DIR, cache_size: int = CACHE_SIZE,
@@ -180,7 +184,7 @@ def finetune(
     run(FinetuneConfig(
         data=data_config(data, cache_dir, cache_size, split_seed, test_fraction, workers),
         runtime=runtime(device, precision, compile, backend, seed, out, name, log_every,
-                        checkpoint_every, checkpoint_minutes, resume),
+                        checkpoint_every, checkpoint_minutes, resume, cuda_graphs),
         arch=arch, encoder=str(encoder) if encoder else None, init=init,
         imagenet_weights=imagenet_weights, fraction=fraction, epochs=epochs,
         batch_size=batch_size, lr=lr, schedule=schedule, momentum=momentum,
@@ -205,7 +209,8 @@ def supervised(
     schedule: str = typer.Option(default(S, "schedule"), help="cosine | constant"),
     weight_decay: float = typer.Option(default(S, "weight_decay"), help="Weight decay"),
     out: Path = OUT, name: Optional[str] = NAME, device: str = DEVICE, backend: str = BACKEND,
-    compile: Optional[bool] = COMPILE, precision: str = PRECISION, seed: int = SEED,
+    compile: Optional[bool] = COMPILE, cuda_graphs: Optional[bool] = GRAPHS,
+    precision: str = PRECISION, seed: int = SEED,
     log_every: int = LOG_EVERY, checkpoint_every: int = CKPT_EVERY,
     checkpoint_minutes: float = CKPT_MINUTES, resume: bool = RESUME,
     cache_dir: Optional[Path] = CACHE_DIR,
@@ -222,7 +227,7 @@ def supervised(
     run(SupervisedConfig(
         data=data_config(data, cache_dir, cache_size, split_seed, test_fraction, workers),
         runtime=runtime(device, precision, compile, backend, seed, out, name, log_every,
-                        checkpoint_every, checkpoint_minutes, resume),
+                        checkpoint_every, checkpoint_minutes, resume, cuda_graphs),
         arch=arch, init=init, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,
         weight_decay=weight_decay, augment=aug))
 
@@ -243,7 +248,8 @@ def reproduce(
     evaluate_on: Optional[Path] = typer.Option(None, help="Also evaluate every fine-tuned model "
                                                "on this labelled set (another hospital's data)"),
     out: Path = OUT, name: Optional[str] = NAME, device: str = DEVICE, backend: str = BACKEND,
-    compile: Optional[bool] = COMPILE, precision: str = PRECISION, seed: int = SEED,
+    compile: Optional[bool] = COMPILE, cuda_graphs: Optional[bool] = GRAPHS,
+    precision: str = PRECISION, seed: int = SEED,
     log_every: int = LOG_EVERY, cache_dir: Optional[Path] = CACHE_DIR,
     split_seed: int = SPLIT_SEED, test_fraction: float = TEST_FRACTION, workers: int = WORKERS,
 ):
@@ -254,7 +260,7 @@ def reproduce(
     run(ReproduceConfig(
         data=data_config(data, cache_dir, D.cache_size, split_seed, test_fraction, workers),
         runtime=runtime(device, precision, compile, backend, seed, out, name, log_every,
-                        R.checkpoint_every, R.checkpoint_minutes, True),
+                        R.checkpoint_every, R.checkpoint_minutes, True, cuda_graphs),
         preset=preset, rows=tuple(rows), fractions=tuple(fraction) or ReproduceConfig().fractions,
         seeds=seeds, transfer=transfer, evaluate_on=str(evaluate_on) if evaluate_on else None))
 

@@ -55,6 +55,8 @@ class Runtime:
     device: str = "auto"  # auto | cuda | cpu
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     compile: bool | None = None  # torch.compile the networks; None = on for CUDA, off for CPU
+    # Replay each step as one CUDA graph (engine/accel.py); None = on for CUDA in one process
+    cuda_graphs: bool | None = None
     backend: str = "auto"  # data path: auto (DALI if importable and on a GPU) | dali | torch
     seed: int = 0  # training randomness: head init, data order, augmentation, label subset
     out: str = "runs"  # parent folder of run directories
@@ -66,7 +68,7 @@ class Runtime:
 
 
 # Runtime fields that may change between a run and its resumption without changing its result.
-RESUMABLE_RUNTIME = ("device", "compile", "backend", "out", "name", "log_every",
+RESUMABLE_RUNTIME = ("device", "compile", "cuda_graphs", "backend", "out", "name", "log_every",
                      "checkpoint_every", "checkpoint_minutes", "resume")
 
 
@@ -337,6 +339,7 @@ class Resolved:
     local_rank: int
     per_rank_batch: int
     channels_last: bool
+    graphs: bool = False  # CUDA graphs (engine/accel.py): CUDA, one process, not turned off
 
     @property
     def is_main(self) -> bool:
@@ -366,6 +369,8 @@ def resolve(rt: Runtime, batch_size: int) -> Resolved:
     on_gpu = rt.device != "cpu" and torch.cuda.is_available()
     device = f"cuda:{local_rank}" if on_gpu else "cpu"
     precision = rt.precision if rt.precision != "auto" else ("bf16" if on_gpu else "fp32")
+    if rt.cuda_graphs and not on_gpu:
+        raise ConfigError("--cuda-graphs needs a CUDA device; this run is on the CPU")
     if batch_size % world:  # --batch-size is global: each of the processes takes a share
         raise ConfigError(f"--batch-size {batch_size} does not divide over the {world} processes "
                           f"of this run (WORLD_SIZE); use a multiple of {world}")
@@ -373,7 +378,9 @@ def resolve(rt: Runtime, batch_size: int) -> Resolved:
                     compile=on_gpu if rt.compile is None else bool(rt.compile),
                     backend=pick_backend(rt.backend, device), rank=rank, world_size=world,
                     local_rank=local_rank, per_rank_batch=batch_size // world,
-                    channels_last=on_gpu)
+                    channels_last=on_gpu,
+                    # Not under torchrun: capturing DDP's all-reduces is not supported here.
+                    graphs=on_gpu and world == 1 and rt.cuda_graphs is not False)
 
 
 def inference_runtime(cfg) -> Runtime:

@@ -88,6 +88,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
 
 
 def _finetune(cfg: FinetuneConfig, res: Resolved) -> Path:
+    t_data = time.perf_counter()
     with dist.main_first():  # rank 0 decodes the cache; the others then map it
         ds = load_dataset(cfg.data, need_labels=True, log=log)
     check_positive(ds.class_names, cfg.positive_class)
@@ -98,6 +99,7 @@ def _finetune(cfg: FinetuneConfig, res: Resolved) -> Path:
     start = str(encoder) if encoder else cfg.init
     with Run.open(cfg.runtime.out, cfg.runtime.name or default_name(cfg, start),
                   res.is_main) as run:
+        run.add_time("data", time.perf_counter() - t_data)  # scan and cache
         if res.is_main:
             save_data_files(ds, run.path)
         subset = choose_subset(cfg, ds, run.path, res.is_main)
@@ -129,6 +131,7 @@ def _finetune(cfg: FinetuneConfig, res: Resolved) -> Path:
             log(f"epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(f"{k} {row[k]:.4f}"
                                                                for k in METRICS))
             dist.barrier()
+            run.add_time("evaluate", time.perf_counter() - t0)
             return {**row, "eval_seconds": time.perf_counter() - t0}
 
         rows = fit(run, t, train, Plan.of(cfg, desc=f"finetune {cfg.arch}",

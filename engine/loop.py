@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from .. import kernels
-from . import dist
+from . import accel, dist
 from .config import resume_key
 from .runs import CHECKPOINT_FORMAT, MetricsCSV, Reporter, Run, log
 
@@ -38,7 +38,7 @@ class EMA:
         self.online, self.target = kernels.FlatParams(online), kernels.FlatParams(target)
         self.check()
 
-    def update(self, tau: float) -> None:
+    def update(self, tau) -> None:  # a float, or a 0-dim device tensor (CUDA graphs)
         kernels.ema_(self.target, self.online, tau)
 
     def check(self) -> None:  # a re-allocated tensor would silently leave the flat buffer
@@ -58,10 +58,14 @@ class Trainer:
     stats: tuple[str, ...] = ()  # names of the stats forward returns, in order
     ema: EMA | None = None  # the target network's EMA, for methods that keep one
     tau_at: Callable[[int], float] = lambda step: 1.0  # EMA rate of a global step
+    graphs: bool = False  # replay the step as a CUDA graph (accel.py)
+    compiled: bool = False  # forward is torch.compiled (timing.json records cache hits)
 
     def state(self) -> dict:
-        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
-                "torch_rng": torch.get_rng_state()}
+        opt = self.opt.state_dict()
+        for group in opt["param_groups"]:  # a graphed run's lr is a device tensor
+            group["lr"] = float(group["lr"])
+        return {"model": self.model.state_dict(), "opt": opt, "torch_rng": torch.get_rng_state()}
 
     def load(self, ck: dict) -> None:
         self.model.load_state_dict(ck["model"])  # copies in place: flat EMA views stay valid
@@ -79,17 +83,35 @@ def sgd(params, lr: float, momentum: float, weight_decay: float, device: str):
 
 def train_step(t: Trainer, batch: tuple, step: int) -> torch.Tensor:
     """One optimizer step; returns [loss, *stats] on the device (no host sync)."""
-    lr = t.lr_at(step)
-    for group in t.opt.param_groups:
-        group["lr"] = lr
+    set_lr(t.opt, t.lr_at(step))
+    return step_body(t, batch, t.tau_at(step))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        if isinstance(group["lr"], torch.Tensor):  # a CUDA graph reads it from the device
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def step_body(t: Trainer, batch: tuple, tau) -> torch.Tensor:
+    """Forward, backward, SGD, EMA: the part of a step a CUDA graph captures (accel.py)."""
     with t.autocast():
         loss, stats = t.forward(*batch)
     t.opt.zero_grad(set_to_none=True)
     loss.backward()
     t.opt.step()
     if t.ema is not None:
-        t.ema.update(t.tau_at(step))
+        t.ema.update(tau)
     return torch.stack([loss.detach().float(), *(stats[k].detach().float() for k in t.stats)])
+
+
+def stepper(t: Trainer) -> Callable[[tuple, int], torch.Tensor]:
+    """The step `fit` calls: graphed on CUDA where the trainer allows it, else train_step."""
+    if not t.graphs:
+        return lambda batch, step: train_step(t, batch, step)
+    return accel.GraphedStep(t, train_step, step_body, stream=torch.cuda.Stream())
 
 
 class StopRequest:
@@ -165,7 +187,7 @@ def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
         return bool(by_steps) or time.monotonic() - last_save > 60 * plan.checkpoint_minutes
 
     t_train = time.perf_counter()
-    world, stopping = dist.world(), False
+    world, stopping, step_fn, first = dist.world(), False, stepper(t), True
     try:
         with StopRequest() as stop:
             for epoch in range(epoch, plan.epochs):
@@ -176,7 +198,9 @@ def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
                 sums = sums.to(source.device)
                 t0, i, stopping = time.perf_counter() - seconds, start - 1, False
                 for i, batch in enumerate(source.epoch(epoch, start), start):
-                    sums += train_step(t, batch, epoch * steps + i)
+                    sums += step_fn(batch, epoch * steps + i)
+                    if first:  # the first step holds compilation: timed once, with one sync
+                        first = _time_first_step(run, source.device, t_train)
                     seen += plan.images_per_step or batch[0].shape[0] * world
                     at_log = (i + 1) % plan.log_every == 0 or i + 1 == steps
                     by_steps = plan.checkpoint_every and (i + 1) % plan.checkpoint_every == 0
@@ -224,8 +248,18 @@ def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
     finally:
         rep.close()
         run.add_time("train", time.perf_counter() - t_train)
+        if isinstance(step_fn, accel.GraphedStep):
+            run.add_time("graph_capture", step_fn.seconds)
+        run.timing.update(accel.compile_counters() if t.compiled else {})
         run.write_timing()
     return metrics.rows()
+
+
+def _time_first_step(run: Run, device, t0: float) -> bool:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    run.add_time("first_step", time.perf_counter() - t0)
+    return False
 
 
 def _agree(sums: torch.Tensor, stop: bool, due: bool) -> tuple[torch.Tensor, bool, bool]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import dist
+from . import accel, dist
 from .config import PretrainConfig, Resolved, check, config_hash, resolve, resume_key
 from .data.backends import ssl_source
 from .data.dataset import load_dataset, save_data_files
@@ -43,11 +43,16 @@ def build_trainer(cfg: PretrainConfig, res: Resolved, method: Method, total_step
     ema = EMA(online, target) if online else None
     opt = sgd(method.trainable(), cfg.lr, cfg.momentum, cfg.weight_decay, res.device)
     ddp = dist.data_parallel(method, res)  # gradients averaged over ranks (torchrun)
-    forward = torch.compile(ddp) if res.compile else ddp
+    forward = accel.compile_module(ddp) if res.compile else ddp
+    graphs = res.graphs and method.graph_safe
+    if res.graphs and not graphs and res.is_main:
+        log(f"--method {cfg.method}: its step keeps host-side state ({method.graph_unsafe_why}); "
+            "running it without CUDA graphs")
     return Trainer(model=method, forward=forward, opt=opt, autocast=res.autocast,
                    lr_at=lambda step: cfg.lr,  # the paper's constant rate
                    stats=method.stats, ema=ema,
-                   tau_at=lambda step: method.tau(step, total_steps))
+                   tau_at=lambda step: method.tau(step, total_steps),
+                   graphs=graphs, compiled=res.compile)
 
 
 def default_name(cfg: PretrainConfig) -> str:

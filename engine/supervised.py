@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import dist
+from . import accel, dist
 from .config import Resolved, SupervisedConfig, check, config_hash, resolve, resume_key
 from .data.backends import labelled_source
 from .data.dataset import load_dataset, save_data_files
@@ -54,10 +54,11 @@ def classifier_trainer(arch: str, init: str, imagenet_weights: str, n_classes: i
         model.to(memory_format=torch.channels_last)
     opt = sgd(model.parameters(), lr, momentum, weight_decay, res.device)
     ddp = dist.data_parallel(model, res)  # gradients averaged over ranks (torchrun)
-    compiled = torch.compile(ddp) if res.compile else ddp
+    compiled = accel.compile_module(ddp) if res.compile else ddp
     return Trainer(model=model, forward=supervised_forward(compiled, label_smoothing), opt=opt,
                    autocast=res.autocast,
-                   lr_at=lambda step: lr_at(lr, schedule, step, total_steps))
+                   lr_at=lambda step: lr_at(lr, schedule, step, total_steps),
+                   graphs=res.graphs, compiled=res.compile)
 
 
 @torch.no_grad()
@@ -92,9 +93,11 @@ def supervised(cfg: SupervisedConfig) -> Path:
 
 
 def _supervised(cfg: SupervisedConfig, res: Resolved) -> Path:
+    t_data = time.perf_counter()
     with dist.main_first():  # rank 0 decodes the cache; the others then map it
         ds = load_dataset(cfg.data, need_labels=True, log=log)
     with Run.open(cfg.runtime.out, cfg.runtime.name or default_name(cfg), res.is_main) as run:
+        run.add_time("data", time.perf_counter() - t_data)  # scan and cache
         if res.is_main:
             save_data_files(ds, run.path)
         train = labelled_source(np.asarray(ds.images[ds.train_idx]), ds.targets[ds.train_idx],
@@ -117,6 +120,7 @@ def _supervised(cfg: SupervisedConfig, res: Resolved) -> Path:
             t0 = time.perf_counter()
             acc = float((eval_probs(t, test).argmax(1) == y_test).mean())
             log(f"epoch {epoch + 1}/{cfg.epochs}: held-out top-1 {acc:.4f}")
+            run.add_time("evaluate", time.perf_counter() - t0)
             return {"test_top1": acc, "eval_seconds": time.perf_counter() - t0}
 
         rows = fit(run, t, train, Plan.of(cfg, desc=f"supervised {cfg.arch}",

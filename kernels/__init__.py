@@ -2,7 +2,8 @@
 
     cross_loss(p1, p2, y2) -> scalar loss (fp32; fp64 for fp64 inputs)   Cross
     cosine_loss(a, b)      -> mean(2 - 2 cos(a, b)), gradient to a only    BYOL, SimSiam
-    ema_(target, online, tau)   target <- tau * target + (1 - tau) * online, in place
+    ema_(target, online, tau)   target <- tau * target + (1 - tau) * online, in place; tau a
+                                float or a 0-dim device tensor (CUDA graphs)
 
 Triton runs when the tensors are on CUDA and triton imports; everything else uses the torch
 reference path (same math). The environment variable SSTL_KERNELS overrides the choice:
@@ -64,6 +65,6 @@ def cosine_loss(a: Tensor, b: Tensor) -> Tensor:
     return CosineLoss.apply(a, b.detach(), fused)
 
 
-def ema_(target: FlatParams, online: FlatParams, tau: float) -> None:
+def ema_(target: FlatParams, online: FlatParams, tau: float | Tensor) -> None:
     """In-place EMA of the target network's flat parameters towards the online ones."""
     (ema_triton_ if use_triton(target.flat.device) else ema_reference_)(target, online, tau)

@@ -89,10 +89,16 @@ def _check_pair(target: FlatParams, online: FlatParams) -> None:
 
 
 @torch.no_grad()
-def ema_reference_(target: FlatParams, online: FlatParams, tau: float) -> None:
-    """target <- tau * target + (1 - tau) * online, with torch's multi-tensor lerp."""
+def ema_reference_(target: FlatParams, online: FlatParams, tau: float | Tensor) -> None:
+    """target <- tau * target + (1 - tau) * online, with torch's multi-tensor lerp.
+
+    A 0-dim tensor `tau` (what a CUDA graph replays: its value is read on the device at each
+    replay, never baked in) lerps the flat buffers in one op."""
     _check_pair(target, online)
-    torch._foreach_lerp_(target.tensors, online.tensors, 1.0 - tau)
+    if isinstance(tau, Tensor):
+        target.padded.lerp_(online.padded, 1.0 - tau)
+    else:
+        torch._foreach_lerp_(target.tensors, online.tensors, 1.0 - tau)
 
 
 @torch.no_grad()
@@ -104,9 +110,14 @@ def ema_loop_(target: FlatParams, online: FlatParams, tau: float) -> None:
 
 
 @triton.jit
-def _ema_kernel(target_ptr, online_ptr, n, w, BLOCK: tl.constexpr):
+def _ema_kernel(target_ptr, online_ptr, n, w_or_tau, TAU_IN_MEMORY: tl.constexpr,
+                BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
+    if TAU_IN_MEMORY:  # a pointer to tau on the device: a CUDA graph replays with its new value
+        w = 1.0 - tl.load(w_or_tau).to(tl.float32)
+    else:  # w = 1 - tau, computed on the host in float64
+        w = w_or_tau
     t = tl.load(target_ptr + offs, mask=mask)
     o = tl.load(online_ptr + offs, mask=mask)
     t32 = t.to(tl.float32)
@@ -114,9 +125,15 @@ def _ema_kernel(target_ptr, online_ptr, n, w, BLOCK: tl.constexpr):
     tl.store(target_ptr + offs, new.to(t.dtype), mask=mask)
 
 
-def ema_triton_(target: FlatParams, online: FlatParams, tau: float) -> None:
-    """One in-place launch over the flat buffers; tau is a runtime float (no recompiles)."""
+def ema_triton_(target: FlatParams, online: FlatParams, tau: float | Tensor) -> None:
+    """One in-place launch over the flat buffers; tau is a runtime float (no recompiles) or
+    a 0-dim device tensor read by the kernel (CUDA graphs)."""
     _check_pair(target, online)
     n = target.padded.numel()
-    _ema_kernel[(triton.cdiv(n, BLOCK),)](target.padded, online.padded, n, 1.0 - float(tau),
+    in_memory = isinstance(tau, Tensor)
+    if in_memory and (tau.numel() != 1 or tau.device != target.flat.device):
+        raise ValueError(f"tau must be one value on {target.flat.device}, got "
+                         f"{tuple(tau.shape)} on {tau.device}")
+    _ema_kernel[(triton.cdiv(n, BLOCK),)](target.padded, online.padded, n,
+                                          tau if in_memory else 1.0 - float(tau), in_memory,
                                           BLOCK=BLOCK, num_warps=NUM_WARPS)

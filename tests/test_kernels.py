@@ -213,6 +213,27 @@ def test_ema_triton_reference_loop_agree(resnet_pair):
                                .view_as(target.conv1.weight))  # the module sees the update
 
 
+def test_ema_with_tau_on_the_device_matches_the_float64_formula(resnet_pair):
+    """The form a CUDA graph replays: tau is read from a 0-dim device tensor at each launch,
+    so writing a new value into it (fill_) changes the next update without a new launch."""
+    online, _, flat_o, flat_t = resnet_pair
+    _sgd_step(online)
+    start = flat_t.flat.clone()
+    methods = [K.ema_reference_, K.ema_] + ([K.ema_triton_] if K.triton_available(DEVICE) else [])
+    for ema in methods:
+        flat_t.flat.copy_(start)
+        tau = torch.tensor(0.5, device=flat_t.flat.device)
+        ema(flat_t, flat_o, tau)
+        tau.fill_(0.99)  # the second update must see the new value
+        ema(flat_t, flat_o, tau)
+        x, o = start.double(), flat_o.flat.double()
+        t32 = torch.tensor([0.5, 0.99]).double()  # tau as the device holds it (float32)
+        once = t32[0] * x + (1 - t32[0]) * o
+        expected = (t32[1] * once + (1 - t32[1]) * o).float()
+        torch.testing.assert_close(flat_t.flat, expected, rtol=1e-6, atol=1e-7)
+        assert not flat_t.padded[flat_t.flat.numel():].any()
+
+
 def test_flat_views_survive_load_state_dict(resnet_pair):
     online, _, flat_o, _ = resnet_pair
     ptr = flat_o.flat.data_ptr()

@@ -25,6 +25,10 @@ import torch.nn.functional as F
 class Method(nn.Module):
     views = "two_crops"  # the data seam makes two augmented crops of each image
     stats: tuple[str, ...] = ("spread",)
+    # Whether the step can be replayed as a CUDA graph (engine/accel.py): everything that
+    # changes between steps lives in device tensors updated in place. If not, why not.
+    graph_safe = True
+    graph_unsafe_why = ""
 
     @property
     def encoder(self) -> nn.Module:

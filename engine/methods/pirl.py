@@ -61,6 +61,9 @@ def nce_loss(q: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, neg: torch.
 class PIRL(Method):
     views = ""  # set by each variant: "pirl-jigsaw" | "pirl-rotation"
     stats = ("spread", "invariance")
+    graph_safe = False
+    graph_unsafe_why = ("the negatives' generator is seeded from a host counter and the bank is "
+                        "replaced, not updated in place, every step")
 
     def __init__(self, backbone: nn.Module, feat_dim: int, cfg: PIRLConfig = PIRLConfig()):
         super().__init__()
