@@ -181,6 +181,7 @@ def collect(cfg: ReproduceConfig, grid: Path, rows, cells: list[dict]) -> Path:
             f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}" for k in keys) + " |")
         csv_rows.append({"row": row, **{f"{k}_mean": s[k]["mean"] for k in keys},
                          **{f"{k}_std": s[k]["std"] for k in keys}})
+    lines += fig3_table(table, rows, cfg.fractions)
     lines += ["", f"Reference: {PAPER_REFERENCE}", "",
               f"Start of Ours/Transfer: {cfg.transfer}. Data: {cfg.data.path or 'SYNTHETIC demo set'}."]
     text = "\n".join(lines) + "\n"
@@ -199,6 +200,21 @@ def collect(cfg: ReproduceConfig, grid: Path, rows, cells: list[dict]) -> Path:
     fig3(grid / "fig3.png", table, rows, cfg.fractions)
     log(text)
     return grid
+
+
+def fig3_table(table: dict, rows, fractions) -> list[str]:
+    """Fig. 3's points as text: HM and Acc (mean ± std) per row and label fraction."""
+    xs = sorted(fractions)
+    lines = []
+    for k, title in (("hm", "HM (COVID vs rest)"), ("acc", "Accuracy (4 classes)")):
+        lines += ["", f"Fig. 3, {title}, by label fraction:", "",
+                  "| method | " + " | ".join(f"{100 * f:g}%" for f in xs) + " |",
+                  "|---|" + "---:|" * len(xs)]
+        for row, _, _ in rows:
+            cells = [f"{table[row][f][k]['mean']:.3f} ± {table[row][f][k]['std']:.3f}"
+                     if f in table[row] else "" for f in xs]
+            lines.append(f"| {LABELS[row]} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def fig3(path: Path, table: dict, rows, fractions) -> None:

@@ -110,12 +110,18 @@ class Run:
         t0 = time.perf_counter()
         self.flush()  # one write in flight at most; surfaces the previous write's error
         snapshot = _to_host(state)
-        self._writer = threading.Thread(target=self._write, args=(snapshot,), daemon=True)
+        copied = None  # GPU tensors are copied asynchronously: the writer waits for the copies
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            copied = torch.cuda.Event()
+            copied.record()
+        self._writer = threading.Thread(target=self._write, args=(snapshot, copied), daemon=True)
         self._writer.start()
         self.add_time("checkpoint", time.perf_counter() - t0)
 
-    def _write(self, snapshot: dict) -> None:
+    def _write(self, snapshot: dict, copied=None) -> None:
         try:
+            if copied is not None:
+                copied.synchronize()
             nxt = self.path / "checkpoint.next.pt"
             atomic_write(nxt, lambda tmp: torch.save(snapshot, tmp))
             if self.checkpoint.exists():
@@ -179,8 +185,14 @@ class Run:
 
 
 def _to_host(obj):
-    """A deep copy of a state tree with every tensor on the CPU (safe to write on a thread)."""
+    """A deep copy of a state tree with every tensor on the CPU (safe to write on a thread).
+
+    A CUDA tensor goes to pinned memory with a non-blocking copy, so the training step is not
+    held up by the transfer; later in-place updates queue behind the copy on the same stream."""
     if isinstance(obj, torch.Tensor):
+        if obj.is_cuda:
+            host = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
+            return host.copy_(obj.detach(), non_blocking=True)
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
         return {k: _to_host(v) for k, v in obj.items()}

@@ -85,3 +85,14 @@ def test_unknown_rows_are_refused(tmp_path):
     cfg = ReproduceConfig(runtime=Runtime(device="cpu", out=str(tmp_path)), rows=("moco",))
     with pytest.raises(SystemExit, match="unknown moco"):
         reproduce_mod.reproduce(cfg)
+
+
+def test_fig3_table_prints_each_point_of_the_figure():
+    rows = [("cross", "cross", "random"), ("scratch", None, "random")]
+    pt = lambda m, s: {"hm": {"mean": m, "std": s}, "acc": {"mean": m / 2, "std": s / 2}}
+    table = {"cross": {0.1: pt(0.8, 0.02), 1.0: pt(0.9, 0.01)}, "scratch": {1.0: pt(0.6, 0.1)}}
+    lines = reproduce_mod.fig3_table(table, rows, (1.0, 0.1))
+    hm = lines[lines.index("| method | 10% | 100% |"):][2:4]
+    assert hm == ["| Cross | 0.800 ± 0.020 | 0.900 ± 0.010 |", "| From Scratch |  | 0.600 ± 0.100 |"]
+    acc_at = [i for i, line in enumerate(lines) if line.startswith("Fig. 3, Accuracy")][0]
+    assert lines[acc_at + 4] == "| Cross | 0.400 ± 0.010 | 0.450 ± 0.005 |"
