@@ -43,7 +43,12 @@ def compile_cache_dir() -> Path:
     """Where compiled kernels and graphs are cached: $TORCHINDUCTOR_CACHE_DIR if the user set
     it, else ~/.cache/sstl/torch-compile (torch's default is /tmp, which containers and
     reboots clear, so every run would pay the whole compilation again)."""
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # Importing torch's compiler already writes its /tmp default into the variable, so that
+    # value counts as unset; any other value is the user's choice.
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
         base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base / "sstl" / "torch-compile")
     path = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
@@ -52,7 +57,7 @@ def compile_cache_dir() -> Path:
 
 
 def compile_counters() -> dict:
-    """Inductor's cache hits and misses so far in this process (what timing.json records)."""
+    """Inductor's cache hits and misses so far in this process (fit records each run's share)."""
     from torch._dynamo.utils import counters
 
     ind = counters.get("inductor", {})

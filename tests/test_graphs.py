@@ -19,7 +19,7 @@ from sstl.engine import accel
 from sstl.engine.config import ConfigError, Runtime, check, resolve
 from sstl.engine.loop import step_body, stepper, train_step
 from sstl.engine.methods import build
-from sstl.engine.pretrain import build_trainer
+from sstl.engine.pretrain import build_method, build_trainer
 
 from .configs import pretrain_cfg
 
@@ -101,8 +101,6 @@ def test_where_graphs_are_used():
     for name in ("cross", "byol", "simsiam", "simclr", "pirl-jigsaw", "pirl-rotation"):
         cfg = check(pretrain_cfg(name, batch_size=4))
         res = dataclasses.replace(resolve(cfg.runtime, cfg.batch_size), graphs=True)
-        from sstl.engine.pretrain import build_method
-
         m = build_method(cfg, res)
         m.attach(16, 0)
         t = build_trainer(cfg, res, m, total_steps=2)
@@ -111,10 +109,15 @@ def test_where_graphs_are_used():
 
 
 def test_compile_cache_goes_to_a_persistent_folder(monkeypatch, tmp_path):
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    # torch writes its own /tmp default into the variable when its compiler is imported:
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
     assert accel.compile_cache_dir() == tmp_path / "sstl" / "torch-compile"
     assert (tmp_path / "sstl" / "torch-compile").is_dir()
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    assert accel.compile_cache_dir() == tmp_path / "sstl" / "torch-compile"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert accel.compile_cache_dir() == tmp_path / "mine"  # the user's choice wins
 
