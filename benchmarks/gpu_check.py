@@ -1,7 +1,8 @@
 """Every check that needs a GPU, in one command that fits a lent machine's minutes.
 
-    pip install --no-deps --no-build-isolation -e . && \
+    python -m pip install --no-deps --no-build-isolation -e . && \
         python -m sstl.benchmarks.gpu_check --out "$OUT"
+(`python -m pip`: on the lent H200 a bare `pip` installs into another Python than torch's.)
 
 Sections, most important first, each written to its own JSON under --out as soon as it
 ends (a run cut short still returns what it finished), then a short table:
@@ -11,6 +12,8 @@ ends (a run cut short still returns what it finished), then a short table:
   step      benchmarks/step.py: resnet50, batch 256, 2x112 views, every rung and the peer
   data      benchmarks/data.py: two-view samples/s (DALI rows skip where DALI is absent)
   methods   benchmarks/methods.py: every method's step, without and with CUDA graphs
+  knobs     Cross's graphed step under backend settings (cuDNN autotuning, Inductor's 1x1
+            convolutions as matmuls), to choose the defaults from measurements
   finetune  fine-tuning step images/s at 224x224, batch 256, bf16 + compile, +- CUDA graphs
   pretrain  `sstl pretrain` end to end for one epoch of resnet50 (synthetic images, 3,072)
   recipe    the paper's recipe end to end, twice, as a user types it: `sstl pretrain` (40
@@ -21,9 +24,9 @@ Sections are skipped once --budget seconds have passed, so the command ends in t
 Issue 13 (CUDA graphs, compile cache, the fine-tune loop) on a lent GPU, in two commands that
 each fit the 10-minute limit; first, here, `mkdir -p .data && cp -r
 ../shared/data/cxr-dev-gray224 .data/` (.data is git-ignored) and carry `.data`:
-    pip install -q --no-deps --no-build-isolation -e . && python -m pytest -q tests/test_graphs.py \
+    python -m pip install -q --no-deps --no-build-isolation -e . && python -m pytest -q tests/test_graphs.py \
         && python -m sstl.benchmarks.gpu_check --out "$OUT" --only cuda methods
-    pip install -q --no-deps --no-build-isolation -e . && python -m sstl.benchmarks.gpu_check \
+    python -m pip install -q --no-deps --no-build-isolation -e . && python -m sstl.benchmarks.gpu_check \
         --out "$OUT" --only finetune recipe --data .data/cxr-dev-gray224
 """
 from __future__ import annotations
@@ -109,6 +112,23 @@ def cuda_checks(device: str = "cuda", arch: str = "resnet50", batch: int = 64) -
     diff = abs(losses["fast bf16"] - losses["eager fp32"]) / abs(losses["eager fp32"])
     out["fast step vs eager step (loss)"] = {"rel_err": diff, "ok": diff < 5e-2, **losses}
     return out
+
+
+def knobs() -> dict:
+    """Cross's graphed step (the methods bench) under each backend setting, one at a time."""
+    import torch._inductor.config as inductor
+
+    from . import methods
+
+    variants = (("defaults", False, False), ("cudnn.benchmark", True, False),
+                ("cudnn.benchmark + conv_1x1_as_mm", True, True))
+    rows = []
+    for name, bench, mm in variants:
+        torch.backends.cudnn.benchmark, inductor.conv_1x1_as_mm = bench, mm
+        r = methods.run(device="cuda", methods=["cross"], graphs=(True,))["rows"][0]
+        rows.append({"variant": name, **r})
+    torch.backends.cudnn.benchmark, inductor.conv_1x1_as_mm = False, False
+    return {"rows": rows}
 
 
 def finetune_throughput(device: str = "cuda", arch: str = "resnet50", batch: int = 256,
@@ -225,6 +245,7 @@ def main() -> None:
         "data": lambda: data.run(device="cuda"),
         "methods": lambda: methods.run(device="cuda", methods=["cross", "byol", "simsiam",
                                                                 "simclr"], graphs=(False, True)),
+        "knobs": knobs,
         "finetune": finetune_throughput,
         "pretrain": lambda: pretrain_epoch(out),
         "recipe": lambda: recipe(out, a.data),
@@ -264,6 +285,9 @@ def print_summary(summary: dict) -> None:
     for r in summary.get("methods", {}).get("result", {}).get("rows", []):
         print(f"  method {r['method']:10s} graphs {str(r.get('graphs')):5s} "
               f"{r.get('images_per_s', 0):9,.0f} img/s  warm-up {r.get('warmup_s', 0):5.1f} s")
+    for r in summary.get("knobs", {}).get("result", {}).get("rows", []):
+        print(f"  knobs {r['variant']:34s} {r['images_per_s']:9,.0f} img/s  "
+              f"warm-up {r['warmup_s']:5.1f} s")
     for r in summary.get("finetune", {}).get("result", {}).get("rows", []):
         print(f"  finetune 224 graphs {str(r['graphs']):5s} {r['images_per_s']:9,.0f} img/s")
     for r in summary.get("recipe", {}).get("result", {}).get("rows", []):

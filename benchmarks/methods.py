@@ -62,13 +62,21 @@ def run(device: str = "auto", arch: str = "resnet50", batch: int | None = None, 
     ds = load_dataset(PretrainConfig().data, log=lambda m: None)
     images = ds.images[ds.train_idx]
     images = np.concatenate([images] * -(-2 * batch // len(images)))  # at least two batches
-    rows = [measure(name, images, device, arch, batch, size, steps, warmup, repeats, g)
-            for name in (methods or METHODS) for g in graphs]
+    rows = []
+    for name in methods or METHODS:
+        for g in graphs:
+            rows.append(measure(name, images, device, arch, batch, size, steps, warmup, repeats, g))
+            print(_line(rows[-1]), flush=True)  # a run cut short still shows what it measured
     result = {"bench": "methods", "machine": machine(), "arch": arch, "batch_size": batch,
               "view_size": size, "steps": steps, "warmup": warmup, "repeats": repeats,
               "rows": rows}
     write_json(result, json_path)
     return result
+
+
+def _line(row: dict) -> str:
+    return (f"{row['method']:14s} graphs {str(row['graphs']):5s} {row['images_per_s']:9,.0f} "
+            f"img/s  {row['ms_per_step']:7.1f} ms/step  warm-up {row['warmup_s']:5.1f} s")
 
 
 def main() -> None:
@@ -82,11 +90,8 @@ def main() -> None:
     p.add_argument("--graphs", choices=["default", "both"], default="default",
                    help="both: each method without and with CUDA graphs, side by side")
     a = p.parse_args()
-    r = run(a.device, a.arch, a.batch, a.size, json_path=a.json, methods=a.methods,
-            graphs=(False, True) if a.graphs == "both" else (None,))
-    for row in r["rows"]:
-        print(f"{row['method']:14s} graphs {str(row['graphs']):5s} {row['images_per_s']:9,.0f} "
-              f"img/s  {row['ms_per_step']:7.1f} ms/step  warm-up {row['warmup_s']:5.1f} s")
+    run(a.device, a.arch, a.batch, a.size, json_path=a.json, methods=a.methods,
+        graphs=(False, True) if a.graphs == "both" else (None,))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ runs/<name>/
   config.json          the frozen config, resolved values, versions, git SHA, command line
   data_report.json     what the scan found (skipped files and why); split.json: the split
   metrics.csv          one row per epoch
-  timing.json          wall time of the run's phases (scan, build, train, checkpoint)
+  timing.json          wall time of the run's phases (startup, data, build, train and its
+                       first step, checkpoint, evaluate) and total: open to close
   checkpoint.pt        everything needed to continue exactly; checkpoint.prev.pt the one before
   *.safetensors        weights, each with a .json sidecar, always from the final checkpoint
   .lock                held by the one process training in this directory
@@ -90,8 +91,14 @@ class Run:
         lock.flush()
         dist.barrier()  # the other ranks may use the directory now
         run = cls(path, is_main)
+        opened = time.perf_counter()
+        startup = _startup_seconds()
+        if startup is not None:
+            run.add_time("startup", startup)
         try:
             yield run
+            run.add_time("total", time.perf_counter() - opened)
+            run.write_timing()
         except BaseException:
             run.flush(raise_errors=False)
             if created and not run.checkpoint.exists() and not run.previous.exists():
@@ -182,6 +189,26 @@ class Run:
                        "resolved": asdict(resolved), "environment": environment(),
                        "command": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                        **(extra or {})}, self.path / "config.json")
+
+
+_STARTUP_RECORDED = False
+
+
+def _startup_seconds() -> float | None:
+    """Seconds from this process's start to now (Python, imports, CUDA), for the first run
+    directory a process opens (later ones, in `sstl reproduce`, started long after); None
+    after that or where /proc is absent."""
+    global _STARTUP_RECORDED
+    if _STARTUP_RECORDED:
+        return None
+    _STARTUP_RECORDED = True
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _to_host(obj):

@@ -1,11 +1,16 @@
 """Shared test set-up.
 
-Triton kernels run on the CPU through Triton's interpreter: the variable must be set before
-triton is first imported, hence here, at collection time, for the whole suite.
+Without a GPU, Triton kernels run on the CPU through Triton's interpreter: the variable must
+be set before triton is first imported, hence here, at collection time, for the whole suite.
+On a CUDA machine the kernels run compiled (the interpreter cannot run them on GPU tensors);
+importing torch does not import triton, so asking torch first is safe.
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("SSTL_PLAIN_LOG", "1")
 
 from pathlib import Path  # noqa: E402

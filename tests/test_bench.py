@@ -83,3 +83,22 @@ def test_short_cpu_data_bench_reports_every_path(tmp_path):
     for name, row in result["rows"].items():
         assert row.get("skipped") or (row["samples_per_s"] > 0 and row["cpu_ms_per_sample"] > 0), name
     assert result["rows"]["DataLoader + torchvision"]["vs_baseline"] == 1.0
+
+
+def test_profile_sorts_kernels_by_kind():
+    """Real kernel names seen in an H200 profile of the step land in their kinds."""
+    from sstl.benchmarks.profile_step import kind
+
+    seen = {
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "convolution",
+        "void cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816fprop_optimized": "convolution",
+        "nvjet_sm90_tst_256x128_64x4_1x2_h_ssched_bz_coopA_TNT": "matmul",
+        "triton_poi_fused__native_batch_norm_legit_functional_convolution_backward":
+            "fused elementwise/BN (Inductor)",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedSgdMathFunctor>":
+            "sgd",
+        "_ema_kernel": "ema/loss (sstl Triton)",
+        "Memcpy DtoD (Device -> Device)": "copy/fill",
+        "void at::native::elementwise_kernel<128, 2, gpu_kernel_impl<randn>>": "other",
+    }
+    assert {name: kind(name) for name in seen} == seen

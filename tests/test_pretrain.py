@@ -47,6 +47,9 @@ def test_pretrain_cxr_small_learns_and_encoder_finetunes(method, tmp_path):
     assert len(losses) == 3 and losses[-1] < losses[0], losses
     meta = json.loads((run / "encoder.json").read_text())
     assert meta["arch"] == "resnet18" and meta["epoch"] == 3 and meta["method"] == method
+    timing = json.loads((run / "timing.json").read_text())  # the phases nest in the total
+    assert 0 < timing["first_step"] <= timing["train"], timing
+    assert timing["data"] + timing["build"] + timing["train"] <= timing["total"] + 0.01, timing
     net = backbone("resnet18", init=str(run / "encoder.safetensors"))
     sd = load_file(run / "encoder.safetensors")
     torch.testing.assert_close(net.state_dict()["conv1.weight"], sd["conv1.weight"])

@@ -218,3 +218,13 @@ def test_sigkill_at_random_moments_then_rerun_equals_an_uninterrupted_run(tmp_pa
     full = pretrain(pretrain_cfg(out=str(tmp_path), name="full", epochs=2, cache_size=64,
                                  settings={"proj_hidden": 64, "pred_hidden": 64, "proj_dim": 128}))
     assert _same_weights(full, run)
+
+
+def test_startup_is_the_process_age_at_the_first_run_only():
+    """timing.json's startup: from the process's start (Python, imports, CUDA) to its first
+    run directory; a later run of the same process (sstl reproduce) records none."""
+    code = ("import time; time.sleep(0.6); from sstl.engine.runs import _startup_seconds as s; "
+            "print(s(), s())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    first, second = out.stdout.split()
+    assert 0.6 <= float(first) < 60 and second == "None", out.stdout
