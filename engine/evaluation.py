@@ -9,13 +9,12 @@ Figures are drawn on matplotlib's Agg canvas without pyplot: no display, no glob
 """
 from __future__ import annotations
 
-import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from .metrics import METRICS, NAMES, MetricWarning, classification_metrics, confusion
+from .metrics import METRICS, NAMES, confusion
 
 CITATION = ('G. Li, R. Togo, T. Ogawa, M. Haseyama, "Self-supervised transfer learning for '
             'COVID-19 detection from chest X-ray images"')
@@ -139,26 +138,54 @@ def bootstrap_ci(y_true, probs, class_names: list[str], positive: str, n: int = 
     Each of `n` resamples draws len(y_true) images with replacement (a seeded NumPy
     Generator: the same seed gives the same intervals). A resample where a metric is
     undefined (no positive image, say) is left out of that metric's percentiles; a metric
-    undefined in every resample gets (nan, nan).
+    undefined in every resample gets (nan, nan). The metrics of all resamples are computed at
+    once (resample_metrics), equal to classification_metrics on each resample.
     """
     y_true, probs = np.asarray(y_true), np.asarray(probs)
-    rng = np.random.default_rng(seed)
-    pred = probs.argmax(1)
-    draws = {k: np.empty(n) for k in METRICS}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", MetricWarning)
-        for b in range(n):
-            i = rng.integers(0, len(y_true), size=len(y_true))
-            m = classification_metrics(y_true[i], pred[i], probs[i], class_names, positive)
-            for k in METRICS:
-                draws[k][b] = m[k]
+    idx = np.random.default_rng(seed).integers(0, len(y_true), size=(n, len(y_true)))
+    draws = resample_metrics(y_true, probs, class_names.index(positive), idx)
     tail = 100 * (1 - level) / 2
     out = {}
-    for k, v in draws.items():
-        v = v[~np.isnan(v)]
+    for k in METRICS:
+        v = draws[k][~np.isnan(draws[k])]
         out[k] = ((float("nan"),) * 2 if not len(v)
                   else tuple(float(x) for x in np.percentile(v, [tail, 100 - tail])))
     return out
+
+
+def resample_metrics(y_true: np.ndarray, probs: np.ndarray, pos: int,
+                     idx: np.ndarray) -> dict[str, np.ndarray]:
+    """METRICS of every resample (row of `idx`, indices into the test images), vectorised.
+
+    A resample is a multiset of test images, so each is a row of counts (how often each
+    image was drawn), and every metric is a weighted count: Sen, Spe and Acc directly, and
+    the AUC as the Mann-Whitney statistic (ties count one half, as roc_auc_score's
+    trapezoids do) over the images sorted once by score. Looping classification_metrics
+    over 1,000 resamples took ~10 s per fine-tuning run; this takes milliseconds.
+    """
+    n, size = idx.shape
+    counts = np.bincount((idx + size * np.arange(n)[:, None]).ravel(),
+                         minlength=n * size).reshape(n, size).astype(np.float64)
+    pred = probs.argmax(1)
+    is_pos, said_pos = y_true == pos, pred == pos
+    with np.errstate(invalid="ignore", divide="ignore"):
+        n_pos, n_neg = counts @ is_pos, counts @ ~is_pos
+        sen = (counts @ (is_pos & said_pos)) / n_pos
+        spe = (counts @ (~is_pos & ~said_pos)) / n_neg
+        hm = np.where(sen + spe == 0, 0.0, 2 * sen * spe / (sen + spe))
+        acc = (counts @ (y_true == pred)) / size
+        # AUC: group equal scores; positives above a negative count 1, level with it 1/2.
+        order = np.argsort(probs[:, pos], kind="stable")
+        ranked = probs[order, pos]
+        starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])  # one per score value
+        w = counts[:, order]
+        w_pos = np.add.reduceat(w * is_pos[order], starts, axis=1)
+        w_neg = np.add.reduceat(w * ~is_pos[order], starts, axis=1)
+        below = np.cumsum(w_neg, axis=1) - w_neg  # negatives scored strictly lower
+        auc = (w_pos * (below + 0.5 * w_neg)).sum(1) / (n_pos * n_neg)
+    undefined = (n_pos == 0) | (n_neg == 0)
+    auc[undefined] = np.nan
+    return {"sen": sen, "spe": spe, "hm": hm, "auc": auc, "acc": acc}
 
 
 # --- model card -------------------------------------------------------------------------------

@@ -102,6 +102,7 @@ def _finetune(cfg: FinetuneConfig, res: Resolved) -> Path:
         run.add_time("data", time.perf_counter() - t_data)  # scan and cache
         if res.is_main:
             save_data_files(ds, run.path)
+        t_build = time.perf_counter()
         subset = choose_subset(cfg, ds, run.path, res.is_main)
         train = labelled_source(np.asarray(ds.images[subset]), ds.targets[subset], cfg, res, True)
         # The test split is evaluated whole, by rank 0 alone.
@@ -109,6 +110,7 @@ def _finetune(cfg: FinetuneConfig, res: Resolved) -> Path:
                                dataclasses.replace(res, rank=0, world_size=1), False)
         t = build_trainer(cfg, res, len(ds.class_names), encoder,
                           cfg.epochs * train.steps_per_epoch)
+        run.add_time("build", time.perf_counter() - t_build)
         run.write_config(cfg, res, {"start": start, "n_train": len(subset),
                                     "n_test": len(test.images),
                                     "steps_per_epoch": train.steps_per_epoch,
@@ -137,12 +139,14 @@ def _finetune(cfg: FinetuneConfig, res: Resolved) -> Path:
         rows = fit(run, t, train, Plan.of(cfg, desc=f"finetune {cfg.arch}",
                                           on_epoch_end=evaluate, live=res.is_main))
         if res.is_main:
+            t_report = time.perf_counter()
             save_model(run.path, cfg, t.model, ds, cfg.epochs, start)
             # The final epoch's scores, unless this process did not train it (a rerun of a
             # finished run): then the final weights are scored once more.
             final = scored.get(cfg.epochs - 1)
             finish(run.path, cfg, ds, rows, final if final is not None else eval_probs(t, test),
                    start, subset)
+            run.add_time("report", time.perf_counter() - t_report)  # weights, figures, card
         return run.path
 
 

@@ -82,7 +82,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
         method.attach(len(images), cfg.runtime.seed)
         run.add_time("data", time.perf_counter() - t0)
         total = cfg.epochs * source.steps_per_epoch
+        t0 = time.perf_counter()
         t = build_trainer(cfg, res, method, total)
+        run.add_time("build", time.perf_counter() - t0)
         run.write_config(cfg, res, {"backend": res.backend, "n_train": len(images),
                                     "steps_per_epoch": source.steps_per_epoch,
                                     "data": {"synthetic": ds.synthetic, "root": str(ds.root),
@@ -92,7 +94,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
         if rows and "spread" in rows[-1] and float(rows[-1]["spread"]) < COLLAPSED:
             log(f"warning: spread {float(rows[-1]['spread']):.3f} < {COLLAPSED}: the outputs "
                 "have collapsed toward one vector (see README, 'spread')")
+        t0 = time.perf_counter()
         save_encoder(run, cfg, method, ds, cfg.epochs, total)
+        run.add_time("report", time.perf_counter() - t0)
         log(f"done: {run.path / 'encoder.safetensors'}")
         return run.path
 

@@ -5,7 +5,7 @@ runs/<name>/
   data_report.json     what the scan found (skipped files and why); split.json: the split
   metrics.csv          one row per epoch
   timing.json          wall time of the run's phases (startup, data, build, train and its
-                       first step, checkpoint, evaluate) and total: open to close
+                       first step, checkpoint, evaluate, report) and total: open to close
   checkpoint.pt        everything needed to continue exactly; checkpoint.prev.pt the one before
   *.safetensors        weights, each with a .json sidecar, always from the final checkpoint
   .lock                held by the one process training in this directory

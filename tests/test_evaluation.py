@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from sstl.engine.evaluation import (bootstrap_ci, card_fields, curves_png, draw_figures,
-                                    roc_figure, write_model_card)
+                                    resample_metrics, roc_figure, write_model_card)
 from sstl.engine.metrics import METRICS, MetricWarning, classification_metrics
 
 NAMES = ["COVID", "Normal", "Pneumonia"]
@@ -36,6 +36,26 @@ def test_bootstrap_ci_contains_the_estimate_and_is_deterministic():
         assert lo <= m[k] <= hi and lo < hi, (k, lo, m[k], hi)
     assert bootstrap_ci(y, p, NAMES, "COVID", n=200, seed=3) == ci
     assert bootstrap_ci(y, p, NAMES, "COVID", n=200, seed=4) != ci
+
+
+@pytest.mark.parametrize("n_images, rounding", [(120, None), (9, 1), (706, 2)])
+def test_resample_metrics_equal_scikit_learn_on_every_resample(n_images, rounding):
+    """The vectorised bootstrap against classification_metrics (scikit-learn) resample by
+    resample: rounded scores make ties for the AUC, and 9 images give resamples with no
+    positive or no negative image (NaN in the same places)."""
+    y, p = fake_test_set(n_images, seed=n_images)
+    if rounding is not None:
+        p = np.round(p, rounding)
+    idx = np.random.default_rng(0).integers(0, n_images, size=(300, n_images))
+    got = resample_metrics(y, p, 0, idx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MetricWarning)
+        want = [point(y[i], p[i]) for i in idx]
+    for k in METRICS:
+        ref = np.array([w[k] for w in want])
+        np.testing.assert_allclose(got[k], ref, rtol=1e-12, atol=1e-12, err_msg=k)
+    if n_images == 9:
+        assert np.isnan(got["auc"]).any() and not np.isnan(got["auc"]).all()
 
 
 def test_bootstrap_ci_narrows_with_more_test_images():
