@@ -26,8 +26,10 @@ from sstl.engine.pretrain import build_method, build_trainer
 from .common import machine, median_seconds, sync, write_json
 
 
-def measure(method: str, images, device: str, arch: str, batch: int, size: int, steps: int,
-            warmup: int, repeats: int, graphs: bool | None = None) -> dict:
+def build_step(method: str, images, device: str, arch: str, batch: int, size: int,
+               graphs: bool | None = None):
+    """The step `sstl pretrain` runs for `method` (graphed where fit would graph it), fed by
+    pretraining's data path; returns (trainer, resolved runtime, run-one-step function)."""
     torch._dynamo.reset()
     cfg = check(PretrainConfig(method=method, arch=arch, init="random", batch_size=batch,
                                augment=AugmentConfig(size=size),
@@ -39,17 +41,29 @@ def measure(method: str, images, device: str, arch: str, batch: int, size: int, 
     source = ssl_source(m.views, images, cfg, res)
     m.attach(len(images), cfg.runtime.seed)  # PIRL sizes its memory bank; others ignore it
     batches = itertools.chain.from_iterable(source.epoch(e) for e in itertools.count())
-    step, one = itertools.count(), stepper(t)  # the step `fit` runs (graphed where it would be)
+    step, one = itertools.count(), stepper(t)
+    return t, res, lambda: one(next(batches), next(step))
+
+
+def measure(method: str, images, device: str, arch: str, batch: int, size: int, steps: int,
+            warmup: int, repeats: int, graphs: bool | None = None) -> dict:
+    t, res, one = build_step(method, images, device, arch, batch, size, graphs)
     t0 = time.perf_counter()
     for _ in range(max(warmup, accel.WARMUP + 2 if t.graphs else 0)):  # + capture, one replay
-        one(next(batches), next(step))
+        one()
     sync(res.device)
     warm = time.perf_counter() - t0
-    sec, all_sec = median_seconds(lambda: one(next(batches), next(step)), res.device,
-                                  steps, repeats)
+    sec, all_sec = median_seconds(one, res.device, steps, repeats)
     return {"method": method, "graphs": t.graphs, "images_per_s": batch / sec,
             "ms_per_step": sec * 1e3, "repeats_ms": [s * 1e3 for s in all_sec],
             "warmup_s": warm, "compile": res.compile, "dtype": res.dtype}
+
+
+def demo_images(batch: int) -> np.ndarray:
+    """The embedded demo set's training images, repeated to at least two batches."""
+    ds = load_dataset(PretrainConfig().data, log=lambda m: None)
+    images = ds.images[ds.train_idx]
+    return np.concatenate([images] * -(-2 * batch // len(images)))
 
 
 def run(device: str = "auto", arch: str = "resnet50", batch: int | None = None, size: int = 112,
@@ -59,9 +73,7 @@ def run(device: str = "auto", arch: str = "resnet50", batch: int | None = None, 
     on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     batch = batch or (256 if on_gpu else 32)
     steps, warmup = steps or (20 if on_gpu else 2), warmup or (5 if on_gpu else 1)
-    ds = load_dataset(PretrainConfig().data, log=lambda m: None)
-    images = ds.images[ds.train_idx]
-    images = np.concatenate([images] * -(-2 * batch // len(images)))  # at least two batches
+    images = demo_images(batch)
     rows = []
     for name in methods or METHODS:
         for g in graphs:

@@ -12,11 +12,9 @@ wall time per step says whether the step is launch-bound (gaps) or kernel-bound.
 from __future__ import annotations
 
 import argparse
-import itertools
 import time
 from collections import defaultdict
 
-import numpy as np
 import torch
 
 from .common import machine, sync, write_json
@@ -39,32 +37,19 @@ def kind(name: str) -> str:
     return next((k for k, keys in KINDS if any(s in low for s in keys)), "other")
 
 
-def profile(method: str, graphs: bool, steps: int) -> dict:
-    from sstl.engine.config import AugmentConfig, PretrainConfig, Runtime, check, resolve
-    from sstl.engine.data.backends import ssl_source
-    from sstl.engine.data.dataset import load_dataset
-    from sstl.engine.loop import stepper
-    from sstl.engine.pretrain import build_method, build_trainer
+def profile(method: str, graphs: bool, steps: int, batch: int = 256) -> dict:
+    from . import methods
 
-    torch._dynamo.reset()
-    cfg = check(PretrainConfig(method=method, init="random", augment=AugmentConfig(size=112),
-                               runtime=Runtime(device="cuda", backend="torch", cuda_graphs=graphs)))
-    res = resolve(cfg.runtime, cfg.batch_size)
-    m = build_method(cfg, res)
-    t = build_trainer(cfg, res, m, total_steps=10 ** 6)
-    ds = load_dataset(cfg.data, log=lambda s: None)
-    images = np.concatenate([ds.images[ds.train_idx]] * 4)
-    source = ssl_source(m.views, images, cfg, res)
-    batches = itertools.chain.from_iterable(source.epoch(e) for e in itertools.count())
-    one, step = stepper(t), itertools.count()
-    for _ in range(8):
-        one(next(batches), next(step))
+    t, _, one = methods.build_step(method, methods.demo_images(batch), "cuda", "resnet50",
+                                   batch, 112, graphs)
+    for _ in range(8):  # compilation, warm-up, capture
+        one()
     sync("cuda")
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
-            one(next(batches), next(step))
+            one()
         sync("cuda")
         wall = (time.perf_counter() - t0) / steps
     by_kind, count, top = defaultdict(float), 0, defaultdict(float)
@@ -77,7 +62,7 @@ def profile(method: str, graphs: bool, steps: int) -> dict:
     kernel_ms = sum(by_kind.values())
     return {"method": method, "graphs": t.graphs, "wall_ms_per_step": wall * 1e3,
             "kernel_ms_per_step": kernel_ms, "kernels_per_step": count / steps,
-            "images_per_s": cfg.batch_size / wall,
+            "images_per_s": batch / wall,
             "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
             "top_kernels_ms": dict(sorted(top.items(), key=lambda kv: -kv[1])[:15])}
 

@@ -8,7 +8,7 @@ Rungs, side by side in one run on the same data and model:
   +fused     ... with the Triton loss and one-launch flat EMA
   +channels_last, +bf16, +compile   ... each optimisation on its own on top of `eager`
   sstl       the step exactly as `sstl pretrain` runs it on this device (all of the above
-             on CUDA; fp32 eager on a CPU)
+             and CUDA graphs on CUDA; fp32 eager on a CPU)
 Each rung: warm-up (compilation included) outside the timed region, then the median over
 repeats of synchronised step times. Reported: ms/step, images/s (source images: each makes
 two views), peak memory, and model FLOP utilisation (matmul/conv FLOPs counted per image,
@@ -27,7 +27,8 @@ import torch
 from sstl.engine.config import AugmentConfig, DataConfig, PretrainConfig, Runtime, check, resolve
 from sstl.engine.data.backends import pick_backend, ssl_source
 from sstl.engine.data.dataset import load_dataset
-from sstl.engine.loop import train_step
+from sstl.engine import accel
+from sstl.engine.loop import stepper
 from sstl.engine.pretrain import build_method, build_trainer
 
 from .common import forward_flops, machine, median_seconds, peak_flops, sync, write_json
@@ -43,11 +44,13 @@ class Rung:
     channels_last: bool = False
     bf16: bool = False
     compile: bool = False
+    graphs: bool = False  # the whole step replayed as a CUDA graph (engine/accel.py)
 
 
 def rungs(device: str) -> list[Rung]:
     on_gpu = device.startswith("cuda")
-    sstl = Rung("sstl", fused=on_gpu, channels_last=on_gpu, bf16=on_gpu, compile=on_gpu)
+    sstl = Rung("sstl", fused=on_gpu, channels_last=on_gpu, bf16=on_gpu, compile=on_gpu,
+                graphs=on_gpu)
     return [Rung("peer", peer=True), Rung("peer+bf16", peer=True, bf16=True), Rung("eager"), Rung("+fused", fused=True),
             Rung("+channels_last", channels_last=True), Rung("+bf16", bf16=True),
             Rung("+compile", compile=True), sstl]
@@ -80,7 +83,7 @@ def ssl_flops_per_image(method, size: int, device) -> float:
 
 
 def rung_config(cfg: PretrainConfig, rung: Rung) -> PretrainConfig:
-    rt = dataclasses.replace(cfg.runtime, compile=rung.compile,
+    rt = dataclasses.replace(cfg.runtime, compile=rung.compile, cuda_graphs=rung.graphs,
                              precision="bf16" if rung.bf16 else "fp32")
     return dataclasses.replace(cfg, runtime=rt)
 
@@ -109,13 +112,13 @@ def measure(rung: Rung, cfg: PretrainConfig, images, paths, steps, warmup, repea
         source = ssl_source(method.views, images, cfg, res)
         method.attach(len(images), cfg.runtime.seed)
         batches = itertools.chain.from_iterable(source.epoch(e) for e in itertools.count())
-        step = itertools.count()
+        step, step_fn = itertools.count(), stepper(t)  # graphed only where rung.graphs
 
         def one():
-            train_step(t, next(batches), next(step))
+            step_fn(next(batches), next(step))
     if res.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(res.device)
-    for _ in range(warmup):
+    for _ in range(max(warmup, accel.WARMUP + 2 if t.graphs else 0)):  # + capture, a replay
         one()
     sync(res.device)
     sec, all_sec = median_seconds(one, res.device, steps, repeats)
