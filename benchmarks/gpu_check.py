@@ -12,8 +12,9 @@ ends (a run cut short still returns what it finished), then a short table:
   step      benchmarks/step.py: resnet50, batch 256, 2x112 views, every rung and the peer
   data      benchmarks/data.py: two-view samples/s (DALI rows skip where DALI is absent)
   methods   benchmarks/methods.py: every method's step, without and with CUDA graphs
-  knobs     Cross's graphed step under backend settings (cuDNN autotuning, Inductor's 1x1
-            convolutions as matmuls), to choose the defaults from measurements
+  knobs     Cross's graphed step and the graphed fine-tuning step (batch 64) under backend
+            settings (cuDNN autotuning, Inductor's 1x1 convolutions as matmuls, its
+            coordinate-descent tuning, max-autotune), to choose defaults from measurements
   finetune  fine-tuning step images/s at 224x224, batch 256, bf16 + compile, +- CUDA graphs
   pretrain  `sstl pretrain` end to end for one epoch of resnet50 (synthetic images, 3,072)
   recipe    the paper's recipe end to end, twice, as a user types it: `sstl pretrain` (40
@@ -28,6 +29,11 @@ each fit the 10-minute limit; first, here, `mkdir -p .data && cp -r
         && python -m sstl.benchmarks.gpu_check --out "$OUT" --only cuda methods
     python -m pip install -q --no-deps --no-build-isolation -e . && python -m sstl.benchmarks.gpu_check \
         --out "$OUT" --only finetune recipe --data .data/cxr-dev-gray224
+Still to measure for issue 13 (the H200 session of 6bb7787 ran out of device time), each
+under the 10-minute limit:
+    ... gpu_check --out "$OUT" --only step recipe --data .data/cxr-dev-gray224
+        (the honest peer's ratio; the recipe again, after the data path's host syncs went)
+    ... gpu_check --out "$OUT" --only knobs --knobs defaults coordinate_descent_tuning max_autotune
 """
 from __future__ import annotations
 
@@ -114,20 +120,42 @@ def cuda_checks(device: str = "cuda", arch: str = "resnet50", batch: int = 64) -
     return out
 
 
-def knobs() -> dict:
-    """Cross's graphed step (the methods bench) under each backend setting, one at a time."""
+KNOBS = {  # backend settings measured side by side; none is on by default
+    "defaults": {},
+    "cudnn_benchmark": {"cudnn.benchmark": True},
+    "cudnn_benchmark+conv_1x1_as_mm": {"cudnn.benchmark": True, "conv_1x1_as_mm": True},
+    # Inductor tunes the block sizes of its own (BatchNorm/ReLU) kernels: 13.9 of the H200
+    # step's 26.9 ms of kernels are those, memory-bound.
+    "coordinate_descent_tuning": {"coordinate_descent_tuning": True},
+    # Inductor benchmarks Triton templates against cuDNN/cuBLAS for convolutions and matmuls.
+    "max_autotune": {"max_autotune": True},
+}
+
+
+def knobs(names=None) -> dict:
+    """Cross's graphed step (the methods bench) and the graphed fine-tuning step at batch 64
+    (`sstl finetune`'s default), under each backend setting, one at a time."""
     import torch._inductor.config as inductor
 
     from . import methods
 
-    variants = (("defaults", False, False), ("cudnn.benchmark", True, False),
-                ("cudnn.benchmark + conv_1x1_as_mm", True, True))
     rows = []
-    for name, bench, mm in variants:
-        torch.backends.cudnn.benchmark, inductor.conv_1x1_as_mm = bench, mm
-        r = methods.run(device="cuda", methods=["cross"], graphs=(True,))["rows"][0]
-        rows.append({"variant": name, **r})
-    torch.backends.cudnn.benchmark, inductor.conv_1x1_as_mm = False, False
+    for name in names or KNOBS:
+        settings = KNOBS[name]
+        torch.backends.cudnn.benchmark = settings.get("cudnn.benchmark", False)
+        saved = {k: getattr(inductor, k) for k in settings if k != "cudnn.benchmark"}
+        for k in saved:
+            setattr(inductor, k, settings[k])
+        try:
+            r = methods.run(device="cuda", methods=["cross"], graphs=(True,))["rows"][0]
+            f = finetune_step("cuda", "resnet50", 64, 224, 20, 6, graphs=True)
+            rows.append({"variant": name, **r, "finetune_b64_images_per_s": f["images_per_s"]})
+            print(f"  knobs {name:34s} {r['images_per_s']:9,.0f} img/s  fine-tune b64 "
+                  f"{f['images_per_s']:7,.0f} img/s", flush=True)
+        finally:
+            torch.backends.cudnn.benchmark = False
+            for k, v in saved.items():
+                setattr(inductor, k, v)
     return {"rows": rows}
 
 
@@ -147,6 +175,7 @@ def finetune_step(device, arch, batch, size, steps, warmup, graphs: bool) -> dic
 
     from .common import median_seconds, sync
 
+    torch._dynamo.reset()  # a fresh compilation under the knobs section's settings
     cfg = check(FinetuneConfig(data=DataConfig(), arch=arch, init="random", batch_size=batch,
                                augment=FinetuneAugment(size=size),
                                runtime=Runtime(device=device, cuda_graphs=graphs)))
@@ -233,6 +262,8 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=480, help="seconds after which sections skip")
     p.add_argument("--only", nargs="*", default=None, help="run only these sections")
     p.add_argument("--data", default=None, help="labelled set for the recipe section")
+    p.add_argument("--knobs", nargs="*", default=None, choices=list(KNOBS),
+                   help="the knobs section's variants (default: all)")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -245,7 +276,7 @@ def main() -> None:
         "data": lambda: data.run(device="cuda"),
         "methods": lambda: methods.run(device="cuda", methods=["cross", "byol", "simsiam",
                                                                 "simclr"], graphs=(False, True)),
-        "knobs": knobs,
+        "knobs": lambda: knobs(a.knobs),
         "finetune": finetune_throughput,
         "pretrain": lambda: pretrain_epoch(out),
         "recipe": lambda: recipe(out, a.data),
@@ -287,7 +318,8 @@ def print_summary(summary: dict) -> None:
               f"{r.get('images_per_s', 0):9,.0f} img/s  warm-up {r.get('warmup_s', 0):5.1f} s")
     for r in summary.get("knobs", {}).get("result", {}).get("rows", []):
         print(f"  knobs {r['variant']:34s} {r['images_per_s']:9,.0f} img/s  "
-              f"warm-up {r['warmup_s']:5.1f} s")
+              f"warm-up {r['warmup_s']:5.1f} s  fine-tune b64 "
+              f"{r.get('finetune_b64_images_per_s', 0):7,.0f} img/s")
     for r in summary.get("finetune", {}).get("result", {}).get("rows", []):
         print(f"  finetune 224 graphs {str(r['graphs']):5s} {r['images_per_s']:9,.0f} img/s")
     for r in summary.get("recipe", {}).get("result", {}).get("rows", []):

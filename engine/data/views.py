@@ -13,6 +13,7 @@ tests can reproduce it exactly: `sample_params` draws every random number for a 
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -91,10 +92,20 @@ def jitter(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor) ->
 
 def normalize(x: torch.Tensor, dtype=torch.float32, channels_last: bool = False) -> torch.Tensor:
     """(B, 1, H, W) grey in [0, 1] -> (B, 3, H, W) with ImageNet normalisation."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = _imagenet_stats(x.device)
     y = ((x - mean) / std).to(dtype)
     return y.contiguous(memory_format=torch.channels_last) if channels_last else y
+
+
+@functools.lru_cache(maxsize=None)
+def _imagenet_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet's mean and std as (1, 3, 1, 1) tensors on `device`, made once per device.
+
+    Made per call, they were a host-to-device copy of a Python list: PyTorch synchronises the
+    stream after such a copy, so every view of every step waited for the GPU to finish all
+    queued work (the previous step) before the next step's launches could be queued."""
+    return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
 
 
 def render(images: torch.Tensor, p: ViewParams, aug: ViewAugment, size: int) -> torch.Tensor:
