@@ -254,6 +254,11 @@ def check(cfg):
         need(cfg.runtime.backend != "dali" or METHODS[cfg.method].cls.views == "two_crops",
              f"--backend dali cannot make {cfg.method}'s pretext views; use --backend torch "
              "or auto")
+        # Each process would update only its own images' memory-bank rows, so the banks
+        # would drift apart and half of every rank's negatives would stay at their start.
+        need(dist_env()[1] == 1 or METHODS[cfg.method].cls.views == "two_crops",
+             f"--method {cfg.method} runs in one process only: its memory bank is not shared "
+             "across torchrun's processes; run it without torchrun")
         return dataclasses.replace(cfg, settings=settings)
     if isinstance(cfg, (FinetuneConfig, SupervisedConfig)):  # the supervised step's settings
         need(cfg.schedule in ("cosine", "constant"),

@@ -269,3 +269,53 @@ def test_scanning_never_modifies_the_data(tmp_path):
     assert reasons["B/huge.png"].startswith("too large (16000 x 16000 pixels")
     assert {"A/truncated.png", "A/empty.png", "B/text.jpg", "B/icon.png", "B/masks"} <= set(reasons)
     assert first.report == again.report
+
+
+def test_top_level_masks_and_linked_folders_are_not_classes(tmp_path):
+    """The rules for masks/ and links hold at the top level too: `masks/` beside `images/`
+    is no class, and a linked class folder would read its images twice."""
+    root = tmp_path / "data"
+    for c in ("COVID", "Normal", "masks"):
+        for i in range(2):
+            _png(root / c / f"{i}.png")
+    (root / "Normal_link").symlink_to(root / "Normal", target_is_directory=True)
+    s = scan(root)
+    assert sorted({r.label for r in s.records}) == ["COVID", "Normal"]
+    assert len(s.records) == 4
+    assert {(e["path"], e["reason"], e["files"]) for e in s.left_out} == {
+        ("masks", "segmentation mask folder", 2), ("Normal_link", "link to a folder (not followed)", 2)}
+
+
+@pytest.mark.parametrize("second", ["./x/1.png", "x//1.png", "x\\1.png"])
+def test_a_manifest_listing_one_file_twice_is_an_error(tmp_path, second):
+    _png(tmp_path / "x" / "1.png"), _png(tmp_path / "x" / "2.png")
+    (tmp_path / "manifest.csv").write_text(f"path,label\nx/1.png,a\n\nx/2.png,b\n{second},a\n")
+    with pytest.raises(DataError, match=r"x/1.png is listed twice \(lines 2 and 5\)"):
+        scan(tmp_path / "manifest.csv")
+
+
+def test_a_manifest_row_without_a_path_is_an_error(tmp_path):
+    _png(tmp_path / "x" / "1.png")
+    (tmp_path / "manifest.csv").write_text("path,label\nx/1.png,a\n,b\n")
+    with pytest.raises(DataError, match="line 3 has no path"):
+        scan(tmp_path / "manifest.csv")
+
+
+def test_files_that_failed_to_decode_are_retried_from_a_cached_build(tmp_path, monkeypatch):
+    """A skip whose cause went away (a decoder installed since) must not last: the cache's
+    key covers the files, not the machine."""
+    import sstl.engine.data.cache as cache
+
+    records = _records(tmp_path, n=6)
+    real = cache.decode_square
+    monkeypatch.setattr(cache, "decode_square", lambda path, size: (
+        (None, "needs a decoder: pip install x") if path.endswith("3.png") else real(path, size)))
+    first = load_or_build(records, 32, tmp_path / "c")
+    assert first.ok.tolist() == [True, True, True, False, True, True]
+    monkeypatch.setattr(cache, "decode_square", real)
+    second = load_or_build(records, 32, tmp_path / "c")
+    assert second.key == first.key and second.ok.all() and second.reasons[3] is None
+    np.testing.assert_array_equal(second.images[3], real(records[3].path, 32)[0])
+    third = load_or_build(records, 32, tmp_path / "c")  # persisted: nothing left to retry
+    assert third.ok.all()
+    np.testing.assert_array_equal(np.asarray(third.images), np.asarray(second.images))

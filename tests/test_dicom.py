@@ -155,3 +155,18 @@ def test_the_scan_reports_an_undecodable_dicom_and_keeps_the_rest(tmp_path):
     assert len(ds.records) == 6 and ds.report["usable"] == 6 and ds.report["found"] == 7
     (skipped,) = ds.report["skipped"]
     assert skipped["path"] == "COVID/ls.dcm" and "JPEG-LS" in skipped["reason"]
+
+
+@pytest.mark.parametrize("name", ["0001.dicom", "0002.dic", "0003.IMA"])
+def test_a_dicom_under_another_suffix_is_found_and_decoded(tmp_path, name):
+    """VinDr-CXR names its files .dicom; the preamble, not the name, says what a file is."""
+    a = pixels(8, seed=5)
+    for c in ("COVID", "Normal"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+    f = write_dcm(tmp_path / "data" / "COVID" / name, a)
+    write_dcm(tmp_path / "data" / "Normal" / "n.dcm", pixels(8, seed=6))
+    (tmp_path / "data" / "COVID" / "readme.txt").write_text("not an image")
+    _, records = find_records(tmp_path / "data")
+    assert sorted((r.label, Path(r.path).name) for r in records) == [("COVID", name),
+                                                                    ("Normal", "n.dcm")]
+    np.testing.assert_array_equal(load_gray(f), minmax_u8(a))

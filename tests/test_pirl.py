@@ -258,3 +258,12 @@ def test_mid_epoch_resume_is_bitwise_exact_bank_included(tmp_path, monkeypatch):
     fresh.attach(a["bank"].shape[0], seed=0)
     assert not torch.equal(fresh.bank, a["bank"])  # the bank the checkpoints compare has moved
     assert torch.allclose(a["bank"].norm(dim=1), torch.ones(a["bank"].shape[0]))
+
+
+def test_pirl_refuses_torchrun_and_the_others_accept_it(monkeypatch):
+    """Each process would update only its own images' bank rows: PIRL runs in one process."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for method in ("pirl-jigsaw", "pirl-rotation"):
+        with pytest.raises(ConfigError, match="runs in one process only"):
+            check(pretrain_cfg(method))
+    assert check(pretrain_cfg("cross")).method == "cross"

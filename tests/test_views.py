@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sstl.engine.config import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, ViewAugment
+from sstl.engine.config import (IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, FinetuneAugment,
+                                ViewAugment)
 from sstl.engine.data import dali as dali_mod
 from sstl.engine.data.backends import pick_backend
 from sstl.engine.data.loader import LabelledSource, TwoViewSource, epoch_order
@@ -319,3 +320,23 @@ def test_missing_dali_is_a_clear_message_and_torch_still_works():
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert "needs NVIDIA DALI" in out.stderr and "--backend torch" in out.stderr
     assert pick_backend("auto", "cpu") == "torch"
+
+
+@pytest.mark.parametrize("n, batch, steps, sizes", [(10, 3, 3, [3, 3, 3]), (9, 3, 3, [3, 3, 3]),
+                                                    (11, 3, 4, [3, 3, 3, 2]), (2, 4, 1, [2])])
+def test_a_training_epoch_never_ends_on_a_batch_of_one(n, batch, steps, sizes):
+    """BatchNorm cannot train on one image (a 1 x 1 map at a small --image-size): that step is
+    skipped, and the reshuffled order leaves out another image each epoch."""
+    imgs = np.random.default_rng(0).integers(0, 255, (n, 40, 40), dtype=np.uint8)
+    ids = np.arange(n)  # the "label" of each image is its index: batches say what they hold
+    src = LabelledSource(imgs, ids, batch, 32, "cpu", FinetuneAugment().train)
+    dropped = []
+    for epoch in range(3):
+        batches = [y.tolist() for _, y in src.epoch(epoch)]
+        assert src.steps_per_epoch == steps and [len(y) for y in batches] == sizes
+        seen = sorted(sum(batches, []))
+        assert len(seen) == len(set(seen)) and set(seen) <= set(range(n))
+        dropped += sorted(set(range(n)) - set(seen))
+    assert len(dropped) == (3 if n % batch == 1 else 0) and len(set(dropped)) == len(dropped)
+    evaluation = LabelledSource(imgs, ids, batch, 32, "cpu")
+    assert sorted(sum((y.tolist() for _, y in evaluation.epoch(0)), [])) == list(range(n))

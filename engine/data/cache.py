@@ -3,7 +3,8 @@
 The first run scans and decodes all files in parallel (one pass: the decode *is* the scan),
 writes `<key>.npy` (N x S x S uint8) and `<key>.json` (which files failed and why) and
 renames both into place; later runs with the same file list and storage size map the array
-and decode nothing. The key hashes each file's path, byte size and modification time, plus
+and decode nothing but the files that failed before (retried, in case a decoder was
+installed since). The key hashes each file's path, byte size and modification time, plus
 the storage size and this format's version, so an edited or added file makes a new cache.
 
 A build writes `<key>.npy.tmp<pid>@<host>` temporaries first. They are removed when the build
@@ -70,6 +71,8 @@ def load_or_build(records: list[Record], size: int, cache_dir: str | os.PathLike
     npy, meta = folder / f"{key}.npy", folder / f"{key}.json"
     if not (npy.exists() and meta.exists()):
         _build(records, size, npy, meta, workers or os.cpu_count() or 1, progress)
+    else:
+        _retry_failures(records, size, npy, meta, workers or os.cpu_count() or 1)
     info = json.loads(meta.read_text())
     images = np.load(npy, mmap_mode="r")
     if images.shape != (len(records), size, size) or len(info["reasons"]) != len(records):
@@ -77,6 +80,34 @@ def load_or_build(records: list[Record], size: int, cache_dir: str | os.PathLike
     reasons = info["reasons"]
     return Cache(images=images, ok=np.array([r is None for r in reasons], dtype=bool),
                  reasons=reasons, key=key, path=npy)
+
+
+def _retry_failures(records, size, npy: Path, meta: Path, workers: int) -> None:
+    """Decode again the files a cached build could not use. The key covers the files, not the
+    machine: a decoder installed since (the package a skip reason named), a file system that
+    answered since, must not leave those files out for good. Usually a handful of files."""
+    info = json.loads(meta.read_text())
+    failed = [i for i, why in enumerate(info["reasons"]) if why is not None]
+    if not failed or len(info["reasons"]) != len(records):
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        decoded = list(pool.map(lambda i: decode_square(records[i].path, size), failed))
+    fixed = [(i, img) for i, (img, why) in zip(failed, decoded) if img is not None]
+    for i, (img, why) in zip(failed, decoded):
+        info["reasons"][i] = why
+    if not fixed:
+        return
+    tmp = meta.with_name(meta.name + f".tmp{os.getpid()}@{socket.gethostname()}")
+    try:
+        rows = np.load(npy, mmap_mode="r+")
+        for i, img in fixed:  # rows of failed files: no reader uses them (ok is False)
+            rows[i] = img
+        rows.flush()
+        del rows
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, meta)  # readers see the old or the new list, never half of one
+    except OSError:  # a read-only shared cache: those files stay skipped, as the log says
+        tmp.unlink(missing_ok=True)
 
 
 def _build(records, size, npy: Path, meta: Path, workers: int, progress) -> None:

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, ViewAugment
-from .loader import epoch_order, step_seed
+from .loader import epoch_order, lone_last_batch, step_seed
 from .views import ViewParams, blur_radius, sample_params
 
 try:  # the torch path must keep working where DALI is absent (e.g. the lent GPU machines)
@@ -280,6 +280,7 @@ class DaliLabelledSource(_DaliSource):
         # Every image counts: low-label subsets can be smaller than one batch.
         per_rank = -(-self.n // world_size)
         self.steps_per_epoch = -(-per_rank // batch_size)
+        self.steps_per_epoch -= lone_last_batch(per_rank, batch_size, train_aug is not None)
 
     def _plan(self, epoch: int) -> torch.Tensor:
         train = self.aug is not None

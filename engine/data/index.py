@@ -36,7 +36,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .dicom import is_dicom, load_dicom_gray
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm",
+                  ".dicom"}
 MIN_SIDE = 32  # smaller files are thumbnails or icons, not radiographs
 
 
@@ -82,8 +83,9 @@ def scan(path: str | os.PathLike) -> Scan:
     out = Scan(root, [])
     class_dirs = []
     for d in sorted(root.iterdir()):
-        if d.is_dir() and _hidden(d):
-            _leave_out_folder(d, root, "hidden folder", out.left_out)
+        why = _folder_left_out(d) if d.is_dir() else None
+        if why:
+            _leave_out_folder(d, root, why, out.left_out)
         elif d.is_dir():
             class_dirs.append(d)
     labelled = [(d, _images_under(d, root, out.left_out)) for d in class_dirs]
@@ -129,16 +131,23 @@ def _scan_manifest(manifest: Path) -> Scan:
     with open(manifest, newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
         header = next(reader, [])
-        rows = [r for r in reader if any(c.strip() for c in r)]
+        rows = [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]
     columns, extra = _manifest_columns(manifest, header)
 
     def get(row: list[str], name: str) -> str:
         i = columns.get(name)
         return row[i].strip() if i is not None and i < len(row) else ""
 
-    records = []
-    for row in rows:
-        rel = get(row, "path")
+    records, seen = [], {}
+    for line, row in rows:
+        # One spelling per file: `./x/1.png`, `x//1.png` and a Windows `x\1.png` are x/1.png.
+        rel = Path(os.path.normpath(get(row, "path").replace("\\", "/"))).as_posix()
+        if rel == ".":
+            raise DataError(f"{manifest}: the row on line {line} has no path")
+        if rel in seen:  # a file listed twice would count twice, and could land in both splits
+            raise DataError(f"{manifest}: {rel} is listed twice (lines {seen[rel]} and {line}); "
+                            "list each file once")
+        seen[rel] = line
         split = get(row, "split").lower() or None
         if split not in (None, "train", "test"):
             raise DataError(f"{manifest}: split must be train or test, found {split!r} for {rel}")
@@ -219,6 +228,18 @@ def _leave_out_folder(folder: Path, root: Path, reason: str, left_out: list[dict
         left_out.append({"path": _rel(folder, root), "reason": reason, "files": n})
 
 
+def _folder_left_out(d: Path) -> str | None:
+    """Why a folder's images are not data, or None. The same rules at every depth: a top-level
+    `masks/` is not a class, and a linked class folder would read its images twice."""
+    if d.name.startswith("."):
+        return "hidden folder"
+    if d.name.lower() == "masks":
+        return "segmentation mask folder"
+    if d.is_symlink():
+        return "link to a folder (not followed)"
+    return None
+
+
 def _images_under(folder: Path, root: Path, left_out: list[dict]) -> list[Path]:
     """Images below `folder`, sorted; masks, hidden and linked folders and hidden files go to
     `left_out` with their reason instead."""
@@ -226,13 +247,9 @@ def _images_under(folder: Path, root: Path, left_out: list[dict]) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(folder):
         here, keep = Path(dirpath), []
         for d in sorted(dirnames):
-            sub = here / d
-            if d.startswith("."):
-                _leave_out_folder(sub, root, "hidden folder", left_out)
-            elif d.lower() == "masks":
-                _leave_out_folder(sub, root, "segmentation mask folder", left_out)
-            elif sub.is_symlink():
-                _leave_out_folder(sub, root, "link to a folder (not followed)", left_out)
+            why = _folder_left_out(here / d)
+            if why:
+                _leave_out_folder(here / d, root, why, left_out)
             else:
                 keep.append(d)
         dirnames[:] = keep
@@ -247,9 +264,9 @@ def _images_under(folder: Path, root: Path, left_out: list[dict]) -> list[Path]:
 
 
 def is_image_file(path: Path) -> bool:
-    """A supported suffix, or no suffix and a DICOM preamble (PACS exports are often unnamed)."""
-    suffix = path.suffix.lower()
-    return suffix in IMAGE_SUFFIXES or (suffix == "" and is_dicom(path))
+    """A supported suffix, or a DICOM preamble whatever the name: PACS exports are often
+    unnamed, and some sets name their files `.dicom` (VinDr-CXR) or `.dic`."""
+    return path.suffix.lower() in IMAGE_SUFFIXES or is_dicom(path)
 
 
 def load_gray(path: str | os.PathLike) -> np.ndarray:
@@ -261,7 +278,7 @@ def load_gray(path: str | os.PathLike) -> np.ndarray:
     """
     if os.path.getsize(path) == 0:
         raise ValueError("empty file (0 bytes)")
-    if str(path).lower().endswith(".dcm") or is_dicom(path):
+    if str(path).lower().endswith((".dcm", ".dicom")) or is_dicom(path):
         return _min_side(load_dicom_gray(path))
     try:
         with Image.open(path) as im:

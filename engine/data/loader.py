@@ -32,6 +32,13 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
+def lone_last_batch(per_rank: int, batch_size: int, train: bool) -> bool:
+    """Whether a training epoch would end on a batch of one image, which BatchNorm cannot
+    train on (one value per channel where the feature map is 1 x 1). That step is skipped:
+    the epoch's order is reshuffled, so it leaves out a different image each epoch."""
+    return train and per_rank % batch_size == 1 and per_rank > 1
+
+
 def to_device_images(images: np.ndarray, device) -> torch.Tensor:
     """The uint8 cache rows, resident on the device (a 224^2 image is 50 kB: 20k fit in 1 GB)."""
     # np.require copies only what must be copied: a read-only memory map or a strided view.
@@ -83,6 +90,7 @@ class LabelledSource:
         # Every image counts: low-label subsets can be smaller than one batch.
         per_rank = -(-len(self.images) // world_size)
         self.steps_per_epoch = -(-per_rank // batch_size)
+        self.steps_per_epoch -= lone_last_batch(per_rank, batch_size, train_aug is not None)
         self.gen = torch.Generator(device=self.device)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
