@@ -63,11 +63,15 @@ def run(data: str, out: str, arch: str = "resnet18", epochs: int = 5, view: int 
     return result
 
 
+def _num(v) -> str:  # summary.json writes an undefined value as null
+    return "nan" if v is None else f"{v:.3f}"
+
+
 def table(rows: list[dict]) -> str:
     head = "| method | pretrain img/s | Sen | Spe | HM | AUC | Acc |\n|---|---:|---:|---:|---:|---:|---:|"
     lines = [head]
     for r in rows:
-        cells = [f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}" for k in ("sen", "spe", "hm", "auc", "acc")]
+        cells = [f"{_num(r[k]['mean'])} ± {_num(r[k]['std'])}" for k in ("sen", "spe", "hm", "auc", "acc")]
         rate = f"{r['pretrain_images_per_s']:.0f}" if r["pretrain_images_per_s"] else "-"
         lines.append(f"| {r['method']} | {rate} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

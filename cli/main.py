@@ -298,7 +298,9 @@ def evaluate(
     batch_size: int = typer.Option(64, help="Images per forward pass"),
     device: str = DEVICE,
     cache_dir: Optional[Path] = CACHE_DIR,
-    cache_size: int = CACHE_SIZE,
+    cache_size: Optional[int] = typer.Option(
+        None, "--cache-size", help="Side images are decoded to; default: the model's own "
+        "(model.json), as training and `sstl predict` decode them"),
     split_seed: int = SPLIT_SEED,
     test_fraction: float = TEST_FRACTION,
     workers: int = WORKERS,

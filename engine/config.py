@@ -182,7 +182,9 @@ class EvaluateConfig:
     """`sstl evaluate`: the paper's metrics of a fine-tuned model on any labelled data."""
 
     model: str  # run directory of `sstl finetune`, or its model.safetensors
-    data: DataConfig = DataConfig()  # labelled folder or manifest; its split settings for --split
+    # Labelled folder or manifest; its split settings for --split. cache_size None: the
+    # model's own (model.json), so images are decoded as training and `sstl predict` decode them.
+    data: DataConfig = DataConfig(cache_size=None)
     split: str = "all"  # all: every image | test: the held-out split of `data`
     out: str | None = None  # folder for metrics.json, predictions.csv and the figures; None = none
     batch_size: int = 64
@@ -284,7 +286,9 @@ def check(cfg):
         need(cfg.device in ("auto", "cuda", "cpu"),
              f"--device must be auto, cuda or cpu, not {cfg.device!r}")
         if isinstance(cfg, EvaluateConfig):
-            _check_data(cfg.data, need)
+            given = cfg.data.cache_size
+            _check_data(dataclasses.replace(cfg.data, cache_size=given or 224), need)
+            need(given is None or given >= 32, f"--cache-size must be at least 32, not {given}")
             need(cfg.split in ("all", "test"), f"--split must be all or test, not {cfg.split!r}")
         return cfg
     raise TypeError(f"no checks for {type(cfg).__name__}")

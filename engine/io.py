@@ -8,6 +8,7 @@ are read by other users and tools alike), and only then replace the real name. A
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Callable
@@ -38,8 +39,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 
 
 def save_json(obj, path: str | os.PathLike) -> Path:
-    text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+    """Strict JSON: an undefined number (the AUC of a set without one class) is written as
+    null, since Python's bare NaN is rejected by other readers (JavaScript, jq, databases)."""
+    text = json.dumps(_finite(obj), indent=2, sort_keys=True, default=str, allow_nan=False)
+    return atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "dtype") and getattr(obj, "ndim", None) == 0:  # a NumPy scalar
+        return _finite(obj.item())
+    return obj
 
 
 def make_dir(path: str | os.PathLike) -> Path:

@@ -144,8 +144,17 @@ def load_classifier(path: str | os.PathLike, device="cpu",
     if meta.get("kind") != "sstl-classifier":
         raise SystemExit(f"{f} is not a fine-tuned classifier (kind {meta.get('kind')!r}); "
                          "give the run directory of `sstl finetune`")
+    if meta.get("arch") not in ARCHS:
+        raise SystemExit(f"{f.with_suffix('.json')}: unknown arch {meta.get('arch')!r} "
+                         f"(known: {', '.join(ARCHS)})")
     model = Classifier(backbone(meta["arch"]), ARCHS[meta["arch"]], len(meta["class_names"]))
-    model.load_state_dict(load_file(str(f)))
+    try:
+        model.load_state_dict(load_file(str(f)))
+    except RuntimeError as e:  # shapes or names differ: the pair was mixed up or edited
+        first = str(e).strip().splitlines()[-1].strip()
+        raise SystemExit(f"{f} does not match its sidecar {f.with_suffix('.json').name} "
+                         f"({meta['arch']}, {len(meta['class_names'])} classes): {first}; "
+                         "copy the weights and their .json together from one run") from None
     model = model.to(device).eval()
     if channels_last:
         model.to(memory_format=torch.channels_last)

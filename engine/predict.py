@@ -7,13 +7,16 @@ grey (load_gray), resize to the cache size (resize_square), then the evaluation 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .config import (DataConfig, EvaluateConfig, PredictConfig, check, inference_runtime,
                      resolve, save_json)
@@ -116,17 +119,18 @@ def write_predictions(rows: list[dict], names: list[str], path: Path) -> None:
 
 def predictions_table(rows: list[dict], names: list[str], csv_path) -> Table:
     bad = sum(1 for r in rows if r["error"])
-    t = Table(title=f"{len(rows) - bad} predicted, {bad} unreadable; all rows in {csv_path}",
+    t = Table(title=escape(f"{len(rows) - bad} predicted, {bad} unreadable; all rows in {csv_path}"),
               expand=True)
     t.add_column("image", overflow="fold", ratio=3)
     t.add_column("prediction", overflow="fold", ratio=2)
     for name in names:
-        t.add_column(name, justify="right", ratio=1)
-    for r in rows[:SHOWN_ROWS]:
+        t.add_column(escape(name), justify="right", ratio=1)
+    for r in rows[:SHOWN_ROWS]:  # file names are text, never rich markup: `x [pa].png`
         if r["error"]:
-            t.add_row(r["path"], f"[red]error: {r['error']}[/red]", *[""] * len(names))
+            t.add_row(Text(r["path"]), Text(f"error: {r['error']}", style="red"),
+                      *[""] * len(names))
         else:
-            t.add_row(r["path"], r["prediction"], *(f"{r[n]:.3f}" for n in names))
+            t.add_row(Text(r["path"]), Text(r["prediction"]), *(f"{r[n]:.3f}" for n in names))
     if len(rows) > SHOWN_ROWS:
         t.add_row(f"... {len(rows) - SHOWN_ROWS} more rows in the CSV", "", *[""] * len(names))
     return t
@@ -145,6 +149,12 @@ def model_targets(data_names: list[str], model_names: list[str], targets: np.nda
 def evaluate(cfg: EvaluateConfig) -> dict:
     res = resolve(inference_runtime(check(cfg)), cfg.batch_size)
     model, meta = load_classifier(cfg.model, res.device, res.channels_last)
+    if cfg.data.cache_size is None:  # decode as training did: another size shifts every score
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
+                                                                cache_size=meta.get("cache_size", 224)))
+    elif cfg.data.cache_size != meta.get("cache_size", 224):
+        log(f"warning: --cache-size {cfg.data.cache_size}, but the model was trained on images "
+            f"decoded to {meta['cache_size']}; its scores shift (omit --cache-size to match)")
     ds = load_dataset(cfg.data, need_labels=True, log=log)
     names = meta["class_names"]
     targets = model_targets(ds.class_names, names, ds.targets)
@@ -174,8 +184,12 @@ def test_split(ds, meta: dict, data: DataConfig) -> np.ndarray:
 
 def write_evaluation(out: Path, m: dict, ds, idx, targets, probs, meta) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    save_json({"metrics": m, "n": len(idx), "data": str(ds.root), "model": meta},
-              out / "metrics.json")
+    # Files that could not be scored are counted here and listed, with why, in data_report.json.
+    rep = ds.report
+    save_json({"metrics": m, "n": len(idx), "data": str(ds.root), "model": meta,
+               "found": rep["found"], "unreadable": rep["unreadable"],
+               "left_out": rep["left_out"]}, out / "metrics.json")
+    save_json(rep, out / "data_report.json")
     names = meta["class_names"]
     rows = []
     for i, p in zip(idx, probs):
@@ -186,9 +200,9 @@ def write_evaluation(out: Path, m: dict, ds, idx, targets, probs, meta) -> None:
 
 
 def metrics_table(m: dict, title: str) -> Table:
-    t = Table(title=title)
+    t = Table(title=escape(title))
     t.add_column("metric")
     t.add_column("value", justify="right")
     for k in (*METRICS, *(k for k in m if k.startswith("recall/"))):
-        t.add_row(NAMES.get(k, k.replace("recall/", "recall ")), f"{m[k]:.4f}")
+        t.add_row(escape(NAMES.get(k, k.replace("recall/", "recall "))), f"{m[k]:.4f}")
     return t

@@ -155,8 +155,10 @@ def aggregate(cells: list[dict], rows, fractions) -> dict:
                 continue
             stats = {}
             for k in METRICS:
+                # null in summary.json is an undefined value (NaN): NumPy reads None as NaN.
                 means = np.array([c[k]["mean"] for c in got], dtype=np.float64)
-                std = float(means.std()) if len(got) > 1 else float(got[0][k]["std"])
+                std = float(means.std()) if len(got) > 1 else \
+                    float(np.array(got[0][k]["std"], dtype=np.float64))
                 stats[k] = {"mean": float(means.mean()), "std": std, "seeds": len(got)}
                 if "evaluate_on" in got[0]:
                     other = np.array([c["evaluate_on"][k] for c in got], dtype=np.float64)

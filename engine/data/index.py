@@ -286,6 +286,9 @@ def load_gray(path: str | os.PathLike) -> np.ndarray:
             im.load()
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
                 a = np.asarray(im, dtype=np.float64)
+                bad = int((~np.isfinite(a)).sum())
+                if bad:  # a corrupt or unfinished file: no pixel of it can be trusted
+                    raise ValueError(f"{bad} non-finite pixel values (NaN or infinity)")
                 lo, hi = float(a.min()), float(a.max())
                 a = np.zeros_like(a) if hi <= lo else (a - lo) * (255.0 / (hi - lo))
                 gray = np.rint(a).astype(np.uint8)

@@ -1,0 +1,124 @@
+"""predict / evaluate / export on awkward inputs: the same scores as training, nothing dropped
+without a trace, nothing half-written, strict JSON, file names shown as they are."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from rich.console import Console
+
+from sstl.engine.config import DataConfig, EvaluateConfig, PredictConfig
+from sstl.engine.data.index import load_gray
+from sstl.engine.io import save_json
+from sstl.engine.predict import evaluate, predict, predictions_table
+from tests.tiny_run import make_run, write_pngs
+
+
+def _labelled(root: Path) -> Path:
+    for i, cls in enumerate(("COVID", "Normal")):
+        write_pngs(root / cls, n=4, side=72, seed=i)
+    return root
+
+
+def _csv(path: Path) -> dict[str, dict]:
+    with open(path) as f:
+        return {"/".join(Path(r["path"]).parts[-2:]): r for r in csv.DictReader(f)}
+
+
+def test_evaluate_decodes_at_the_models_cache_size_as_predict_does(tmp_path, capsys):
+    """A model trained on images decoded to 48 px must be scored on images decoded to 48 px:
+    evaluate's numbers then equal predict's, image by image."""
+    run = make_run(tmp_path / "run", image_size=32, cache_size=48)
+    data = _labelled(tmp_path / "data")
+    evaluate(EvaluateConfig(model=str(run), data=DataConfig(path=str(data),
+             cache_dir=str(tmp_path / "c"), cache_size=None), out=str(tmp_path / "ev"),
+             device="cpu"))
+    predict(PredictConfig(model=str(run), inputs=(str(data),), out_csv=str(tmp_path / "p.csv"),
+                          device="cpu"))
+    ev, pr = _csv(tmp_path / "ev" / "predictions.csv"), _csv(tmp_path / "p.csv")
+    assert ev.keys() == pr.keys() and len(ev) == 8
+    for name in ev:
+        for c in ("COVID", "Normal"):
+            assert float(ev[name][c]) == pytest.approx(float(pr[name][c]), abs=1e-6)
+    capsys.readouterr()
+    evaluate(EvaluateConfig(model=str(run), data=DataConfig(path=str(data),
+             cache_dir=str(tmp_path / "c"), cache_size=64), device="cpu"))
+    assert "--cache-size 64, but the model was trained on images decoded to 48" in \
+        capsys.readouterr().err
+
+
+def test_evaluate_out_lists_the_files_it_could_not_score(tmp_path):
+    run = make_run(tmp_path / "run")
+    data = _labelled(tmp_path / "data")
+    (data / "COVID" / "truncated.png").write_bytes((data / "COVID" / "img0.png").read_bytes()[:60])
+    evaluate(EvaluateConfig(model=str(run), data=DataConfig(path=str(data),
+             cache_dir=str(tmp_path / "c"), cache_size=None), out=str(tmp_path / "ev"),
+             device="cpu"))
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert (m["n"], m["found"], m["unreadable"]) == (8, 9, 1)
+    report = json.loads((tmp_path / "ev" / "data_report.json").read_text())
+    assert [e["path"] for e in report["skipped"]] == ["COVID/truncated.png"]
+
+
+def test_a_float_image_with_a_nan_pixel_is_refused_not_scored_black(tmp_path):
+    a = np.random.default_rng(0).random((64, 64), dtype=np.float32)
+    a[3, 5] = np.nan
+    Image.fromarray(a, mode="F").save(tmp_path / "nan.tif")
+    with pytest.raises(ValueError, match="1 non-finite pixel values"):
+        load_gray(tmp_path / "nan.tif")
+    a[3, 5] = 0.5
+    Image.fromarray(a, mode="F").save(tmp_path / "ok.tif")
+    assert load_gray(tmp_path / "ok.tif").max() == 255  # the finite file still decodes
+
+
+@pytest.mark.parametrize("name", ["chest [pa view] 2020.png", "study[/x].png", "[bold]a[/bold].png"])
+def test_file_names_are_shown_as_they_are_not_as_markup(name):
+    rows = [{"path": name, "prediction": "COVID", "confidence": 0.9, "COVID": 0.9, "Normal": 0.1,
+             "error": ""},
+            {"path": "x/" + name, "prediction": "", "confidence": "", "COVID": "", "Normal": "",
+             "error": "not an image [unrecognised]"}]
+    console = Console(record=True, width=400)
+    console.print(predictions_table(rows, ["COVID", "Normal"], "out [1].csv"))
+    text = console.export_text()
+    assert name in text and "x/" + name in text and "not an image [unrecognised]" in text
+    assert "out [1].csv" in text
+
+
+def test_a_failed_export_writes_nothing_and_keeps_the_verified_one(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from sstl.engine.export import export_onnx
+
+    run = make_run(tmp_path / "run")
+    good = export_onnx(run, out=tmp_path / "m.onnx")
+    assert good["ok"]
+    before = ((tmp_path / "m.onnx").read_bytes(), (tmp_path / "m.onnx.json").read_text())
+    with pytest.raises(SystemExit, match="nothing was written"):
+        export_onnx(run, out=tmp_path / "m.onnx", tolerance=-1.0)  # no export can pass
+    assert ((tmp_path / "m.onnx").read_bytes(), (tmp_path / "m.onnx.json").read_text()) == before
+    with pytest.raises(SystemExit, match="nothing was written"):
+        export_onnx(run, out=tmp_path / "new.onnx", tolerance=-1.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json", "run"]
+
+
+def test_weights_that_do_not_match_their_sidecar_are_one_clear_line(tmp_path):
+    run = make_run(tmp_path / "run")
+    meta = json.loads((run / "model.json").read_text())
+    (run / "model.json").write_text(json.dumps({**meta, "arch": "resnet50"}))
+    with pytest.raises(SystemExit, match="does not match its sidecar model.json .resnet50, 2 "
+                                         "classes.*copy the weights and their .json together"):
+        predict(PredictConfig(model=str(run), inputs=(str(write_pngs(tmp_path / "i", 1)[0]),),
+                              out_csv=str(tmp_path / "p.csv"), device="cpu"))
+
+
+def test_json_files_are_strict_an_undefined_number_is_null(tmp_path):
+    save_json({"auc": float("nan"), "x": [1.0, float("inf")], "n": np.float32("nan"), "ok": 0.5},
+              tmp_path / "m.json")
+    strict = json.loads((tmp_path / "m.json").read_text(),
+                        parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert strict == {"auc": None, "x": [1.0, None], "n": None, "ok": 0.5}
+    assert math.isnan(np.array([strict["auc"]], dtype=np.float64)[0])  # how readers get NaN back
