@@ -89,12 +89,15 @@ class GraphedStep:
     def __init__(self, t, step_fn, body_fn, capture=cuda_capture, stream=None):
         self.t, self.step_fn, self.body_fn, self.capture = t, step_fn, body_fn, capture
         self.stream = stream  # side stream of the warm-up steps (CUDA); None: current
-        self.replay, self.calls, self.seconds = None, 0, 0.0
+        self.replay, self.calls, self.seconds, self.largest = None, 0, 0.0, 0
         self.static, self.lr, self.tau = None, None, None
 
     def __call__(self, batch: tuple, step: int) -> torch.Tensor:
         self.calls += 1
-        if self.replay is None and self.calls <= WARMUP:
+        self.largest = max(self.largest, batch[0].shape[0])
+        # Warm up, and capture only a full batch: a graph of an epoch's short last batch would
+        # leave every full batch after it to run eagerly.
+        if self.replay is None and (self.calls <= WARMUP or batch[0].shape[0] < self.largest):
             return self._on_side_stream(lambda: self.step_fn(self.t, batch, step))
         if self.replay is None:
             self._capture(batch)

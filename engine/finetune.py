@@ -24,11 +24,11 @@ from .data.backends import labelled_source
 from .data.dataset import Dataset, load_dataset, save_data_files
 from .data.index import DataError
 from .data.split import fraction_subset
-from .loop import Plan, Trainer, fit
+from .loop import Plan, Trainer, check_resumable, fit
 from .evaluation import bootstrap_ci, card_fields, curves_png, draw_figures, write_model_card
 from .metrics import METRICS, NAMES, best_epoch, classification_metrics, summarize
 from .models import sidecar, weights_file
-from .runs import Run, log, save_weights
+from .runs import Run, file_identity, log, save_weights
 from .supervised import classifier_trainer, eval_probs
 
 FEW_IMAGES = 5  # a class with fewer training images than this gets a warning (noisy results)
@@ -100,6 +100,8 @@ def _finetune(cfg: FinetuneConfig, res: Resolved) -> Path:
     with Run.open(cfg.runtime.out, cfg.runtime.name or default_name(cfg, start),
                   res.is_main) as run:
         run.add_time("data", time.perf_counter() - t_data)  # scan and cache
+        inputs = ds.fingerprint() + (f":{file_identity(encoder)}" if encoder else "")
+        check_resumable(run, cfg, inputs)
         if res.is_main:
             save_data_files(ds, run.path)
         t_build = time.perf_counter()
@@ -137,7 +139,8 @@ def _finetune(cfg: FinetuneConfig, res: Resolved) -> Path:
             return {**row, "eval_seconds": time.perf_counter() - t0}
 
         rows = fit(run, t, train, Plan.of(cfg, desc=f"finetune {cfg.arch}",
-                                          on_epoch_end=evaluate, live=res.is_main))
+                                          on_epoch_end=evaluate, live=res.is_main,
+                                          inputs=inputs))
         if res.is_main:
             t_report = time.perf_counter()
             save_model(run.path, cfg, t.model, ds, cfg.epochs, start)

@@ -151,6 +151,10 @@ class Plan:
     images_per_step: int = 0  # for img/s; 0 = the batch's first dimension
     on_epoch_end: Callable[[int], dict] | None = None  # extra metrics (e.g. test evaluation)
     live: bool = True  # progress output (rank 0 only under DDP)
+    # Identity of what the run learns from (its images, its encoder file). A checkpoint made
+    # from other inputs is refused: resuming would mix two data sets, and the sidecars written
+    # at the end would vouch for the new data (the leak check trusts them).
+    inputs: str = ""
 
     @classmethod
     def of(cls, cfg, **kw) -> "Plan":
@@ -161,10 +165,17 @@ class Plan:
                    checkpoint_minutes=rt.checkpoint_minutes, resume=rt.resume, **kw)
 
 
+def check_resumable(run: Run, cfg, inputs: str) -> None:
+    """Before a command writes into its run directory: refuse, as fit would, a checkpoint of
+    other settings or other inputs, so a refused rerun leaves the run's files as they were."""
+    if cfg.runtime.resume:
+        run.resume(resume_key(cfg), inputs, mmap=True)
+
+
 def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
     """Train to `plan.epochs`, resuming from the run's checkpoint; returns metrics.csv rows."""
     steps = source.steps_per_epoch
-    ck = run.resume(plan.key) if plan.resume else None
+    ck = run.resume(plan.key, plan.inputs) if plan.resume else None
     epoch, start, partial = 0, 0, None
     if ck is not None:
         t.load(ck)
@@ -178,13 +189,15 @@ def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
 
     def save(epoch_: int, step_: int, part: dict | None) -> None:
         nonlocal last_save
-        run.save({"format": CHECKPOINT_FORMAT, "resume_key": plan.key, "epoch": epoch_,
-                  "step": step_, "partial": part, **t.state()})
+        run.save({"format": CHECKPOINT_FORMAT, "resume_key": plan.key, "inputs": plan.inputs,
+                  "epoch": epoch_, "step": step_, "partial": part, **t.state()})
         last_save = time.monotonic()
 
-    def due(step_in_epoch: int) -> bool:
-        by_steps = plan.checkpoint_every and step_in_epoch % plan.checkpoint_every == 0
-        return bool(by_steps) or time.monotonic() - last_save > 60 * plan.checkpoint_minutes
+    def every(global_step: int) -> bool:  # --checkpoint-every counts steps across epochs
+        return bool(plan.checkpoint_every) and global_step % plan.checkpoint_every == 0
+
+    def due(global_step: int) -> bool:
+        return every(global_step) or time.monotonic() - last_save > 60 * plan.checkpoint_minutes
 
     t_train = time.perf_counter()
     world, stopping, step_fn, first = dist.world(), False, stepper(t), True
@@ -204,21 +217,21 @@ def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
                         first = _time_first_step(run, source.device, t_train)
                     seen += plan.images_per_step or batch[0].shape[0] * world
                     at_log = (i + 1) % plan.log_every == 0 or i + 1 == steps
-                    by_steps = plan.checkpoint_every and (i + 1) % plan.checkpoint_every == 0
+                    by_steps = every(epoch * steps + i + 1)
                     if world > 1 and not (at_log or by_steps):
                         continue  # ranks agree on stopping and saving at these steps only
                     # One all-reduce under torchrun: the global running sums, and whether any
                     # rank was signalled or is due a checkpoint, so all act at the same step.
-                    glob, stopping, saving = _agree(sums, stop.requested, due(i + 1))
+                    glob, stopping, saving = _agree(sums, stop.requested, due(epoch * steps + i + 1))
                     if at_log:
                         means = (glob / (i + 1)).tolist()  # the loop's only host sync
                         if not math.isfinite(means[0]):
-                            raise SystemExit(f"loss became {means[0]} at epoch {epoch + 1}, "
-                                             f"step {i + 1}: lower --lr; the last good "
-                                             f"checkpoint is in {run.path}")
+                            _diverged(run, means[0], epoch, i + 1)
                         rep.update(epoch * steps + i + 1, _progress(epoch, plan.epochs, means,
                                    t.stats, seen / (time.perf_counter() - t0)))
                     if i + 1 < steps and (stopping or saving):
+                        if not _finite(t.model, glob):  # never checkpoint a diverged state
+                            _diverged(run, float(glob[0] / (i + 1)), epoch, i + 1)
                         save(epoch, i + 1, {"sums": glob, "seen": seen,
                                             "seconds": time.perf_counter() - t0})
                     if stopping:
@@ -227,16 +240,19 @@ def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
                     break
                 seconds = time.perf_counter() - t0
                 means = (dist.all_reduce_mean(sums.clone()) / max(steps, 1)).tolist()
+                if not (all(map(math.isfinite, means)) and _finite(t.model)):
+                    _diverged(run, means[0], epoch, steps)
                 row = {"epoch": epoch, "loss": means[0],
                        **{k: v for k, v in zip(t.stats, means[1:])},
-                       "lr": t.opt.param_groups[0]["lr"], "images_per_s": seen / seconds,
+                       # float(): a graphed run's lr is a device tensor (accel.py)
+                       "lr": float(t.opt.param_groups[0]["lr"]), "images_per_s": seen / seconds,
                        "seconds": seconds}
                 if plan.on_epoch_end is not None:
                     row.update(plan.on_epoch_end(epoch))
                 stopping = dist.any_rank(stopping or stop.requested, source.device)
                 metrics.append(row)
                 start, partial = 0, None
-                if epoch + 1 == plan.epochs or stopping or due(steps):
+                if epoch + 1 == plan.epochs or stopping or due((epoch + 1) * steps):
                     save(epoch + 1, 0, None)  # rank 0 writes; the others need not agree
                 if stopping:
                     break
@@ -256,6 +272,23 @@ def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
                                for k, v in accel.compile_counters().items()})
         run.write_timing()
     return metrics.rows()
+
+
+def _finite(model: torch.nn.Module, *tensors: torch.Tensor) -> bool:
+    """Whether every weight and statistic is a number (one host sync: checkpoints only). The
+    loss of a step is computed before its update, so the weights can break first."""
+    state = [v for v in model.state_dict().values() if v.is_floating_point()] + list(tensors)
+    return bool(torch.stack([v.isfinite().all() for v in state]).all())
+
+
+def _diverged(run: Run, value: float, epoch: int, step: int):
+    """The loss (or a statistic) stopped being a number: stop, and say what is left to resume."""
+    run.flush()  # a checkpoint being written counts once it is on disk
+    kept = (f"the last checkpoint before it is in {run.path}" if run.checkpoint.exists()
+            else "no checkpoint had been written yet")
+    raise SystemExit(f"training diverged (loss {value}) by epoch {epoch + 1}, step {step}; "
+                     f"{kept}. Rerun with a lower --lr (a new run: with --name, give a new one "
+                     "or add --no-resume)")
 
 
 def _time_first_step(run: Run, device, t0: float) -> bool:

@@ -17,7 +17,7 @@ from . import accel, dist
 from .config import PretrainConfig, Resolved, check, config_hash, resolve, resume_key
 from .data.backends import ssl_source
 from .data.dataset import load_dataset, save_data_files
-from .loop import EMA, Plan, Trainer, fit, sgd
+from .loop import EMA, Plan, Trainer, check_resumable, fit, sgd
 from .methods import METHODS, Method, build
 from .models import ARCHS, backbone
 from .runs import Run, log, save_weights
@@ -75,6 +75,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         t0 = time.perf_counter()
         with dist.main_first():  # rank 0 decodes the cache; the others then map it
             ds = load_dataset(cfg.data, log=log)
+        check_resumable(run, cfg, ds.fingerprint())
         if res.is_main:
             save_data_files(ds, run.path)
         images = ds.images[ds.train_idx] if cfg.split == "train" else ds.images
@@ -90,7 +91,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
                                     "data": {"synthetic": ds.synthetic, "root": str(ds.root),
                                              "fingerprint": ds.fingerprint()}})
         rows = fit(run, t, source, Plan.of(cfg, desc=f"pretrain {cfg.method} {cfg.arch}",
-                                           images_per_step=cfg.batch_size, live=res.is_main))
+                                           images_per_step=cfg.batch_size, live=res.is_main,
+                                           inputs=ds.fingerprint()))
         if rows and "spread" in rows[-1] and float(rows[-1]["spread"]) < COLLAPSED:
             log(f"warning: spread {float(rows[-1]['spread']):.3f} < {COLLAPSED}: the outputs "
                 "have collapsed toward one vector (see README, 'spread')")

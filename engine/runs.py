@@ -18,6 +18,7 @@ readable checkpoint.pt or checkpoint.prev.pt.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import csv
 import fcntl
 import os
@@ -148,14 +149,16 @@ class Run:
                 raise err
             raise WriteError(f"could not write {self.checkpoint}: {err}") from None
 
-    def resume(self, key: str) -> dict | None:
-        """The newest readable checkpoint of this run, or None; refuses another run's."""
+    def resume(self, key: str, inputs: str = "", mmap: bool = False) -> dict | None:
+        """The newest readable checkpoint of this run, or None; refuses another run's, and one
+        trained on other inputs (fit's Plan.inputs; older checkpoints carry none). mmap: map
+        the tensors instead of reading them (a cheap look before anything is written)."""
         tried = []
         for f in (self.checkpoint, self.previous):
             if not f.exists():
                 continue
             try:
-                ck = torch.load(f, map_location="cpu", weights_only=True)
+                ck = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
             except Exception as e:  # truncated, corrupt, or not a plain-data checkpoint
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
                 log(f"warning: {f} cannot be read ({first}); trying the previous checkpoint")
@@ -167,6 +170,11 @@ class Run:
             if ck.get("resume_key") != key:
                 raise SystemExit(f"{f} was written by a run with different settings; use "
                                  "another --name (or --no-resume to start over here)")
+            if inputs and ck.get("inputs") not in (None, inputs):
+                raise SystemExit(f"{f} was trained on other inputs than this command's: the "
+                                 "--data images (or the --encoder file) changed since. Resuming "
+                                 "would mix them; use another --name (or --no-resume to start "
+                                 "over here)")
             if tried:
                 log(f"resuming from {f.name} (the newer checkpoint was unreadable)")
             return ck
@@ -326,3 +334,14 @@ class Reporter:
         if self.live:
             self.progress.stop()
             self.live = False
+
+
+def file_identity(weights: Path) -> str:
+    """Which weights file this is, cheaply: its size and its sidecar's text (the config, epoch
+    and data fingerprints of the run that wrote it); a copy elsewhere is the same file."""
+    weights = Path(weights)
+    h = hashlib.sha256(str(weights.stat().st_size).encode())
+    side = weights.with_suffix(".json")
+    if side.exists():
+        h.update(side.read_bytes())
+    return h.hexdigest()[:16]

@@ -21,7 +21,7 @@ from . import accel, dist
 from .config import Resolved, SupervisedConfig, check, config_hash, resolve, resume_key
 from .data.backends import labelled_source
 from .data.dataset import load_dataset, save_data_files
-from .loop import Plan, Trainer, fit, sgd
+from .loop import Plan, Trainer, check_resumable, fit, sgd
 from .models import ARCHS, Classifier, backbone
 from .runs import Run, log, save_weights
 
@@ -98,6 +98,7 @@ def _supervised(cfg: SupervisedConfig, res: Resolved) -> Path:
         ds = load_dataset(cfg.data, need_labels=True, log=log)
     with Run.open(cfg.runtime.out, cfg.runtime.name or default_name(cfg), res.is_main) as run:
         run.add_time("data", time.perf_counter() - t_data)  # scan and cache
+        check_resumable(run, cfg, ds.fingerprint())
         if res.is_main:
             save_data_files(ds, run.path)
         train = labelled_source(np.asarray(ds.images[ds.train_idx]), ds.targets[ds.train_idx],
@@ -124,7 +125,8 @@ def _supervised(cfg: SupervisedConfig, res: Resolved) -> Path:
             return {"test_top1": acc, "eval_seconds": time.perf_counter() - t0}
 
         rows = fit(run, t, train, Plan.of(cfg, desc=f"supervised {cfg.arch}",
-                                          on_epoch_end=evaluate, live=res.is_main))
+                                          on_epoch_end=evaluate, live=res.is_main,
+                                          inputs=ds.fingerprint()))
         if not res.is_main:
             return run.path
         save_weights(t.model.encoder.state_dict(), run.path / "encoder.safetensors", {

@@ -228,3 +228,54 @@ def test_startup_is_the_process_age_at_the_first_run_only():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     first, second = out.stdout.split()
     assert 0.6 <= float(first) < 60 and second == "None", out.stdout
+
+
+def test_checkpoint_every_counts_steps_across_epochs(tmp_path, monkeypatch):
+    """6 steps an epoch, --checkpoint-every 4: global steps 4 and 8 (epoch 2, step 2), then
+    the end. Counting within each epoch would save at step 4 of every epoch instead."""
+    from sstl.engine.runs import Run
+
+    saved, real = [], Run.save
+    monkeypatch.setattr(Run, "save", lambda self, ck: (saved.append((ck["epoch"], ck["step"])),
+                                                      real(self, ck))[1])
+    pretrain(pretrain_cfg(out=str(tmp_path), name="r", epochs=2, checkpoint_every=4,
+                          checkpoint_minutes=1e6))
+    assert saved == [(0, 4), (1, 2), (2, 0)]
+
+
+def test_a_diverging_run_stops_without_checkpointing_nan(tmp_path):
+    with pytest.raises(SystemExit, match=r"training diverged .*Rerun with a lower --lr") as e:
+        pretrain(pretrain_cfg(out=str(tmp_path), name="nan", epochs=2, lr=1e9, checkpoint_every=1,
+                              log_every=100))
+    kept = sorted((tmp_path / "nan").glob("checkpoint*.pt")) if (tmp_path / "nan").exists() else []
+    for f in kept:
+        ck = torch.load(f, weights_only=True)
+        assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    said_kept = "the last checkpoint before it is in" in str(e.value)
+    assert said_kept == bool(kept), (str(e.value), kept)
+
+
+def test_resuming_refuses_a_checkpoint_trained_on_other_images(tmp_path):
+    """A rerun after the data changed would mix two data sets, and its sidecar would vouch
+    for the new images (the encoder's test-leak check trusts it): refused, files untouched."""
+    import shutil
+
+    from sstl.engine.data.synthetic import ensure_synthetic
+
+    src, data = ensure_synthetic(), tmp_path / "data"
+    for cls in sorted(p.name for p in src.iterdir() if p.is_dir()):
+        (data / cls).mkdir(parents=True)
+        for f in sorted((src / cls).glob("*.png"))[:40]:
+            shutil.copy(f, data / cls / f.name)
+    cfg = pretrain_cfg(out=str(tmp_path), name="grow", path=data, cache_dir=str(tmp_path / "c"))
+    run = pretrain(cfg)
+    before = {f: (run / f).read_bytes() for f in ("split.json", "encoder.json", "checkpoint.pt")}
+    extra = sorted((src / "COVID").glob("*.png"))[40:50]
+    for f in extra:
+        shutil.copy(f, data / "COVID" / f.name)
+    with pytest.raises(SystemExit, match="trained on other inputs than this command's"):
+        pretrain(cfg)
+    assert {f: (run / f).read_bytes() for f in before} == before
+    for f in extra:
+        (data / "COVID" / f.name).unlink()
+    pretrain(cfg)  # the same images again: resumes (a finished run rewrites its outputs)
