@@ -292,7 +292,8 @@ def evaluate(
     model: Path = MODEL,
     data: Optional[Path] = typer.Option(None, "--data", help="Labelled folder (one sub-folder per "
                                         "class) or manifest.csv; required"),
-    split: str = typer.Option("all", help="all: every image of --data | test: its held-out split"),
+    split: str = typer.Option("all", help="all: every image of --data | test: its held-out "
+                              "split (images the model learned from are always left out)"),
     out: Optional[Path] = typer.Option(None, help="Also write metrics.json, predictions.csv and "
                                        "the figures into this folder"),
     batch_size: int = typer.Option(64, help="Images per forward pass"),

@@ -115,7 +115,8 @@ def export_onnx(model_path, out=None, images=(), tolerance: float = TOLERANCE) -
                              f"{diff:.2e} (> {tolerance:g}) on {len(grey)} images; the export "
                              "is not faithful, nothing was written")
         sidecar = out.with_name(out.name + ".json")  # model.onnx.json: model.json is the weights'!
-        text = json.dumps({"format": "onnx", "opset": OPSET, "source_model": meta,
+        source_meta = {k: v for k, v in meta.items() if k != "trained_on"}  # long; in model.json
+        text = json.dumps({"format": "onnx", "opset": OPSET, "source_model": source_meta,
                            "preprocessing": preprocessing(meta), "verification": report},
                           indent=2, default=str)
         atomic_write(sidecar, lambda f: f.write_text(text))

@@ -56,6 +56,22 @@ def check_encoder(cfg: FinetuneConfig, ds: Dataset) -> Path | None:
                          f"{cfg.arch}; pass --arch {meta.get('arch')}")
     if meta.get("stage") == "supervised":  # stage 1 on natural images: never saw these X-rays
         log(f"--encoder {f}: a stage-1 encoder (supervised on {meta.get('data_root')})")
+    elif meta.get("pretrain_split") != "all" and "trained_on" in meta:  # the exact check
+        seen = set(meta["trained_on"]) & set(ds.image_ids(ds.test_idx))
+        if seen:
+            split = (meta.get("split_seed"), meta.get("test_fraction"))
+            fix = (f"It was pretrained with another train/test split: rerun with --split-seed "
+                   f"{split[0]} --test-fraction {split[1]}"
+                   if split != (cfg.data.split_seed, cfg.data.test_fraction)
+                   else "The data changed since pretraining (an image added, removed or "
+                   "unreadable reshuffles its class's split): pretrain again on this data, or "
+                   "fine-tune on the data as it was")
+            raise SystemExit(f"--encoder {f} was pretrained on {len(seen)} of this run's "
+                             f"{len(ds.test_idx)} test images. {fix}.")
+        if meta.get("data_fingerprint") != ds.fingerprint():
+            what = " (the embedded SYNTHETIC set)" if meta.get("synthetic_data") else ""
+            log(f"--encoder {f} was pretrained on other images than --data{what}; none of "
+                "this run's test images is among them")
     elif meta.get("data_fingerprint") != ds.fingerprint():
         what = " (the embedded SYNTHETIC set)" if meta.get("synthetic_data") else ""
         log(f"warning: --encoder {f} was pretrained on other images than --data{what}; "
@@ -143,7 +159,7 @@ def _finetune(cfg: FinetuneConfig, res: Resolved) -> Path:
                                           inputs=inputs))
         if res.is_main:
             t_report = time.perf_counter()
-            save_model(run.path, cfg, t.model, ds, cfg.epochs, start)
+            save_model(run.path, cfg, t.model, ds, cfg.epochs, start, subset, encoder)
             # The final epoch's scores, unless this process did not train it (a rerun of a
             # finished run): then the final weights are scored once more.
             final = scored.get(cfg.epochs - 1)
@@ -177,8 +193,16 @@ def choose_subset(cfg: FinetuneConfig, ds: Dataset, run: Path, write: bool = Tru
 
 
 def save_model(run: Path, cfg: FinetuneConfig, model, ds: Dataset, epoch: int,
-               start: str) -> None:
-    """model.safetensors + model.json: everything `sstl predict` / `evaluate` need to use it."""
+               start: str, subset=None, encoder: Path | None = None) -> None:
+    """model.safetensors + model.json: everything `sstl predict` / `evaluate` need to use it.
+
+    `trained_on` lists the images the weights learned from: the labelled subset, and the
+    images its encoder was pretrained on (unless that was --split all, which finetune warned
+    about), so `sstl evaluate` leaves exactly those out."""
+    learned = set(ds.image_ids(subset)) if subset is not None else set()
+    if encoder is not None:
+        enc = sidecar(encoder)
+        learned |= set(enc.get("trained_on", [])) if enc.get("pretrain_split") != "all" else set()
     save_weights(model.state_dict(), run / "model.safetensors", {
         "kind": "sstl-classifier", "arch": cfg.arch, "class_names": ds.class_names,
         "positive_class": cfg.positive_class, "image_size": cfg.augment.size,
@@ -187,7 +211,7 @@ def save_model(run: Path, cfg: FinetuneConfig, model, ds: Dataset, epoch: int,
         "epoch": epoch, "start": start, "fraction": cfg.fraction, "config_hash": config_hash(cfg),
         "split_seed": cfg.data.split_seed, "test_fraction": cfg.data.test_fraction,
         "data_fingerprint": ds.fingerprint(), "test_fingerprint": ds.fingerprint(ds.test_idx),
-        "synthetic_data": ds.synthetic})
+        "synthetic_data": ds.synthetic, "trained_on": sorted(learned)})
 
 
 def finish(run: Path, cfg: FinetuneConfig, ds: Dataset, rows: list[dict], probs,

@@ -159,6 +159,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     names = meta["class_names"]
     targets = model_targets(ds.class_names, names, ds.targets)
     idx = np.arange(len(ds.records)) if cfg.split == "all" else test_split(ds, meta, cfg.data)
+    idx, learned = unseen(ds, idx, meta)
     source = LabelledSource(np.asarray(ds.images[idx]), targets[idx], cfg.batch_size,
                             meta["image_size"], res.device, dtype=getattr(torch, res.dtype),
                             channels_last=res.channels_last)
@@ -167,8 +168,26 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     Console().print(metrics_table(m, f"model {Path(cfg.model).name} on {ds.root.name}, "
                                      f"{cfg.split}: {len(idx)} images"))
     if cfg.out:
-        write_evaluation(Path(cfg.out), m, ds, idx, targets, probs, meta)
+        write_evaluation(Path(cfg.out), m, ds, idx, targets, probs, meta, learned)
     return m
+
+
+def unseen(ds, idx: np.ndarray, meta: dict) -> tuple[np.ndarray, int]:
+    """The images of `idx` the model never learned from (its sidecar's `trained_on`: the
+    fine-tuning subset and its encoder's pretraining images), and how many were left out.
+    Scores of images a model trained on are optimistic, so they are never mixed in."""
+    if not meta.get("trained_on"):  # a model saved before sidecars listed them
+        return idx, 0
+    learned = set(meta["trained_on"])
+    keep = np.array([i not in learned for i in ds.image_ids(idx)], dtype=bool)
+    if not keep.any():
+        raise SystemExit(f"all {len(idx)} images to evaluate were used to train this model; "
+                         "evaluate it on images it has not seen (--split test, or other data)")
+    if not keep.all():
+        log(f"left out {int((~keep).sum())} of {len(idx)} images that this model learned from "
+            "(fine-tuning, or its encoder's pretraining); scoring the other "
+            f"{int(keep.sum())}")
+    return idx[keep], int((~keep).sum())
 
 
 def test_split(ds, meta: dict, data: DataConfig) -> np.ndarray:
@@ -182,13 +201,14 @@ def test_split(ds, meta: dict, data: DataConfig) -> np.ndarray:
     return ds.test_idx
 
 
-def write_evaluation(out: Path, m: dict, ds, idx, targets, probs, meta) -> None:
+def write_evaluation(out: Path, m: dict, ds, idx, targets, probs, meta, learned: int = 0) -> None:
     out.mkdir(parents=True, exist_ok=True)
     # Files that could not be scored are counted here and listed, with why, in data_report.json.
     rep = ds.report
-    save_json({"metrics": m, "n": len(idx), "data": str(ds.root), "model": meta,
+    model = {k: v for k, v in meta.items() if k != "trained_on"}  # the list is in model.json
+    save_json({"metrics": m, "n": len(idx), "data": str(ds.root), "model": model,
                "found": rep["found"], "unreadable": rep["unreadable"],
-               "left_out": rep["left_out"]}, out / "metrics.json")
+               "left_out": rep["left_out"], "left_out_trained_on": learned}, out / "metrics.json")
     save_json(rep, out / "data_report.json")
     names = meta["class_names"]
     rows = []

@@ -112,4 +112,6 @@ def save_encoder(run: Run, cfg: PretrainConfig, method: Method, ds, epoch: int, 
         "config_hash": config_hash(cfg), "split_seed": cfg.data.split_seed,
         "test_fraction": cfg.data.test_fraction, "data_fingerprint": ds.fingerprint(),
         "test_fingerprint": ds.fingerprint(ds.test_idx), "pretrain_split": cfg.split,
-        "synthetic_data": ds.synthetic})
+        "synthetic_data": ds.synthetic,
+        # The images pretraining learned from (Dataset.image_ids): finetune's exact leak check.
+        "trained_on": sorted(ds.image_ids(ds.train_idx if cfg.split == "train" else None))})

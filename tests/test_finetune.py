@@ -139,11 +139,12 @@ def test_encoder_from_other_data_warns_and_trains(syn_encoder, tmp_path, capsys)
     src = sorted((ensure_synthetic() / "COVID").glob("*.png"))  # another set: a subset of files
     for cls in ("COVID", "Normal"):
         (tmp_path / "d" / cls).mkdir(parents=True)
-        for f in src[:5]:
-            shutil.copy(f, tmp_path / "d" / cls / f.name)
+        for f in src[:5]:  # renamed: the same file at the same place would be the same image
+            shutil.copy(f, tmp_path / "d" / cls / f"copy-{f.name}")
     run = finetune(_ft(tmp_path, "other", tmp_path / "d", encoder=str(syn_encoder)))
     said = capsys.readouterr().err
-    assert "pretrained on other images than --data (the embedded SYNTHETIC set)" in said
+    assert "pretrained on other images than --data (the embedded SYNTHETIC set); none of " \
+        "this run's test images is among them" in said
     assert _json(run / "summary.json")["class_names"] == ["COVID", "Normal"]
 
 
@@ -209,3 +210,43 @@ def test_cxr_small_from_encoder_and_from_scratch_beat_chance(tmp_path):
                                 split="test", device="cpu"))
     assert m["acc"] == pytest.approx(float(_rows(runs["random"])[-1]["acc"]), abs=1e-6)
 
+
+
+def _copy_synthetic(dst, drop: str | None = None):
+    src = ensure_synthetic()
+    for f in sorted(src.rglob("*.png")):
+        rel = f.relative_to(src).as_posix()
+        if rel != drop:
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, dst / rel)
+    return dst
+
+
+def test_an_encoder_that_saw_this_runs_test_images_is_refused(syn_encoder, tmp_path):
+    """One image fewer reshuffles its class's split, so images the encoder pretrained on land
+    in the test split. The oracle is computed here from the two runs' own split lists."""
+    first = _json(syn_encoder / "split.json")
+    drop = sorted(first["test"])[0]  # a test image: the encoder never saw it
+    data = _copy_synthetic(tmp_path / "d", drop=drop)
+    from sstl.engine.data.dataset import load_dataset
+
+    ds = load_dataset(DataConfig(path=str(data)), need_labels=True, log=lambda m: None)
+    now_test = {ds.records[i].rel for i in ds.test_idx}
+    seen = now_test & set(first["train"])
+    assert seen  # the precondition: this data change does move pretraining images into test
+    with pytest.raises(SystemExit, match=f"pretrained on {len(seen)} of this run's "
+                                         f"{len(now_test)} test images"):
+        finetune(_ft(tmp_path, "leak", data, encoder=str(syn_encoder)))
+    assert not (tmp_path / "leak").exists()
+
+
+def test_evaluate_leaves_out_the_images_the_model_learned_from(syn_runs, tmp_path):
+    run = syn_runs[0.1]
+    trained = set(_json(run / "subset.json")["train"])
+    m = evaluate(EvaluateConfig(model=str(run), device="cpu", out=str(tmp_path / "ev")))
+    got = _json(tmp_path / "ev" / "metrics.json")
+    assert got["left_out_trained_on"] == len(trained) and got["n"] == 256 - len(trained)
+    with open(tmp_path / "ev" / "predictions.csv") as fh:
+        scored = {r["path"] for r in csv.DictReader(fh)}
+    assert len(scored) == got["n"] and not scored & trained
+    assert m["acc"] == got["metrics"]["acc"]

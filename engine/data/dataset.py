@@ -5,6 +5,7 @@ files / manifest -> scan + decode once (cache) -> report bad files -> split -> D
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,19 @@ class Dataset:
         idx = range(len(self.records)) if idx is None else idx
         h = hashlib.sha256("\n".join(sorted(self.records[i].rel for i in idx)).encode())
         return h.hexdigest()[:16]
+
+    def image_ids(self, idx=None) -> list[str]:
+        """Each image's identity wherever the data folder lives: a short hash of its path below
+        the root and its size in bytes (two data sets sharing a file name do not collide).
+        Sidecars list the images their weights learned from (`trained_on`), so a later run can
+        tell exactly whether it would test on one of them."""
+        idx = range(len(self.records)) if idx is None else idx
+        out = []
+        for i in idx:
+            r = self.records[i]
+            size = os.stat(r.path).st_size if os.path.exists(r.path) else -1
+            out.append(hashlib.blake2b(f"{r.rel}\0{size}".encode(), digest_size=6).hexdigest())
+        return out
 
     def split_dict(self) -> dict:
         return {"train": [self.records[i].rel for i in self.train_idx],
