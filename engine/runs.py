@@ -5,7 +5,8 @@ runs/<name>/
   data_report.json     what the scan found (skipped files and why); split.json: the split
   metrics.csv          one row per epoch
   timing.json          wall time of the run's phases (startup, data, build, train and its
-                       first step, checkpoint, evaluate, report) and total: open to close
+                       first step, checkpoint, evaluate, report) and total: open to close;
+                       a resumed run's earlier invocations under `earlier`
   checkpoint.pt        everything needed to continue exactly; checkpoint.prev.pt the one before
   *.safetensors        weights, each with a .json sidecar, always from the final checkpoint
   .lock                held by the one process training in this directory
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import csv
 import fcntl
 import os
@@ -61,6 +63,7 @@ class Run:
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
         self.timing: dict[str, float] = {}
+        self._before: dict[str, list[dict]] = {}  # earlier invocations' records (_earlier)
 
     @classmethod
     @contextlib.contextmanager
@@ -188,15 +191,40 @@ class Run:
         self.timing[phase] = self.timing.get(phase, 0.0) + seconds
 
     def write_timing(self) -> None:
+        """This invocation's phases at the top level; the earlier invocations of a resumed run
+        under `earlier` (oldest first), so the run's whole wall time stays on record."""
         if self.is_main:
-            save_json({k: round(v, 3) for k, v in self.timing.items()}, self.path / "timing.json")
+            now = {k: round(v, 3) for k, v in self.timing.items()}
+            earlier = self._earlier("timing.json", "earlier")
+            save_json({**now, "sessions": len(earlier) + 1, "earlier": earlier,
+                       "total_all_sessions": round(sum(e.get("total", 0.0) for e in earlier)
+                                                   + now.get("total", 0.0), 3)},
+                      self.path / "timing.json")
 
     def write_config(self, cfg, resolved, extra: dict | None = None) -> None:
         if self.is_main:
+            earlier = [{k: e.get(k) for k in ("command", "time")}
+                       for e in self._earlier("config.json", "earlier_commands")]
             save_json({"config": to_dict(cfg), "config_hash": config_hash(cfg),
                        "resolved": asdict(resolved), "environment": environment(),
                        "command": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                       **(extra or {})}, self.path / "config.json")
+                       "earlier_commands": earlier, **(extra or {})}, self.path / "config.json")
+
+    def _earlier(self, name: str, key: str) -> list[dict]:
+        """The entries of `key` in the file an earlier invocation of this run wrote, then that
+        invocation itself; read once, when this one first writes the file."""
+        if name not in self._before:
+            self._before[name] = []
+            f = self.path / name
+            if f.exists():
+                try:
+                    old = json.loads(f.read_text())
+                    for derived in ("sessions", "total_all_sessions"):  # timing's sums
+                        old.pop(derived, None)
+                    self._before[name] = [*old.pop(key, []), old]
+                except (ValueError, OSError):  # unreadable: start the record again
+                    pass
+        return self._before[name]
 
 
 _STARTUP_RECORDED = False

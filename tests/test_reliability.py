@@ -6,6 +6,7 @@ files left behind, or weights equal (bitwise, on the CPU) to an uninterrupted ru
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pickle
 import random
@@ -279,3 +280,18 @@ def test_resuming_refuses_a_checkpoint_trained_on_other_images(tmp_path):
     for f in extra:
         (data / "COVID" / f.name).unlink()
     pretrain(cfg)  # the same images again: resumes (a finished run rewrites its outputs)
+
+
+def test_a_resumed_run_keeps_every_invocations_time_and_command(tmp_path):
+    cfg = pretrain_cfg(out=str(tmp_path), name="r")
+    run = pretrain(cfg)
+    first = json.loads((run / "timing.json").read_text())
+    assert first["sessions"] == 1 and first["earlier"] == [] and first["train"] > 0
+    pretrain(cfg)  # finished: resumes at the end, rewrites the outputs
+    again = json.loads((run / "timing.json").read_text())
+    assert again["sessions"] == 2 and again["earlier"] == [
+        {k: v for k, v in first.items() if k not in ("sessions", "earlier", "total_all_sessions")}]
+    assert again["total_all_sessions"] == pytest.approx(first["total"] + again["total"], abs=2e-3)
+    config = json.loads((run / "config.json").read_text())
+    assert len(config["earlier_commands"]) == 1 and set(config["earlier_commands"][0]) == {
+        "command", "time"}
