@@ -68,6 +68,7 @@ class Runtime:
 
 
 # Runtime fields that may change between a run and its resumption without changing its result.
+REPORT_ONLY = ("summary_last",)  # fields that change what is reported, not what is trained
 RESUMABLE_RUNTIME = ("device", "compile", "cuda_graphs", "backend", "out", "name", "log_every",
                      "checkpoint_every", "checkpoint_minutes", "resume")
 
@@ -206,8 +207,12 @@ def config_hash(cfg) -> str:
 
 
 def resume_key(cfg) -> str:
-    """What a checkpoint must match to be continued: the config minus how and where it runs."""
+    """What a checkpoint must match to be continued: the config minus how and where it runs,
+    and minus what only changes the report (set to its default, so keys made before stay)."""
     d = to_dict(cfg)
+    for f in dataclasses.fields(cfg):
+        if f.name in REPORT_ONLY:
+            d[f.name] = f.default
     d["runtime"] = {k: v for k, v in d["runtime"].items() if k not in RESUMABLE_RUNTIME}
     d["data"] = {k: v for k, v in d["data"].items() if k not in ("cache_dir", "scan_workers")}
     return config_hash(d)

@@ -29,7 +29,7 @@ from .evaluation import bootstrap_ci, card_fields, curves_png, draw_figures, wri
 from .metrics import METRICS, NAMES, best_epoch, classification_metrics, summarize
 from .models import sidecar, weights_file
 from .runs import Run, file_identity, log, save_weights
-from .supervised import classifier_trainer, eval_probs
+from .supervised import check_start, classifier_trainer, eval_probs
 
 FEW_IMAGES = 5  # a class with fewer training images than this gets a warning (noisy results)
 CI_RESAMPLES = 1000  # bootstrap resamples of the test split for the model card's 95% intervals
@@ -45,15 +45,22 @@ def build_trainer(cfg: FinetuneConfig, res: Resolved, n_classes: int, encoder: P
         flag="--encoder" if encoder else "--init")
 
 
-def check_encoder(cfg: FinetuneConfig, ds: Dataset) -> Path | None:
-    """The encoder file, after checking that its pretraining never saw this run's test split."""
-    if cfg.encoder is None:
-        return None
+def encoder_file(cfg: FinetuneConfig) -> Path:
+    """--encoder's weights file, after checking it exists, has its sidecar and fits --arch."""
     f = weights_file(cfg.encoder, "encoder.safetensors")
     meta = sidecar(f)
     if meta.get("arch") != cfg.arch:
         raise SystemExit(f"--encoder {f} holds a {meta.get('arch')} backbone but --arch is "
                          f"{cfg.arch}; pass --arch {meta.get('arch')}")
+    return f
+
+
+def check_encoder(cfg: FinetuneConfig, ds: Dataset) -> Path | None:
+    """The encoder file, after checking that its pretraining never saw this run's test split."""
+    if cfg.encoder is None:
+        return None
+    f = encoder_file(cfg)
+    meta = sidecar(f)
     if meta.get("stage") == "supervised":  # stage 1 on natural images: never saw these X-rays
         log(f"--encoder {f}: a stage-1 encoder (supervised on {meta.get('data_root')})")
     elif meta.get("pretrain_split") != "all" and "trained_on" in meta:  # the exact check
@@ -99,6 +106,11 @@ def default_name(cfg: FinetuneConfig, start: str) -> str:
 def finetune(cfg: FinetuneConfig) -> Path:
     cfg = check(cfg)
     res = resolve(cfg.runtime, cfg.batch_size)
+    # Missing or unfitting weights fail now, not after a long first scan of the data.
+    if cfg.encoder is not None:
+        encoder_file(cfg)
+    else:
+        check_start(cfg.arch, cfg.init, cfg.imagenet_weights)
     with dist.group(res):  # torchrun: join the other processes for the run
         return _finetune(cfg, res)
 

@@ -22,7 +22,7 @@ from .config import Resolved, SupervisedConfig, check, config_hash, resolve, res
 from .data.backends import labelled_source
 from .data.dataset import load_dataset, save_data_files
 from .loop import Plan, Trainer, check_resumable, fit, sgd
-from .models import ARCHS, Classifier, backbone
+from .models import ARCHS, Classifier, backbone, imagenet_state_dict
 from .runs import Run, log, save_weights
 
 
@@ -84,10 +84,20 @@ def default_name(cfg: SupervisedConfig) -> str:
     return f"supervised-{cfg.arch}-{resume_key(cfg)[:8]}"
 
 
+def check_start(arch: str, init: str, imagenet_weights: str, flag: str = "--init") -> None:
+    """Fail on missing or unfitting starting weights before a long first scan of the data, as
+    pretrain does by building its model first (the weights are loaded again when built)."""
+    if init == "imagenet":
+        imagenet_state_dict(arch, imagenet_weights)
+    elif init != "random":
+        backbone(arch, init, imagenet_weights, flag)
+
+
 def supervised(cfg: SupervisedConfig) -> Path:
     """Stage 1: train backbone + head on labelled images; held-out top-1 after every epoch."""
     cfg = check(cfg)
     res = resolve(cfg.runtime, cfg.batch_size)
+    check_start(cfg.arch, cfg.init, cfg.imagenet_weights)
     with dist.group(res):  # torchrun: join the other processes for the run
         return _supervised(cfg, res)
 

@@ -62,3 +62,21 @@ def test_local_state_dict_failures(tmp_path):
         backbone("resnet18", str(tmp_path / "r50.pth"))
     with pytest.raises(SystemExit, match="--arch must be one of"):
         backbone("vgg11")
+
+
+def test_finetune_refuses_missing_weights_before_scanning_the_data(tmp_path, monkeypatch):
+    """A missing ImageNet file or --encoder fails at once, not after a long first scan."""
+    import sstl.engine.finetune as finetune_mod
+    from sstl.engine.finetune import finetune
+
+    from .configs import finetune_cfg
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("network unreachable")))
+    monkeypatch.setattr(finetune_mod, "load_dataset",
+                        lambda *a, **k: pytest.fail("the data was scanned first"))
+    with pytest.raises(SystemExit, match="resnet18-f37072fd.pth"):
+        finetune(finetune_cfg(init="imagenet", imagenet_weights="V1", out=str(tmp_path)))
+    with pytest.raises(SystemExit, match="no encoder.safetensors there"):
+        finetune(finetune_cfg(encoder=str(tmp_path / "nowhere"), out=str(tmp_path)))

@@ -5,6 +5,7 @@ files left behind, or weights equal (bitwise, on the CPU) to an uninterrupted ru
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -295,3 +296,13 @@ def test_a_resumed_run_keeps_every_invocations_time_and_command(tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert len(config["earlier_commands"]) == 1 and set(config["earlier_commands"][0]) == {
         "command", "time"}
+
+
+def test_a_reporting_option_does_not_change_which_run_resumes():
+    """--summary-last only changes summary.json: the same training resumes (and the key of a
+    default config is the one runs made before this rule have)."""
+    from sstl.engine.config import resume_key
+
+    base = finetune_cfg()
+    assert resume_key(dataclasses.replace(base, summary_last=3)) == resume_key(base)
+    assert resume_key(dataclasses.replace(base, epochs=3)) != resume_key(base)
