@@ -31,6 +31,7 @@ each fit the 10-minute limit; first, here, `mkdir -p .data && cp -r
         --out "$OUT" --only finetune recipe --data .data/cxr-dev-gray224
 Still to measure for issue 13 (the H200 session of 6bb7787 ran out of device time), each
 under the 10-minute limit:
+    python -m pytest -q tests/test_host_sync.py tests/test_graphs.py && \
     ... gpu_check --out "$OUT" --only step recipe --data .data/cxr-dev-gray224
         (the honest peer's ratio; the recipe again, after the data path's host syncs went)
     ... gpu_check --out "$OUT" --only knobs --knobs defaults coordinate_descent_tuning max_autotune
