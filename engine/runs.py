@@ -19,10 +19,10 @@ readable checkpoint.pt or checkpoint.prev.pt.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import csv
 import fcntl
+import hashlib
+import json
 import os
 import platform
 import shutil
