@@ -4,6 +4,7 @@
                   point, every class one-vs-rest)
   curves_png      training curves from metrics.csv rows: loss, and HM / AUC / Acc per epoch
   bootstrap_ci    percentile bootstrap intervals of the paper's metrics, resampling test images
+                  or whole patients (groups)
   write_model_card / card_fields   MODEL_CARD.md, and the same facts as a dict for model.json
 Figures are drawn on matplotlib's Agg canvas without pyplot: no display, no global state.
 """
@@ -132,18 +133,25 @@ def curves_png(rows: list[dict], path) -> None:
 # --- uncertainty ------------------------------------------------------------------------------
 
 def bootstrap_ci(y_true, probs, class_names: list[str], positive: str, n: int = 1000,
-                 seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap interval of each metric in METRICS, resampling test images.
+                 seed: int = 0, level: float = 0.95,
+                 groups=None) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap interval of each metric in METRICS, resampling test images, or
+    whole groups (patients) when `groups` (one per image) is given.
 
-    Each of `n` resamples draws len(y_true) images with replacement (a seeded NumPy
-    Generator: the same seed gives the same intervals). A resample where a metric is
-    undefined (no positive image, say) is left out of that metric's percentiles; a metric
-    undefined in every resample gets (nan, nan). The metrics of all resamples are computed at
-    once (resample_metrics), equal to classification_metrics on each resample.
+    Images of one patient are not independent draws: resampled one by one, they give
+    intervals that are too narrow. Each of `n` resamples draws as many groups as there are,
+    with replacement, and takes every image of each draw (a seeded NumPy Generator: the same
+    seed gives the same intervals; one image per group is the image bootstrap, draw for
+    draw). A resample where a metric is undefined (no positive image, say) is left out of
+    that metric's percentiles; a metric undefined in every resample gets (nan, nan). The
+    metrics of all resamples are computed at once, equal to classification_metrics on each.
     """
     y_true, probs = np.asarray(y_true), np.asarray(probs)
-    idx = np.random.default_rng(seed).integers(0, len(y_true), size=(n, len(y_true)))
-    draws = resample_metrics(y_true, probs, class_names.index(positive), idx)
+    gid = np.arange(len(y_true)) if groups is None else _first_seen_ids(groups)
+    n_groups = int(gid.max()) + 1 if len(gid) else 0
+    draws_g = np.random.default_rng(seed).integers(0, n_groups, size=(n, n_groups))
+    counts = _row_counts(draws_g, n_groups)[:, gid]  # an image counts as often as its group
+    draws = weighted_metrics(y_true, probs, class_names.index(positive), counts)
     tail = 100 * (1 - level) / 2
     out = {}
     for k in METRICS:
@@ -163,9 +171,28 @@ def resample_metrics(y_true: np.ndarray, probs: np.ndarray, pos: int,
     trapezoids do) over the images sorted once by score. Looping classification_metrics
     over 1,000 resamples took ~10 s per fine-tuning run; this takes milliseconds.
     """
-    n, size = idx.shape
-    counts = np.bincount((idx + size * np.arange(n)[:, None]).ravel(),
-                         minlength=n * size).reshape(n, size).astype(np.float64)
+    return weighted_metrics(y_true, probs, pos, _row_counts(idx, len(y_true)))
+
+
+def _row_counts(idx: np.ndarray, size: int) -> np.ndarray:
+    """(n, size): how often each of `size` items was drawn in each row of `idx`."""
+    n = idx.shape[0]
+    return np.bincount((idx + size * np.arange(n)[:, None]).ravel(),
+                       minlength=n * size).reshape(n, size).astype(np.float64)
+
+
+def _first_seen_ids(groups) -> np.ndarray:
+    """Group index of each image, numbered in order of first appearance."""
+    _, first, inverse = np.unique(np.asarray(groups, dtype=object).astype(str),
+                                  return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[inverse.ravel()]
+
+
+def weighted_metrics(y_true: np.ndarray, probs: np.ndarray, pos: int,
+                     counts: np.ndarray) -> dict[str, np.ndarray]:
+    """METRICS of every row of `counts` (how often each test image is in that resample)."""
     pred = probs.argmax(1)
     is_pos, said_pos = y_true == pos, pred == pos
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -173,7 +200,7 @@ def resample_metrics(y_true: np.ndarray, probs: np.ndarray, pos: int,
         sen = (counts @ (is_pos & said_pos)) / n_pos
         spe = (counts @ (~is_pos & ~said_pos)) / n_neg
         hm = np.where(sen + spe == 0, 0.0, 2 * sen * spe / (sen + spe))
-        acc = (counts @ (y_true == pred)) / size
+        acc = (counts @ (y_true == pred)) / counts.sum(1)
         # AUC: group equal scores; positives above a negative count 1, level with it 1/2.
         order = np.argsort(probs[:, pos], kind="stable")
         ranked = probs[order, pos]
@@ -238,7 +265,8 @@ def card_fields(info: dict) -> dict:
         "metrics_note": (f"mean ± std over the last {info.get('last_n', '?')} epochs; final = "
                          f"epoch {info.get('final_epoch', '?')} (from 0, as in metrics.csv) with "
                          f"its {100 * info.get('ci_level', 0.95):.0f}% percentile bootstrap "
-                         f"interval over {info.get('ci_n', '?')} resamples of the test images"),
+                         f"interval over {info.get('ci_n', '?')} resamples of the test "
+                         f"{info.get('ci_unit', 'images')}"),
         "limitations": LIMITATIONS + list(info.get("limitations", [])),
         "citation": CITATION,
     }
@@ -265,6 +293,7 @@ def write_model_card(folder, info: dict) -> Path:
       final_epoch       that epoch's number (from 0, as in metrics.csv)
       final_ci          {metric: (low, high)} from bootstrap_ci on the final epoch
       ci_level, ci_n    the interval's level (default 0.95) and number of resamples
+      ci_unit           what was resampled: images (default) or patients (groups of images)
       run               the run directory's name (the card's title)
       limitations       extra limitations, appended to the standard list
     The same facts, as a dict, come from card_fields(info).

@@ -147,3 +147,22 @@ def test_model_card_says_when_the_data_was_synthetic(tmp_path):
     info = {**card_info(), "synthetic_data": True}
     text = write_model_card(tmp_path, info).read_text()
     assert "synthetic" in text.lower() and "/data/covid-radiography" not in text
+
+
+def test_bootstrap_by_patient_equals_the_image_bootstrap_of_one_image_per_patient():
+    """Each of 60 patients has 4 identical images. Resampling patients must give exactly the
+    intervals of resampling the 60 distinct images (every metric is a ratio of counts, and a
+    patient's 4 copies scale its counts by 4); resampling the 240 images one by one treats
+    copies as independent and gives narrower intervals."""
+    y, p = fake_test_set(60, seed=5)
+    y4, p4 = np.repeat(y, 4), np.repeat(p, 4, axis=0)
+    patients = np.repeat([f"patient-{i}" for i in range(60)], 4)
+    by_patient = bootstrap_ci(y4, p4, NAMES, "COVID", n=300, seed=2, groups=patients)
+    distinct = bootstrap_ci(y, p, NAMES, "COVID", n=300, seed=2)
+    for k in METRICS:
+        assert by_patient[k] == pytest.approx(distinct[k], abs=1e-12), k
+    by_image = bootstrap_ci(y4, p4, NAMES, "COVID", n=300, seed=2)
+    width = {k: (ci[k][1] - ci[k][0]) for ci in (by_image,) for k in METRICS}
+    assert all(width[k] < 0.7 * (distinct[k][1] - distinct[k][0]) for k in METRICS), width
+    singles = bootstrap_ci(y, p, NAMES, "COVID", n=300, seed=2, groups=[str(i) for i in range(60)])
+    assert singles == distinct  # one image per group is the image bootstrap, draw for draw
