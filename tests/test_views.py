@@ -196,6 +196,21 @@ def test_dali_two_views_agree_with_torch_path(dtype, channels_last):
 
 
 @needs_dali
+def test_dali_two_views_of_a_shard_agree_with_the_torch_path():
+    """Under torchrun each rank keeps its rows of the global batch's draws: DALI's rank r of 2
+    must give the views the torch path gives that rank (and so one process would give)."""
+    imgs, aug = _images(20), AugmentConfig(size=24)
+    for rank in (0, 1):
+        ours = dali_mod.DaliTwoViewSource(imgs, aug, 4, 7, "cpu", rank, 2)
+        ref = TwoViewSource(imgs, aug, 4, 7, "cpu", rank, 2)
+        pairs = list(zip(ours.epoch(1), ref.epoch(1)))
+        assert len(pairs) == ours.steps_per_epoch == 2
+        for (a1, a2), (b1, b2) in pairs:
+            for a, b in ((a1, b1), (a2, b2)):
+                assert np.abs(_grey(a) - _grey(b)).max() <= 1e-4
+
+
+@needs_dali
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device for DALI's GPU mode")
 @pytest.mark.parametrize("from_files", [False, True], ids=["cache", "files"])
 def test_dali_gpu_matches_cpu_mode(tmp_path, from_files):

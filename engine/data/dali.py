@@ -248,9 +248,12 @@ class DaliTwoViewSource(_DaliSource):
         return epoch_order(self.n, self.seed, epoch)[:used][self.rank::self.world]
 
     def _extras(self, idx, step):
-        self.gen.manual_seed(step_seed(self.seed, self._epoch, step, self.rank))
+        # As the torch path: seeded without the rank, drawn for the global batch, this rank's
+        # rows kept, so N processes augment each image as one process would.
+        self.gen.manual_seed(step_seed(self.seed, self._epoch, step, 0))
         return [a for view in self.aug.views()
-                for a in dali_args(sample_params(len(idx), view, self.gen, "cpu"), view)]
+                for a in dali_args(sample_params(len(idx) * self.world, view, self.gen, "cpu")
+                                   .rows(self.rank, self.world), view)]
 
     def _graph(self, images, extras):
         views = self.aug.views()

@@ -31,6 +31,13 @@ class ViewParams:
     brightness: torch.Tensor  # (B,) factor, 1 = none
     contrast: torch.Tensor  # (B,) factor, 1 = none
 
+    def rows(self, rank: int, world: int) -> "ViewParams":
+        """This rank's rows of a global batch's draws (rows rank::world): how N processes
+        augment each image exactly as one process would."""
+        if world == 1:
+            return self
+        return ViewParams(*(getattr(self, f.name)[rank::world] for f in fields(ViewParams)))
+
 
 def sample_params(n: int, aug: ViewAugment, gen: torch.Generator, device) -> ViewParams:
     """Draw the random numbers for n views, on `device`, from `gen` only (reproducible)."""
@@ -126,9 +133,7 @@ def two_views(images: torch.Tensor, aug: AugmentConfig, gen: torch.Generator,
     rank, world = share
     out = []
     for view in aug.views():
-        p = sample_params(images.shape[0] * world, view, gen, images.device)
-        if world > 1:
-            p = ViewParams(*(getattr(p, f.name)[rank::world] for f in fields(ViewParams)))
+        p = sample_params(images.shape[0] * world, view, gen, images.device).rows(rank, world)
         out.append(normalize(render(images, p, view, aug.size), dtype, channels_last))
     return out[0], out[1]
 
