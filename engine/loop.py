@@ -180,8 +180,10 @@ def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
     if ck is not None:
         t.load(ck)
         epoch, start, partial = ck["epoch"], ck["step"], ck.get("partial")
-        log(f"resuming {run.path} at epoch {epoch + 1 if epoch < plan.epochs else epoch}, "
-            f"step {start}")
+        log(f"resuming {run.path} at epoch {epoch + 1}, step {start}" if epoch < plan.epochs
+            else f"{run.path} has finished its {plan.epochs} epoch"
+                 f"{'s' * (plan.epochs != 1)}: nothing to train, its outputs are written again "
+                 "from the final checkpoint")
     metrics = MetricsCSV(run.path / "metrics.csv", run.is_main)
     metrics.truncate(epoch)
     rep = Reporter(plan.epochs * steps, plan.desc, epoch * steps + start, live=plan.live)

@@ -283,12 +283,13 @@ def test_resuming_refuses_a_checkpoint_trained_on_other_images(tmp_path):
     pretrain(cfg)  # the same images again: resumes (a finished run rewrites its outputs)
 
 
-def test_a_resumed_run_keeps_every_invocations_time_and_command(tmp_path):
+def test_a_resumed_run_keeps_every_invocations_time_and_command(tmp_path, capsys):
     cfg = pretrain_cfg(out=str(tmp_path), name="r")
     run = pretrain(cfg)
     first = json.loads((run / "timing.json").read_text())
     assert first["sessions"] == 1 and first["earlier"] == [] and first["train"] > 0
     pretrain(cfg)  # finished: resumes at the end, rewrites the outputs
+    assert "has finished its 1 epoch: nothing to train" in capsys.readouterr().err
     again = json.loads((run / "timing.json").read_text())
     assert again["sessions"] == 2 and again["earlier"] == [
         {k: v for k, v in first.items() if k not in ("sessions", "earlier", "total_all_sessions")}]
