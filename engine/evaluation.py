@@ -163,14 +163,8 @@ def bootstrap_ci(y_true, probs, class_names: list[str], positive: str, n: int = 
 
 def resample_metrics(y_true: np.ndarray, probs: np.ndarray, pos: int,
                      idx: np.ndarray) -> dict[str, np.ndarray]:
-    """METRICS of every resample (row of `idx`, indices into the test images), vectorised.
-
-    A resample is a multiset of test images, so each is a row of counts (how often each
-    image was drawn), and every metric is a weighted count: Sen, Spe and Acc directly, and
-    the AUC as the Mann-Whitney statistic (ties count one half, as roc_auc_score's
-    trapezoids do) over the images sorted once by score. Looping classification_metrics
-    over 1,000 resamples took ~10 s per fine-tuning run; this takes milliseconds.
-    """
+    """METRICS of every resample (row of `idx`, indices into the test images), vectorised:
+    a resample is a multiset of test images, so a row of counts (weighted_metrics)."""
     return weighted_metrics(y_true, probs, pos, _row_counts(idx, len(y_true)))
 
 
@@ -192,7 +186,13 @@ def _first_seen_ids(groups) -> np.ndarray:
 
 def weighted_metrics(y_true: np.ndarray, probs: np.ndarray, pos: int,
                      counts: np.ndarray) -> dict[str, np.ndarray]:
-    """METRICS of every row of `counts` (how often each test image is in that resample)."""
+    """METRICS of every row of `counts` (how often each test image is in that resample).
+
+    Every metric is a weighted count: Sen, Spe and Acc directly, and the AUC as the
+    Mann-Whitney statistic (ties count one half, as roc_auc_score's trapezoids do) over the
+    images sorted once by score. Looping classification_metrics over 1,000 resamples took
+    ~10 s per fine-tuning run; this takes milliseconds.
+    """
     pred = probs.argmax(1)
     is_pos, said_pos = y_true == pos, pred == pos
     with np.errstate(invalid="ignore", divide="ignore"):

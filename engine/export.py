@@ -21,7 +21,7 @@ from .config import IMAGENET_MEAN, IMAGENET_STD
 from .data.index import decode_square, find_records
 from .data.views import eval_view
 from .io import atomic_write
-from .models import load_classifier, weights_file
+from .models import load_classifier, weights_file, without_image_list
 
 OPSET = 17
 TOLERANCE = 1e-4  # largest |onnx - torch| probability accepted
@@ -115,8 +115,8 @@ def export_onnx(model_path, out=None, images=(), tolerance: float = TOLERANCE) -
                              f"{diff:.2e} (> {tolerance:g}) on {len(grey)} images; the export "
                              "is not faithful, nothing was written")
         sidecar = out.with_name(out.name + ".json")  # model.onnx.json: model.json is the weights'!
-        source_meta = {k: v for k, v in meta.items() if k != "trained_on"}  # long; in model.json
-        text = json.dumps({"format": "onnx", "opset": OPSET, "source_model": source_meta,
+        text = json.dumps({"format": "onnx", "opset": OPSET,
+                           "source_model": without_image_list(meta),
                            "preprocessing": preprocessing(meta), "verification": report},
                           indent=2, default=str)
         atomic_write(sidecar, lambda f: f.write_text(text))

@@ -61,10 +61,12 @@ def check_encoder(cfg: FinetuneConfig, ds: Dataset) -> Path | None:
         return None
     f = encoder_file(cfg)
     meta = sidecar(f)
+    other_data = meta.get("data_fingerprint") != ds.fingerprint()
+    what = " (the embedded SYNTHETIC set)" if meta.get("synthetic_data") else ""
     if meta.get("stage") == "supervised":  # stage 1 on natural images: never saw these X-rays
         log(f"--encoder {f}: a stage-1 encoder (supervised on {meta.get('data_root')})")
     elif meta.get("pretrain_split") != "all" and "trained_on" in meta:  # the exact check
-        seen = set(meta["trained_on"]) & set(ds.image_ids(ds.test_idx))
+        seen = int(ds.learned(meta["trained_on"], ds.test_idx).sum())
         if seen:
             split = (meta.get("split_seed"), meta.get("test_fraction"))
             fix = (f"It was pretrained with another train/test split: rerun with --split-seed "
@@ -73,14 +75,12 @@ def check_encoder(cfg: FinetuneConfig, ds: Dataset) -> Path | None:
                    else "The data changed since pretraining (an image added, removed or "
                    "unreadable reshuffles its class's split): pretrain again on this data, or "
                    "fine-tune on the data as it was")
-            raise SystemExit(f"--encoder {f} was pretrained on {len(seen)} of this run's "
+            raise SystemExit(f"--encoder {f} was pretrained on {seen} of this run's "
                              f"{len(ds.test_idx)} test images. {fix}.")
-        if meta.get("data_fingerprint") != ds.fingerprint():
-            what = " (the embedded SYNTHETIC set)" if meta.get("synthetic_data") else ""
+        if other_data:
             log(f"--encoder {f} was pretrained on other images than --data{what}; none of "
                 "this run's test images is among them")
-    elif meta.get("data_fingerprint") != ds.fingerprint():
-        what = " (the embedded SYNTHETIC set)" if meta.get("synthetic_data") else ""
+    elif other_data:
         log(f"warning: --encoder {f} was pretrained on other images than --data{what}; "
             "whether it has seen this run's test images cannot be checked")
     elif meta.get("test_fingerprint") != ds.fingerprint(ds.test_idx):

@@ -134,6 +134,11 @@ def sidecar(weights: Path) -> dict:
     return json.loads(meta.read_text())
 
 
+def without_image_list(meta: dict) -> dict:
+    """A sidecar for other files to quote: all but `trained_on` (long; it stays in model.json)."""
+    return {k: v for k, v in meta.items() if k != "trained_on"}
+
+
 def load_classifier(path: str | os.PathLike, device="cpu",
                     channels_last: bool = False) -> tuple[Classifier, dict]:
     """A fine-tuned model (model.safetensors or its run directory) in eval mode, and its sidecar."""

@@ -27,7 +27,7 @@ from .data.views import eval_view
 from .evaluation import draw_figures
 from .supervised import class_probs
 from .metrics import METRICS, NAMES, classification_metrics
-from .models import load_classifier
+from .models import load_classifier, without_image_list
 from .runs import log
 
 SHOWN_ROWS = 50  # the printed table stops here; the CSV has every row
@@ -149,12 +149,12 @@ def model_targets(data_names: list[str], model_names: list[str], targets: np.nda
 def evaluate(cfg: EvaluateConfig) -> dict:
     res = resolve(inference_runtime(check(cfg)), cfg.batch_size)
     model, meta = load_classifier(cfg.model, res.device, res.channels_last)
-    if cfg.data.cache_size is None:  # decode as training did: another size shifts every score
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
-                                                                cache_size=meta.get("cache_size", 224)))
-    elif cfg.data.cache_size != meta.get("cache_size", 224):
+    trained_size = meta.get("cache_size", 224)  # decode as training did: another size shifts scores
+    if cfg.data.cache_size is None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_size=trained_size))
+    elif cfg.data.cache_size != trained_size:
         log(f"warning: --cache-size {cfg.data.cache_size}, but the model was trained on images "
-            f"decoded to {meta['cache_size']}; its scores shift (omit --cache-size to match)")
+            f"decoded to {trained_size}; its scores shift (omit --cache-size to match)")
     ds = load_dataset(cfg.data, need_labels=True, log=log)
     names = meta["class_names"]
     targets = model_targets(ds.class_names, names, ds.targets)
@@ -178,8 +178,7 @@ def unseen(ds, idx: np.ndarray, meta: dict) -> tuple[np.ndarray, int]:
     Scores of images a model trained on are optimistic, so they are never mixed in."""
     if not meta.get("trained_on"):  # a model saved before sidecars listed them
         return idx, 0
-    learned = set(meta["trained_on"])
-    keep = np.array([i not in learned for i in ds.image_ids(idx)], dtype=bool)
+    keep = ~ds.learned(meta["trained_on"], idx)
     if not keep.any():
         raise SystemExit(f"all {len(idx)} images to evaluate were used to train this model; "
                          "evaluate it on images it has not seen (--split test, or other data)")
@@ -205,8 +204,8 @@ def write_evaluation(out: Path, m: dict, ds, idx, targets, probs, meta, learned:
     out.mkdir(parents=True, exist_ok=True)
     # Files that could not be scored are counted here and listed, with why, in data_report.json.
     rep = ds.report
-    model = {k: v for k, v in meta.items() if k != "trained_on"}  # the list is in model.json
-    save_json({"metrics": m, "n": len(idx), "data": str(ds.root), "model": model,
+    save_json({"metrics": m, "n": len(idx), "data": str(ds.root),
+               "model": without_image_list(meta),
                "found": rep["found"], "unreadable": rep["unreadable"],
                "left_out": rep["left_out"], "left_out_trained_on": learned}, out / "metrics.json")
     save_json(rep, out / "data_report.json")

@@ -75,7 +75,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
         t0 = time.perf_counter()
         with dist.main_first():  # rank 0 decodes the cache; the others then map it
             ds = load_dataset(cfg.data, log=log)
-        check_resumable(run, cfg, ds.fingerprint())
+        inputs = ds.fingerprint()  # what the run learns from (its resume check and config)
+        check_resumable(run, cfg, inputs)
         if res.is_main:
             save_data_files(ds, run.path)
         images = ds.images[ds.train_idx] if cfg.split == "train" else ds.images
@@ -89,10 +90,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
         run.write_config(cfg, res, {"backend": res.backend, "n_train": len(images),
                                     "steps_per_epoch": source.steps_per_epoch,
                                     "data": {"synthetic": ds.synthetic, "root": str(ds.root),
-                                             "fingerprint": ds.fingerprint()}})
+                                             "fingerprint": inputs}})
         rows = fit(run, t, source, Plan.of(cfg, desc=f"pretrain {cfg.method} {cfg.arch}",
                                            images_per_step=cfg.batch_size, live=res.is_main,
-                                           inputs=ds.fingerprint()))
+                                           inputs=inputs))
         if rows and "spread" in rows[-1] and float(rows[-1]["spread"]) < COLLAPSED:
             log(f"warning: spread {float(rows[-1]['spread']):.3f} < {COLLAPSED}: the outputs "
                 "have collapsed toward one vector (see README, 'spread')")

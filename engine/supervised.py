@@ -108,7 +108,8 @@ def _supervised(cfg: SupervisedConfig, res: Resolved) -> Path:
         ds = load_dataset(cfg.data, need_labels=True, log=log)
     with Run.open(cfg.runtime.out, cfg.runtime.name or default_name(cfg), res.is_main) as run:
         run.add_time("data", time.perf_counter() - t_data)  # scan and cache
-        check_resumable(run, cfg, ds.fingerprint())
+        inputs = ds.fingerprint()  # what the run learns from (its resume check and config)
+        check_resumable(run, cfg, inputs)
         if res.is_main:
             save_data_files(ds, run.path)
         train = labelled_source(np.asarray(ds.images[ds.train_idx]), ds.targets[ds.train_idx],
@@ -124,7 +125,7 @@ def _supervised(cfg: SupervisedConfig, res: Resolved) -> Path:
         run.write_config(cfg, res, {"n_train": len(ds.train_idx), "n_test": len(ds.test_idx),
                                     "class_names": ds.class_names,
                                     "data": {"root": str(ds.root), "synthetic": ds.synthetic,
-                                             "fingerprint": ds.fingerprint()}})
+                                             "fingerprint": inputs}})
         y_test = ds.targets[ds.test_idx]
 
         def evaluate(epoch: int) -> dict:
@@ -136,7 +137,7 @@ def _supervised(cfg: SupervisedConfig, res: Resolved) -> Path:
 
         rows = fit(run, t, train, Plan.of(cfg, desc=f"supervised {cfg.arch}",
                                           on_epoch_end=evaluate, live=res.is_main,
-                                          inputs=ds.fingerprint()))
+                                          inputs=inputs))
         if not res.is_main:
             return run.path
         save_weights(t.model.encoder.state_dict(), run.path / "encoder.safetensors", {

@@ -69,11 +69,12 @@ def load_or_build(records: list[Record], size: int, cache_dir: str | os.PathLike
     folder.mkdir(parents=True, exist_ok=True)
     key = cache_key(records, size)
     npy, meta = folder / f"{key}.npy", folder / f"{key}.json"
-    if not (npy.exists() and meta.exists()):
+    built = not (npy.exists() and meta.exists())
+    if built:
         _build(records, size, npy, meta, workers or os.cpu_count() or 1, progress)
-    else:
-        _retry_failures(records, size, npy, meta, workers or os.cpu_count() or 1)
     info = json.loads(meta.read_text())
+    if not built:
+        info = _retry_failures(records, size, npy, meta, info, workers or os.cpu_count() or 1)
     images = np.load(npy, mmap_mode="r")
     if images.shape != (len(records), size, size) or len(info["reasons"]) != len(records):
         raise RuntimeError(f"cache {npy} does not match its data; delete it and run again")
@@ -82,21 +83,22 @@ def load_or_build(records: list[Record], size: int, cache_dir: str | os.PathLike
                  reasons=reasons, key=key, path=npy)
 
 
-def _retry_failures(records, size, npy: Path, meta: Path, workers: int) -> None:
-    """Decode again the files a cached build could not use. The key covers the files, not the
-    machine: a decoder installed since (the package a skip reason named), a file system that
-    answered since, must not leave those files out for good. Usually a handful of files."""
-    info = json.loads(meta.read_text())
+def _retry_failures(records, size, npy: Path, meta: Path, info: dict, workers: int) -> dict:
+    """Decode again the files a cached build could not use, and return the cache's record
+    (`info`) as it now stands. The key covers the files, not the machine: a decoder installed
+    since (the package a skip reason named), a file system that answered since, must not
+    leave those files out for good. Usually a handful of files."""
     failed = [i for i, why in enumerate(info["reasons"]) if why is not None]
     if not failed or len(info["reasons"]) != len(records):
-        return
+        return info
     with ThreadPoolExecutor(max_workers=workers) as pool:
         decoded = list(pool.map(lambda i: decode_square(records[i].path, size), failed))
     fixed = [(i, img) for i, (img, why) in zip(failed, decoded) if img is not None]
-    for i, (img, why) in zip(failed, decoded):
-        info["reasons"][i] = why
     if not fixed:
-        return
+        return info
+    new = {**info, "reasons": list(info["reasons"])}
+    for i, (img, why) in zip(failed, decoded):
+        new["reasons"][i] = why
     tmp = meta.with_name(meta.name + f".tmp{os.getpid()}@{socket.gethostname()}")
     try:
         rows = np.load(npy, mmap_mode="r+")
@@ -104,10 +106,12 @@ def _retry_failures(records, size, npy: Path, meta: Path, workers: int) -> None:
             rows[i] = img
         rows.flush()
         del rows
-        tmp.write_text(json.dumps(info))
+        tmp.write_text(json.dumps(new))
         os.replace(tmp, meta)  # readers see the old or the new list, never half of one
+        return new
     except OSError:  # a read-only shared cache: those files stay skipped, as the log says
         tmp.unlink(missing_ok=True)
+        return info
 
 
 def _build(records, size, npy: Path, meta: Path, workers: int, progress) -> None:

@@ -68,6 +68,11 @@ class Dataset:
             out.append(hashlib.blake2b(f"{r.rel}\0{size}".encode(), digest_size=6).hexdigest())
         return out
 
+    def learned(self, trained_on, idx) -> np.ndarray:
+        """(len(idx),) bool: which images of `idx` a sidecar's `trained_on` lists."""
+        known = set(trained_on)
+        return np.array([i in known for i in self.image_ids(idx)], dtype=bool)
+
     def split_dict(self) -> dict:
         return {"train": [self.records[i].rel for i in self.train_idx],
                 "test": [self.records[i].rel for i in self.test_idx],
