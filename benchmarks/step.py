@@ -8,7 +8,7 @@ Rungs, side by side in one run on the same data and model:
   +fused     ... with the Triton loss and one-launch flat EMA
   +channels_last, +bf16, +compile   ... each optimisation on its own on top of `eager`
   sstl       the step exactly as `sstl pretrain` runs it on this device (all of the above
-             and CUDA graphs on CUDA; fp32 eager on a CPU)
+             and CUDA graphs on CUDA; fp32 eager channels_last on a CPU)
 Each rung: warm-up (compilation included) outside the timed region, then the median over
 repeats of synchronised step times. Reported: ms/step, images/s (source images: each makes
 two views), peak memory, and model FLOP utilisation (matmul/conv FLOPs counted per image,
@@ -49,7 +49,8 @@ class Rung:
 
 def rungs(device: str) -> list[Rung]:
     on_gpu = device.startswith("cuda")
-    sstl = Rung("sstl", fused=on_gpu, channels_last=on_gpu, bf16=on_gpu, compile=on_gpu,
+    # channels_last on every device, as config.resolve picks it.
+    sstl = Rung("sstl", fused=on_gpu, channels_last=True, bf16=on_gpu, compile=on_gpu,
                 graphs=on_gpu)
     return [Rung("peer", peer=True), Rung("peer+bf16", peer=True, bf16=True), Rung("eager"), Rung("+fused", fused=True),
             Rung("+channels_last", channels_last=True), Rung("+bf16", bf16=True),

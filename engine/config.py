@@ -352,7 +352,7 @@ class Resolved:
     world_size: int
     local_rank: int
     per_rank_batch: int
-    channels_last: bool
+    channels_last: bool  # NHWC activations (oneDNN and cuDNN convolve them without reorders)
     graphs: bool = False  # CUDA graphs (engine/accel.py): CUDA, one process, not turned off
 
     @property
@@ -392,7 +392,9 @@ def resolve(rt: Runtime, batch_size: int) -> Resolved:
                     compile=on_gpu if rt.compile is None else bool(rt.compile),
                     backend=pick_backend(rt.backend, device), rank=rank, world_size=world,
                     local_rank=local_rank, per_rank_batch=batch_size // world,
-                    channels_last=on_gpu,
+                    # Also on the CPU: oneDNN's NHWC convolutions trained the resnet50 step
+                    # at 112 px 1.37x faster, resnet18 at 64 px 1.10x (README, "The fast path").
+                    channels_last=True,
                     # Not under torchrun: capturing DDP's all-reduces is not supported here.
                     graphs=on_gpu and world == 1 and rt.cuda_graphs is not False)
 

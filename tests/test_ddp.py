@@ -5,11 +5,13 @@ does not divide.
 Oracle of equality: the update. Both runs start from the same seeded weights; the two-process
 run averages gradients over ranks (DDP), normalises BN over the global batch and draws each
 image's augmentation as one process would, so it differs from the one-process run only by
-float32 summation order (~1e-7 relative per operation). A few steps amplify that through BN
-channels of near-zero variance (random init, 32-pixel views), so single tensors can differ by
-a percent of their (tiny) update; over the whole state (online, target, BN buffers) the
-difference stays below 1e-3 of the update's norm (measured: ~3e-5), while per-rank BN instead
-of global BN gives ~1e-1. The loss (metrics.csv) agrees to 1e-5 relative.
+float32 rounding: the one-process run's BN statistics are float32 sums (a few ulps of error in
+NHWC, the layout runs use), the two-process run's are float64 all-reduced sums. A few steps
+amplify that through BN channels of near-zero variance (random init, 32-pixel views); over the
+whole state (online, target, BN buffers) the difference stays below 1e-2 of the update's norm
+(measured: 1.9e-3 in NHWC, 7e-5 in NCHW), while per-rank BN instead of global BN gives 0.13
+(measured in both layouts). The epoch's loss (metrics.csv) agrees to 2e-3 relative (measured:
+2.4e-4 in NHWC, within the earlier bound of 1e-5 in NCHW; per-rank BN: 1.6e-2).
 """
 from __future__ import annotations
 
@@ -89,9 +91,9 @@ def test_two_processes_with_half_batches_equal_one_process(method, tmp_path):
     keys = [k for k in a if a[k].is_floating_point()]
     diff = torch.cat([(a[k] - b[k]).flatten().double() for k in keys]).norm()
     update = torch.cat([(b[k] - init[k]).flatten().double() for k in keys]).norm()
-    assert diff < 1e-3 * update, (diff / update).item()
+    assert diff < 1e-2 * update, (diff / update).item()
     assert any("target" in k and "running_var" in k for k in keys)  # the target's BN buffers
-    torch.testing.assert_close(_losses(two), _losses(one), rtol=1e-5, atol=0)
+    torch.testing.assert_close(_losses(two), _losses(one), rtol=2e-3, atol=0)
 
 
 def test_sigterm_to_torchrun_then_rerun_equals_the_uninterrupted_run(tmp_path):
