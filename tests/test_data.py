@@ -147,6 +147,27 @@ def test_split_is_deterministic_stratified_and_group_aware():
     _check_split(labels, groups, a, 0.2)
 
 
+def test_a_split_fixed_for_some_images_of_a_group_moves_the_whole_group():
+    """A manifest may fix the split of only some rows: each group follows its fixed rows, so no
+    patient straddles the split; a patient fixed to both sides is refused."""
+    rng = np.random.default_rng(5)
+    labels = list(rng.choice(["COVID", "Normal"], size=300))
+    groups = [f"p{i // 3}" for i in range(300)]  # patients of 3 images
+    fixed = [None] * 300
+    for i in range(0, 300, 9):  # one image of every third patient fixed, alternately
+        fixed[i] = "train" if (i // 9) % 2 else "test"
+    is_test = split_test(labels, groups, 0.2, seed=0, fixed=fixed)
+    for g in set(groups):
+        sides = {bool(is_test[i]) for i in range(300) if groups[i] == g}
+        assert len(sides) == 1, g
+    for i, f in enumerate(fixed):
+        if f is not None:
+            assert all(is_test[j] == (f == "test") for j in range(300) if groups[j] == groups[i])
+    fixed[1] = "train"  # p0: image 0 fixed to test, image 1 to train
+    with pytest.raises(ValueError, match="both train and test.*p0"):
+        split_test(labels, groups, 0.2, seed=0, fixed=fixed)
+
+
 @needs_shared
 def test_split_on_cxr_small_manifest():
     with open(CXR_SMALL / "manifest.csv") as fh:

@@ -125,8 +125,11 @@ def load_dataset(cfg: DataConfig, need_labels: bool = False,
     targets = np.array([class_names.index(lab) for lab in labels] if labelled
                        else [-1] * len(records), dtype=np.int64)
     fixed = [r.split for r in records]
-    is_test = split_test(labels, [r.group for r in records], cfg.test_fraction, cfg.split_seed,
-                         fixed if any(fixed) else None)
+    try:
+        is_test = split_test(labels, [r.group for r in records], cfg.test_fraction,
+                             cfg.split_seed, fixed if any(fixed) else None)
+    except ValueError as e:  # a manifest that fixes one group to both sides
+        raise DataError(f"--data {root}: {e}") from None
     contiguous = len(keep) == len(candidates)  # avoid copying the map when nothing was skipped
     images = cache.images if contiguous else cache.images[keep]
     return Dataset(root=root, records=records, images=images, class_names=class_names,

@@ -37,13 +37,16 @@ def _shuffled(items: list, seed: int, cls: str, salt: int) -> list:
 
 def split_test(labels: list, groups: list, test_fraction: float, seed: int,
                fixed: list | None = None) -> np.ndarray:
-    """Boolean mask: True for test images. `fixed` (train/test/None per image) wins where set."""
+    """Boolean mask: True for test images. `fixed` (train/test/None per image) wins where set,
+    for the image's whole group: a patient with one image fixed to train has all of them in
+    train. A group fixed to both sides is refused (ValueError naming it)."""
     n = len(labels)
     is_test = np.zeros(n, dtype=bool)
     free = list(range(n))
     if fixed is not None:
-        is_test[:] = [s == "test" for s in fixed]
-        free = [i for i in range(n) if fixed[i] is None]
+        side = _fixed_sides(groups, fixed)
+        is_test[:] = [side.get(g) == "test" for g in groups]
+        free = [i for i in range(n) if groups[i] not in side]
     for cls, cls_groups in _groups_by_class(free, labels, groups).items():
         target = round(test_fraction * sum(len(g) for g in cls_groups))
         taken = 0
@@ -53,6 +56,20 @@ def split_test(labels: list, groups: list, test_fraction: float, seed: int,
             is_test[g] = True
             taken += len(g)
     return is_test
+
+
+def _fixed_sides(groups: list, fixed: list) -> dict:
+    """group -> 'train' or 'test' for every group with at least one fixed image."""
+    sides: dict = defaultdict(set)
+    for g, f in zip(groups, fixed):
+        if f is not None:
+            sides[g].add(f)
+    both = sorted(str(g) for g, s in sides.items() if len(s) > 1)
+    if both:
+        raise ValueError(f"{len(both)} group(s) have images fixed to both train and test "
+                         f"(first: {', '.join(both[:3])}); a patient's images must stay on one "
+                         "side of the split")
+    return {g: s.pop() for g, s in sides.items()}
 
 
 def fraction_subset(train_idx, labels: list, groups: list, fraction: float, seed: int) -> np.ndarray:
