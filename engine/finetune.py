@@ -119,10 +119,7 @@ def _finetune(cfg: FinetuneConfig, res: Resolved) -> Path:
     t_data = time.perf_counter()
     with dist.main_first():  # rank 0 decodes the cache; the others then map it
         ds = load_dataset(cfg.data, need_labels=True, log=log)
-    check_positive(ds.class_names, cfg.positive_class)
-    if len(ds.class_names) < 2:
-        raise DataError(f"--data has one class ({ds.class_names[0]!r}): a classifier needs at "
-                        "least two")
+    check_split_classes(ds, cfg.positive_class)
     encoder = check_encoder(cfg, ds)  # refusals come before the run directory exists
     start = str(encoder) if encoder else cfg.init
     with Run.open(cfg.runtime.out, cfg.runtime.name or default_name(cfg, start),
@@ -186,6 +183,29 @@ def check_positive(class_names: list[str], positive: str) -> int:
         raise DataError(f"--positive-class {positive!r} is not a class of this data; its classes "
                         f"are: {', '.join(repr(c) for c in class_names)}")
     return class_names.index(positive)
+
+
+def check_split_classes(ds: Dataset, positive: str) -> None:
+    """Refuse, before anything trains, a split whose metrics cannot mean anything: a class with
+    no training image (the classifier never sees it), or a test split without the positive
+    class or without any other (Sen, HM and AUC, or Spe, would be undefined every epoch)."""
+    pos = check_positive(ds.class_names, positive)
+    if len(ds.class_names) < 2:
+        raise DataError(f"--data has one class ({ds.class_names[0]!r}): a classifier needs at "
+                        "least two")
+    fix = ("change --test-fraction or --split-seed, or fix each image's side with a manifest "
+           "`split` column")
+    train = np.bincount(ds.targets[ds.train_idx], minlength=len(ds.class_names))
+    if (train == 0).any():
+        empty = [ds.class_names[c] for c in np.flatnonzero(train == 0)]
+        raise DataError(f"the training split has no image of {', '.join(map(repr, empty))} (all "
+                        f"of them are in the test split); {fix}")
+    test = np.bincount(ds.targets[ds.test_idx], minlength=len(ds.class_names))
+    if test[pos] == 0 or test.sum() == test[pos]:
+        missing = repr(positive) if test[pos] == 0 else f"any class other than {positive!r}"
+        raise DataError(f"the test split ({int(test.sum())} images) has no image of {missing}: "
+                        f"sensitivity, specificity, HM and AUC of {positive!r} against the rest "
+                        f"would be undefined; {fix}")
 
 
 def choose_subset(cfg: FinetuneConfig, ds: Dataset, run: Path, write: bool = True) -> np.ndarray:

@@ -153,6 +153,25 @@ def test_missing_positive_class_lists_the_classes(tmp_path):
         finetune(_ft(tmp_path, "z", positive_class="Flu"))
 
 
+@pytest.mark.parametrize("covid_side,message", [
+    ("train", "the test split \\(4 images\\) has no image of 'COVID'"),
+    ("test", "the training split has no image of 'COVID'")])
+def test_a_split_without_a_class_on_one_side_is_refused_before_training(tmp_path, covid_side,
+                                                                         message):
+    """A test split without COVID would train to the end with Sen, HM and AUC undefined at
+    every epoch; a training split without it would train a classifier that never saw it."""
+    from .tiny_run import write_pngs
+
+    rows = ["path,label,split"]
+    for cls, side in (("COVID", covid_side), ("Normal", None)):
+        for i, f in enumerate(write_pngs(tmp_path / "data" / cls, n=10, seed=len(cls))):
+            rows.append(f"{cls}/{f.name},{cls},{side or ('test' if i < 4 else 'train')}")
+    (tmp_path / "data" / "manifest.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=message):
+        finetune(_ft(tmp_path, "z", data=tmp_path / "data", cache_size=64))
+    assert not (tmp_path / "z").exists()  # refused before the run directory was made
+
+
 def test_predict_reports_bad_files_and_predicts_the_rest(syn_runs, tmp_path):
     src = sorted((ensure_synthetic() / "COVID").glob("*.png"))
     folder = tmp_path / "images"
