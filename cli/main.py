@@ -247,6 +247,8 @@ def reproduce(
                                  "a stage-1 encoder (`sstl supervised`)"),
     evaluate_on: Optional[Path] = typer.Option(None, help="Also evaluate every fine-tuned model "
                                                "on this labelled set (another hospital's data)"),
+    positive_class: str = typer.Option(default(F, "positive_class"),
+                                       help="Positive class of Sen/Spe/HM/AUC"),
     out: Path = OUT, name: Optional[str] = NAME, device: str = DEVICE, backend: str = BACKEND,
     compile: Optional[bool] = COMPILE, cuda_graphs: Optional[bool] = GRAPHS,
     precision: str = PRECISION, seed: int = SEED,
@@ -262,7 +264,8 @@ def reproduce(
         runtime=runtime(device, precision, compile, backend, seed, out, name, log_every,
                         R.checkpoint_every, R.checkpoint_minutes, True, cuda_graphs),
         preset=preset, rows=tuple(rows), fractions=tuple(fraction) or ReproduceConfig().fractions,
-        seeds=seeds, transfer=transfer, evaluate_on=str(evaluate_on) if evaluate_on else None))
+        seeds=seeds, transfer=transfer, evaluate_on=str(evaluate_on) if evaluate_on else None,
+        positive_class=positive_class))
 
 
 MODEL = typer.Option(..., "--model", help="Run directory of `sstl finetune` (or its model.safetensors)")

@@ -161,6 +161,7 @@ class ReproduceConfig:
     seeds: int = 1  # repetitions with seeds seed, seed+1, ...; tables report mean and std over them
     transfer: str = "imagenet"  # the transfer start: imagenet | PATH to a stage-1 encoder
     evaluate_on: str | None = None  # another labelled set every fine-tuned model is evaluated on
+    positive_class: str = FinetuneConfig.positive_class  # of Sen/Spe/HM/AUC, as in finetune
 
 
 @dataclass(frozen=True)

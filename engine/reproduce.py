@@ -9,9 +9,10 @@ whose outputs are complete is read, not rerun, and an interrupted cell resumes f
 checkpoint, so rerunning the command continues the grid.
 
 Outputs in <out>/<name>/: table2.md and table2.csv (all labels: Sen, Spe, HM, AUC, Acc as
-mean ± std over the last 10 epochs, then across seeds), fig3.png (HM and Acc against the
-label fraction), results.json (every cell), and with --evaluate-on the same metrics of
-every fine-tuned model on that other labelled set.
+mean ± std over the last epochs (10 in the paper preset), then across seeds), fig3.png (HM
+and Acc against the label fraction), results.json (every cell), and with --evaluate-on the
+same metrics of every fine-tuned model on that other labelled set. A grid folder that holds
+runs of other settings or images is refused, not mixed into the table.
 """
 from __future__ import annotations
 
@@ -21,16 +22,19 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .config import (AugmentConfig, DataConfig, EvaluateConfig, FinetuneAugment,
-                     FinetuneConfig, PretrainConfig, ReproduceConfig, check)
-from .finetune import finetune
+                     FinetuneConfig, PretrainConfig, ReproduceConfig, check, resume_key)
+from .data.dataset import load_dataset
+from .finetune import check_split_classes, finetune
 from .io import atomic_write, make_dir, save_json
 from .methods import METHODS
 from .metrics import METRICS
 from .predict import evaluate
 from .pretrain import pretrain
 from .runs import log
+from .supervised import check_start
 
 # Table 2's rows in the paper's order: (name, pretraining method or None, start).
 ROWS = [("ours", "cross", "transfer"), ("transfer", None, "transfer"),
@@ -87,57 +91,98 @@ def _done(run: Path, weights: str, epochs: int) -> bool:
     return meta.exists() and json.loads(meta.read_text()).get("epoch") == epochs
 
 
-def reproduce(cfg: ReproduceConfig) -> Path:
-    cfg = check(cfg)
+def _made_otherwise(run: Path, cfg, data: str) -> bool:
+    """Whether `run` holds a checkpoint of other settings (resume key) or other images than
+    `cfg` on data fingerprint `data`. An unreadable checkpoint is the run's own business."""
+    f = run / "checkpoint.pt"
+    if not f.exists():
+        return False
+    try:
+        ck = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return False
+    inputs = ck.get("inputs") if isinstance(ck, dict) else None
+    return not isinstance(ck, dict) or ck.get("resume_key") != resume_key(cfg) or \
+        (inputs is not None and inputs.split(":")[0] != data)
+
+
+def plan(cfg: ReproduceConfig, grid: Path, data: DataConfig, rows) -> list[dict]:
+    """Every cell of the grid in the order it runs: its run directory and its checked config."""
     p = PRESETS[cfg.preset]
-    grid = make_dir(Path(cfg.runtime.out) / (cfg.runtime.name or f"reproduce-{cfg.preset}"))
-    rows = available_rows(cfg)
-    data = dataclasses.replace(cfg.data, cache_size=p["cache_size"])
     cells = []
     for seed in range(cfg.runtime.seed, cfg.runtime.seed + cfg.seeds):
-        encoders = {}
         for row, method, start in rows:  # pretraining once per row and seed
             if method is None:
                 continue
             init, weights = _start(start, cfg)
             rt = dataclasses.replace(cfg.runtime, out=str(grid), name=f"pretrain-{row}-s{seed}",
                                      seed=seed)
-            run = grid / rt.name
-            if not _done(run, "encoder.safetensors", p["pretrain_epochs"]):
-                log(f"reproduce: pretraining {LABELS[row]} (seed {seed})")
-                pretrain(PretrainConfig(data=data, runtime=rt, method=method, arch=p["arch"],
-                                        init=init, imagenet_weights=weights,
-                                        epochs=p["pretrain_epochs"],
-                                        batch_size=p["pretrain_batch"],
-                                        augment=AugmentConfig(size=p["view_size"])))
-            encoders[row] = run
+            cells.append({"kind": "pretrain", "row": row, "seed": seed, "run": grid / rt.name,
+                          "cfg": check(PretrainConfig(
+                              data=data, runtime=rt, method=method, arch=p["arch"], init=init,
+                              imagenet_weights=weights, epochs=p["pretrain_epochs"],
+                              batch_size=p["pretrain_batch"],
+                              augment=AugmentConfig(size=p["view_size"])))})
         for row, method, start in rows:
+            init, weights = _start(start, cfg)
             for fraction in cfg.fractions:
-                cells.append(_finetune_cell(cfg, p, grid, data, row, method, start, fraction,
-                                            seed, encoders.get(row)))
-    return collect(cfg, grid, rows, cells)
+                name = f"finetune-{row}-f{fraction:g}-s{seed}"
+                rt = dataclasses.replace(cfg.runtime, out=str(grid), name=name, seed=seed)
+                encoder = str(grid / f"pretrain-{row}-s{seed}") if method else None
+                cells.append({"kind": "finetune", "row": row, "seed": seed,
+                              "fraction": fraction, "run": grid / name,
+                              "cfg": check(FinetuneConfig(
+                                  data=data, runtime=rt, arch=p["arch"], encoder=encoder,
+                                  init=init, imagenet_weights=weights, fraction=fraction,
+                                  epochs=p["finetune_epochs"], batch_size=p["finetune_batch"],
+                                  augment=FinetuneAugment(size=p["image_size"]),
+                                  positive_class=cfg.positive_class,
+                                  summary_last=p["summary_last"]))})
+    return cells
 
 
-def _finetune_cell(cfg, p, grid, data, row, method, start, fraction, seed, encoder) -> dict:
-    init, weights = _start(start, cfg)
-    name = f"finetune-{row}-f{fraction:g}-s{seed}"
-    rt = dataclasses.replace(cfg.runtime, out=str(grid), name=name, seed=seed)
-    run = grid / name
+def reproduce(cfg: ReproduceConfig) -> Path:
+    cfg = check(cfg)
+    p = PRESETS[cfg.preset]
+    grid = Path(cfg.runtime.out) / (cfg.runtime.name or f"reproduce-{cfg.preset}")
+    rows = available_rows(cfg)
+    data = dataclasses.replace(cfg.data, cache_size=p["cache_size"])
+    for start in {start for _, _, start in rows}:  # missing weights fail before the scan
+        check_start(p["arch"], *_start(start, cfg))
+    # The scan every cell then maps; a split no cell could score fails before any training.
+    ds = load_dataset(data, need_labels=True, log=log)
+    check_split_classes(ds, cfg.positive_class)
+    cells = plan(cfg, grid, data, rows)
+    other = [c["run"].name for c in cells if _made_otherwise(c["run"], c["cfg"], ds.fingerprint())]
+    if other:
+        raise SystemExit(f"{grid} holds runs made with other settings or other images than this "
+                         f"command's ({', '.join(other[:4])}{' ...' if len(other) > 4 else ''}; "
+                         f"{len(other)} in all): reusing them would mix two experiments in one "
+                         "table. Give --name for a new grid, or delete those runs to redo them")
+    make_dir(grid)
+    results = []
+    for c in cells:
+        if c["kind"] == "pretrain":
+            if not _done(c["run"], "encoder.safetensors", p["pretrain_epochs"]):
+                log(f"reproduce: pretraining {LABELS[c['row']]} (seed {c['seed']})")
+                pretrain(c["cfg"])
+        else:
+            results.append(_finetune_cell(cfg, p, c))
+    return collect(cfg, grid, rows, results)
+
+
+def _finetune_cell(cfg: ReproduceConfig, p: dict, c: dict) -> dict:
+    run, row, fraction, seed = c["run"], c["row"], c["fraction"], c["seed"]
     if not _done(run, "model.safetensors", p["finetune_epochs"]) or \
             not (run / "summary.json").exists():
         log(f"reproduce: fine-tuning {LABELS[row]}, {fraction:g} of the labels (seed {seed})")
-        finetune(FinetuneConfig(data=data, runtime=rt, arch=p["arch"],
-                                encoder=str(encoder) if encoder else None, init=init,
-                                imagenet_weights=weights, fraction=fraction,
-                                epochs=p["finetune_epochs"], batch_size=p["finetune_batch"],
-                                augment=FinetuneAugment(size=p["image_size"]),
-                                summary_last=p["summary_last"]))
+        finetune(c["cfg"])
     summary = json.loads((run / "summary.json").read_text())
-    cell = {"row": row, "fraction": fraction, "seed": seed, "run": name,
+    cell = {"row": row, "fraction": fraction, "seed": seed, "run": run.name,
             "start": summary["start"], **{k: summary["last_epochs"][k] for k in METRICS}}
     if cfg.evaluate_on:
         m = evaluate(EvaluateConfig(model=str(run), data=DataConfig(
-            path=cfg.evaluate_on, cache_size=p["cache_size"], cache_dir=data.cache_dir),
+            path=cfg.evaluate_on, cache_size=p["cache_size"], cache_dir=c["cfg"].data.cache_dir),
             device=cfg.runtime.device))
         cell["evaluate_on"] = {k: m[k] for k in METRICS}
     return cell
@@ -160,9 +205,10 @@ def aggregate(cells: list[dict], rows, fractions) -> dict:
                 std = float(means.std()) if len(got) > 1 else \
                     float(np.array(got[0][k]["std"], dtype=np.float64))
                 stats[k] = {"mean": float(means.mean()), "std": std, "seeds": len(got)}
-                if "evaluate_on" in got[0]:
+                if "evaluate_on" in got[0]:  # one number per model: no spread with one seed
                     other = np.array([c["evaluate_on"][k] for c in got], dtype=np.float64)
-                    stats[f"other/{k}"] = {"mean": float(other.mean()), "std": float(other.std())}
+                    stats[f"other/{k}"] = {"mean": float(other.mean()), "seeds": len(got),
+                                           "std": float(other.std()) if len(got) > 1 else None}
             out[row][f] = stats
     return out
 
@@ -171,7 +217,8 @@ def collect(cfg: ReproduceConfig, grid: Path, rows, cells: list[dict]) -> Path:
     table = aggregate(cells, rows, cfg.fractions)
     full = 1.0 if 1.0 in cfg.fractions else max(cfg.fractions)
     keys = [*METRICS, *([f"other/{k}" for k in METRICS] if cfg.evaluate_on else [])]
-    lines = [f"# Table 2 ({cfg.preset} preset, {full:g} of the labels, {cfg.seeds} seed(s))", "",
+    lines = [f"# Table 2 ({cfg.preset} preset, {100 * full:g}% of the labels, "
+             f"{cfg.seeds} seed(s))", "", spread_note(cfg), "",
              "| " + " | ".join(["method", *[k.replace("other/", "other ") for k in keys]]) + " |",
              "|---|" + "---:|" * len(keys)]
     csv_rows = []
@@ -179,8 +226,7 @@ def collect(cfg: ReproduceConfig, grid: Path, rows, cells: list[dict]) -> Path:
         s = table[row].get(full)
         if not s:
             continue
-        lines.append(f"| {LABELS[row]} | " + " | ".join(
-            f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}" for k in keys) + " |")
+        lines.append(f"| {LABELS[row]} | " + " | ".join(_pm(s[k]) for k in keys) + " |")
         csv_rows.append({"row": row, **{f"{k}_mean": s[k]["mean"] for k in keys},
                          **{f"{k}_std": s[k]["std"] for k in keys}})
     lines += fig3_table(table, rows, cfg.fractions)
@@ -204,6 +250,24 @@ def collect(cfg: ReproduceConfig, grid: Path, rows, cells: list[dict]) -> Path:
     return grid
 
 
+def _pm(stat: dict) -> str:
+    """mean ± std, or the mean alone where there is no spread to give."""
+    std = stat.get("std")
+    return f"{stat['mean']:.3f}" + ("" if std is None or np.isnan(std) else f" ± {std:.3f}")
+
+
+def spread_note(cfg: ReproduceConfig) -> str:
+    last = PRESETS[cfg.preset]["summary_last"]
+    note = (f"Each value is a run's test score averaged over its last {last} fine-tuning epochs; "
+            + (f"± is the std of those {last} epochs (population, one seed)." if cfg.seeds == 1
+               else f"then averaged over {cfg.seeds} seeds; ± is the std of the seeds' values "
+                    "(population)."))
+    if cfg.evaluate_on:
+        note += (" The `other` columns score each run's final model on --evaluate-on" +
+                 (" (± over seeds)." if cfg.seeds > 1 else "."))
+    return note
+
+
 def fig3_table(table: dict, rows, fractions) -> list[str]:
     """Fig. 3's points as text: HM and Acc (mean ± std) per row and label fraction."""
     xs = sorted(fractions)
@@ -213,8 +277,7 @@ def fig3_table(table: dict, rows, fractions) -> list[str]:
                   "| method | " + " | ".join(f"{100 * f:g}%" for f in xs) + " |",
                   "|---|" + "---:|" * len(xs)]
         for row, _, _ in rows:
-            cells = [f"{table[row][f][k]['mean']:.3f} ± {table[row][f][k]['std']:.3f}"
-                     if f in table[row] else "" for f in xs]
+            cells = [_pm(table[row][f][k]) if f in table[row] else "" for f in xs]
             lines.append(f"| {LABELS[row]} | " + " | ".join(cells) + " |")
     return lines
 

@@ -3,6 +3,7 @@ the runs' own numbers, and a rerun redoes nothing."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 from sstl.engine import reproduce as reproduce_mod
 from sstl.engine.config import (DataConfig, FinetuneAugment, ReproduceConfig, Runtime,
                                 SupervisedConfig)
+from sstl.engine.data.index import DataError
 from sstl.engine.finetune import finetune
 from sstl.engine.models import backbone
 from sstl.engine.supervised import supervised
@@ -79,6 +81,25 @@ def test_tiny_grid_end_to_end_and_a_rerun_redoes_nothing(tmp_path, monkeypatch):
     stamps = {p: p.stat().st_mtime_ns for p in grid.glob("*/*.safetensors")}
     reproduce_mod.reproduce(cfg)  # finished cells are read, never retrained
     assert stamps == {p: p.stat().st_mtime_ns for p in grid.glob("*/*.safetensors")}
+    assert (grid / "table2.md").read_text().startswith(
+        "# Table 2 (quick preset, 100% of the labels, 1 seed(s))")
+    # Other settings in the same grid folder: refused before anything is written, where they
+    # used to be read as finished cells under the new settings' title.
+    other = dataclasses.replace(cfg, data=DataConfig(test_fraction=0.3))
+    before = {p: p.stat().st_mtime_ns for p in grid.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit, match="other settings or other images.*pretrain-ours-s0.*"
+                                         "3 in all"):
+        reproduce_mod.reproduce(other)
+    assert before == {p: p.stat().st_mtime_ns for p in grid.rglob("*") if p.is_file()}
+
+
+def test_a_positive_class_missing_from_the_data_is_refused_before_any_training(tmp_path):
+    cfg = ReproduceConfig(runtime=Runtime(device="cpu", out=str(tmp_path), name="grid"),
+                          data=DataConfig(cache_size=64), preset="quick", rows=("cross",),
+                          positive_class="Flu")
+    with pytest.raises(DataError, match="'Flu' is not a class"):
+        reproduce_mod.reproduce(cfg)
+    assert not (tmp_path / "grid").exists()
 
 
 def test_unknown_rows_are_refused(tmp_path):
