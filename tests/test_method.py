@@ -75,26 +75,37 @@ def test_one_step_applies_sgd_then_ema(target_bn):
 
 
 def test_momentum_bn_against_reference():
+    """k-th call: the batch weighs max(1/k, 1 - momentum), so the first call normalises with
+    the batch's own statistics whatever the buffers held (float64 recursion as the oracle)."""
     torch.manual_seed(1)
     bn = nn.BatchNorm2d(3)
     bn.weight.data.uniform_(0.5, 1.5)
     bn.bias.data.uniform_(-0.5, 0.5)
     bn.running_mean.uniform_(-1, 1)
     bn.running_var.uniform_(0.5, 2)
+    bn.num_batches_tracked.fill_(7)  # the online network's count is not the target's
+    m = _small_method("momentum")
+    mbn = [mod for mod in m.target.modules() if isinstance(mod, MomentumBatchNorm)][0]
+    assert mbn.num_batches_tracked.item() == 0  # a fresh target starts its own count
     mbn = MomentumBatchNorm(3)
     mbn.load_state_dict(bn.state_dict())
+    mbn.num_batches_tracked.zero_()
     mbn.stat_momentum = 0.9
-    x = torch.randn(8, 3, 5, 5, dtype=torch.float64) * 2 + 0.3
     mbn = mbn.double()
-    rm0, rv0 = mbn.running_mean.clone(), mbn.running_var.clone()
-    y = mbn(x)
-    rm = 0.9 * rm0 + 0.1 * x.mean((0, 2, 3))
-    rv = 0.9 * rv0 + 0.1 * x.var((0, 2, 3), unbiased=True)
-    torch.testing.assert_close(mbn.running_mean, rm)
-    torch.testing.assert_close(mbn.running_var, rv)
-    want = (x - rm.view(1, 3, 1, 1)) / torch.sqrt(rv.view(1, 3, 1, 1) + mbn.eps) \
-        * mbn.weight.view(1, 3, 1, 1) + mbn.bias.view(1, 3, 1, 1)
-    torch.testing.assert_close(y, want)
+    rm, rv = mbn.running_mean.clone(), mbn.running_var.clone()
+    for k in range(1, 14):
+        x = torch.randn(8, 3, 5, 5, dtype=torch.float64) * (1 + k / 4) + 0.3 * k
+        y = mbn(x)
+        w = max(1 / k, 0.1)
+        rm = (1 - w) * rm + w * x.mean((0, 2, 3))
+        rv = (1 - w) * rv + w * x.var((0, 2, 3), unbiased=True)
+        torch.testing.assert_close(mbn.running_mean, rm)
+        torch.testing.assert_close(mbn.running_var, rv)
+        want = (x - rm.view(1, 3, 1, 1)) / torch.sqrt(rv.view(1, 3, 1, 1) + mbn.eps) \
+            * mbn.weight.view(1, 3, 1, 1) + mbn.bias.view(1, 3, 1, 1)
+        torch.testing.assert_close(y, want)
+        if k == 1:  # normalised with the batch's own statistics
+            torch.testing.assert_close(rm, x.mean((0, 2, 3)))
 
 
 def test_target_uses_momentum_bn_and_online_plain_bn():

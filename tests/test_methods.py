@@ -132,6 +132,23 @@ def test_nt_xent_matches_the_papers_formula():
     torch.testing.assert_close(got.double(), nt_xent_direct(z1, z2, 0.1), rtol=1e-6, atol=1e-8)
 
 
+def test_nt_xent_stays_float32_under_bf16_autocast():
+    """The step runs under bf16 autocast on a GPU; there z @ z.T ran in bf16 and put ~1e-2
+    on the gradient. Oracle: float64 autograd of the same loss (CPU autocast, same ops)."""
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(64, 32, generator=g) + 2.0  # rows pointing one way, as an early projector
+    z64 = z.double().requires_grad_(True)
+    zn = F.normalize(z64, dim=1)
+    logits = (zn @ zn.T / 0.1).masked_fill(torch.eye(64, dtype=torch.bool), float("-inf"))
+    ref = F.cross_entropy(logits, torch.arange(64).roll(32))
+    want = torch.autograd.grad(ref, z64)[0]
+    z32 = z.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the forward, as step_body runs it
+        loss = nt_xent(z32, 0.1)
+    got = torch.autograd.grad(loss, z32)[0]
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-4
+
+
 def test_every_method_is_one_step_on_the_same_protocol():
     images = np.random.default_rng(0).integers(0, 256, (8, 64, 64), dtype=np.uint8)
     for name in METHODS:
