@@ -36,6 +36,9 @@ class EMA:
 
     def __init__(self, online: list[torch.Tensor], target: list[torch.Tensor]):
         self.online, self.target = kernels.FlatParams(online), kernels.FlatParams(target)
+        if not self.online.same_layout(self.target):  # the EMA pairs elements by position
+            raise ValueError("EMA: online and target tensors differ in shape or memory layout; "
+                             "convert both networks (channels_last) before building the EMA")
         self.check()
 
     def update(self, tau) -> None:  # a float, or a 0-dim device tensor (CUDA graphs)

@@ -66,5 +66,7 @@ def cosine_loss(a: Tensor, b: Tensor) -> Tensor:
 
 
 def ema_(target: FlatParams, online: FlatParams, tau: float | Tensor) -> None:
-    """In-place EMA of the target network's flat parameters towards the online ones."""
-    (ema_triton_ if use_triton(target.flat.device) else ema_reference_)(target, online, tau)
+    """In-place EMA of the target network's flat parameters towards the online ones.
+    float64 buffers take the reference: the kernel computes in float32."""
+    fused = use_triton(target.flat.device) and target.flat.dtype != torch.float64
+    (ema_triton_ if fused else ema_reference_)(target, online, tau)

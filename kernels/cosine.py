@@ -98,6 +98,7 @@ def _forward(a: Tensor, b: Tensor, use_triton: bool) -> Tensor:
 
 
 def _backward(grad: Tensor, a: Tensor, b: Tensor, stats: Tensor, use_triton: bool) -> Tensor:
+    """dA, always contiguous: the custom op's fake promises that layout to compile."""
     if use_triton:
         a, b, stats, grad = a.contiguous(), b.contiguous(), stats.contiguous(), grad.contiguous()
         B, D = a.shape
@@ -112,7 +113,7 @@ def _backward(grad: Tensor, a: Tensor, b: Tensor, stats: Tensor, use_triton: boo
     sa, sb = ra.clamp_min(EPS), rb.clamp_min(EPS)
     k = -2 * grad.to(stats.dtype) / a.shape[0]
     wa = -k * torch.where(ra >= EPS, dab / (sa * sb), 0) / (sa * sa)
-    return (y * k / (sa * sb) + x * wa).to(a.dtype)
+    return (y * k / (sa * sb) + x * wa).to(a.dtype).contiguous()
 
 
 class CosineLoss(torch.autograd.Function):
@@ -149,8 +150,8 @@ def cosine_loss_backward_op(grad: Tensor, a: Tensor, b: Tensor, stats: Tensor,
 
 
 @cosine_loss_backward_op.register_fake
-def _(grad, a, b, stats, use_triton):
-    return torch.empty_like(a)
+def _(grad, a, b, stats, use_triton):  # contiguous, as _backward returns it
+    return a.new_empty(a.shape)
 
 
 def _setup_context(ctx, inputs, output):

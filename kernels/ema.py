@@ -28,6 +28,12 @@ class FlatParams:
     `.flat` covers exactly the tensors; it is the head of `.padded`, whose zero tail rounds
     the length up to a multiple of PAD for the kernel (target and online tails stay zero).
 
+    Each view keeps its tensor's memory layout: a channels_last conv weight stays
+    channels_last (its elements sit in the buffer in NHWC order), so cuDNN and oneDNN get the
+    layout they were given instead of reordering NCHW weights at every convolution. Two
+    FlatParams updated elementwise together (online and target) must then share layouts
+    tensor by tensor (`same_layout`).
+
     Built once, from parameters or float buffers of one dtype and device. Afterwards every
     in-place update (optimizer steps, `load_state_dict`'s copy_, torch.compile) writes
     through the views into `.flat`. Anything that re-allocates a tensor (`module.to(...)`,
@@ -46,16 +52,23 @@ class FlatParams:
         padded = -(-total // PAD) * PAD
         self.padded = torch.zeros(padded, dtype=first.dtype, device=first.device)
         self.flat = self.padded[:total]
+        self.strides = [_dense_strides(t) for t in self.tensors]
         with torch.no_grad():
-            for t, o in zip(self.tensors, self.offsets):
-                view = self.flat[o:o + t.numel()].view(t.shape)
+            for t, o, st in zip(self.tensors, self.offsets, self.strides):
+                view = self.padded.as_strided(t.shape, st, o)  # padded starts its storage
                 view.copy_(t)
                 t.data = view  # the one place .data is rebound
 
     def is_valid(self) -> bool:
         base, size = self.flat.data_ptr(), self.flat.element_size()
         return all(t.data_ptr() == base + o * size and t.dtype == self.flat.dtype
-                   and t.is_contiguous() for t, o in zip(self.tensors, self.offsets))
+                   and t.stride() == st
+                   for t, o, st in zip(self.tensors, self.offsets, self.strides))
+
+    def same_layout(self, other: "FlatParams") -> bool:
+        """Whether element i of both buffers belongs to the same tensor element (EMA pairs)."""
+        return [t.shape for t in self.tensors] == [t.shape for t in other.tensors] and \
+            self.strides == other.strides
 
     def check(self) -> None:
         if not self.is_valid():
@@ -63,6 +76,15 @@ class FlatParams:
                 "FlatParams: some tensors no longer live in the flat buffer; they were "
                 "re-allocated after flattening (module.to()/.cuda()/.half() or "
                 "load_state_dict(assign=True)?). Move the model first, then build FlatParams.")
+
+
+def _dense_strides(t: Tensor) -> tuple[int, ...]:
+    """t's strides when they cover exactly numel() elements (contiguous, channels_last, any
+    permutation of a dense tensor); otherwise the contiguous strides of its shape."""
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        if (t.dim() == 4 or fmt is torch.contiguous_format) and t.is_contiguous(memory_format=fmt):
+            return t.stride()
+    return torch.empty(t.shape, device="meta").stride()
 
 
 def _validate(tensors: list[Tensor]) -> None:
@@ -129,6 +151,8 @@ def ema_triton_(target: FlatParams, online: FlatParams, tau: float | Tensor) -> 
     """One in-place launch over the flat buffers; tau is a runtime float (no recompiles) or
     a 0-dim device tensor read by the kernel (CUDA graphs)."""
     _check_pair(target, online)
+    if target.flat.dtype == torch.float64:  # it would round them to float32 (ema_ dispatches)
+        raise ValueError("ema_triton_ computes in float32; use ema_reference_ for float64")
     n = target.padded.numel()
     in_memory = isinstance(tau, Tensor)
     if in_memory and (tau.numel() != 1 or tau.device != target.flat.device):

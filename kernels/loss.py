@@ -173,9 +173,10 @@ def _forward(p1: Tensor, p2: Tensor, y2: Tensor, use_triton: bool) -> Tensor:
 
 
 def _backward(grad, p1, p2, y2, stats, use_triton: bool) -> tuple[Tensor, Tensor]:
+    """(dP1, dP2), always contiguous: the custom op's fake promises that layout to compile."""
     if use_triton:
         return _backward_triton(*(t.contiguous() for t in (grad, p1, p2, y2, stats)))
-    return _backward_torch(grad, p1, p2, y2, stats)
+    return tuple(g.contiguous() for g in _backward_torch(grad, p1, p2, y2, stats))
 
 
 # ------------------------------------------------------- two autograd front ends, one math
@@ -217,8 +218,8 @@ def cross_loss_backward_op(grad: Tensor, p1: Tensor, p2: Tensor, y2: Tensor, sta
 
 
 @cross_loss_backward_op.register_fake
-def _(grad, p1, p2, y2, stats, use_triton):
-    return torch.empty_like(p1), torch.empty_like(p2)
+def _(grad, p1, p2, y2, stats, use_triton):  # contiguous, as _backward returns them
+    return p1.new_empty(p1.shape), p2.new_empty(p2.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -122,9 +122,23 @@ def test_gradcheck_float64(fused):
 
 @pytest.mark.parametrize("fused", [False, pytest.param(True, marks=needs_triton)])
 def test_custom_op_registration(fused):
-    """Schema, fake (meta) impl, autograd registration and AOT tracing, checked by torch."""
+    """Schema, fake (meta) impl, autograd registration and AOT tracing, checked by torch;
+    also for transposed inputs and mixed layouts, where the backward's fake once promised
+    p1's strides while the kernels returned contiguous gradients (compile then failed)."""
+    from sstl.kernels import cosine, loss
+
     p1, p2, y2 = _views(5, 24)
     torch.library.opcheck(cross_loss_op, (p1.requires_grad_(), p2.requires_grad_(), y2, fused))
+    t1, t2, ty = (x.detach().T.contiguous().T for x in _views(5, 24))  # (5, 24), transposed
+    one = torch.tensor(1.0, device=DEVICE)
+    for a, b, y in ((t1, t2, ty), (t1, p2.detach(), y2), (p1.detach(), t2, ty)):
+        torch.library.opcheck(cross_loss_op, (a.clone().requires_grad_(),
+                                              b.clone().requires_grad_(), y, fused))
+        torch.library.opcheck(cosine.cosine_loss_op, (a.clone().requires_grad_(), y, fused))
+        torch.library.opcheck(loss.cross_loss_backward_op,
+                              (one, a, b, y, loss._forward(a, b, y, fused), fused))
+        torch.library.opcheck(cosine.cosine_loss_backward_op,
+                              (one, a, y, cosine._forward(a, y, fused), fused))
 
 
 @needs_triton
@@ -242,6 +256,36 @@ def test_flat_views_survive_load_state_dict(resnet_pair):
     flat_o.check()
     loaded = torch.cat([fresh[name].flatten() for name, _ in online.named_parameters()])
     assert flat_o.flat.data_ptr() == ptr and torch.equal(flat_o.flat.cpu(), loaded)
+
+
+def test_channels_last_weights_keep_their_layout_and_the_ema_stays_exact():
+    """Flattening used to re-point every weight at an NCHW view, silently undoing
+    channels_last (the engine converts before flattening), so every convolution met NHWC
+    activations with NCHW weights. Oracle: layouts kept, values kept, and the one-launch
+    EMA equals the float64 formula tensor by tensor."""
+    from sstl.engine.loop import EMA
+
+    torch.manual_seed(0)
+    online = torchvision.models.resnet18().to(DEVICE).to(memory_format=torch.channels_last)
+    target = copy.deepcopy(online)
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    was = {n: (p.stride(), p.detach().clone()) for n, p in online.named_parameters()}
+    ema = EMA(list(online.parameters()), list(target.parameters()))
+    assert online.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert target.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    for n, p in online.named_parameters():
+        assert p.stride() == was[n][0] and torch.equal(p, was[n][1]), n
+    start = {n: p.detach().double().clone() for n, p in target.named_parameters()}
+    ema.update(0.9)
+    ema.check()
+    for (n, t), o in zip(target.named_parameters(), online.parameters()):
+        want = (0.9 * start[n] + 0.1 * o.double()).float()
+        torch.testing.assert_close(t, want, rtol=1e-6, atol=1e-7, msg=n)
+    other = copy.deepcopy(online).to(memory_format=torch.contiguous_format)
+    with pytest.raises(ValueError, match="memory layout"):
+        EMA(list(other.parameters()), list(copy.deepcopy(target).parameters()))
 
 
 def test_flat_params_rejects_and_detects():
