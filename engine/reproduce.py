@@ -152,8 +152,8 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     # The scan every cell then maps; a split no cell could score fails before any training.
     ds = load_dataset(data, need_labels=True, log=log)
     check_split_classes(ds, cfg.positive_class)
-    cells = plan(cfg, grid, data, rows)
-    other = [c["run"].name for c in cells if _made_otherwise(c["run"], c["cfg"], ds.fingerprint())]
+    cells, fingerprint = plan(cfg, grid, data, rows), ds.fingerprint()
+    other = [c["run"].name for c in cells if _made_otherwise(c["run"], c["cfg"], fingerprint)]
     if other:
         raise SystemExit(f"{grid} holds runs made with other settings or other images than this "
                          f"command's ({', '.join(other[:4])}{' ...' if len(other) > 4 else ''}; "
