@@ -175,7 +175,8 @@ def _finetune_cell(cfg: ReproduceConfig, p: dict, c: dict) -> dict:
     run, row, fraction, seed = c["run"], c["row"], c["fraction"], c["seed"]
     if not _done(run, "model.safetensors", p["finetune_epochs"]) or \
             not (run / "summary.json").exists():
-        log(f"reproduce: fine-tuning {LABELS[row]}, {fraction:g} of the labels (seed {seed})")
+        log(f"reproduce: fine-tuning {LABELS[row]}, {100 * fraction:g}% of the labels "
+            f"(seed {seed})")
         finetune(c["cfg"])
     summary = json.loads((run / "summary.json").read_text())
     cell = {"row": row, "fraction": fraction, "seed": seed, "run": run.name,
