@@ -93,7 +93,10 @@ def _done(run: Path, weights: str, epochs: int) -> bool:
 
 def _made_otherwise(run: Path, cfg, data: str) -> bool:
     """Whether `run` holds a checkpoint of other settings (resume key) or other images than
-    `cfg` on data fingerprint `data`. An unreadable checkpoint is the run's own business."""
+    `cfg` on data fingerprint `data`: Run.resume's two refusals, gathered for the whole grid
+    before anything runs. A checkpoint's inputs are the data fingerprint, then ':' and the
+    encoder's file_identity for a fine-tuning from one (finetune.py); only the data is known
+    here. An unreadable checkpoint is the run's own business."""
     f = run / "checkpoint.pt"
     if not f.exists():
         return False

@@ -79,11 +79,10 @@ class FlatParams:
 
 
 def _dense_strides(t: Tensor) -> tuple[int, ...]:
-    """t's strides when they cover exactly numel() elements (contiguous, channels_last, any
-    permutation of a dense tensor); otherwise the contiguous strides of its shape."""
-    for fmt in (torch.contiguous_format, torch.channels_last):
-        if (t.dim() == 4 or fmt is torch.contiguous_format) and t.is_contiguous(memory_format=fmt):
-            return t.stride()
+    """t's own strides when it is contiguous or (4-d) channels_last, the two layouts that
+    cover exactly numel() elements here; otherwise the contiguous strides of its shape."""
+    if t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)):
+        return t.stride()
     return torch.empty(t.shape, device="meta").stride()
 
 
