@@ -236,10 +236,31 @@ def test_stale_temporaries_of_dead_processes_are_cleared(tmp_path):
             "notes.tmpfile"]
     for name in stale + kept:
         (cache_dir / name).write_bytes(b"x")
+    drawing = cache_dir / f"synthetic-v1.tmp{dead.pid}"  # the demo set's folder, cut short
+    (drawing / "COVID").mkdir(parents=True)
+    (drawing / "COVID" / "synthetic_000.png").write_bytes(b"x")
+    stale.append(drawing.name)
     load_or_build(_records(tmp_path, 2), 32, cache_dir)
     assert all((cache_dir / k).exists() for k in kept)
     assert not any((cache_dir / s).exists() for s in stale)
     assert clear_stale_temporaries(cache_dir) == []
+
+
+def test_demo_set_interrupted_while_drawn_leaves_nothing(tmp_path, monkeypatch):
+    from sstl.engine.data import synthetic
+
+    drawn = []
+
+    def ctrl_c(cls, rng):
+        drawn.append(cls)
+        if len(drawn) == 3:
+            raise KeyboardInterrupt
+        return np.zeros((8, 8), np.uint8)
+
+    monkeypatch.setattr(synthetic, "draw", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.ensure_synthetic(tmp_path / "demo", per_class=2)
+    assert len(drawn) == 3 and list(tmp_path.iterdir()) == []
 
 
 # 6. The user's files are never modified ----------------------------------------------------

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -157,7 +158,8 @@ _TMP = re.compile(r"\.tmp(\d+)(?:@(.+))?$")
 
 def clear_stale_temporaries(folder: Path) -> list[Path]:
     """Remove build temporaries whose process is gone (same host, or no host in the name:
-    the older format); return what was removed."""
+    the older format); return what was removed. A temporary is a file (a cache being
+    written) or a folder (the demo set being drawn, cut short by Ctrl-C)."""
     removed = []
     host = socket.gethostname()
     for f in folder.glob("*.tmp*"):
@@ -165,7 +167,10 @@ def clear_stale_temporaries(folder: Path) -> list[Path]:
         if not m or (m.group(2) or host) != host or _running(int(m.group(1))):
             continue
         try:
-            f.unlink()
+            if f.is_dir() and not f.is_symlink():
+                shutil.rmtree(f)
+            else:
+                f.unlink()
             removed.append(f)
         except FileNotFoundError:  # another process cleared it first
             pass

@@ -75,19 +75,29 @@ def ensure_synthetic(folder: str | os.PathLike | None = None, per_class: int = P
         return target
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _draw_into(tmp, per_class)
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "manifest.csv").exists():
+            raise
+        # else another process finished first: theirs is identical
+    except BaseException:  # Ctrl-C mid-drawing: leave no half-drawn folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _draw_into(folder: Path, per_class: int) -> None:
     rows = []
     for c, cls in enumerate(CLASSES):
-        (tmp / cls).mkdir(parents=True)
+        (folder / cls).mkdir(parents=True)
         for i in range(per_class):
             rng = np.random.default_rng([VERSION, c, i])
             rel = f"{cls}/synthetic_{i:03d}.png"
-            Image.fromarray(draw(cls, rng)).save(tmp / rel)
+            Image.fromarray(draw(cls, rng)).save(folder / rel)
             rows.append((rel, cls, f"synthetic:{cls}:{i}"))
-    with open(tmp / "manifest.csv", "w", newline="") as fh:
+    with open(folder / "manifest.csv", "w", newline="") as fh:
         csv.writer(fh).writerows([("path", "label", "group"), *rows])
-    (tmp / "README.txt").write_text(__doc__)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process finished first: theirs is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    (folder / "README.txt").write_text(__doc__)
