@@ -69,7 +69,11 @@ def check_encoder(cfg: FinetuneConfig, ds: Dataset) -> Path | None:
         seen = int(ds.learned(meta["trained_on"], ds.test_idx).sum())
         if seen:
             split = (meta.get("split_seed"), meta.get("test_fraction"))
-            fix = (f"It was pretrained with another train/test split: rerun with --split-seed "
+            fix = ("Its pretraining data held these files (the same bytes) under another "
+                   f"folder ({meta.get('data_root')}): pretrain on images that leave this run's "
+                   "test split out, e.g. on --data itself with the same --split-seed"
+                   if other_data else
+                   f"It was pretrained with another train/test split: rerun with --split-seed "
                    f"{split[0]} --test-fraction {split[1]}"
                    if split != (cfg.data.split_seed, cfg.data.test_fraction)
                    else "The data changed since pretraining (an image added, removed or "
@@ -79,7 +83,7 @@ def check_encoder(cfg: FinetuneConfig, ds: Dataset) -> Path | None:
                              f"{len(ds.test_idx)} test images. {fix}.")
         if other_data:
             log(f"--encoder {f} was pretrained on other images than --data{what}; none of "
-                "this run's test images is among them")
+                "this run's test images is among them (compared by content)")
     elif other_data:
         log(f"warning: --encoder {f} was pretrained on other images than --data{what}; "
             "whether it has seen this run's test images cannot be checked")

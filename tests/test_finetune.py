@@ -136,16 +136,37 @@ def test_encoder_from_another_split_is_refused(syn_encoder, tmp_path):
 
 
 def test_encoder_from_other_data_warns_and_trains(syn_encoder, tmp_path, capsys):
-    src = sorted((ensure_synthetic() / "COVID").glob("*.png"))  # another set: a subset of files
-    for cls in ("COVID", "Normal"):
-        (tmp_path / "d" / cls).mkdir(parents=True)
-        for f in src[:5]:  # renamed: the same file at the same place would be the same image
-            shutil.copy(f, tmp_path / "d" / cls / f"copy-{f.name}")
+    from .tiny_run import write_pngs
+
+    for cls in ("COVID", "Normal"):  # another set: images the encoder never saw
+        write_pngs(tmp_path / "d" / cls, n=5, seed=len(cls))
     run = finetune(_ft(tmp_path, "other", tmp_path / "d", encoder=str(syn_encoder)))
     said = capsys.readouterr().err
     assert "pretrained on other images than --data (the embedded SYNTHETIC set); none of " \
         "this run's test images is among them" in said
     assert _json(run / "summary.json")["class_names"] == ["COVID", "Normal"]
+
+
+def test_encoder_that_saw_the_test_images_under_other_names_is_refused(syn_encoder, tmp_path):
+    """A pool pretrained on, then a labelled folder that shares files with it (copied, moved,
+    renamed): the images are the same, whatever their paths, and the check says so. Oracle:
+    the encoder's own split list and this run's, matched by file bytes here."""
+    import hashlib
+
+    from sstl.engine.data.dataset import load_dataset
+
+    src = ensure_synthetic()
+    for f in sorted((src / "COVID").glob("*.png"))[:12] + sorted((src / "Normal").glob("*.png"))[:12]:
+        (tmp_path / "d" / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, tmp_path / "d" / f.parent.name / f"renamed-{f.name}")
+    ds = load_dataset(DataConfig(path=str(tmp_path / "d")), need_labels=True, log=lambda m: None)
+    digest = lambda p: hashlib.sha256(open(p, "rb").read()).hexdigest()  # noqa: E731
+    pretrained = {digest(src / rel) for rel in _json(syn_encoder / "split.json")["train"]}
+    seen = sum(digest(ds.records[i].path) in pretrained for i in ds.test_idx)
+    assert seen  # the precondition: some of this run's test images were pretrained on
+    with pytest.raises(SystemExit, match=f"pretrained on {seen} of this run's "
+                                         f"{len(ds.test_idx)} test images.*same bytes"):
+        finetune(_ft(tmp_path, "leak", tmp_path / "d", encoder=str(syn_encoder)))
 
 
 def test_missing_positive_class_lists_the_classes(tmp_path):
@@ -269,3 +290,19 @@ def test_evaluate_leaves_out_the_images_the_model_learned_from(syn_runs, tmp_pat
         scored = {r["path"] for r in csv.DictReader(fh)}
     assert len(scored) == got["n"] and not scored & trained
     assert m["acc"] == got["metrics"]["acc"]
+
+
+def test_sidecars_of_older_versions_still_name_their_images(tmp_path):
+    """Sidecars written before content digests listed a hash of path and size (12 hex
+    digits); those images must still count as learned. Oracle: the old formula, written out."""
+    import hashlib
+    import os
+
+    from sstl.engine.data.dataset import load_dataset
+
+    ds = load_dataset(DataConfig(), need_labels=True, log=lambda m: None)
+    old = [hashlib.blake2b(f"{ds.records[i].rel}\0{os.path.getsize(ds.records[i].path)}".encode(),
+                           digest_size=6).hexdigest() for i in ds.test_idx[:3]]
+    new = ds.image_ids(ds.test_idx[3:5])
+    seen = ds.learned(old + new, ds.test_idx)
+    assert seen[:5].all() and not seen[5:].any()

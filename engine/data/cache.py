@@ -4,7 +4,8 @@ The first run scans and decodes all files in parallel (one pass: the decode *is*
 writes `<key>.npy` (N x S x S uint8) and `<key>.json` (which files failed and why) and
 renames both into place; later runs with the same file list and storage size map the array
 and decode nothing but the files that failed before (retried, in case a decoder was
-installed since). The key hashes each file's path, byte size and modification time, plus
+installed since). The JSON also holds each file's content digest (a hash of its bytes): an
+image's identity wherever its folder lives, which the leak checks compare. The key hashes each file's path, byte size and modification time, plus
 the storage size and this format's version, so an edited or added file makes a new cache.
 
 A build writes `<key>.npy.tmp<pid>@<host>` temporaries first. They are removed when the build
@@ -29,7 +30,7 @@ import numpy as np
 
 from .index import Record, decode_square
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: content digests
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Cache:
     images: np.ndarray  # (N, S, S) uint8, memory-mapped, row i = records[i]
     ok: np.ndarray  # (N,) bool: False where the file could not be used
     reasons: list[str | None]  # why a file was skipped (None when ok)
+    digests: list[str | None]  # hash of each file's bytes (None when skipped): its identity
     key: str
     path: Path
 
@@ -56,11 +58,33 @@ def cache_key(records: list[Record], size: int) -> str:
     return h.hexdigest()[:24]
 
 
-def _decode_into(out: np.ndarray, i: int, path: str, size: int) -> str | None:
+def file_digest(path: str | os.PathLike) -> str:
+    """A file's identity by content (16 hex digits of BLAKE2b over its bytes): the same image
+    copied, moved or seen through another folder keeps it."""
+    h = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _decode_one(path: str, size: int) -> tuple[np.ndarray | None, str | None, str | None]:
+    """(image, why skipped, content digest): a file read again right after its decode is
+    served from the page cache."""
     img, why = decode_square(path, size)
+    if img is None:
+        return None, why, None
+    try:
+        return img, None, file_digest(path)
+    except OSError as e:  # gone between the two reads: skipped like any unreadable file
+        return None, f"{type(e).__name__}: {e}", None
+
+
+def _decode_into(out: np.ndarray, i: int, path: str, size: int) -> tuple[str | None, str | None]:
+    img, why, digest = _decode_one(path, size)
     if img is not None:
         out[i] = img
-    return why
+    return why, digest
 
 
 def load_or_build(records: list[Record], size: int, cache_dir: str | os.PathLike | None = None,
@@ -77,11 +101,12 @@ def load_or_build(records: list[Record], size: int, cache_dir: str | os.PathLike
     if not built:
         info = _retry_failures(records, size, npy, meta, info, workers or os.cpu_count() or 1)
     images = np.load(npy, mmap_mode="r")
-    if images.shape != (len(records), size, size) or len(info["reasons"]) != len(records):
+    if (images.shape != (len(records), size, size) or len(info["reasons"]) != len(records)
+            or len(info.get("digests", ())) != len(records)):
         raise RuntimeError(f"cache {npy} does not match its data; delete it and run again")
     reasons = info["reasons"]
     return Cache(images=images, ok=np.array([r is None for r in reasons], dtype=bool),
-                 reasons=reasons, key=key, path=npy)
+                 reasons=reasons, digests=info["digests"], key=key, path=npy)
 
 
 def _retry_failures(records, size, npy: Path, meta: Path, info: dict, workers: int) -> dict:
@@ -93,13 +118,13 @@ def _retry_failures(records, size, npy: Path, meta: Path, info: dict, workers: i
     if not failed or len(info["reasons"]) != len(records):
         return info
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        decoded = list(pool.map(lambda i: decode_square(records[i].path, size), failed))
-    fixed = [(i, img) for i, (img, why) in zip(failed, decoded) if img is not None]
+        decoded = list(pool.map(lambda i: _decode_one(records[i].path, size), failed))
+    fixed = [(i, img) for i, (img, _, _) in zip(failed, decoded) if img is not None]
     if not fixed:
         return info
-    new = {**info, "reasons": list(info["reasons"])}
-    for i, (img, why) in zip(failed, decoded):
-        new["reasons"][i] = why
+    new = {**info, "reasons": list(info["reasons"]), "digests": list(info["digests"])}
+    for i, (img, why, digest) in zip(failed, decoded):
+        new["reasons"][i], new["digests"][i] = why, digest
     tmp = meta.with_name(meta.name + f".tmp{os.getpid()}@{socket.gethostname()}")
     try:
         rows = np.load(npy, mmap_mode="r+")
@@ -122,9 +147,10 @@ def _build(records, size, npy: Path, meta: Path, workers: int, progress) -> None
     tag = f".tmp{os.getpid()}@{socket.gethostname()}"
     tmp_npy, tmp_meta = npy.with_name(npy.name + tag), meta.with_name(meta.name + tag)
     try:
-        reasons = _decode_all(records, size, tmp_npy, workers, progress)
+        reasons, digests = _decode_all(records, size, tmp_npy, workers, progress)
         tmp_meta.write_text(json.dumps({"version": FORMAT_VERSION, "size": size,
-                                        "paths": [r.path for r in records], "reasons": reasons}))
+                                        "paths": [r.path for r in records], "reasons": reasons,
+                                        "digests": digests}))
         os.replace(tmp_npy, npy)
         os.replace(tmp_meta, meta)
     finally:  # after success both are renamed away; after any failure nothing half-made stays
@@ -132,16 +158,18 @@ def _build(records, size, npy: Path, meta: Path, workers: int, progress) -> None
         tmp_meta.unlink(missing_ok=True)
 
 
-def _decode_all(records, size, tmp_npy: Path, workers: int, progress) -> list[str | None]:
+def _decode_all(records, size, tmp_npy: Path, workers: int, progress):
+    """Decode every file into the map; return (reasons, digests), one per record."""
     out = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.uint8,
                                     shape=(len(records), size, size))
     reasons: list[str | None] = [None] * len(records)
+    digests: list[str | None] = [None] * len(records)
     # PIL releases the GIL while decoding and resizing, so threads scale across cores.
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
         futures = [pool.submit(_decode_into, out, i, r.path, size) for i, r in enumerate(records)]
         for done, (i, fut) in enumerate(zip(range(len(records)), futures), 1):
-            reasons[i] = fut.result()
+            reasons[i], digests[i] = fut.result()
             if progress is not None:
                 progress(done, len(records))
         out.flush()
@@ -150,7 +178,7 @@ def _decode_all(records, size, tmp_npy: Path, workers: int, progress) -> list[st
         # running ones so no thread writes into the map after it is gone.
         pool.shutdown(wait=True, cancel_futures=True)
         del out
-    return reasons
+    return reasons, digests
 
 
 _TMP = re.compile(r"\.tmp(\d+)(?:@(.+))?$")

@@ -32,6 +32,7 @@ class Dataset:
     is_test: np.ndarray  # (N,) bool
     synthetic: bool
     report: dict  # what the scan found
+    digests: list[str]  # each record's content digest (the cache's): its identity anywhere
 
     @property
     def train_idx(self) -> np.ndarray:
@@ -56,11 +57,16 @@ class Dataset:
         return h.hexdigest()[:16]
 
     def image_ids(self, idx=None) -> list[str]:
-        """Each image's identity wherever the data folder lives: a short hash of its path below
-        the root and its size in bytes (two data sets sharing a file name do not collide).
-        Sidecars list the images their weights learned from (`trained_on`), so a later run can
-        tell exactly whether it would test on one of them."""
+        """Each image's identity wherever the data folder lives and whatever it is called: the
+        digest of its bytes (16 hex digits). Sidecars list the images their weights learned
+        from (`trained_on`), so a later run can tell exactly whether it would test on one of
+        them, also through another folder (a pool that holds the labelled set)."""
         idx = range(len(self.records)) if idx is None else idx
+        return [self.digests[i] for i in idx]
+
+    def _path_ids(self, idx) -> list[str]:
+        """The identity sidecars written before content digests used (12 hex digits): a hash
+        of the path below the root and the byte size. Read, never written."""
         out = []
         for i in idx:
             r = self.records[i]
@@ -69,9 +75,13 @@ class Dataset:
         return out
 
     def learned(self, trained_on, idx) -> np.ndarray:
-        """(len(idx),) bool: which images of `idx` a sidecar's `trained_on` lists."""
+        """(len(idx),) bool: which images of `idx` a sidecar's `trained_on` lists (by content;
+        by path and size for ids of older sidecars)."""
         known = set(trained_on)
-        return np.array([i in known for i in self.image_ids(idx)], dtype=bool)
+        seen = np.array([i in known for i in self.image_ids(idx)], dtype=bool)
+        if any(len(i) == 12 for i in known):
+            seen |= np.array([i in known for i in self._path_ids(idx)], dtype=bool)
+        return seen
 
     def split_dict(self) -> dict:
         return {"train": [self.records[i].rel for i in self.train_idx],
@@ -107,6 +117,7 @@ def load_dataset(cfg: DataConfig, need_labels: bool = False,
         raise DataError(f"--data {root}: none of the {len(candidates)} files could be read; "
                         f"first problems: {report['skipped'][:3]}")
     records = [candidates[i] for i in keep]
+    digests = [cache.digests[i] for i in keep]
     labels = [r.label for r in records]
     labelled = all(lab is not None for lab in labels)
     if need_labels and not labelled and any(r.label is not None for r in candidates):
@@ -133,7 +144,8 @@ def load_dataset(cfg: DataConfig, need_labels: bool = False,
     contiguous = len(keep) == len(candidates)  # avoid copying the map when nothing was skipped
     images = cache.images if contiguous else cache.images[keep]
     return Dataset(root=root, records=records, images=images, class_names=class_names,
-                   targets=targets, is_test=is_test, synthetic=synthetic, report=report)
+                   targets=targets, is_test=is_test, synthetic=synthetic, report=report,
+                   digests=digests)
 
 
 def scan_report(root: Path, candidates: list[Record], cache: Cache,
