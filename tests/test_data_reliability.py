@@ -112,6 +112,24 @@ def test_images_beside_an_images_folder_are_used_and_the_rest_reported(tmp_path)
     assert all({"path", "reason"} <= set(e) for e in saved["skipped"])
 
 
+def test_every_suffix_pil_reads_radiographs_under_is_a_class_and_a_folder_without_images_is_named(
+        tmp_path):
+    """.jfif/.jpe (JPEG) and Netpbm files decode with PIL: a class of them must not vanish. A
+    folder of other files is no class, and the log says so."""
+    root = tmp_path / "data"
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40), dtype=np.uint8))
+    for cls, suffix, fmt in (("A", ".png", "PNG"), ("B", ".jfif", "JPEG"), ("C", ".jpe", "JPEG"),
+                             ("D", ".pgm", "PPM")):
+        (root / cls).mkdir(parents=True)
+        for i in range(2):
+            img.save(root / cls / f"{i}{suffix}", format=fmt)
+    (root / "E").mkdir()
+    (root / "E" / "notes.txt").write_text("x")
+    ds, logs = _load(root, tmp_path)
+    assert ds.class_names == ["A", "B", "C", "D"] and len(ds.records) == 8
+    assert any("folder 'E' holds no image file" in m and "'notes.txt'" in m for m in logs), logs
+
+
 def test_radiography_layout_without_loose_files_reports_only_masks(tmp_path):
     for cls in ("COVID", "Normal"):
         for i in range(2):
@@ -167,6 +185,14 @@ def test_manifest_with_some_empty_labels(tmp_path):
     assert "2 of 6 manifest rows have no label (first: 1.png, 4.png)" in msg and "\n" not in msg
     ds, _ = _load(tmp_path, tmp_path)  # pretraining needs no labels: still fine
     assert len(ds.records) == 6 and ds.class_names == []
+
+def test_a_manifest_that_is_not_utf8_is_an_error_naming_the_line(tmp_path):
+    root = tmp_path / "data"
+    (root / "A").mkdir(parents=True)
+    (root / "manifest.csv").write_bytes("path,label\nA/x.png,A\nA/r\u00e9sum\u00e9.png,A\n"
+                                        .encode("cp1252"))
+    with pytest.raises(DataError, match=r"not UTF-8 text \(byte 0xe9 on line 3\).*CSV UTF-8"):
+        _load(root, tmp_path)
 
 
 # 4. Manifest headers -----------------------------------------------------------------------

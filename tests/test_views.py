@@ -322,6 +322,23 @@ def test_dali_labelled_agrees_with_torch_and_eval_is_deterministic():
                 assert torch.equal(x, x2)
 
 
+@needs_dali
+@pytest.mark.parametrize("n,batch", [(5, 1), (5, 2), (21, 4)])
+def test_dali_labelled_shards_take_as_many_steps_as_the_torch_path(n, batch):
+    """Under torchrun every rank must run as many steps (DDP's all-reduce waits for all);
+    the torch path pads the order to a multiple of the world size, DALI must too."""
+    imgs, targets = _images(n), np.arange(n)
+    aug = ViewAugment(crop_scale=(0.6, 1.0), blur_p=0.0, jitter_p=0.0)
+    for rank in (0, 1):
+        ours = dali_mod.DaliLabelledSource(imgs, targets, batch, 24, "cpu", aug, seed=3,
+                                           rank=rank, world_size=2)
+        ref = LabelledSource(imgs, targets, batch, 24, "cpu", aug, seed=3, rank=rank,
+                             world_size=2)
+        got, want = [y for _, y in ours.epoch(0)], [y for _, y in ref.epoch(0)]
+        assert len(got) == len(want) == ref.steps_per_epoch
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_missing_dali_is_a_clear_message_and_torch_still_works():
     code = ("import sys; sys.modules['nvidia.dali'] = None\n"
             "import numpy as np\n"

@@ -42,8 +42,6 @@ Unavoidable differences:
     grey level inside the image, a few levels on the border. 16-bit files are scaled to 8
     bits over the full 16-bit range, where the cache stretches each file's min..max: cache
     such data instead.
-  * fine-tuning: a rank whose shard runs out before `steps_per_epoch` yields one batch fewer,
-    where the torch path would yield an empty batch.
 """
 from __future__ import annotations
 
@@ -288,6 +286,8 @@ class DaliLabelledSource(_DaliSource):
     def _plan(self, epoch: int) -> torch.Tensor:
         train = self.aug is not None
         order = epoch_order(self.n, self.seed, epoch) if train else torch.arange(self.n)
+        if train and self.world > 1:  # as LabelledSource: every rank as many steps (DDP)
+            order = torch.cat([order, order[:-self.n % self.world]])
         return order[self.rank::self.world]
 
     def _extras(self, idx, step):

@@ -36,8 +36,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .dicom import is_dicom, load_dicom_gray
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm",
-                  ".dicom"}
+# Every suffix PIL or pydicom reads radiographs under (JPEG's .jfif/.jpe, the Netpbm family,
+# JPEG 2000); a file listed here that will not decode is reported, never silently ignored.
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".tif", ".tiff", ".gif",
+                  ".webp", ".pgm", ".ppm", ".pbm", ".pnm", ".jp2", ".j2k", ".dcm", ".dicom"}
 MIN_SIDE = 32  # smaller files are thumbnails or icons, not radiographs
 
 
@@ -89,8 +91,13 @@ def scan(path: str | os.PathLike) -> Scan:
         elif d.is_dir():
             class_dirs.append(d)
     labelled = [(d, _images_under(d, root, out.left_out)) for d in class_dirs]
+    empty = [d for d, files in labelled if not files]
     labelled = [(d, files) for d, files in labelled if files]
     if labelled:
+        for d in empty:  # a class whose files were all of an unknown kind must not vanish unsaid
+            other = sorted(f.name for f in d.rglob("*") if f.is_file())
+            out.notes.append(f"folder {d.name!r} holds no image file, so it is not a class"
+                             + (f" ({len(other)} other files, e.g. {other[0]!r})" if other else ""))
         for f in _image_files(root):
             out.left_out.append({"path": f.name, "reason": "outside any class folder"})
         out.records = [Record(str(f), _rel(f, root), d.name, _rel(f, root))
@@ -128,10 +135,16 @@ def read_manifest(manifest: Path) -> list[Record]:
 def _scan_manifest(manifest: Path) -> Scan:
     root = manifest.parent.resolve()
     # utf-8-sig: spreadsheets save a byte-order mark that would otherwise hide `path`.
-    with open(manifest, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, [])
-        rows = [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]
+    try:
+        with open(manifest, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, [])
+            rows = [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]
+    except UnicodeDecodeError as e:  # Excel's plain "CSV" on Windows writes cp1252
+        line = manifest.read_bytes()[:e.start].count(b"\n") + 1
+        raise DataError(f"{manifest}: not UTF-8 text (byte {e.object[e.start]:#04x} on line "
+                        f"{line}); save it as \"CSV UTF-8\" (Excel) or convert it, e.g. "
+                        f"iconv -f cp1252 -t utf-8") from None
     columns, extra = _manifest_columns(manifest, header)
 
     def get(row: list[str], name: str) -> str:
