@@ -125,6 +125,29 @@ def test_missing_decoder_names_the_syntax_and_package(tmp_path):
     assert img is None and "JPEG-LS" in err and "pylibjpeg" in err
 
 
+@pytest.mark.parametrize("empty", [
+    dict(WindowCenter=None, WindowWidth=None),  # present, no value: the window is not given
+    dict(WindowCenter="", WindowWidth=""),
+    dict(RescaleSlope=None, RescaleIntercept=None),
+    dict(VOILUTSequence=[]),
+], ids=["window-none", "window-blank", "rescale", "voi-lut-sequence"])
+def test_present_but_empty_elements_mean_not_given(tmp_path, empty):
+    """Exporters write empty elements; read as values they blanked the image (every pixel 128)
+    or crashed the decode. The oracle: the same pixels without those elements (min..max)."""
+    a = pixels(12, seed=4)
+    f = write_dcm(tmp_path / "e.dcm", a, bits=12, **empty)
+    assert all(k in pydicom.dcmread(f) for k in empty)  # the file does hold them
+    np.testing.assert_array_equal(load_gray(f), minmax_u8(a))
+
+
+def test_a_uniform_image_is_a_reason_not_an_image(tmp_path):
+    """A blank export (or a window that maps every value to one) has nothing to read; a model
+    would still predict a class for it."""
+    f = write_dcm(tmp_path / "blank.dcm", np.full((40, 48), 9))
+    img, err = decode_square(f, 32)
+    assert img is None and "uniform image (every pixel is 0)" in err
+
+
 def test_not_a_dicom_and_no_pixels_are_reasons(tmp_path):
     bad = tmp_path / "bad.dcm"
     bad.write_bytes(b"\0" * 200)

@@ -92,6 +92,12 @@ def _check_decoder(uid) -> None:
 def to_uint8(arr: np.ndarray, ds) -> np.ndarray:
     """Stored grey values -> display uint8: modality LUT, VOI (or min-max), MONOCHROME1 flip."""
     apply_modality_lut, apply_voi_lut = _luts()
+    # Present but empty elements (exporters write them) mean "not given": pydicom would
+    # otherwise multiply by None, index an empty sequence, or skip the window silently.
+    for kw in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth",
+               "VOILUTSequence"):
+        if kw in ds and _empty(ds[kw].value):
+            del ds[kw]
     v = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
     if "VOILUTSequence" in ds:
         lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float64)
@@ -109,6 +115,15 @@ def to_uint8(arr: np.ndarray, ds) -> np.ndarray:
     if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
         gray = 255 - gray
     return gray
+
+
+def _empty(value) -> bool:
+    if value is None or value == "":
+        return True
+    try:
+        return len(value) == 0
+    except TypeError:  # a number
+        return False
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:

@@ -292,7 +292,7 @@ def load_gray(path: str | os.PathLike) -> np.ndarray:
     if os.path.getsize(path) == 0:
         raise ValueError("empty file (0 bytes)")
     if str(path).lower().endswith((".dcm", ".dicom")) or is_dicom(path):
-        return _min_side(load_dicom_gray(path))
+        return _checked(load_dicom_gray(path))
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
@@ -313,13 +313,17 @@ def load_gray(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(_too_large(path, e)) from None
     except (OSError, SyntaxError) as e:
         raise ValueError(f"unreadable or truncated: {e}") from None
-    return _min_side(gray)
+    return _checked(gray)
 
 
-def _min_side(gray: np.ndarray) -> np.ndarray:
+def _checked(gray: np.ndarray) -> np.ndarray:
+    """The checks every decoded image passes: big enough, and not one flat value."""
     h, w = gray.shape
     if min(h, w) < MIN_SIDE:
         raise ValueError(f"too small ({w}x{h} pixels, minimum {MIN_SIDE})")
+    if gray.min() == gray.max():  # nothing to read, yet a model would still predict a class
+        raise ValueError(f"uniform image (every pixel is {int(gray.flat[0])}): blank, or "
+                         "its display window maps every value to one")
     return gray
 
 
