@@ -131,7 +131,7 @@ class GraphedStep:
         self.lr = torch.zeros((), device=device)
         for group in self.t.opt.param_groups:
             group["lr"] = self.lr
-        self.tau = torch.ones((), device=device)
+        self.tau = torch.ones((), device=device, dtype=torch.float64)  # 1 - tau stays exact
         self.t.opt.zero_grad(set_to_none=True)  # gradients are allocated inside the graph
         self.replay = self.capture(lambda: self.body_fn(self.t, self.static, self.tau))
         self.seconds = time.perf_counter() - t0

@@ -114,10 +114,11 @@ def ema_reference_(target: FlatParams, online: FlatParams, tau: float | Tensor) 
     """target <- tau * target + (1 - tau) * online, with torch's multi-tensor lerp.
 
     A 0-dim tensor `tau` (what a CUDA graph replays: its value is read on the device at each
-    replay, never baked in) lerps the flat buffers in one op."""
+    replay, never baked in) lerps the flat buffers in one op. 1 - tau is taken in float64:
+    near the end of BYOL's schedule (tau within 1e-7 of 1) float32 would misstate it by 17%."""
     _check_pair(target, online)
     if isinstance(tau, Tensor):
-        target.padded.lerp_(online.padded, 1.0 - tau)
+        target.padded.lerp_(online.padded, (1.0 - tau.double()).to(target.padded.dtype))
     else:
         torch._foreach_lerp_(target.tensors, online.tensors, 1.0 - tau)
 
@@ -136,7 +137,7 @@ def _ema_kernel(target_ptr, online_ptr, n, w_or_tau, TAU_IN_MEMORY: tl.constexpr
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     if TAU_IN_MEMORY:  # a pointer to tau on the device: a CUDA graph replays with its new value
-        w = 1.0 - tl.load(w_or_tau).to(tl.float32)
+        w = (1.0 - tl.load(w_or_tau).to(tl.float64)).to(tl.float32)  # 1 - tau exact, as below
     else:  # w = 1 - tau, computed on the host in float64
         w = w_or_tau
     t = tl.load(target_ptr + offs, mask=mask)

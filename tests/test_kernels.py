@@ -248,6 +248,22 @@ def test_ema_with_tau_on_the_device_matches_the_float64_formula(resnet_pair):
         assert not flat_t.padded[flat_t.flat.numel():].any()
 
 
+@pytest.mark.parametrize("tau", [1 - 5.1e-8, 1 - 3e-6, 0.996])
+def test_ema_step_size_near_tau_one_is_exact(tau):
+    """At the end of BYOL's cosine schedule tau is within 1e-7 of 1: the step 1 - tau must be
+    the host's float64 value, not 1 - float32(tau) (off by 17% there). A target of zeros and
+    an online of ones makes the update equal to the step itself."""
+    target, online = torch.zeros(2, 3, device=DEVICE), torch.ones(2, 3, device=DEVICE)
+    flat_t, flat_o = K.FlatParams([target]), K.FlatParams([online])
+    methods = [K.ema_reference_, K.ema_] + ([K.ema_triton_] if K.triton_available(DEVICE) else [])
+    for ema in methods:
+        for t in (tau, torch.tensor(tau, dtype=torch.float64, device=DEVICE)):
+            flat_t.flat.zero_()
+            ema(flat_t, flat_o, t)
+            torch.testing.assert_close(flat_t.flat, torch.full_like(flat_t.flat, 1 - tau),
+                                       rtol=1e-6, atol=0)
+
+
 def test_flat_views_survive_load_state_dict(resnet_pair):
     online, _, flat_o, _ = resnet_pair
     ptr = flat_o.flat.data_ptr()
