@@ -284,6 +284,8 @@ def check(cfg):
         _check_data(cfg.data, need)
         need(cfg.preset in ("paper", "quick"), f"--preset must be paper or quick, not {cfg.preset!r}")
         need(cfg.seeds >= 1, f"--seeds must be at least 1, not {cfg.seeds}")
+        need(cfg.runtime.seed + cfg.seeds <= 2 ** 63,
+             f"--seed {cfg.runtime.seed} + --seeds {cfg.seeds} passes 2**63")
         need(len(cfg.fractions) > 0 and all(0 < f <= 1 for f in cfg.fractions),
              f"--fraction values must be in (0, 1], not {cfg.fractions}")
         return cfg
@@ -306,6 +308,7 @@ def _check_runtime(rt: Runtime, need) -> None:
          f"--precision must be auto, bf16 or fp32, not {rt.precision!r}")
     need(rt.backend in ("auto", "dali", "torch"),
          f"--backend must be auto, dali or torch, not {rt.backend!r}")
+    need(0 <= rt.seed < 2 ** 63, f"--seed must be in [0, 2**63), not {rt.seed}")
     need(rt.log_every >= 1, f"--log-every must be at least 1, not {rt.log_every}")
     need(rt.checkpoint_every >= 0,
          f"--checkpoint-every must be >= 0 (0 = by time only), not {rt.checkpoint_every}")
@@ -317,6 +320,7 @@ def _check_runtime(rt: Runtime, need) -> None:
 
 def _check_data(d: DataConfig, need) -> None:
     need(0 < d.test_fraction < 1, f"--test-fraction must be between 0 and 1, not {d.test_fraction}")
+    need(0 <= d.split_seed < 2 ** 63, f"--split-seed must be in [0, 2**63), not {d.split_seed}")
     need(d.cache_size >= 32, f"--cache-size must be at least 32, not {d.cache_size}")
     need(d.scan_workers >= 0, f"--workers must be >= 0 (0 = all CPUs), not {d.scan_workers}")
 

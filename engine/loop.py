@@ -179,6 +179,8 @@ def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
     """Train to `plan.epochs`, resuming from the run's checkpoint; returns metrics.csv rows."""
     steps = source.steps_per_epoch
     ck = run.resume(plan.key, plan.inputs) if plan.resume else None
+    if not plan.resume:  # starting over: the old checkpoints go with the old metrics
+        run.discard_checkpoints()
     epoch, start, partial = 0, 0, None
     if ck is not None:
         t.load(ck)

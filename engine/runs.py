@@ -14,7 +14,8 @@ runs/<name>/
 Checkpoints hold tensors, numbers and strings only and are read with weights_only=True, so a
 crafted file can never run code. They are copied to host memory at once and written on a
 thread (the step does not wait for the disk), then rotated: a kill at any moment leaves a
-readable checkpoint.pt or checkpoint.prev.pt.
+readable checkpoint.pt or checkpoint.prev.pt (or a complete checkpoint.next.pt, which the
+next run rotates into place). Resume checks every record's CRC before loading.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
@@ -93,8 +95,9 @@ class Run:
         lock.truncate()
         lock.write(str(os.getpid()))
         lock.flush()
-        dist.barrier()  # the other ranks may use the directory now
         run = cls(path, is_main)
+        run._recover()
+        dist.barrier()  # the other ranks may use the directory now
         opened = time.perf_counter()
         startup = _startup_seconds()
         if startup is not None:
@@ -107,6 +110,10 @@ class Run:
             run.flush(raise_errors=False)
             if created and not run.checkpoint.exists() and not run.previous.exists():
                 shutil.rmtree(path, ignore_errors=True)  # nothing worth keeping was made
+            else:  # an interrupted session's wall time counts in the run's total too
+                run.add_time("total", time.perf_counter() - opened)
+                with contextlib.suppress(Exception):
+                    run.write_timing()
             raise
         finally:
             run.flush(raise_errors=False)
@@ -114,6 +121,29 @@ class Run:
             lock.close()
 
     # ------------------------------------------------------------------- checkpoints
+    def _recover(self) -> None:
+        """Under the lock, before anything reads the directory: finish what a killed writer
+        left. Temporaries (`.<name>.tmp<pid>`, up to a whole checkpoint each) are deleted,
+        since no other process writes here; a checkpoint.next.pt is complete (it is renamed
+        into place only once written), so a rotation cut between its two renames is finished
+        and the newest checkpoint is the one resumed."""
+        for tmp in self.path.glob(".*.tmp*"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        nxt = self.path / "checkpoint.next.pt"
+        if nxt.exists():
+            if self.checkpoint.exists():
+                os.replace(self.checkpoint, self.previous)
+            os.replace(nxt, self.checkpoint)
+
+    def discard_checkpoints(self) -> None:
+        """--no-resume: the old checkpoints go at once, with the old metrics; left in place
+        they would pass for this run's if it stopped before its first save."""
+        if self.is_main:
+            self.flush(raise_errors=False)
+            for f in (self.checkpoint, self.previous, self.path / "checkpoint.next.pt"):
+                f.unlink(missing_ok=True)
+
     def save(self, state: dict) -> None:
         """Snapshot `state` to host memory now; write and rotate it on a background thread."""
         if not self.is_main:
@@ -161,6 +191,8 @@ class Run:
             if not f.exists():
                 continue
             try:
+                if not mmap:  # torch.load reads no checksum: a flipped bit would load silently
+                    _check_crcs(f)
                 ck = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
             except Exception as e:  # truncated, corrupt, or not a plain-data checkpoint
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
@@ -245,6 +277,14 @@ def _startup_seconds() -> float | None:
         return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _check_crcs(f: Path) -> None:
+    """Raise if any record of a checkpoint (a zip archive) fails its CRC-32."""
+    with zipfile.ZipFile(f) as z:
+        bad = z.testzip()
+    if bad is not None:
+        raise ValueError(f"record {bad} fails its checksum (the file is damaged)")
 
 
 def _to_host(obj):

@@ -53,6 +53,8 @@ BAD = [
     ("finetune", ["--fraction", "0"], "--fraction must be in (0, 1]"),
     ("finetune", ["--image-size", "0"], "--image-size must be at least 32"),
     ("finetune", ["--summary-last", "0"], "--summary-last must be at least 1"),
+    ("finetune", ["--seed", str(2 ** 63)], "--seed must be in [0, 2**63)"),
+    ("pretrain", ["--split-seed", "-1"], "--split-seed must be in [0, 2**63)"),
 ]
 
 
@@ -132,6 +134,77 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys)
     pretrain(_two_epochs(tmp_path, "cut"))
     assert "resuming from checkpoint.prev.pt" in capsys.readouterr().err
     assert _same_weights(full, run)
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    """One flipped byte inside a tensor: torch.load reads it without complaint (checked here),
+    so resume checks the archive's CRCs and takes checkpoint.prev.pt instead."""
+    full = pretrain(_two_epochs(tmp_path, "full"))
+    run = pretrain(_two_epochs(tmp_path, "flip"))
+    data = bytearray((run / "checkpoint.pt").read_bytes())
+    data[len(data) // 2] ^= 0x10  # the middle of the file: tensor bytes (weights dominate)
+    (run / "checkpoint.pt").write_bytes(bytes(data))
+    torch.load(run / "checkpoint.pt", weights_only=True)  # the precondition: loads silently
+    (run / "encoder.safetensors").unlink()
+    pretrain(_two_epochs(tmp_path, "flip"))
+    said = capsys.readouterr().err
+    assert "fails its checksum" in said and "resuming from checkpoint.prev.pt" in said
+    assert _same_weights(full, run)
+
+
+def test_a_rotation_cut_by_a_kill_resumes_from_the_newest_checkpoint(tmp_path, capsys):
+    """SIGKILL between the writer's two renames leaves checkpoint.next.pt (complete: renamed
+    into place once written) and no checkpoint.pt; a kill mid-write leaves a temporary. The
+    next run finishes the rotation, deletes the temporary, and resumes from the newest."""
+    run = pretrain(_two_epochs(tmp_path, "cut"))
+    os.replace(run / "checkpoint.pt", run / "checkpoint.next.pt")
+    (run / ".checkpoint.next.pt.tmp99999999").write_bytes(b"x" * 1000)
+    pretrain(_two_epochs(tmp_path, "cut"))
+    assert "has finished its 2 epochs" in capsys.readouterr().err  # not the older prev
+    assert sorted(p.name for p in run.glob("*checkpoint*")) == ["checkpoint.prev.pt",
+                                                                "checkpoint.pt"]
+
+
+def test_no_resume_discards_the_old_checkpoints_at_once(tmp_path, monkeypatch, capsys):
+    """--no-resume clears metrics.csv at once; the old checkpoints must go with it, or a new
+    run stopped before its first save would pass for the old, finished one."""
+    cfg = pretrain_cfg(out=str(tmp_path), name="over")
+    run = pretrain(cfg)
+
+    def stopped(self, state):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Run, "save", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            pretrain(dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime,
+                                                                          resume=False)))
+    assert not list(run.glob("checkpoint*"))
+    capsys.readouterr()
+    pretrain(cfg)
+    assert "nothing to train" not in capsys.readouterr().err  # trained again, from the start
+
+
+def test_an_interrupted_session_keeps_its_wall_time(tmp_path, monkeypatch):
+    cfg = _two_epochs(tmp_path, "int")
+    real, calls = Run.save, []
+
+    def stop_after_second(self, state):
+        real(self, state)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Run, "save", stop_after_second)
+        with pytest.raises(KeyboardInterrupt):
+            pretrain(cfg)
+    first = json.loads((tmp_path / "int" / "timing.json").read_text())
+    assert first["total"] > 0 and first["total_all_sessions"] == first["total"]
+    pretrain(cfg)
+    again = json.loads((tmp_path / "int" / "timing.json").read_text())
+    assert again["sessions"] == 2
+    assert again["total_all_sessions"] == pytest.approx(first["total"] + again["total"], abs=2e-3)
 
 
 def test_the_final_weights_always_match_the_final_checkpoint(tmp_path, monkeypatch):
