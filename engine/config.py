@@ -15,6 +15,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -293,7 +294,16 @@ def check(cfg):
         need(cfg.batch_size >= 1, f"--batch-size must be at least 1, not {cfg.batch_size}")
         need(cfg.device in ("auto", "cuda", "cpu"),
              f"--device must be auto, cuda or cpu, not {cfg.device!r}")
+        # Output paths are checked now: found wrong after inference, the results would be lost.
+        if isinstance(cfg, PredictConfig):
+            need(not Path(cfg.out_csv).expanduser().is_dir(),
+                 f"--out-csv {cfg.out_csv} is a folder; name a file, e.g. "
+                 f"{Path(cfg.out_csv) / 'predictions.csv'}")
+            need(cfg.cam is None or not Path(cfg.cam).expanduser().is_file(),
+                 f"--cam {cfg.cam} is a file; name a folder for the overlays")
         if isinstance(cfg, EvaluateConfig):
+            need(cfg.out is None or not Path(cfg.out).expanduser().is_file(),
+                 f"--out {cfg.out} is a file; name a folder for the evaluation's files")
             given = cfg.data.cache_size
             _check_data(dataclasses.replace(cfg.data, cache_size=given or 224), need)
             need(given is None or given >= 32, f"--cache-size must be at least 32, not {given}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from .data.index import DataError, decode_square, is_image_file
 from .data.loader import LabelledSource
 from .data.views import eval_view
 from .evaluation import draw_figures
+from .io import atomic_write, make_dir
 from .supervised import class_probs
 from .metrics import METRICS, NAMES, classification_metrics
 from .models import load_classifier, without_image_list
@@ -56,7 +57,7 @@ def predict(cfg: PredictConfig) -> list[dict]:
     res = resolve(inference_runtime(check(cfg)), cfg.batch_size)
     model, meta = load_classifier(cfg.model, res.device, res.channels_last)
     names, autocast = meta["class_names"], res.autocast
-    rows = []
+    rows, cam_failed = [], []
     files = image_files(cfg.inputs)
     for b in range(0, len(files), cfg.batch_size):
         chunk = [(p, *((None, err) if err else decode_square(p, meta["cache_size"])))
@@ -67,7 +68,10 @@ def predict(cfg: PredictConfig) -> list[dict]:
             x = eval_view(x, meta["image_size"], getattr(torch, res.dtype), res.channels_last)
             probs = class_probs(model, [x], autocast).cpu().numpy()
             if cfg.cam:
-                cam_overlays(model, meta, chunk, b, probs.argmax(1), cfg.cam, res.device)
+                try:
+                    cam_overlays(model, meta, chunk, b, probs.argmax(1), cfg.cam, res.device)
+                except Exception as e:  # the overlays are extra: never lose the predictions
+                    cam_failed.append((len(good), f"{type(e).__name__}: {e}"))
             probs = iter(probs)
         for path, img, err in chunk:
             rows.append(_row(path, names, None if img is None else next(probs), err))
@@ -75,6 +79,9 @@ def predict(cfg: PredictConfig) -> list[dict]:
     Console().print(predictions_table(rows, names, cfg.out_csv))
     if cfg.cam:
         Console().print(f"Grad-CAM overlays of the predicted class in {cfg.cam}")
+    if cam_failed:
+        raise SystemExit(f"Grad-CAM failed for {sum(n for n, _ in cam_failed)} images (first: "
+                         f"{cam_failed[0][1]}); every prediction is in {cfg.out_csv}")
     if rows and all(r["error"] for r in rows):  # scripts must see that nothing was predicted
         raise SystemExit(f"no input could be read ({len(rows)} tried; first: {rows[0]['path']}: "
                          f"{rows[0]['error']}); the reasons are in {cfg.out_csv}")
@@ -89,10 +96,16 @@ def cam_overlays(model, meta: dict, chunk, start: int, predicted, out_dir, devic
     from .explain import gradcam_overlays
 
     good = [(start + i, path, img) for i, (path, img, _) in enumerate(chunk) if img is not None]
-    names = [f"{i:05d}-{Path(path).stem}-{meta['class_names'][k]}".replace(" ", "_")
+    names = [_file_name(f"{i:05d}-{Path(path).stem}-{meta['class_names'][k]}")
              for (i, path, _), k in zip(good, predicted)]
     gradcam_overlays(model, np.stack([img for _, _, img in good]), meta["image_size"],
                      [int(k) for k in predicted], out_dir, names, device)
+
+
+def _file_name(text: str) -> str:
+    """A class or file name made safe as one file name: "Pneumonia/bacterial" would name a
+    folder that does not exist."""
+    return re.sub(r"[^\w.+=-]", "_", text)
 
 
 def _row(path: str, names: list[str], p: np.ndarray | None, error: str | None) -> dict:
@@ -106,15 +119,17 @@ def _row(path: str, names: list[str], p: np.ndarray | None, error: str | None) -
 
 def write_predictions(rows: list[dict], names: list[str], path: Path) -> None:
     """CSV: path, [label,] prediction, confidence, one probability column per class, error."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    make_dir(path.parent)
     fields = list(rows[0]) if rows else ["path", "prediction", "confidence", *names, "error"]
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields)
-        w.writeheader()
-        w.writerows({k: f"{v:.6f}" if isinstance(v, float) else v for k, v in r.items()}
-                    for r in rows)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=fields)
+            w.writeheader()
+            w.writerows({k: f"{v:.6f}" if isinstance(v, float) else v for k, v in r.items()}
+                        for r in rows)
+
+    atomic_write(path, write)
 
 
 def predictions_table(rows: list[dict], names: list[str], csv_path) -> Table:

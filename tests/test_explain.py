@@ -71,3 +71,31 @@ def test_predict_cam_writes_one_overlay_per_readable_image(tmp_path):
     assert r.exit_code == 0, r.output
     written = sorted(p.name for p in (tmp_path / "cam").iterdir())
     assert len(written) == 3 and all(n.split("-")[1] in {p.stem for p in imgs} for n in written)
+
+
+def test_cam_files_are_named_safely_and_a_cam_failure_keeps_every_prediction(tmp_path,
+                                                                             monkeypatch):
+    """A class named "Pneumonia/bacterial" must not point a file name into a missing folder;
+    and whatever fails in Grad-CAM, the predictions are written and the exit is non-zero."""
+    from typer.testing import CliRunner
+
+    from sstl.cli.main import app
+    from sstl.engine import explain
+
+    names = ["COVID", "Pneumonia/bacterial"]
+    run = make_run(tmp_path / "run", class_names=names)
+    write_pngs(tmp_path / "imgs", n=4)
+    args = ["predict", str(tmp_path / "imgs"), "--model", str(run), "--device", "cpu"]
+    r = CliRunner().invoke(app, [*args, "--out-csv", str(tmp_path / "p.csv"),
+                                 "--cam", str(tmp_path / "cam")])
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "cam").glob("*.png"))) == 4
+
+    def broken(*a, **k):
+        raise RuntimeError("no gradient reached layer4")
+
+    monkeypatch.setattr(explain, "gradcam_overlays", broken)
+    r = CliRunner().invoke(app, [*args, "--out-csv", str(tmp_path / "q.csv"),
+                                 "--cam", str(tmp_path / "cam2")])
+    assert r.exit_code not in (0, None) and "Grad-CAM failed for 4 images" in r.output
+    assert (tmp_path / "q.csv").read_text().count("\n") == 5  # header + every image

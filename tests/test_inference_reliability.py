@@ -122,3 +122,20 @@ def test_json_files_are_strict_an_undefined_number_is_null(tmp_path):
                         parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert strict == {"auc": None, "x": [1.0, None], "n": None, "ok": 0.5}
     assert math.isnan(np.array([strict["auc"]], dtype=np.float64)[0])  # how readers get NaN back
+
+
+def test_output_paths_of_the_wrong_kind_are_refused_before_inference(tmp_path):
+    run = make_run(tmp_path / "run")
+    write_pngs(tmp_path / "imgs", n=2)
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit, match="--out-csv .*a_folder is a folder"):
+        predict(PredictConfig(model=str(run), inputs=(str(tmp_path / "imgs"),),
+                              out_csv=str(tmp_path / "a_folder"), device="cpu"))
+    with pytest.raises(SystemExit, match="--cam .*a_file is a file"):
+        predict(PredictConfig(model=str(run), inputs=(str(tmp_path / "imgs"),),
+                              out_csv=str(tmp_path / "p.csv"), cam=str(tmp_path / "a_file")))
+    with pytest.raises(SystemExit, match="--out .*a_file is a file"):
+        evaluate(EvaluateConfig(model=str(run), data=DataConfig(path=str(tmp_path / "imgs")),
+                                out=str(tmp_path / "a_file")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "a_folder", "imgs", "run"]

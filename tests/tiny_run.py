@@ -12,13 +12,14 @@ from sstl.engine.runs import save_weights
 CLASSES = ["COVID", "Normal"]
 
 
-def make_run(run: Path, image_size: int = 32, cache_size: int = 48, seed: int = 0) -> Path:
+def make_run(run: Path, image_size: int = 32, cache_size: int = 48, seed: int = 0,
+             class_names: list[str] = CLASSES) -> Path:
     """run/model.safetensors + run/model.json for a randomly initialised resnet18 classifier."""
     torch.manual_seed(seed)
-    model = Classifier(backbone("resnet18"), ARCHS["resnet18"], len(CLASSES)).eval()
+    model = Classifier(backbone("resnet18"), ARCHS["resnet18"], len(class_names)).eval()
     run.mkdir(parents=True, exist_ok=True)
     save_weights(model.state_dict(), run / "model.safetensors", {
-        "kind": "sstl-classifier", "arch": "resnet18", "class_names": CLASSES,
+        "kind": "sstl-classifier", "arch": "resnet18", "class_names": list(class_names),
         "positive_class": "COVID", "image_size": image_size, "cache_size": cache_size,
         "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
         "input": "grayscale replicated to 3 channels, resized square, ImageNet-normalised",
