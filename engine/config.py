@@ -29,7 +29,8 @@ from .methods import METHODS, SettingError, method_settings
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AugmentConfig", "FinetuneAugment", "ViewAugment",
            "DataConfig", "Runtime", "PretrainConfig", "FinetuneConfig", "PredictConfig",
-           "EvaluateConfig", "SupervisedConfig", "ReproduceConfig", "ConfigError", "check", "resolve", "resume_key", "save_json"]
+           "EvaluateConfig", "SupervisedConfig", "ReproduceConfig", "ConfigError", "check", "resolve", "resume_key", "resume_keys",
+           "save_json"]
 
 
 class ConfigError(SystemExit):
@@ -208,16 +209,35 @@ def config_hash(cfg) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def resume_key(cfg) -> str:
+def resume_key(cfg, as_typed: bool = False) -> str:
     """What a checkpoint must match to be continued: the config minus how and where it runs,
-    and minus what only changes the report (set to its default, so keys made before stay)."""
+    and minus what only changes the report (set to its default, so keys made before stay).
+    Paths (--data, --encoder, --init PATH) count by the place they name, not by how they were
+    typed: `cxr`, `./cxr` and /abs/cxr, from any folder, are one run. `as_typed`: the key
+    of checkpoints written before (paths as typed), which resume still accepts."""
     d = to_dict(cfg)
     for f in dataclasses.fields(cfg):
         if f.name in REPORT_ONLY:
             d[f.name] = f.default
     d["runtime"] = {k: v for k, v in d["runtime"].items() if k not in RESUMABLE_RUNTIME}
     d["data"] = {k: v for k, v in d["data"].items() if k not in ("cache_dir", "scan_workers")}
+    if not as_typed:
+        if d["data"].get("path") is not None:
+            d["data"]["path"] = _place(d["data"]["path"])
+        if d.get("encoder") is not None:
+            d["encoder"] = _place(d["encoder"])
+        if d.get("init") not in (None, "imagenet", "random"):
+            d["init"] = _place(d["init"])
     return config_hash(d)
+
+
+def resume_keys(cfg) -> tuple[str, str]:
+    """The keys a checkpoint of this config may carry: today's, then the as-typed one."""
+    return resume_key(cfg), resume_key(cfg, as_typed=True)
+
+
+def _place(path: str) -> str:
+    return str(Path(path).expanduser().resolve())
 
 
 # ------------------------------------------------------------------ checks of user input

@@ -229,7 +229,8 @@ LIMITATIONS = [
     "The labels are those of the data set, not a verified reference standard (e.g. RT-PCR).",
     "Images are reduced to grayscale squares of the stated size; the aspect ratio and "
     "DICOM metadata (view position, patient age, sex) are not used.",
-    "The confidence intervals resample test images only: they do not cover the variation "
+    "The confidence intervals resample the test split only (its images, or its patients "
+    "where images share a group): they do not cover the variation "
     "between training runs (seeds), for which the mean ± std over the last epochs is a hint.",
     "Softmax probabilities are not calibrated and are not a probability of disease.",
 ]

@@ -19,12 +19,12 @@ from rich.table import Table
 
 from . import dist
 from .config import (IMAGENET_MEAN, IMAGENET_STD, FinetuneConfig, Resolved, check, config_hash,
-                     resolve, resume_key, save_json)
+                     resolve, save_json)
 from .data.backends import labelled_source
 from .data.dataset import Dataset, load_dataset, save_data_files
 from .data.index import DataError
 from .data.split import fraction_subset
-from .loop import Plan, Trainer, check_resumable, fit
+from .loop import Plan, Trainer, check_resumable, fit, run_name
 from .evaluation import bootstrap_ci, card_fields, curves_png, draw_figures, write_model_card
 from .metrics import METRICS, NAMES, best_epoch, classification_metrics, summarize
 from .models import sidecar, weights_file
@@ -103,8 +103,8 @@ def check_encoder(cfg: FinetuneConfig, ds: Dataset) -> Path | None:
 
 def default_name(cfg: FinetuneConfig, start: str) -> str:
     """The same command names the same directory, so rerunning it resumes."""
-    return f"finetune-{cfg.arch}-{Path(start).parent.name or start}-f{cfg.fraction:g}-" \
-           f"{resume_key(cfg)[:8]}"
+    return run_name(cfg, f"finetune-{cfg.arch}-{Path(start).parent.name or start}-"
+                         f"f{cfg.fraction:g}")
 
 
 def finetune(cfg: FinetuneConfig) -> Path:

@@ -20,6 +20,7 @@ import math
 import signal
 import threading
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,7 +28,7 @@ import torch
 
 from .. import kernels
 from . import accel, dist
-from .config import resume_key
+from .config import resume_keys
 from .runs import CHECKPOINT_FORMAT, MetricsCSV, Reporter, Run, log
 
 
@@ -146,6 +147,7 @@ class Plan:
 
     epochs: int
     key: str  # resume key: a checkpoint continues only the run it came from
+    accepts: tuple[str, ...] = ()  # keys of earlier versions that also continue it
     log_every: int = 10
     checkpoint_every: int = 0  # steps; 0 = by time only
     checkpoint_minutes: float = 5.0
@@ -163,22 +165,33 @@ class Plan:
     def of(cls, cfg, **kw) -> "Plan":
         """A training command's plan: its epochs, resume key and runtime block's intervals."""
         rt = cfg.runtime
-        return cls(epochs=cfg.epochs, key=resume_key(cfg), log_every=rt.log_every,
+        key, typed = resume_keys(cfg)
+        return cls(epochs=cfg.epochs, key=key, accepts=(typed,), log_every=rt.log_every,
                    checkpoint_every=rt.checkpoint_every,
                    checkpoint_minutes=rt.checkpoint_minutes, resume=rt.resume, **kw)
+
+
+def run_name(cfg, prefix: str) -> str:
+    """A run's directory when --name is not given: `prefix` and its resume key, so the same
+    command (its paths spelled any way) finds the same directory and resumes. A directory
+    named by the as-typed key (earlier versions) is kept when it is the one there."""
+    key, typed = resume_keys(cfg)
+    out = Path(cfg.runtime.out).expanduser()
+    new, old = f"{prefix}-{key[:8]}", f"{prefix}-{typed[:8]}"
+    return old if (out / old).is_dir() and not (out / new).exists() else new
 
 
 def check_resumable(run: Run, cfg, inputs: str) -> None:
     """Before a command writes into its run directory: refuse, as fit would, a checkpoint of
     other settings or other inputs, so a refused rerun leaves the run's files as they were."""
     if cfg.runtime.resume:
-        run.resume(resume_key(cfg), inputs, mmap=True)
+        run.resume(resume_keys(cfg), inputs, mmap=True)
 
 
 def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
     """Train to `plan.epochs`, resuming from the run's checkpoint; returns metrics.csv rows."""
     steps = source.steps_per_epoch
-    ck = run.resume(plan.key, plan.inputs) if plan.resume else None
+    ck = run.resume((plan.key, *plan.accepts), plan.inputs) if plan.resume else None
     if not plan.resume:  # starting over: the old checkpoints go with the old metrics
         run.discard_checkpoints()
     epoch, start, partial = 0, 0, None

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from . import accel, dist
-from .config import PretrainConfig, Resolved, check, config_hash, resolve, resume_key
+from .config import PretrainConfig, Resolved, check, config_hash, resolve
 from .data.backends import ssl_source
 from .data.dataset import load_dataset, save_data_files
-from .loop import EMA, Plan, Trainer, check_resumable, fit, sgd
+from .loop import EMA, Plan, Trainer, check_resumable, fit, run_name, sgd
 from .methods import METHODS, Method, build
 from .models import ARCHS, backbone
 from .runs import Run, log, save_weights
@@ -57,7 +57,7 @@ def build_trainer(cfg: PretrainConfig, res: Resolved, method: Method, total_step
 
 def default_name(cfg: PretrainConfig) -> str:
     """The same command names the same directory, so rerunning it resumes."""
-    return f"pretrain-{cfg.method}-{cfg.arch}-{resume_key(cfg)[:8]}"
+    return run_name(cfg, f"pretrain-{cfg.method}-{cfg.arch}")
 
 
 def pretrain(cfg: PretrainConfig) -> Path:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .config import (AugmentConfig, DataConfig, EvaluateConfig, FinetuneAugment,
-                     FinetuneConfig, PretrainConfig, ReproduceConfig, check, resume_key)
+                     FinetuneConfig, PretrainConfig, ReproduceConfig, check, resume_keys)
 from .data.dataset import load_dataset
 from .finetune import check_split_classes, finetune
 from .io import atomic_write, make_dir, save_json
@@ -105,7 +105,7 @@ def _made_otherwise(run: Path, cfg, data: str) -> bool:
     except Exception:
         return False
     inputs = ck.get("inputs") if isinstance(ck, dict) else None
-    return not isinstance(ck, dict) or ck.get("resume_key") != resume_key(cfg) or \
+    return not isinstance(ck, dict) or ck.get("resume_key") not in resume_keys(cfg) or \
         (inputs is not None and inputs.split(":")[0] != data)
 
 

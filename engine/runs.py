@@ -182,10 +182,13 @@ class Run:
                 raise err
             raise WriteError(f"could not write {self.checkpoint}: {err}") from None
 
-    def resume(self, key: str, inputs: str = "", mmap: bool = False) -> dict | None:
-        """The newest readable checkpoint of this run, or None; refuses another run's, and one
-        trained on other inputs (fit's Plan.inputs; older checkpoints carry none). mmap: map
-        the tensors instead of reading them (a cheap look before anything is written)."""
+    def resume(self, key: str | tuple[str, ...], inputs: str = "",
+               mmap: bool = False) -> dict | None:
+        """The newest readable checkpoint of this run, or None; refuses another run's (a key
+        not among `key`), and one trained on other inputs (fit's Plan.inputs; older
+        checkpoints carry none). mmap: map the tensors instead of reading them (a cheap look
+        before anything is written)."""
+        keys = (key,) if isinstance(key, str) else tuple(key)
         tried = []
         for f in (self.checkpoint, self.previous):
             if not f.exists():
@@ -202,7 +205,7 @@ class Run:
             if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
                 raise SystemExit(f"{f} is not an sstl checkpoint of this version; use another "
                                  "--name (or --no-resume to start over here)")
-            if ck.get("resume_key") != key:
+            if ck.get("resume_key") not in keys:
                 raise SystemExit(f"{f} was written by a run with different settings; use "
                                  "another --name (or --no-resume to start over here)")
             if inputs and ck.get("inputs") not in (None, inputs):

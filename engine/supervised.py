@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from . import accel, dist
-from .config import Resolved, SupervisedConfig, check, config_hash, resolve, resume_key
+from .config import Resolved, SupervisedConfig, check, config_hash, resolve
 from .data.backends import labelled_source
 from .data.dataset import load_dataset, save_data_files
-from .loop import Plan, Trainer, check_resumable, fit, sgd
+from .loop import Plan, Trainer, check_resumable, fit, run_name, sgd
 from .models import ARCHS, Classifier, backbone, imagenet_state_dict
 from .runs import Run, log, save_weights
 
@@ -81,7 +81,7 @@ def eval_probs(t: Trainer, test) -> np.ndarray:
 
 
 def default_name(cfg: SupervisedConfig) -> str:
-    return f"supervised-{cfg.arch}-{resume_key(cfg)[:8]}"
+    return run_name(cfg, f"supervised-{cfg.arch}")
 
 
 def check_start(arch: str, init: str, imagenet_weights: str, flag: str = "--init") -> None:

@@ -380,3 +380,30 @@ def test_a_reporting_option_does_not_change_which_run_resumes():
     base = finetune_cfg()
     assert resume_key(dataclasses.replace(base, summary_last=3)) == resume_key(base)
     assert resume_key(dataclasses.replace(base, epochs=3)) != resume_key(base)
+
+
+def test_a_path_spelled_another_way_is_the_same_run(tmp_path, monkeypatch, capsys):
+    """--data and --out typed relative, from another folder, name the same run directory and
+    resume it; a checkpoint (and a directory name) of the earlier as-typed key still does."""
+    from sstl.engine.config import check, resume_key
+    from sstl.engine.data.synthetic import ensure_synthetic
+    from sstl.engine.pretrain import default_name
+
+    src = ensure_synthetic()
+    absolute = pretrain_cfg(out=str(tmp_path / "runs"), path=str(src))
+    run = pretrain(absolute)
+    monkeypatch.chdir(src.parent)
+    typed = check(pretrain_cfg(out=os.path.relpath(tmp_path / "runs"), path=src.name))
+    assert resume_key(typed, as_typed=True) != resume_key(absolute, as_typed=True)
+    capsys.readouterr()
+    assert pretrain(typed).resolve() == run.resolve()
+    assert "has finished its 1 epoch" in capsys.readouterr().err
+    # As an earlier version left it: the checkpoint's key and the folder's name as typed.
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    ck["resume_key"] = resume_key(typed, as_typed=True)
+    torch.save(ck, run / "checkpoint.pt")
+    old = run.with_name(f"pretrain-cross-resnet18-{ck['resume_key'][:8]}")
+    os.replace(run, old)
+    assert default_name(typed) == old.name
+    assert pretrain(typed).resolve() == old.resolve()
+    assert "has finished its 1 epoch" in capsys.readouterr().err
