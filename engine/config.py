@@ -309,6 +309,8 @@ def check(cfg):
              f"--seed {cfg.runtime.seed} + --seeds {cfg.seeds} passes 2**63")
         need(len(cfg.fractions) > 0 and all(0 < f <= 1 for f in cfg.fractions),
              f"--fraction values must be in (0, 1], not {cfg.fractions}")
+        need(len(set(cfg.fractions)) == len(cfg.fractions),  # a repeat would count as a seed
+             f"--fraction values repeat: {cfg.fractions}")
         return cfg
     if isinstance(cfg, (PredictConfig, EvaluateConfig)):
         need(cfg.batch_size >= 1, f"--batch-size must be at least 1, not {cfg.batch_size}")

@@ -27,6 +27,7 @@ import torch
 from .config import (AugmentConfig, DataConfig, EvaluateConfig, FinetuneAugment,
                      FinetuneConfig, PretrainConfig, ReproduceConfig, check, resume_keys)
 from .data.dataset import load_dataset
+from .data.index import DataError
 from .finetune import check_split_classes, finetune
 from .io import atomic_write, make_dir, save_json
 from .methods import METHODS
@@ -70,11 +71,11 @@ def available_rows(cfg: ReproduceConfig) -> list[tuple[str, str | None, str]]:
     if cfg.rows:
         unknown = [r for r in cfg.rows if r not in {n for n, _, _ in ROWS}]
         if unknown:
-            raise SystemExit(f"--rows: unknown {', '.join(unknown)}; rows are "
+            raise SystemExit(f"--row: unknown {', '.join(unknown)}; rows are "
                              f"{', '.join(n for n, _, _ in ROWS)}")
         missing = [r for r in cfg.rows if r not in {n for n, _, _ in rows}]
         if missing:
-            raise SystemExit(f"--rows: {', '.join(missing)} cannot be trained by this sstl yet")
+            raise SystemExit(f"--row: {', '.join(missing)} cannot be trained by this sstl yet")
         rows = [r for r in rows if r[0] in cfg.rows]
     return rows
 
@@ -151,10 +152,14 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     rows = available_rows(cfg)
     data = dataclasses.replace(cfg.data, cache_size=p["cache_size"])
     for start in {start for _, _, start in rows}:  # missing weights fail before the scan
-        check_start(p["arch"], *_start(start, cfg))
+        check_start(p["arch"], *_start(start, cfg), flag="--transfer" if start == "transfer"
+                    else "--init")
     # The scan every cell then maps; a split no cell could score fails before any training.
     ds = load_dataset(data, need_labels=True, log=log)
     check_split_classes(ds, cfg.positive_class)
+    if cfg.evaluate_on:  # read at the first cell's end: a bad set must fail before any training
+        check_evaluate_on(cfg.evaluate_on, ds.class_names,
+                          dataclasses.replace(data, path=cfg.evaluate_on))
     cells, fingerprint = plan(cfg, grid, data, rows), ds.fingerprint()
     other = [c["run"].name for c in cells if _made_otherwise(c["run"], c["cfg"], fingerprint)]
     if other:
@@ -172,6 +177,21 @@ def reproduce(cfg: ReproduceConfig) -> Path:
         else:
             results.append(_finetune_cell(cfg, p, c))
     return collect(cfg, grid, rows, results)
+
+
+def check_evaluate_on(path: str, classes: list[str], data: DataConfig) -> None:
+    """--evaluate-on names labelled images whose classes the models know (evaluate's own
+    refusals, made before the grid trains)."""
+    try:
+        other = load_dataset(data, need_labels=True, log=lambda m: None)
+    except DataError as e:  # its messages name --data: here the set came from --evaluate-on
+        msg = str(e)
+        raise SystemExit(msg.replace("--data ", "--evaluate-on ", 1) if msg.startswith("--data ")
+                         else f"--evaluate-on {path}: {msg}") from None
+    unknown = sorted(set(other.class_names) - set(classes))
+    if unknown:
+        raise SystemExit(f"--evaluate-on {path}: class {unknown[0]!r} is not one of the "
+                         f"training data's ({', '.join(map(repr, classes))})")
 
 
 def _finetune_cell(cfg: ReproduceConfig, p: dict, c: dict) -> dict:

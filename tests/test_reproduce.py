@@ -104,8 +104,31 @@ def test_a_positive_class_missing_from_the_data_is_refused_before_any_training(t
 
 def test_unknown_rows_are_refused(tmp_path):
     cfg = ReproduceConfig(runtime=Runtime(device="cpu", out=str(tmp_path)), rows=("moco",))
-    with pytest.raises(SystemExit, match="unknown moco"):
+    with pytest.raises(SystemExit, match="--row: unknown moco"):
         reproduce_mod.reproduce(cfg)
+
+
+def test_a_repeated_fraction_is_refused(tmp_path):
+    """A repeat would be read back as a second seed of that cell (its ± from two copies)."""
+    cfg = ReproduceConfig(runtime=Runtime(device="cpu", out=str(tmp_path)), fractions=(1.0, 1.0))
+    with pytest.raises(SystemExit, match="--fraction values repeat"):
+        reproduce_mod.reproduce(cfg)
+
+
+@pytest.mark.parametrize("case", ["missing", "unknown class"])
+def test_a_bad_evaluate_on_set_is_refused_before_any_training(tmp_path, case):
+    from .tiny_run import write_pngs
+
+    other = tmp_path / "other"
+    if case == "unknown class":
+        write_pngs(other / "Martian", n=2), write_pngs(other / "COVID", n=2, seed=1)
+    cfg = ReproduceConfig(runtime=Runtime(device="cpu", out=str(tmp_path), name="grid"),
+                          data=DataConfig(cache_dir=str(tmp_path / "cache")), preset="quick",
+                          rows=("scratch",), fractions=(1.0,), evaluate_on=str(other))
+    match = "--evaluate-on .*other: no such" if case == "missing" else "class 'Martian'"
+    with pytest.raises(SystemExit, match=match):
+        reproduce_mod.reproduce(cfg)
+    assert not (tmp_path / "grid").exists()
 
 
 def test_fig3_table_prints_each_point_of_the_figure():
