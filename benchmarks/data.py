@@ -90,8 +90,8 @@ def run(data: str | None = None, device: str = "auto", batch_size: int | None = 
     gpu = dev.type == "cuda"
     info = machine(dev)  # before the rows: the load average is then other work's, not ours
     batch, steps = batch_size or (256 if gpu else 64), steps or (30 if gpu else 8)
-    # As training runs: bf16 and channels_last on a GPU, fp32 on a CPU.
-    dtype, channels_last = (torch.bfloat16, True) if gpu else (torch.float32, False)
+    # As training runs: bf16 on a GPU, fp32 on a CPU; channels_last on both (Resolved).
+    dtype, channels_last = (torch.bfloat16 if gpu else torch.float32), True
     aug = AugmentConfig(size=view_size)
     ds = load_dataset(DataConfig(path=data), log=lambda m: None)
     copies = math.ceil((warmup + repeats * steps) * batch / len(ds.records))

@@ -20,7 +20,11 @@ ends (a run cut short still returns what it finished), then a short table:
   recipe    the paper's recipe end to end, twice, as a user types it: `sstl pretrain` (40
             epochs) then `sstl finetune` (30 epochs) on --data (cxr-dev-gray224); the second
             pass shows what the compile cache saves. Wall time, per-epoch img/s, timing.json
-Sections are skipped once --budget seconds have passed, so the command ends in time.
+Sections are skipped once --budget seconds have passed, so the command ends in time. The
+exit status is 1 when a section raised, a check failed or a recipe command exited non-zero
+(summary.json's `failed` says which). `--device cpu` is a smoke run of the cheap sections
+(cuda, kernels, data, methods) here: `TRITON_INTERPRET=1 python -m sstl.benchmarks.gpu_check
+--device cpu --only cuda` (about 2 minutes on 2 cores).
 
 Issue 13 (CUDA graphs, compile cache, the fine-tune loop) on a lent GPU, in two commands that
 each fit the 10-minute limit; first, here, `mkdir -p .data && cp -r
@@ -257,11 +261,37 @@ def _run_facts(run: Path) -> dict:
     return facts
 
 
+SECTIONS = ("cuda", "kernels", "step", "data", "methods", "knobs", "finetune", "pretrain",
+            "recipe")
+GPU_ONLY = ("step", "knobs", "finetune", "pretrain", "recipe")  # resnet50-sized: no CPU smoke
+
+
+def failures(name: str, section: dict) -> list[str]:
+    """What went wrong in a finished section: its exception, a check that failed, a command
+    of the recipe that exited non-zero. Any of them makes the script exit 1."""
+    if "error" in section:
+        return [section["error"]]
+    result = section.get("result") or {}
+    out = []
+    if name == "cuda":
+        out += [f"check {k} failed (rel_err {v.get('rel_err')})" for k, v in result.items()
+                if isinstance(v, dict) and v.get("ok") is False]
+    if name == "recipe":
+        out += [f"pass {r.get('pass')} {cmd} exited {r[cmd].get('rc')}"
+                for r in result.get("rows", []) for cmd in ("pretrain", "finetune")
+                if isinstance(r.get(cmd), dict) and r[cmd].get("rc") not in (0, None)]
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="gpu-check", help="folder for the JSON files")
     p.add_argument("--budget", type=float, default=480, help="seconds after which sections skip")
-    p.add_argument("--only", nargs="*", default=None, help="run only these sections")
+    p.add_argument("--only", nargs="*", default=None, choices=SECTIONS,
+                   help="run only these sections")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                   help="cpu: a smoke run of the cheap sections (TRITON_INTERPRET=1 for the "
+                        "kernels); the resnet50-sized sections are skipped there")
     p.add_argument("--data", default=None, help="labelled set for the recipe section")
     p.add_argument("--knobs", nargs="*", default=None, choices=list(KNOBS),
                    help="the knobs section's variants (default: all)")
@@ -270,24 +300,31 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     from . import data, kernels, methods, step
 
+    dev = a.device
     sections = {
-        "cuda": cuda_checks,
-        "kernels": lambda: kernels.run("cuda"),
-        "step": lambda: step.run(device="cuda", arch="resnet50", batch_size=256, view_size=112),
-        "data": lambda: data.run(device="cuda"),
-        "methods": lambda: methods.run(device="cuda", methods=["cross", "byol", "simsiam",
-                                                                "simclr"], graphs=(False, True)),
+        "cuda": lambda: cuda_checks(dev) if dev == "cuda" else cuda_checks(dev, "resnet18", 8),
+        "kernels": lambda: kernels.run(dev),
+        "step": lambda: step.run(device=dev, arch="resnet50", batch_size=256, view_size=112),
+        "data": lambda: data.run(device=dev),
+        "methods": lambda: methods.run(device=dev, methods=["cross", "byol", "simsiam",
+                                                             "simclr"],
+                                       **({"graphs": (False, True)} if dev == "cuda" else
+                                          {"graphs": (False,), "arch": "resnet18"})),
         "knobs": lambda: knobs(a.knobs),
         "finetune": finetune_throughput,
         "pretrain": lambda: pretrain_epoch(out),
         "recipe": lambda: recipe(out, a.data),
     }
-    t0, summary = time.perf_counter(), {"machine": machine()}
+    assert tuple(sections) == SECTIONS
+    t0, summary, failed = time.perf_counter(), {"machine": machine()}, {}
     for name, fn in sections.items():
         if a.only and name not in a.only:
             continue
         if time.perf_counter() - t0 > a.budget:
             summary[name] = {"skipped": f"budget of {a.budget:.0f}s spent"}
+            continue
+        if dev != "cuda" and name in GPU_ONLY:
+            summary[name] = {"skipped": "needs a GPU"}
             continue
         s0 = time.perf_counter()
         try:
@@ -296,10 +333,16 @@ def main() -> None:
             summary[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
         summary[name]["seconds"] = time.perf_counter() - s0
         (out / f"{name}.json").write_text(json.dumps(summary[name], indent=2, default=str))
+        bad = failures(name, summary[name])
+        if bad:
+            failed[name] = bad
         print(f"[{time.perf_counter() - t0:6.0f}s] {name}: "
-              f"{'error ' + summary[name]['error'] if 'error' in summary[name] else 'done'}", flush=True)
+              f"{'FAILED: ' + '; '.join(bad) if bad else 'done'}", flush=True)
+    summary["failed"] = failed
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print_summary(summary)
+    if failed:  # a broken session must not look like a successful one to whoever runs it
+        raise SystemExit(f"gpu_check: {len(failed)} section(s) failed: {', '.join(failed)}")
 
 
 def print_summary(summary: dict) -> None:

@@ -102,3 +102,34 @@ def test_profile_sorts_kernels_by_kind():
         "void at::native::elementwise_kernel<128, 2, gpu_kernel_impl<randn>>": "other",
     }
     assert {name: kind(name) for name in seen} == seen
+
+
+def test_gpu_check_exits_non_zero_when_a_section_fails(tmp_path, monkeypatch):
+    """A lent GPU's minutes are spent once: a failed check, a crashed section or a recipe
+    command that exited non-zero must not read as success; a misspelt section is refused."""
+    import sys
+
+    import pytest
+
+    from sstl.benchmarks import gpu_check
+
+    assert gpu_check.failures("cuda", {"result": {"ema": {"ok": True, "rel_err": 0.0},
+                                                  "loss": {"ok": False, "rel_err": 0.5}}}) \
+        == ["check loss failed (rel_err 0.5)"]
+    assert gpu_check.failures("recipe", {"result": {"rows": [
+        {"pass": 1, "pretrain": {"rc": 0}, "finetune": {"rc": 1}}]}}) == [
+        "pass 1 finetune exited 1"]
+    assert gpu_check.failures("kernels", {"error": "RuntimeError: x"}) == ["RuntimeError: x"]
+    assert gpu_check.failures("cuda", {"result": {"ema": {"ok": True, "rel_err": 0.0}}}) == []
+
+    monkeypatch.setattr(gpu_check, "cuda_checks", lambda *a: {"x": {"ok": False, "rel_err": 1}})
+    monkeypatch.setattr(sys, "argv", ["gpu_check", "--device", "cpu", "--only", "cuda",
+                                      "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="1 section\\(s\\) failed: cuda"):
+        gpu_check.main()
+    assert json.loads((tmp_path / "summary.json").read_text())["failed"] == {
+        "cuda": ["check x failed (rel_err 1)"]}
+    monkeypatch.setattr(sys, "argv", ["gpu_check", "--only", "recipes"])
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main()
+    assert e.value.code == 2  # argparse: invalid choice
