@@ -278,6 +278,7 @@ def predict(
     out_csv: Path = typer.Option(Path("predictions.csv"), help="Where the per-image CSV goes"),
     batch_size: int = typer.Option(64, help="Images per forward pass"),
     device: str = DEVICE,
+    precision: str = PRECISION,
     cam: Optional[Path] = typer.Option(None, "--cam", help="Also write a Grad-CAM overlay of the "
                                        "predicted class per image into this folder"),
 ):
@@ -287,7 +288,7 @@ def predict(
 
     run(PredictConfig(model=str(model), inputs=tuple(str(p) for p in inputs),
                       out_csv=str(out_csv), batch_size=batch_size, device=device,
-                      cam=str(cam) if cam else None))
+                      precision=precision, cam=str(cam) if cam else None))
 
 
 @app.command()
@@ -301,6 +302,7 @@ def evaluate(
                                        "the figures into this folder"),
     batch_size: int = typer.Option(64, help="Images per forward pass"),
     device: str = DEVICE,
+    precision: str = PRECISION,
     cache_dir: Optional[Path] = CACHE_DIR,
     cache_size: Optional[int] = typer.Option(
         None, "--cache-size", help="Side images are decoded to; default: the model's own "
@@ -320,7 +322,7 @@ def evaluate(
                        data=data_config(data, cache_dir, cache_size, split_seed, test_fraction,
                                         workers),
                        split=split, out=str(out) if out else None, batch_size=batch_size,
-                       device=device))
+                       device=device, precision=precision))
 
 
 from sstl.cli.bench import bench  # noqa: E402

@@ -316,6 +316,8 @@ def check(cfg):
         need(cfg.batch_size >= 1, f"--batch-size must be at least 1, not {cfg.batch_size}")
         need(cfg.device in ("auto", "cuda", "cpu"),
              f"--device must be auto, cuda or cpu, not {cfg.device!r}")
+        need(cfg.precision in ("auto", "bf16", "fp32"),
+             f"--precision must be auto, bf16 or fp32, not {cfg.precision!r}")
         # Output paths are checked now: found wrong after inference, the results would be lost.
         if isinstance(cfg, PredictConfig):
             need(not Path(cfg.out_csv).expanduser().is_dir(),

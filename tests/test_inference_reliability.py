@@ -139,3 +139,21 @@ def test_output_paths_of_the_wrong_kind_are_refused_before_inference(tmp_path):
         evaluate(EvaluateConfig(model=str(run), data=DataConfig(path=str(tmp_path / "imgs")),
                                 out=str(tmp_path / "a_file")))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "a_folder", "imgs", "run"]
+
+
+def test_predict_and_evaluate_take_a_precision(tmp_path):
+    """--precision reaches the inference runtime (fp32 matches the ONNX export on a GPU);
+    nonsense is refused by check()."""
+    from typer.testing import CliRunner
+
+    from sstl.cli.main import app
+
+    run = make_run(tmp_path / "run")
+    write_pngs(tmp_path / "imgs", n=2)
+    r = CliRunner().invoke(app, ["predict", str(tmp_path / "imgs"), "--model", str(run),
+                                 "--out-csv", str(tmp_path / "p.csv"), "--device", "cpu",
+                                 "--precision", "fp32"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["predict", str(tmp_path / "imgs"), "--model", str(run),
+                                 "--precision", "fp8"])
+    assert r.exit_code not in (0, None) and "--precision must be auto, bf16 or fp32" in r.output
