@@ -34,7 +34,7 @@ from .methods import METHODS
 from .metrics import METRICS
 from .predict import evaluate
 from .pretrain import pretrain
-from .runs import log
+from .runs import file_identity, log
 from .supervised import check_start
 
 # Table 2's rows in the paper's order: (name, pretraining method or None, start).
@@ -194,8 +194,25 @@ def check_evaluate_on(path: str, classes: list[str], data: DataConfig) -> None:
                          f"training data's ({', '.join(map(repr, classes))})")
 
 
+def _from_another_encoder(run: Path, encoder: Path) -> bool:
+    """Whether a fine-tuning cell's checkpoint was trained from another encoder file than the
+    one its pretraining cell holds now (finetune.py's inputs: fingerprint ':' file_identity)."""
+    try:
+        ck = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # missing or unreadable: the run itself answers for it
+        return False
+    inputs = ck.get("inputs") if isinstance(ck, dict) else None
+    return isinstance(inputs, str) and ":" in inputs and \
+        inputs.split(":", 1)[1] != file_identity(encoder)
+
+
 def _finetune_cell(cfg: ReproduceConfig, p: dict, c: dict) -> dict:
     run, row, fraction, seed = c["run"], c["row"], c["fraction"], c["seed"]
+    encoder = Path(c["cfg"].encoder) / "encoder.safetensors" if c["cfg"].encoder else None
+    if encoder is not None and _from_another_encoder(run, encoder):
+        raise SystemExit(f"{run} was fine-tuned from an earlier {encoder} (that pretraining was "
+                         "redone since): its numbers would sit beside the new encoder's. Delete "
+                         f"{run} to fine-tune it again")
     if not _done(run, "model.safetensors", p["finetune_epochs"]) or \
             not (run / "summary.json").exists():
         log(f"reproduce: fine-tuning {LABELS[row]}, {100 * fraction:g}% of the labels "

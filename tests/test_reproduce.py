@@ -91,6 +91,12 @@ def test_tiny_grid_end_to_end_and_a_rerun_redoes_nothing(tmp_path, monkeypatch):
                                          "3 in all"):
         reproduce_mod.reproduce(other)
     assert before == {p: p.stat().st_mtime_ns for p in grid.rglob("*") if p.is_file()}
+    # A pretraining redone since (its encoder file is another): the fine-tuning made from the
+    # earlier one is not read as this grid's cell.
+    side = grid / "pretrain-ours-s0" / "encoder.json"
+    side.write_text(side.read_text().replace("{", '{"redone": true, ', 1))
+    with pytest.raises(SystemExit, match="finetune-ours-f1-s0 was fine-tuned from an earlier"):
+        reproduce_mod.reproduce(cfg)
 
 
 def test_a_positive_class_missing_from_the_data_is_refused_before_any_training(tmp_path):
