@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -128,8 +129,9 @@ class Run:
         into place only once written), so a rotation cut between its two renames is finished
         and the newest checkpoint is the one resumed."""
         for tmp in self.path.glob(".*.tmp*"):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            if re.search(r"\.tmp\d+$", tmp.name) and tmp.is_file():  # atomic_write's names
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
         nxt = self.path / "checkpoint.next.pt"
         if nxt.exists():
             if self.checkpoint.exists():
