@@ -289,6 +289,29 @@ def test_demo_set_interrupted_while_drawn_leaves_nothing(tmp_path, monkeypatch):
     assert len(drawn) == 3 and list(tmp_path.iterdir()) == []
 
 
+def test_byte_identical_copies_land_on_one_side_of_the_split(tmp_path):
+    """Copies under other names (and in another group of the manifest) join one group, so no
+    image is both trained on and tested on. Oracle: the files' own bytes, hashed here."""
+    import shutil
+
+    from .tiny_run import write_pngs
+
+    root = tmp_path / "data"
+    for cls in ("A", "B"):
+        files = write_pngs(root / cls, n=16, seed=ord(cls))
+        for f in files[:8]:
+            shutil.copy(f, f.with_name(f"copy-{f.name}"))
+    logs = []
+    for seed in range(4):  # a chance split could keep the copies together: several seeds
+        ds = load_dataset(DataConfig(path=str(root), cache_dir=str(tmp_path / "c"),
+                                     cache_size=32, split_seed=seed), log=logs.append)
+        side: dict[str, set] = {}
+        for r, t in zip(ds.records, ds.is_test):
+            side.setdefault(hashlib.sha256(open(r.path, "rb").read()).hexdigest(), set()).add(t)
+        assert len(side) == 32 and all(len(s) == 1 for s in side.values()), seed
+    assert any("16 files are byte-identical copies" in m for m in logs)
+
+
 # 6. The user's files are never modified ----------------------------------------------------
 
 def _fingerprint(root: Path) -> dict:

@@ -4,6 +4,7 @@ files / manifest -> scan + decode once (cache) -> report bad files -> split -> D
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections import Counter
@@ -118,6 +119,7 @@ def load_dataset(cfg: DataConfig, need_labels: bool = False,
                         f"first problems: {report['skipped'][:3]}")
     records = [candidates[i] for i in keep]
     digests = [cache.digests[i] for i in keep]
+    records = group_copies(records, digests, log)
     labels = [r.label for r in records]
     labelled = all(lab is not None for lab in labels)
     if need_labels and not labelled and any(r.label is not None for r in candidates):
@@ -146,6 +148,42 @@ def load_dataset(cfg: DataConfig, need_labels: bool = False,
     return Dataset(root=root, records=records, images=images, class_names=class_names,
                    targets=targets, is_test=is_test, synthetic=synthetic, report=report,
                    digests=digests)
+
+
+def group_copies(records: list[Record], digests: list[str],
+                 log: Callable[[str], None] = print) -> list[Record]:
+    """Byte-identical files join one group (their groups merged), so every copy of an image
+    lands on the same side of the split: a copy on each side would be a test image trained
+    on, and the leak checks (which know images by content) would refuse the encoder."""
+    parent: dict[str, str] = {}
+
+    def root(g: str) -> str:
+        while parent.get(g, g) != g:
+            g = parent[g]
+        return g
+
+    first: dict[str, int] = {}
+    copies, mixed = 0, set()
+    for i, d in enumerate(digests):
+        if d not in first:
+            first[d] = i
+            continue
+        copies += 1
+        j = first[d]
+        if records[i].label != records[j].label:
+            mixed.add(d)
+        a, b = root(records[j].group), root(records[i].group)
+        if a != b:
+            parent[max(a, b)] = min(a, b)  # the smaller name: the same result in any order
+    if not copies:
+        return records
+    log(f"data: {copies} files are byte-identical copies of others; each image's copies stay "
+        "on one side of the split")
+    if mixed:
+        log(f"warning: {len(mixed)} images appear under two labels (identical files); check "
+            "them, e.g. {}".format(", ".join(records[first[d]].rel for d in sorted(mixed)[:3])))
+    return [r if root(r.group) == r.group else dataclasses.replace(r, group=root(r.group))
+            for r in records]
 
 
 def scan_report(root: Path, candidates: list[Record], cache: Cache,
