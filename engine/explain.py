@@ -30,7 +30,9 @@ def target_layer(model: nn.Module) -> nn.Module:
     return net.layer4
 
 
-def _grad_cam():
+def grad_cam_classes():
+    """pytorch-grad-cam's GradCAM and ClassifierOutputTarget, or one line saying how to get it
+    (predict asks before its first image, so a missing package costs no predictions)."""
     try:
         from pytorch_grad_cam import GradCAM
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -47,7 +49,7 @@ def cam_maps(model: nn.Module, images_uint8: np.ndarray, size: int,
     the class each explains. target_class_idx: one class for all, one per image, or None for
     each image's predicted class. images_uint8: (N, H, W) grey uint8, as decode_square gives.
     """
-    GradCAM, ClassifierOutputTarget = _grad_cam()
+    GradCAM, ClassifierOutputTarget = grad_cam_classes()
     images = np.asarray(images_uint8)
     x = eval_view(torch.from_numpy(images).to(device), size)  # the input predict() gives it
     model = model.float().eval()

@@ -194,6 +194,7 @@ def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
     ck = run.resume((plan.key, *plan.accepts), plan.inputs) if plan.resume else None
     if not plan.resume:  # starting over: the old checkpoints go with the old metrics
         run.discard_checkpoints()
+    run.training = True
     epoch, start, partial = 0, 0, None
     if ck is not None:
         t.load(ck)

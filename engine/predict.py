@@ -55,6 +55,10 @@ def _wanted(f: Path, root: Path) -> bool:
 
 def predict(cfg: PredictConfig) -> list[dict]:
     res = resolve(inference_runtime(check(cfg)), cfg.batch_size)
+    if cfg.cam:
+        from .explain import grad_cam_classes
+
+        grad_cam_classes()  # a missing package fails now, not after the first batch
     model, meta = load_classifier(cfg.model, res.device, res.channels_last)
     names, autocast = meta["class_names"], res.autocast
     rows, cam_failed = [], []

@@ -66,6 +66,9 @@ class Run:
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
         self.timing: dict[str, float] = {}
+        # Set by fit once the checkpoint was accepted: before that, a failure (a refused
+        # rerun) leaves the run's files as they were, timing.json included.
+        self.training = False
         self._before: dict[str, list[dict]] = {}  # earlier invocations' records (_earlier)
 
     @classmethod
@@ -111,7 +114,7 @@ class Run:
             run.flush(raise_errors=False)
             if created and not run.checkpoint.exists() and not run.previous.exists():
                 shutil.rmtree(path, ignore_errors=True)  # nothing worth keeping was made
-            else:  # an interrupted session's wall time counts in the run's total too
+            elif run.training:  # an interrupted session's wall time counts in the total too
                 run.add_time("total", time.perf_counter() - opened)
                 with contextlib.suppress(Exception):
                     run.write_timing()

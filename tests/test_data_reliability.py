@@ -189,9 +189,10 @@ def test_manifest_with_some_empty_labels(tmp_path):
 def test_a_manifest_that_is_not_utf8_is_an_error_naming_the_line(tmp_path):
     root = tmp_path / "data"
     (root / "A").mkdir(parents=True)
-    (root / "manifest.csv").write_bytes("path,label\nA/x.png,A\nA/r\u00e9sum\u00e9.png,A\n"
+    rows = "".join(f"A/{i}.png,A\n" for i in range(2000))  # past the reader's first chunk
+    (root / "manifest.csv").write_bytes(f"path,label\n{rows}A/r\u00e9sum\u00e9.png,A\n"
                                         .encode("cp1252"))
-    with pytest.raises(DataError, match=r"not UTF-8 text \(byte 0xe9 on line 3\).*CSV UTF-8"):
+    with pytest.raises(DataError, match=r"not UTF-8 text \(byte 0xe9 on line 2002\).*CSV UTF-8"):
         _load(root, tmp_path)
 
 

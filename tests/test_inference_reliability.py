@@ -157,3 +157,15 @@ def test_predict_and_evaluate_take_a_precision(tmp_path):
     r = CliRunner().invoke(app, ["predict", str(tmp_path / "imgs"), "--model", str(run),
                                  "--precision", "fp8"])
     assert r.exit_code not in (0, None) and "--precision must be auto, bf16 or fp32" in r.output
+
+
+def test_predict_cam_without_grad_cam_fails_before_any_image(tmp_path, monkeypatch):
+    import sys
+
+    run = make_run(tmp_path / "run")
+    write_pngs(tmp_path / "imgs", n=2)
+    monkeypatch.setitem(sys.modules, "pytorch_grad_cam", None)  # as if not installed
+    with pytest.raises(SystemExit, match="Grad-CAM needs pytorch-grad-cam"):
+        predict(PredictConfig(model=str(run), inputs=(str(tmp_path / "imgs"),), device="cpu",
+                              out_csv=str(tmp_path / "p.csv"), cam=str(tmp_path / "cam")))
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "cam").exists()

@@ -344,7 +344,8 @@ def test_resuming_refuses_a_checkpoint_trained_on_other_images(tmp_path):
             shutil.copy(f, data / cls / f.name)
     cfg = pretrain_cfg(out=str(tmp_path), name="grow", path=data, cache_dir=str(tmp_path / "c"))
     run = pretrain(cfg)
-    before = {f: (run / f).read_bytes() for f in ("split.json", "encoder.json", "checkpoint.pt")}
+    before = {f: (run / f).read_bytes() for f in ("split.json", "encoder.json", "checkpoint.pt",
+                                                  "timing.json", "metrics.csv")}
     extra = sorted((src / "COVID").glob("*.png"))[40:50]
     for f in extra:
         shutil.copy(f, data / "COVID" / f.name)

@@ -140,11 +140,16 @@ def _scan_manifest(manifest: Path) -> Scan:
             reader = csv.reader(fh)
             header = next(reader, [])
             rows = [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]
-    except UnicodeDecodeError as e:  # Excel's plain "CSV" on Windows writes cp1252
-        line = manifest.read_bytes()[:e.start].count(b"\n") + 1
-        raise DataError(f"{manifest}: not UTF-8 text (byte {e.object[e.start]:#04x} on line "
-                        f"{line}); save it as \"CSV UTF-8\" (Excel) or convert it, e.g. "
-                        f"iconv -f cp1252 -t utf-8") from None
+    except UnicodeDecodeError:  # Excel's plain "CSV" on Windows writes cp1252
+        raw = manifest.read_bytes()
+        try:  # decoded whole, the error's offset is the file's (not a read chunk's)
+            raw.decode("utf-8")
+            where = "somewhere"
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            where = f"byte {raw[e.start]:#04x} on line {line}"
+        raise DataError(f"{manifest}: not UTF-8 text ({where}); save it as \"CSV UTF-8\" "
+                        "(Excel) or convert it, e.g. iconv -f cp1252 -t utf-8") from None
     columns, extra = _manifest_columns(manifest, header)
 
     def get(row: list[str], name: str) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +74,8 @@ def ensure_synthetic(folder: str | os.PathLike | None = None, per_class: int = P
     target = Path(folder) if folder else default_cache_dir() / f"synthetic-v{VERSION}"
     if (target / "manifest.csv").exists():
         return target
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    # The cache's temporary naming (pid@host): a shared cache's sweep spares other hosts' draws.
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}@{socket.gethostname()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _draw_into(tmp, per_class)
