@@ -202,6 +202,8 @@ def supervised(
                               "images: ImageNet, or CIFAR-10 where ImageNet weights cannot be had"),
     arch: str = typer.Option(default(S, "arch"), help="resnet50 (paper) | resnet18"),
     init: str = typer.Option(default(S, "init"), help="random | imagenet | PATH"),
+    imagenet_weights: str = typer.Option(default(S, "imagenet_weights"), "--imagenet-weights",
+                                         help="V2 | V1 (resnet18 has only V1)"),
     epochs: int = typer.Option(default(S, "epochs"), help="Epochs (ImageNet recipe: 90)"),
     batch_size: int = typer.Option(default(S, "batch_size"), help="Batch size"),
     image_size: int = typer.Option(default(S, "augment").size, help="Side of the input (CIFAR-10: 32)"),
@@ -228,8 +230,8 @@ def supervised(
         data=data_config(data, cache_dir, cache_size, split_seed, test_fraction, workers),
         runtime=runtime(device, precision, compile, backend, seed, out, name, log_every,
                         checkpoint_every, checkpoint_minutes, resume, cuda_graphs),
-        arch=arch, init=init, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,
-        weight_decay=weight_decay, augment=aug))
+        arch=arch, init=init, imagenet_weights=imagenet_weights, epochs=epochs,
+        batch_size=batch_size, lr=lr, schedule=schedule, weight_decay=weight_decay, augment=aug))
 
 
 @app.command()

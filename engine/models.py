@@ -28,26 +28,50 @@ def backbone(arch: str, init: str = "random", weights: str = "V2",
         raise SystemExit(f"--arch must be one of {', '.join(ARCHS)}, not {arch!r}")
     net = getattr(torchvision.models, arch)()
     if init == "imagenet":
-        net.load_state_dict(imagenet_state_dict(arch, weights))
+        state = imagenet_state_dict(arch, weights)
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as e:  # the expected file name holding other weights
+            first = str(e).strip().splitlines()[0]
+            raise SystemExit(f"--init imagenet: {imagenet_file(arch, weights)} does not hold "
+                             f"torchvision's {arch} weights ({first}); replace it with the "
+                             "download named there, or delete it") from None
     elif init != "random":
         load_backbone_file(net, init, flag)
     net.fc = nn.Identity()
     return net
 
 
-def imagenet_state_dict(arch: str, version: str = "V2") -> dict:
-    """torchvision's ImageNet weights, from its cache or a download, with a clear failure."""
+def imagenet_weights_enum(arch: str, version: str = "V2"):
+    """torchvision's IMAGENET1K_<version> weights entry for `arch`, or one line naming the flag."""
     enum = torchvision.models.get_model_weights(arch)
     name = f"IMAGENET1K_{version.upper()}"
     if not hasattr(enum, name):
-        raise SystemExit(f"{arch} has no {name} weights; choose one of "
-                         f"{', '.join(w.name for w in enum)}")
-    w = getattr(enum, name)
+        have = [w.name.removeprefix("IMAGENET1K_") for w in enum]
+        raise SystemExit(f"{arch} has no {name} weights in torchvision; pass --imagenet-weights "
+                         f"{' or '.join(have)}")
+    return getattr(enum, name)
+
+
+def imagenet_file(arch: str, version: str = "V2") -> Path:
+    """Where torchvision keeps (or downloads) those weights: TORCH_HOME's hub/checkpoints."""
+    w = imagenet_weights_enum(arch, version)
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
+
+
+def imagenet_state_dict(arch: str, version: str = "V2") -> dict:
+    """torchvision's ImageNet weights, from its cache or a download, with a clear failure.
+
+    Read with weights_only=True (torchvision's own loader unpickles freely, and the file's
+    place is one users fill by hand); a download is checked against the hash in its name."""
+    w = imagenet_weights_enum(arch, version)
+    name = f"IMAGENET1K_{version.upper()}"
     fname = os.path.basename(w.url)
     hub = Path(torch.hub.get_dir()) / "checkpoints"
     try:
-        return w.get_state_dict(progress=False, check_hash=False)
-    except Exception as e:  # offline, proxy, truncated download...
+        return torch.hub.load_state_dict_from_url(w.url, progress=False, check_hash=True,
+                                                  map_location="cpu", weights_only=True)
+    except Exception as e:  # offline, proxy, truncated download, not a plain state dict...
         raise SystemExit(
             f"--init imagenet needs torchvision's {arch} {name} weights, file {fname}, and they "
             f"could not be loaded ({type(e).__name__}: {e}).\n"

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 
 from .config import (AugmentConfig, DataConfig, EvaluateConfig, FinetuneAugment,
                      FinetuneConfig, PretrainConfig, ReproduceConfig, check, resume_keys)
@@ -81,10 +82,12 @@ def available_rows(cfg: ReproduceConfig) -> list[tuple[str, str | None, str]]:
 
 
 def _start(start: str, cfg: ReproduceConfig) -> tuple[str, str]:
-    """(init, imagenet_weights) of a row's start."""
-    if start == "random":
-        return "random", "V2"
-    return ("imagenet", "V2") if cfg.transfer == "imagenet" else (cfg.transfer, "V2")
+    """(init, imagenet_weights) of a row's start: torchvision's V2 weights where the preset's
+    arch has them (resnet50), else V1 (resnet18 has no V2)."""
+    if start == "random" or cfg.transfer != "imagenet":
+        return (cfg.transfer if start == "transfer" else "random"), "V2"
+    versions = {w.name for w in torchvision.models.get_model_weights(PRESETS[cfg.preset]["arch"])}
+    return "imagenet", "V2" if "IMAGENET1K_V2" in versions else "V1"
 
 
 def _done(run: Path, weights: str, epochs: int) -> bool:

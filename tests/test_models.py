@@ -34,13 +34,41 @@ def test_imagenet_offline_names_the_file(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)  # the network call
     with pytest.raises(SystemExit) as e:
         backbone("resnet50", "imagenet", "V2")
     msg = str(e.value)
     assert "resnet50-11ad3fa6.pth" in msg and str(tmp_path / "hub" / "checkpoints") in msg
     with pytest.raises(SystemExit, match="has no IMAGENET1K_V9"):
         backbone("resnet50", "imagenet", "V9")
+    with pytest.raises(SystemExit, match="resnet18 has no IMAGENET1K_V2.*--imagenet-weights V1"):
+        backbone("resnet18", "imagenet", "V2")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {_MARK}",))
+
+
+_MARK = "/tmp/sstl-test-imagenet-pickle-ran"
+
+
+def test_the_imagenet_file_is_read_as_plain_data_and_checked(tmp_path, monkeypatch):
+    """The place the offline message tells users to fill is read with weights_only=True (a
+    crafted file runs no code), and a file of other weights there is one line naming it."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    f = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    f.parent.mkdir(parents=True)
+    if os.path.exists(_MARK):
+        os.remove(_MARK)
+    torch.save({"conv1.weight": _Exploit()}, f)
+    with pytest.raises(SystemExit, match="resnet18-f37072fd.pth"):
+        backbone("resnet18", "imagenet", "V1")
+    assert not os.path.exists(_MARK)
+    torch.save(_random_sd("resnet50"), f)  # the right name, another network's weights
+    with pytest.raises(SystemExit, match="resnet18-f37072fd.pth does not hold torchvision's "
+                                         "resnet18 weights"):
+        backbone("resnet18", "imagenet", "V1")
 
 
 def test_local_state_dict_with_prefixes_and_head(tmp_path):
