@@ -55,48 +55,71 @@ def encoder_file(cfg: FinetuneConfig) -> Path:
     return f
 
 
-def check_encoder(cfg: FinetuneConfig, ds: Dataset) -> Path | None:
-    """The encoder file, after checking that its pretraining never saw this run's test split."""
-    if cfg.encoder is None:
+def start_file(cfg: FinetuneConfig) -> Path | None:
+    """The sstl weights file the classifier starts from: --encoder's, or an --init PATH with
+    a sidecar (a stage-1 or pretraining encoder given as --init). None for imagenet, random
+    and weights sstl did not write (nothing records what they saw)."""
+    if cfg.encoder is not None:
+        return encoder_file(cfg)
+    if cfg.init in ("imagenet", "random"):
         return None
-    f = encoder_file(cfg)
+    f = weights_file(cfg.init, "encoder.safetensors")
+    return f if f.suffix == ".safetensors" and f.with_suffix(".json").is_file() else None
+
+
+def check_encoder(cfg: FinetuneConfig, ds: Dataset) -> Path | None:
+    """The start file (start_file), after checking that the weights never saw this run's test
+    split: at any stage before (its sidecar's `trained_on` carries its own starts' images)."""
+    f = start_file(cfg)
+    if f is None:
+        return None
+    flag = "--encoder" if cfg.encoder is not None else "--init"
     meta = sidecar(f)
     other_data = meta.get("data_fingerprint") != ds.fingerprint()
     what = " (the embedded SYNTHETIC set)" if meta.get("synthetic_data") else ""
-    if meta.get("stage") == "supervised":  # stage 1 on natural images: never saw these X-rays
-        log(f"--encoder {f}: a stage-1 encoder (supervised on {meta.get('data_root')})")
+    if meta.get("stage") == "supervised":
+        log(f"{flag} {f}: a stage-1 encoder (supervised on {meta.get('data_root')})")
+    if meta.get("stage") == "supervised" and "trained_on" not in meta:
+        pass  # written before stage 1 listed its images: natural images, as intended
     elif meta.get("pretrain_split") != "all" and "trained_on" in meta:  # the exact check
         seen = int(ds.learned(meta["trained_on"], ds.test_idx).sum())
         if seen:
             split = (meta.get("split_seed"), meta.get("test_fraction"))
-            fix = ("Its pretraining data held these files (the same bytes) under another "
-                   f"folder ({meta.get('data_root')}): pretrain on images that leave this run's "
-                   "test split out, e.g. on --data itself with the same --split-seed"
+            start = meta.get("init")
+            inherited = (f" (or the weights it started from, {start}, learned from them)"
+                         if start not in (None, "imagenet", "random") else "")
+            fix = ("Its training data held these files (the same bytes) under another folder"
+                   f"{inherited}: train it on images that leave this run's test split out, "
+                   "e.g. pretrain on --data itself with the same --split-seed"
                    if other_data else
+                   f"The weights it started from ({start}) learned from them; start it from "
+                   "weights that did not, or fine-tune with their split"
+                   if inherited and split == (cfg.data.split_seed, cfg.data.test_fraction)
+                   and meta.get("test_fingerprint") == ds.fingerprint(ds.test_idx) else
                    f"It was pretrained with another train/test split: rerun with --split-seed "
                    f"{split[0]} --test-fraction {split[1]}"
                    if split != (cfg.data.split_seed, cfg.data.test_fraction)
                    else "The data changed since pretraining (an image added, removed or "
                    "unreadable reshuffles its class's split): pretrain again on this data, or "
                    "fine-tune on the data as it was")
-            raise SystemExit(f"--encoder {f} was pretrained on {seen} of this run's "
+            raise SystemExit(f"{flag} {f} was pretrained on {seen} of this run's "
                              f"{len(ds.test_idx)} test images. {fix}.")
         if other_data:
-            log(f"--encoder {f} was pretrained on other images than --data{what}; none of "
+            log(f"{flag} {f} was pretrained on other images than --data{what}; none of "
                 "this run's test images is among them (compared by content)")
     elif other_data:
-        log(f"warning: --encoder {f} was pretrained on other images than --data{what}; "
+        log(f"warning: {flag} {f} was pretrained on other images than --data{what}; "
             "whether it has seen this run's test images cannot be checked")
     elif meta.get("test_fingerprint") != ds.fingerprint(ds.test_idx):
         raise SystemExit(
-            f"--encoder {f} was pretrained on this data with another train/test split "
+            f"{flag} {f} was pretrained on this data with another train/test split "
             f"(--split-seed {meta.get('split_seed')} --test-fraction {meta.get('test_fraction')}; "
             f"this run: --split-seed {cfg.data.split_seed} --test-fraction "
             f"{cfg.data.test_fraction}): the encoder has seen images this split would test on. "
             f"Rerun with --split-seed {meta.get('split_seed')} --test-fraction "
             f"{meta.get('test_fraction')}.")
     elif meta.get("pretrain_split") == "all":
-        log(f"warning: --encoder {f} was pretrained with --split all: it has seen the test "
+        log(f"warning: {flag} {f} was pretrained with --split all: it has seen the test "
             "images (without labels); the test split is not unseen")
     return f
 
@@ -124,7 +147,8 @@ def _finetune(cfg: FinetuneConfig, res: Resolved) -> Path:
     with dist.main_first():  # rank 0 decodes the cache; the others then map it
         ds = load_dataset(cfg.data, need_labels=True, log=log)
     check_split_classes(ds, cfg.positive_class)
-    encoder = check_encoder(cfg, ds)  # refusals come before the run directory exists
+    origin = check_encoder(cfg, ds)  # refusals come before the run directory exists
+    encoder = origin if cfg.encoder is not None else None
     start = str(encoder) if encoder else cfg.init
     with Run.open(cfg.runtime.out, cfg.runtime.name or default_name(cfg, start),
                   res.is_main) as run:
@@ -172,7 +196,7 @@ def _finetune(cfg: FinetuneConfig, res: Resolved) -> Path:
                                           inputs=inputs))
         if res.is_main:
             t_report = time.perf_counter()
-            save_model(run.path, cfg, t.model, ds, cfg.epochs, start, subset, encoder)
+            save_model(run.path, cfg, t.model, ds, cfg.epochs, start, subset, origin)
             # The final epoch's scores, unless this process did not train it (a rerun of a
             # finished run): then the final weights are scored once more.
             final = scored.get(cfg.epochs - 1)
@@ -236,7 +260,7 @@ def save_model(run: Path, cfg: FinetuneConfig, model, ds: Dataset, epoch: int,
     images its encoder was pretrained on (unless that was --split all, which finetune warned
     about), so `sstl evaluate` leaves exactly those out."""
     learned = set(ds.image_ids(subset)) if subset is not None else set()
-    if encoder is not None:
+    if encoder is not None:  # the start file (start_file): its images, and its starts'
         enc = sidecar(encoder)
         learned |= set(enc.get("trained_on", [])) if enc.get("pretrain_split") != "all" else set()
     save_weights(model.state_dict(), run / "model.safetensors", {

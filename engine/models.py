@@ -158,6 +158,20 @@ def sidecar(weights: Path) -> dict:
     return json.loads(meta.read_text())
 
 
+def inherited_images(init: str | None) -> set[str]:
+    """The images a start (--init PATH, --encoder) learned from, by its sidecar's
+    `trained_on`: a run's own sidecar lists them with its own, so the leak checks follow
+    weights through every stage. Nothing for imagenet, random, or files sstl did not write."""
+    if init in (None, "imagenet", "random"):
+        return set()
+    f = Path(init).expanduser()
+    f = f / "encoder.safetensors" if f.is_dir() else f
+    side = f.with_suffix(".json")
+    if f.suffix != ".safetensors" or not side.is_file():
+        return set()
+    return set(sidecar(f).get("trained_on", []))
+
+
 def without_image_list(meta: dict) -> dict:
     """A sidecar for other files to quote: all but `trained_on` (long; it stays in model.json)."""
     return {k: v for k, v in meta.items() if k != "trained_on"}

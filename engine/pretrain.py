@@ -19,7 +19,7 @@ from .data.backends import ssl_source
 from .data.dataset import load_dataset, save_data_files
 from .loop import EMA, Plan, Trainer, check_resumable, fit, run_name, sgd
 from .methods import METHODS, Method, build
-from .models import ARCHS, backbone
+from .models import ARCHS, backbone, inherited_images
 from .runs import Run, log, save_weights
 
 COLLAPSED = 0.02  # spread below this: outputs have (nearly) become one vector
@@ -113,6 +113,8 @@ def save_encoder(run: Run, cfg: PretrainConfig, method: Method, ds, epoch: int, 
         "config_hash": config_hash(cfg), "split_seed": cfg.data.split_seed,
         "test_fraction": cfg.data.test_fraction, "data_fingerprint": ds.fingerprint(),
         "test_fingerprint": ds.fingerprint(ds.test_idx), "pretrain_split": cfg.split,
-        "synthetic_data": ds.synthetic,
-        # The images pretraining learned from (Dataset.image_ids): finetune's exact leak check.
-        "trained_on": sorted(ds.image_ids(ds.train_idx if cfg.split == "train" else None))})
+        "synthetic_data": ds.synthetic, "data_root": str(ds.root),
+        # The images these weights learned from (Dataset.image_ids), its --init file's
+        # included: finetune's exact leak check follows them through every stage.
+        "trained_on": sorted(set(ds.image_ids(ds.train_idx if cfg.split == "train" else None))
+                             | inherited_images(cfg.init))})

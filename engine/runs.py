@@ -317,8 +317,9 @@ def save_weights(state: dict, path: Path, meta: dict) -> None:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp),
-                                             metadata={k: str(v) for k, v in meta.items()}))
+    # The header repeats the sidecar but its image list (up to a data set's size: JSON only).
+    header = {k: str(v) for k, v in meta.items() if k != "trained_on"}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
     save_json(meta, path.with_suffix(".json"))
 
 

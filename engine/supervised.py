@@ -22,7 +22,7 @@ from .config import Resolved, SupervisedConfig, check, config_hash, resolve
 from .data.backends import labelled_source
 from .data.dataset import load_dataset, save_data_files
 from .loop import Plan, Trainer, check_resumable, fit, run_name, sgd
-from .models import ARCHS, Classifier, backbone, imagenet_state_dict
+from .models import ARCHS, Classifier, backbone, imagenet_state_dict, inherited_images
 from .runs import Run, log, save_weights
 
 
@@ -146,7 +146,12 @@ def _supervised(cfg: SupervisedConfig, res: Resolved) -> Path:
             "feat_dim": ARCHS[cfg.arch], "config_hash": config_hash(cfg),
             "data_root": str(ds.root), "data_fingerprint": ds.fingerprint(),
             "class_names": ds.class_names, "test_top1": float(rows[-1]["test_top1"]),
-            "synthetic_data": ds.synthetic,
+            "synthetic_data": ds.synthetic, "split_seed": cfg.data.split_seed,
+            "test_fraction": cfg.data.test_fraction,
+            "test_fingerprint": ds.fingerprint(ds.test_idx),
+            # What it learned from (its --init file's too): stage 1 on X-rays is possible, and
+            # finetune's leak check must then see those images like any pretraining's.
+            "trained_on": sorted(set(ds.image_ids(ds.train_idx)) | inherited_images(cfg.init)),
             "note": "stage 1 (supervised, natural images): a stand-in for ImageNet weights"})
         log(f"done: {run.path / 'encoder.safetensors'} (held-out top-1 "
             f"{float(rows[-1]['test_top1']):.4f})")

@@ -306,3 +306,29 @@ def test_sidecars_of_older_versions_still_name_their_images(tmp_path):
     new = ds.image_ids(ds.test_idx[3:5])
     seen = ds.learned(old + new, ds.test_idx)
     assert seen[:5].all() and not seen[5:].any()
+
+
+def test_what_a_start_learned_follows_it_through_every_stage(tmp_path, capsys):
+    """Stage 1 run on X-rays (here the demo set, split 1), given to finetune as --encoder or
+    --init, or carried through a pretraining that starts from it: every route is refused when
+    its images include this run's test split (split 0). Oracle: stage 1's own split.json."""
+    from sstl.engine.config import FinetuneAugment, Runtime, SupervisedConfig
+    from sstl.engine.supervised import supervised
+
+    s1 = supervised(SupervisedConfig(
+        runtime=Runtime(device="cpu", compile=False, out=str(tmp_path), name="s1"),
+        data=DataConfig(cache_size=64, split_seed=1), arch="resnet18", init="random", epochs=1,
+        batch_size=32, augment=FinetuneAugment(size=32)))
+    from sstl.engine.data.dataset import load_dataset
+
+    ds = load_dataset(DataConfig(cache_size=64), need_labels=True, log=lambda m: None)
+    seen = len({ds.records[i].rel for i in ds.test_idx} & set(_json(s1 / "split.json")["train"]))
+    assert seen  # the precondition: stage 1 trained on some of split 0's test images
+    enc = s1 / "encoder.safetensors"
+    for kw, flag in (({"encoder": str(enc)}, "--encoder"), ({"init": str(enc)}, "--init")):
+        with pytest.raises(SystemExit, match=f"{flag} .* was pretrained on {seen} of this run's"):
+            finetune(_ft(tmp_path, f"ft{flag}", cache_size=64, **kw))
+    p = pretrain(_pt(tmp_path, "p", init=str(enc)))  # its own split is 0: no leak of its own
+    with pytest.raises(SystemExit, match="pretrained on .* test images. The weights it "
+                                         "started from .*s1/encoder.safetensors"):
+        finetune(_ft(tmp_path, "ft-p", cache_size=64, encoder=str(p)))
