@@ -203,6 +203,7 @@ def _finetune(cfg: FinetuneConfig, res: Resolved) -> Path:
             finish(run.path, cfg, ds, rows, final if final is not None else eval_probs(t, test),
                    start, subset)
             run.add_time("report", time.perf_counter() - t_report)  # weights, figures, card
+        dist.barrier()  # under torchrun every rank returns once the outputs exist (reproduce)
         return run.path
 
 

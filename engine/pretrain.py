@@ -101,6 +101,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         save_encoder(run, cfg, method, ds, cfg.epochs, total)
         run.add_time("report", time.perf_counter() - t0)
         log(f"done: {run.path / 'encoder.safetensors'}")
+        dist.barrier()  # under torchrun every rank returns once the encoder exists (reproduce)
         return run.path
 
 

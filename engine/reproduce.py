@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torchvision
 
+from . import dist
 from .config import (AugmentConfig, DataConfig, EvaluateConfig, FinetuneAugment,
                      FinetuneConfig, PretrainConfig, ReproduceConfig, check, resume_keys)
 from .data.dataset import load_dataset
@@ -179,7 +180,7 @@ def reproduce(cfg: ReproduceConfig) -> Path:
                 pretrain(c["cfg"])
         else:
             results.append(_finetune_cell(cfg, p, c))
-    return collect(cfg, grid, rows, results)
+    return collect(cfg, grid, rows, results) if dist.is_main() else grid  # rank 0 writes
 
 
 def check_evaluate_on(path: str, classes: list[str], data: DataConfig) -> None:

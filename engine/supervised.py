@@ -138,21 +138,22 @@ def _supervised(cfg: SupervisedConfig, res: Resolved) -> Path:
         rows = fit(run, t, train, Plan.of(cfg, desc=f"supervised {cfg.arch}",
                                           on_epoch_end=evaluate, live=res.is_main,
                                           inputs=inputs))
-        if not res.is_main:
-            return run.path
-        save_weights(t.model.encoder.state_dict(), run.path / "encoder.safetensors", {
-            "kind": "sstl-encoder", "stage": "supervised", "method": "supervised",
-            "arch": cfg.arch, "init": cfg.init, "epoch": cfg.epochs,
-            "feat_dim": ARCHS[cfg.arch], "config_hash": config_hash(cfg),
-            "data_root": str(ds.root), "data_fingerprint": ds.fingerprint(),
-            "class_names": ds.class_names, "test_top1": float(rows[-1]["test_top1"]),
-            "synthetic_data": ds.synthetic, "split_seed": cfg.data.split_seed,
-            "test_fraction": cfg.data.test_fraction,
-            "test_fingerprint": ds.fingerprint(ds.test_idx),
-            # What it learned from (its --init file's too): stage 1 on X-rays is possible, and
-            # finetune's leak check must then see those images like any pretraining's.
-            "trained_on": sorted(set(ds.image_ids(ds.train_idx)) | inherited_images(cfg.init)),
-            "note": "stage 1 (supervised, natural images): a stand-in for ImageNet weights"})
-        log(f"done: {run.path / 'encoder.safetensors'} (held-out top-1 "
-            f"{float(rows[-1]['test_top1']):.4f})")
+        if res.is_main:
+            save_weights(t.model.encoder.state_dict(), run.path / "encoder.safetensors", {
+                "kind": "sstl-encoder", "stage": "supervised", "method": "supervised",
+                "arch": cfg.arch, "init": cfg.init, "epoch": cfg.epochs,
+                "feat_dim": ARCHS[cfg.arch], "config_hash": config_hash(cfg),
+                "data_root": str(ds.root), "data_fingerprint": ds.fingerprint(),
+                "class_names": ds.class_names, "test_top1": float(rows[-1]["test_top1"]),
+                "synthetic_data": ds.synthetic, "split_seed": cfg.data.split_seed,
+                "test_fraction": cfg.data.test_fraction,
+                "test_fingerprint": ds.fingerprint(ds.test_idx),
+                # What it learned from (its --init file's too): stage 1 on X-rays is possible, and
+                # finetune's leak check must then see those images like any pretraining's.
+                "trained_on": sorted(set(ds.image_ids(ds.train_idx))
+                                     | inherited_images(cfg.init)),
+                "note": "stage 1 (supervised, natural images): a stand-in for ImageNet weights"})
+            log(f"done: {run.path / 'encoder.safetensors'} (held-out top-1 "
+                f"{float(rows[-1]['test_top1']):.4f})")
+        dist.barrier()  # under torchrun every rank returns once the encoder exists
         return run.path

@@ -339,6 +339,23 @@ def test_dali_labelled_shards_take_as_many_steps_as_the_torch_path(n, batch):
         assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
+@pytest.mark.parametrize("n,world", [(2, 5), (1, 3), (7, 2), (6, 3)])
+def test_every_rank_gets_as_many_training_batches_even_with_fewer_images_than_ranks(n, world):
+    """A 1% subset can hold fewer images than there are processes: the order is repeated until
+    every rank has as many images (DDP's collectives need as many steps on every rank)."""
+    imgs, targets = _images(n), np.arange(n)
+    aug = ViewAugment(crop_scale=(0.6, 1.0), blur_p=0.0, jitter_p=0.0)
+    seen, counts = set(), []
+    for rank in range(world):
+        src = LabelledSource(imgs, targets, 4, 24, "cpu", aug, seed=1, rank=rank,
+                             world_size=world)
+        batches = [y for _, y in src.epoch(0)]
+        counts.append([len(y) for y in batches])
+        assert len(batches) == src.steps_per_epoch
+        seen |= {int(t) for y in batches for t in y}
+    assert all(c == counts[0] for c in counts) and seen == set(range(n)), counts
+
+
 def test_missing_dali_is_a_clear_message_and_torch_still_works():
     code = ("import sys; sys.modules['nvidia.dali'] = None\n"
             "import numpy as np\n"

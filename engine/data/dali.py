@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, ViewAugment
-from .loader import epoch_order, lone_last_batch, step_seed
+from .loader import epoch_order, lone_last_batch, pad_to_world, step_seed
 from .views import ViewParams, blur_radius, sample_params
 
 try:  # the torch path must keep working where DALI is absent (e.g. the lent GPU machines)
@@ -286,16 +286,18 @@ class DaliLabelledSource(_DaliSource):
     def _plan(self, epoch: int) -> torch.Tensor:
         train = self.aug is not None
         order = epoch_order(self.n, self.seed, epoch) if train else torch.arange(self.n)
-        if train and self.world > 1:  # as LabelledSource: every rank as many steps (DDP)
-            order = torch.cat([order, order[:-self.n % self.world]])
+        if train:  # as LabelledSource: every rank as many steps (DDP)
+            order = pad_to_world(order, self.world)
         return order[self.rank::self.world]
 
     def _extras(self, idx, step):
         labels = self.targets[idx]
         if self.aug is None:
             return [labels]
-        self.gen.manual_seed(step_seed(self.seed, self._epoch, step, self.rank, 1))
-        return [labels, *dali_args(sample_params(len(idx), self.aug, self.gen, "cpu"), self.aug)]
+        self.gen.manual_seed(step_seed(self.seed, self._epoch, step, 0, 1))  # the global batch's
+        p = sample_params(len(idx) * self.world, self.aug, self.gen, "cpu").rows(self.rank,
+                                                                                  self.world)
+        return [labels, *dali_args(p, self.aug)]
 
     def _graph(self, images, extras):
         labels, *args = extras

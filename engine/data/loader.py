@@ -39,6 +39,16 @@ def lone_last_batch(per_rank: int, batch_size: int, train: bool) -> bool:
     return train and per_rank % batch_size == 1 and per_rank > 1
 
 
+def pad_to_world(order: torch.Tensor, world: int) -> torch.Tensor:
+    """The order, its head repeated until its length divides by `world` (every rank then gets
+    as many images: DDP's collectives need as many steps). Repeats the order as often as it
+    takes, so a subset smaller than the number of processes still fills every rank."""
+    short = -len(order) % world
+    if not short:
+        return order
+    return torch.cat([order, order.repeat(-(-short // len(order)))[:short]])
+
+
 def to_device_images(images: np.ndarray, device) -> torch.Tensor:
     """The uint8 cache rows, resident on the device (a 224^2 image is 50 kB: 20k fit in 1 GB)."""
     # np.require copies only what must be copied: a read-only memory map or a strided view.
@@ -96,8 +106,8 @@ class LabelledSource:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.images)
         order = epoch_order(n, self.seed, epoch) if self.aug is not None else torch.arange(n)
-        if self.aug is not None and self.world > 1:  # DDP needs as many steps on every rank:
-            order = torch.cat([order, order[:-n % self.world]])  # repeat a few images
+        if self.aug is not None:  # DDP needs as many steps on every rank
+            order = pad_to_world(order, self.world)
         order = order[self.rank::self.world].to(self.device, non_blocking=True)
         for step in range(start_step, self.steps_per_epoch):
             idx = order[step * self.batch:(step + 1) * self.batch]
@@ -108,6 +118,9 @@ class LabelledSource:
     def inputs(self, images: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
         if self.aug is None:
             return eval_view(images, self.size, self.dtype, self.channels_last)
-        self.gen.manual_seed(step_seed(self.seed, epoch, step, self.rank, 1))
-        p = sample_params(images.shape[0], self.aug, self.gen, images.device)
+        # As TwoViewSource: the global batch's numbers, this rank's rows (so N processes
+        # augment every image as one process would).
+        self.gen.manual_seed(step_seed(self.seed, epoch, step, 0, 1))
+        p = sample_params(images.shape[0] * self.world, self.aug, self.gen,
+                          images.device).rows(self.rank, self.world)
         return normalize(render(images, p, self.aug, self.size), self.dtype, self.channels_last)

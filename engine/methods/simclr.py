@@ -48,9 +48,10 @@ class SimCLR(Method):
         self.projector = mlp(feat_dim, cfg.proj_hidden or feat_dim, cfg.proj_dim)
 
     def forward(self, v1: torch.Tensor, v2: torch.Tensor):
-        z = self.projector(self.backbone(torch.cat([v1, v2])))
-        loss = nt_xent(gather_views(z), self.cfg.temperature)
-        return loss, {"spread": spread(z), "pos_rank1": top1(z.detach())}
+        z = gather_views(self.projector(self.backbone(torch.cat([v1, v2]))))  # the global batch
+        loss = nt_xent(z, self.cfg.temperature)
+        zd = z.detach()  # the statistics of the global batch too, as one process computes them
+        return loss, {"spread": spread(zd), "pos_rank1": top1(zd)}
 
 
 def gather_views(z: torch.Tensor) -> torch.Tensor:
