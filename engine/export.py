@@ -60,11 +60,13 @@ def preprocessing(meta: dict) -> dict:
         "class_names": meta["class_names"], "positive_class": meta["positive_class"],
         "image_size": s, "cache_size": c, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
         "steps": [
+            "apply the file's EXIF orientation, if any (PIL ImageOps.exif_transpose)",
             "decode to grey uint8 (H, W): 8-bit files keep their values (RGB -> ITU-R 601 luma); "
             "16-bit and float files are stretched from their own min..max to 0..255; DICOM: "
             "modality LUT (rescale slope/intercept), then the VOI LUT or window centre/width "
-            "(else min..max) to 0..255, MONOCHROME1 inverted",
-            f"resize the whole image to {c} x {c} (PIL bilinear; the aspect ratio is not kept)",
+            "(else min..max) to 0..255, MONOCHROME1 inverted; an image of one value is refused",
+            f"resize the whole image to {c} x {c} (PIL bilinear on the uint8 image, rounded to "
+            "uint8; the aspect ratio is not kept)",
             f"resize to {s} x {s} (bilinear, antialiased, align_corners=False, as "
             "torch.nn.functional.interpolate)" if s != c else f"(already {s} x {s})",
             "x = grey / 255 as float32, clamped to [0, 1]",
