@@ -27,7 +27,7 @@ from .data.split import fraction_subset
 from .loop import Plan, Trainer, check_resumable, fit, run_name
 from .evaluation import bootstrap_ci, card_fields, curves_png, draw_figures, write_model_card
 from .metrics import METRICS, NAMES, best_epoch, classification_metrics, summarize
-from .models import sidecar, weights_file
+from .models import imagenet_tag, sidecar, weights_file
 from .runs import Run, file_identity, log, save_weights
 from .supervised import check_start, classifier_trainer, eval_probs
 
@@ -272,7 +272,8 @@ def save_model(run: Path, cfg: FinetuneConfig, model, ds: Dataset, epoch: int,
         "epoch": epoch, "start": start, "fraction": cfg.fraction, "config_hash": config_hash(cfg),
         "split_seed": cfg.data.split_seed, "test_fraction": cfg.data.test_fraction,
         "data_fingerprint": ds.fingerprint(), "test_fingerprint": ds.fingerprint(ds.test_idx),
-        "synthetic_data": ds.synthetic, "trained_on": sorted(learned)})
+        "synthetic_data": ds.synthetic, "trained_on": sorted(learned),
+        "imagenet_weights": imagenet_tag(cfg.init, cfg.imagenet_weights, encoder is None)})
 
 
 def finish(run: Path, cfg: FinetuneConfig, ds: Dataset, rows: list[dict], probs,
@@ -327,7 +328,10 @@ def write_card(run: Path, cfg: FinetuneConfig, ds: Dataset, rows: list[dict], su
     groups = groups if len(set(groups)) < len(groups) else None
     final = classification_metrics(y_test, probs.argmax(1), probs, ds.class_names,
                                    cfg.positive_class)
-    info = {"arch": cfg.arch, "start": summary["start"], "fraction": cfg.fraction,
+    start = summary["start"]
+    tag = imagenet_tag(cfg.init, cfg.imagenet_weights, cfg.encoder is None)
+    info = {"arch": cfg.arch, "start": f"{start} ({tag})" if tag else start,
+            "fraction": cfg.fraction,
             "epochs": len(rows), "image_size": cfg.augment.size, "class_names": ds.class_names,
             "positive_class": cfg.positive_class, "data": str(ds.root),
             "synthetic_data": ds.synthetic, "last_epochs": summary["last_epochs"],

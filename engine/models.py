@@ -53,6 +53,12 @@ def imagenet_weights_enum(arch: str, version: str = "V2"):
     return getattr(enum, name)
 
 
+def imagenet_tag(init: str, version: str, applies: bool = True) -> str | None:
+    """Which torchvision ImageNet weights a start used ("IMAGENET1K_V2"), for the sidecars
+    and the model card; None when the start is not torchvision's ImageNet weights."""
+    return f"IMAGENET1K_{version.upper()}" if applies and init == "imagenet" else None
+
+
 def imagenet_file(arch: str, version: str = "V2") -> Path:
     """Where torchvision keeps (or downloads) those weights: TORCH_HOME's hub/checkpoints."""
     w = imagenet_weights_enum(arch, version)

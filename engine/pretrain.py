@@ -19,7 +19,7 @@ from .data.backends import ssl_source
 from .data.dataset import load_dataset, save_data_files
 from .loop import EMA, Plan, Trainer, check_resumable, fit, run_name, sgd
 from .methods import METHODS, Method, build
-from .models import ARCHS, backbone, inherited_images
+from .models import ARCHS, backbone, imagenet_tag, inherited_images
 from .runs import Run, log, save_weights
 
 COLLAPSED = 0.02  # spread below this: outputs have (nearly) become one vector
@@ -110,6 +110,7 @@ def save_encoder(run: Run, cfg: PretrainConfig, method: Method, ds, epoch: int, 
         return
     save_weights(method.encoder.state_dict(), run.path / "encoder.safetensors", {
         "kind": "sstl-encoder", "method": cfg.method, "arch": cfg.arch, "init": cfg.init,
+        "imagenet_weights": imagenet_tag(cfg.init, cfg.imagenet_weights),
         "epoch": epoch, "step": step, "feat_dim": ARCHS[cfg.arch],
         "config_hash": config_hash(cfg), "split_seed": cfg.data.split_seed,
         "test_fraction": cfg.data.test_fraction, "data_fingerprint": ds.fingerprint(),

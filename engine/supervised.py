@@ -22,7 +22,8 @@ from .config import Resolved, SupervisedConfig, check, config_hash, resolve
 from .data.backends import labelled_source
 from .data.dataset import load_dataset, save_data_files
 from .loop import Plan, Trainer, check_resumable, fit, run_name, sgd
-from .models import ARCHS, Classifier, backbone, imagenet_state_dict, inherited_images
+from .models import (ARCHS, Classifier, backbone, imagenet_state_dict, imagenet_tag,
+                     inherited_images)
 from .runs import Run, log, save_weights
 
 
@@ -142,6 +143,7 @@ def _supervised(cfg: SupervisedConfig, res: Resolved) -> Path:
             save_weights(t.model.encoder.state_dict(), run.path / "encoder.safetensors", {
                 "kind": "sstl-encoder", "stage": "supervised", "method": "supervised",
                 "arch": cfg.arch, "init": cfg.init, "epoch": cfg.epochs,
+                "imagenet_weights": imagenet_tag(cfg.init, cfg.imagenet_weights),
                 "feat_dim": ARCHS[cfg.arch], "config_hash": config_hash(cfg),
                 "data_root": str(ds.root), "data_fingerprint": ds.fingerprint(),
                 "class_names": ds.class_names, "test_top1": float(rows[-1]["test_top1"]),

@@ -100,7 +100,7 @@ def test_finetune_refuses_missing_weights_before_scanning_the_data(tmp_path, mon
     from .configs import finetune_cfg
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict",
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
                         lambda *a, **k: (_ for _ in ()).throw(OSError("network unreachable")))
     monkeypatch.setattr(finetune_mod, "load_dataset",
                         lambda *a, **k: pytest.fail("the data was scanned first"))
@@ -108,3 +108,21 @@ def test_finetune_refuses_missing_weights_before_scanning_the_data(tmp_path, mon
         finetune(finetune_cfg(init="imagenet", imagenet_weights="V1", out=str(tmp_path)))
     with pytest.raises(SystemExit, match="no encoder.safetensors there"):
         finetune(finetune_cfg(encoder=str(tmp_path / "nowhere"), out=str(tmp_path)))
+
+
+def test_the_sidecars_and_card_name_the_imagenet_weights(tmp_path, monkeypatch):
+    """"imagenet" alone does not say V1 or V2: model.json and the model card do."""
+    import json
+
+    from sstl.engine.finetune import finetune
+
+    from .configs import finetune_cfg
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    f = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    f.parent.mkdir(parents=True)
+    torch.save(_random_sd(), f)
+    run = finetune(finetune_cfg(init="imagenet", imagenet_weights="V1", out=str(tmp_path),
+                                name="ft", image_size=32, cache_size=64))
+    assert json.loads((run / "model.json").read_text())["imagenet_weights"] == "IMAGENET1K_V1"
+    assert "imagenet (IMAGENET1K_V1)" in (run / "MODEL_CARD.md").read_text()
