@@ -33,11 +33,14 @@ each fit the 10-minute limit; first, here, `mkdir -p .data && cp -r
         && python -m sstl.benchmarks.gpu_check --out "$OUT" --only cuda methods
     python -m pip install -q --no-deps --no-build-isolation -e . && python -m sstl.benchmarks.gpu_check \
         --out "$OUT" --only finetune recipe --data .data/cxr-dev-gray224
-Still to measure for issue 13 (the H200 session of 6bb7787 ran out of device time), each
-under the 10-minute limit:
+Still to measure for issue 13 (the H200 session of 6bb7787 ran out of device time), one
+command each, since step and recipe together may pass the 10-minute limit (the earlier H200
+runs: about 330 s for step's rungs, 303 s for the recipe with a warm compile cache):
     python -m pytest -q tests/test_host_sync.py tests/test_graphs.py && \
-    ... gpu_check --out "$OUT" --only step recipe --data .data/cxr-dev-gray224
-        (the honest peer's ratio; the recipe again, after the data path's host syncs went)
+    ... gpu_check --out "$OUT" --only step           (the honest peer's ratio)
+    ... gpu_check --out "$OUT" --only recipe --data .data/cxr-dev-gray224
+        (the recipe again, after the data path's host syncs went; recipe-partial.json keeps
+        each finished command if the limit cuts it)
     ... gpu_check --out "$OUT" --only knobs --knobs defaults coordinate_descent_tuning max_autotune
 """
 from __future__ import annotations
@@ -242,6 +245,10 @@ def recipe(out: Path, data: str | None, passes: int = 2) -> dict:
             run = runs / name
             row[cmd] = {"wall_s": wall, "rc": proc.returncode, "tail": proc.stderr[-1500:],
                         **_run_facts(run)}
+            # Each command's row on disk at once: a session killed at its time limit keeps
+            # what finished (recipe.json is written only when the section ends).
+            (out / "recipe-partial.json").write_text(
+                json.dumps({"rows": rows + [row], "data": data}, indent=2, default=str))
         rows.append(row)
     return {"rows": rows, "data": data}
 

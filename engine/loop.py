@@ -74,9 +74,21 @@ class Trainer:
     def load(self, ck: dict) -> None:
         self.model.load_state_dict(ck["model"])  # copies in place: flat EMA views stay valid
         self.opt.load_state_dict(ck["opt"])
+        match_param_layouts(self.opt)
         torch.set_rng_state(ck["torch_rng"])
         if self.ema is not None:
             self.ema.check()
+
+
+def match_param_layouts(opt: torch.optim.Optimizer) -> None:
+    """Give every loaded optimizer buffer its parameter's strides. CUDA's fused SGD refuses a
+    momentum buffer laid out otherwise than its channels_last parameter, and checkpoints
+    written before their host copies kept strides hold NCHW buffers."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for k, buf in opt.state.get(p, {}).items():
+                if torch.is_tensor(buf) and buf.shape == p.shape and buf.stride() != p.stride():
+                    opt.state[p][k] = torch.empty_like(p, dtype=buf.dtype).copy_(buf)
 
 
 def sgd(params, lr: float, momentum: float, weight_decay: float, device: str):

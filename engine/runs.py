@@ -301,8 +301,8 @@ def _to_host(obj):
     A CUDA tensor goes to pinned memory with a non-blocking copy, so the training step is not
     held up by the transfer; later in-place updates queue behind the copy on the same stream."""
     if isinstance(obj, torch.Tensor):
-        if obj.is_cuda:
-            host = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
+        if obj.is_cuda:  # empty_like keeps the strides: a channels_last tensor stays one
+            host = torch.empty_like(obj, device="cpu", pin_memory=True)
             return host.copy_(obj.detach(), non_blocking=True)
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):

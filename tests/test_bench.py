@@ -133,3 +133,29 @@ def test_gpu_check_exits_non_zero_when_a_section_fails(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         gpu_check.main()
     assert e.value.code == 2  # argparse: invalid choice
+
+
+def test_a_loaded_checkpoint_gives_momentum_buffers_their_parameters_layout():
+    """CUDA's fused SGD refuses a momentum buffer strided otherwise than its channels_last
+    parameter; checkpoints whose host copies dropped the strides held NCHW buffers. Loading
+    restores each buffer's parameter layout, values unchanged."""
+    cfg = check(pretrain_cfg("cross", precision="fp32", settings={"tau": 0.9}))
+    res = dataclasses.replace(resolve(cfg.runtime, cfg.batch_size), channels_last=True)
+    t = build_trainer(cfg, res, _tiny_method().to(memory_format=torch.channels_last), 2)
+    v = torch.randn(8, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    train_step(t, (v, v.flip(3)), 0)
+    ck = t.state()
+    moms = [s["momentum_buffer"] for s in ck["opt"]["state"].values()]
+    assert any(m.dim() == 4 and not m.is_contiguous() for m in moms)  # channels_last buffers
+    ck["opt"]["state"] = {k: {**s, "momentum_buffer": s["momentum_buffer"].contiguous()}
+                          for k, s in ck["opt"]["state"].items()}  # as such a checkpoint held
+    fresh = build_trainer(cfg, res, _tiny_method().to(memory_format=torch.channels_last), 2)
+    fresh.load(ck)
+    for group in fresh.opt.param_groups:
+        for p in group["params"]:
+            buf = fresh.opt.state[p]["momentum_buffer"]
+            assert buf.stride() == p.stride()
+    got = [fresh.opt.state[p]["momentum_buffer"] for g in fresh.opt.param_groups
+           for p in g["params"]]
+    for a, b in zip(got, moms):
+        assert torch.equal(a, b)
