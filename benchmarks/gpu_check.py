@@ -34,8 +34,9 @@ each fit the 10-minute limit; first, here, `mkdir -p .data && cp -r
     python -m pip install -q --no-deps --no-build-isolation -e . && python -m sstl.benchmarks.gpu_check \
         --out "$OUT" --only finetune recipe --data .data/cxr-dev-gray224
 Still to measure for issue 13 (the H200 session of 6bb7787 ran out of device time), one
-command each, since step and recipe together may pass the 10-minute limit (the earlier H200
-runs: about 330 s for step's rungs, 303 s for the recipe with a warm compile cache):
+command each, since step and recipe together may pass the 10-minute limit (the recipe
+section alone took 303 s on the H200, issue13-nvidia-h200.json; step's two compiled rungs and
+six eager ones were not timed there):
     python -m pytest -q tests/test_host_sync.py tests/test_graphs.py && \
     ... gpu_check --out "$OUT" --only step           (the honest peer's ratio)
     ... gpu_check --out "$OUT" --only recipe --data .data/cxr-dev-gray224
