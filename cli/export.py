@@ -22,6 +22,10 @@ def export(
     """Export the classifier (opset 17, any batch size) and check it against torch."""
     if format != "onnx":
         raise SystemExit(f"--format must be onnx, not {format!r}")
+    if not tolerance >= 0:  # NaN included
+        raise SystemExit(f"--tolerance must be >= 0, not {tolerance}")
+    if out is not None and (out.is_dir() or not out.name):
+        raise SystemExit(f"--out {out} is a folder; name the .onnx file to write")
     from sstl.engine.export import export_onnx
 
     r = export_onnx(model, out, tuple(str(p) for p in images or ()), tolerance)

@@ -97,11 +97,19 @@ def method_options(tau, temperature, target_bn, proj_dim, options: list[str]) ->
     """--tau/--temperature/--target-bn/--proj-dim and --method-option KEY=VALUE, as overrides."""
     out = {k: v for k, v in (("tau", tau), ("temperature", temperature), ("target_bn", target_bn),
                              ("proj_dim", proj_dim)) if v is not None}
+    given = set()
     for item in options:
         key, sep, value = item.partition("=")
         if not sep:
             raise typer.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--method-option")
-        out[key.strip().replace("-", "_")] = value.strip()
+        key = key.strip().replace("-", "_")
+        if key in out:  # two values for one setting: which one was meant cannot be guessed
+            raise typer.BadParameter(
+                f"{key} is given twice (" + ("--method-option twice" if key in given else
+                                             f"--{key.replace('_', '-')} and --method-option")
+                + ")", param_hint="--method-option")
+        given.add(key)
+        out[key] = value.strip()
     return out
 
 

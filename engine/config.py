@@ -254,7 +254,8 @@ def check(cfg):
         _check_runtime(cfg.runtime, need)
         _check_data(cfg.data, need)
         need(cfg.epochs >= 1, f"--epochs must be at least 1, not {cfg.epochs}")
-        need(cfg.batch_size >= 1, f"--batch-size must be at least 1, not {cfg.batch_size}")
+        need(cfg.batch_size >= 2, f"--batch-size must be at least 2 (BatchNorm trains on two "
+             f"images or more), not {cfg.batch_size}")
         need(cfg.lr > 0, f"--lr must be positive, not {cfg.lr}")
         need(0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), not {cfg.momentum}")
         need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, not {cfg.weight_decay}")
@@ -309,7 +310,8 @@ def check(cfg):
              f"--seed {cfg.runtime.seed} + --seeds {cfg.seeds} passes 2**63")
         need(len(cfg.fractions) > 0 and all(0 < f <= 1 for f in cfg.fractions),
              f"--fraction values must be in (0, 1], not {cfg.fractions}")
-        need(len(set(cfg.fractions)) == len(cfg.fractions),  # a repeat would count as a seed
+        # A repeat would count as a seed; fractions that print alike would share a run name.
+        need(len({f"{f:g}" for f in cfg.fractions}) == len(cfg.fractions),
              f"--fraction values repeat: {cfg.fractions}")
         return cfg
     if isinstance(cfg, (PredictConfig, EvaluateConfig)):
@@ -323,11 +325,13 @@ def check(cfg):
             need(not Path(cfg.out_csv).expanduser().is_dir(),
                  f"--out-csv {cfg.out_csv} is a folder; name a file, e.g. "
                  f"{Path(cfg.out_csv) / 'predictions.csv'}")
-            need(cfg.cam is None or not Path(cfg.cam).expanduser().is_file(),
-                 f"--cam {cfg.cam} is a file; name a folder for the overlays")
+            need(_folder_ok(str(Path(cfg.out_csv).expanduser().parent)),
+                 f"--out-csv {cfg.out_csv}: a file is in the way of its folder")
+            need(_folder_ok(cfg.cam), f"--cam {cfg.cam} is a file (or under one); name a folder "
+                 "for the overlays")
         if isinstance(cfg, EvaluateConfig):
-            need(cfg.out is None or not Path(cfg.out).expanduser().is_file(),
-                 f"--out {cfg.out} is a file; name a folder for the evaluation's files")
+            need(_folder_ok(cfg.out), f"--out {cfg.out} is a file (or under one); name a folder "
+                 "for the evaluation's files")
             given = cfg.data.cache_size
             _check_data(dataclasses.replace(cfg.data, cache_size=given or 224), need)
             need(given is None or given >= 32, f"--cache-size must be at least 32, not {given}")
@@ -344,6 +348,7 @@ def _check_runtime(rt: Runtime, need) -> None:
          f"--backend must be auto, dali or torch, not {rt.backend!r}")
     need(0 <= rt.seed < 2 ** 63, f"--seed must be in [0, 2**63), not {rt.seed}")
     need(rt.log_every >= 1, f"--log-every must be at least 1, not {rt.log_every}")
+    need(_folder_ok(rt.out), f"--out {rt.out}: a file is in the way of that folder; name a folder")
     need(rt.checkpoint_every >= 0,
          f"--checkpoint-every must be >= 0 (0 = by time only), not {rt.checkpoint_every}")
     need(rt.checkpoint_minutes > 0,
@@ -352,11 +357,21 @@ def _check_runtime(rt: Runtime, need) -> None:
          f"--name {rt.name!r}: use letters, digits and . _ - + = (it names a folder)")
 
 
+def _folder_ok(path: str | None) -> bool:
+    """Whether a folder can be (or is) at `path`: not a file, and under no file."""
+    if path is None:
+        return True
+    p = Path(path).expanduser()
+    return not any(q.is_file() for q in (p, *p.parents))
+
+
 def _check_data(d: DataConfig, need) -> None:
     need(0 < d.test_fraction < 1, f"--test-fraction must be between 0 and 1, not {d.test_fraction}")
     need(0 <= d.split_seed < 2 ** 63, f"--split-seed must be in [0, 2**63), not {d.split_seed}")
     need(d.cache_size >= 32, f"--cache-size must be at least 32, not {d.cache_size}")
     need(d.scan_workers >= 0, f"--workers must be >= 0 (0 = all CPUs), not {d.scan_workers}")
+    need(_folder_ok(d.cache_dir), f"--cache-dir {d.cache_dir}: a file is in the way of that "
+         "folder; name a folder")
 
 
 def _check_settings(s, need) -> None:

@@ -74,6 +74,12 @@ def test_cli_export_reports_the_difference(tmp_path):
     assert "max |diff|" in res.output and (tmp_path / "m.onnx").is_file()
     bad = CliRunner().invoke(app, ["export", "--model", str(run), "--format", "tflite"])
     assert bad.exit_code != 0 and "--format must be onnx" in bad.output
+    (tmp_path / "folder").mkdir()
+    for args, said in ((["--tolerance", "nan"], "--tolerance must be >= 0"),
+                       (["--out", str(tmp_path / "folder")], "is a folder")):
+        bad = CliRunner().invoke(app, ["export", "--model", str(run), *args])
+        assert bad.exit_code not in (0, None) and said in bad.output, bad.output
+    assert list((tmp_path / "folder").iterdir()) == [] and not (tmp_path / "folder.json").exists()
 
 
 def test_missing_onnxruntime_is_a_clear_refusal(tmp_path, monkeypatch):

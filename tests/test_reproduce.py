@@ -116,9 +116,11 @@ def test_unknown_rows_are_refused(tmp_path):
 
 def test_a_repeated_fraction_is_refused(tmp_path):
     """A repeat would be read back as a second seed of that cell (its ± from two copies)."""
-    cfg = ReproduceConfig(runtime=Runtime(device="cpu", out=str(tmp_path)), fractions=(1.0, 1.0))
-    with pytest.raises(SystemExit, match="--fraction values repeat"):
-        reproduce_mod.reproduce(cfg)
+    for fractions in ((1.0, 1.0), (0.5, 0.5000001)):  # the second pair: one run name, f0.5
+        cfg = ReproduceConfig(runtime=Runtime(device="cpu", out=str(tmp_path)),
+                              fractions=fractions)
+        with pytest.raises(SystemExit, match="--fraction values repeat"):
+            reproduce_mod.reproduce(cfg)
 
 
 @pytest.mark.parametrize("case", ["missing", "unknown class"])
