@@ -27,7 +27,7 @@ from .data.split import fraction_subset
 from .loop import Plan, Trainer, check_resumable, fit, run_name
 from .evaluation import bootstrap_ci, card_fields, curves_png, draw_figures, write_model_card
 from .metrics import METRICS, NAMES, best_epoch, classification_metrics, summarize
-from .models import imagenet_tag, sidecar, weights_file
+from .models import imagenet_tag, sidecar, sstl_weights, weights_file
 from .runs import Run, file_identity, log, save_weights
 from .supervised import check_start, classifier_trainer, eval_probs
 
@@ -59,12 +59,7 @@ def start_file(cfg: FinetuneConfig) -> Path | None:
     """The sstl weights file the classifier starts from: --encoder's, or an --init PATH with
     a sidecar (a stage-1 or pretraining encoder given as --init). None for imagenet, random
     and weights sstl did not write (nothing records what they saw)."""
-    if cfg.encoder is not None:
-        return encoder_file(cfg)
-    if cfg.init in ("imagenet", "random"):
-        return None
-    f = weights_file(cfg.init, "encoder.safetensors")
-    return f if f.suffix == ".safetensors" and f.with_suffix(".json").is_file() else None
+    return encoder_file(cfg) if cfg.encoder is not None else sstl_weights(cfg.init)
 
 
 def check_encoder(cfg: FinetuneConfig, ds: Dataset) -> Path | None:
@@ -84,26 +79,8 @@ def check_encoder(cfg: FinetuneConfig, ds: Dataset) -> Path | None:
     elif meta.get("pretrain_split") != "all" and "trained_on" in meta:  # the exact check
         seen = int(ds.learned(meta["trained_on"], ds.test_idx).sum())
         if seen:
-            split = (meta.get("split_seed"), meta.get("test_fraction"))
-            start = meta.get("init")
-            inherited = (f" (or the weights it started from, {start}, learned from them)"
-                         if start not in (None, "imagenet", "random") else "")
-            fix = ("Its training data held these files (the same bytes) under another folder"
-                   f"{inherited}: train it on images that leave this run's test split out, "
-                   "e.g. pretrain on --data itself with the same --split-seed"
-                   if other_data else
-                   f"The weights it started from ({start}) learned from them; start it from "
-                   "weights that did not, or fine-tune with their split"
-                   if inherited and split == (cfg.data.split_seed, cfg.data.test_fraction)
-                   and meta.get("test_fingerprint") == ds.fingerprint(ds.test_idx) else
-                   f"It was pretrained with another train/test split: rerun with --split-seed "
-                   f"{split[0]} --test-fraction {split[1]}"
-                   if split != (cfg.data.split_seed, cfg.data.test_fraction)
-                   else "The data changed since pretraining (an image added, removed or "
-                   "unreadable reshuffles its class's split): pretrain again on this data, or "
-                   "fine-tune on the data as it was")
             raise SystemExit(f"{flag} {f} was pretrained on {seen} of this run's "
-                             f"{len(ds.test_idx)} test images. {fix}.")
+                             f"{len(ds.test_idx)} test images. {_leak_fix(meta, cfg, ds)}.")
         if other_data:
             log(f"{flag} {f} was pretrained on other images than --data{what}; none of "
                 "this run's test images is among them (compared by content)")
@@ -122,6 +99,29 @@ def check_encoder(cfg: FinetuneConfig, ds: Dataset) -> Path | None:
         log(f"warning: {flag} {f} was pretrained with --split all: it has seen the test "
             "images (without labels); the test split is not unseen")
     return f
+
+
+def _leak_fix(meta: dict, cfg: FinetuneConfig, ds: Dataset) -> str:
+    """What to do about a start that learned from this run's test images, by how it came to."""
+    start = meta.get("init")
+    inherited = start not in (None, "imagenet", "random")
+    split = (meta.get("split_seed"), meta.get("test_fraction"))
+    same_split = split == (cfg.data.split_seed, cfg.data.test_fraction)
+    if meta.get("data_fingerprint") != ds.fingerprint():
+        return ("Its training data held these files (the same bytes) under another folder"
+                + (f" (or the weights it started from, {start}, learned from them)"
+                   if inherited else "")
+                + ": train it on images that leave this run's test split out, e.g. pretrain "
+                "on --data itself with the same --split-seed")
+    if inherited and same_split and meta.get("test_fingerprint") == ds.fingerprint(ds.test_idx):
+        return (f"The weights it started from ({start}) learned from them; start it from "
+                "weights that did not, or fine-tune with their split")
+    if not same_split:
+        return (f"It was pretrained with another train/test split: rerun with --split-seed "
+                f"{split[0]} --test-fraction {split[1]}")
+    return ("The data changed since pretraining (an image added, removed or unreadable "
+            "reshuffles its class's split): pretrain again on this data, or fine-tune on the "
+            "data as it was")
 
 
 def default_name(cfg: FinetuneConfig, start: str) -> str:
@@ -273,7 +273,7 @@ def save_model(run: Path, cfg: FinetuneConfig, model, ds: Dataset, epoch: int,
         "split_seed": cfg.data.split_seed, "test_fraction": cfg.data.test_fraction,
         "data_fingerprint": ds.fingerprint(), "test_fingerprint": ds.fingerprint(ds.test_idx),
         "synthetic_data": ds.synthetic, "trained_on": sorted(learned),
-        "imagenet_weights": imagenet_tag(cfg.init, cfg.imagenet_weights, encoder is None)})
+        "imagenet_weights": imagenet_tag(start, cfg.imagenet_weights)})
 
 
 def finish(run: Path, cfg: FinetuneConfig, ds: Dataset, rows: list[dict], probs,
@@ -329,7 +329,7 @@ def write_card(run: Path, cfg: FinetuneConfig, ds: Dataset, rows: list[dict], su
     final = classification_metrics(y_test, probs.argmax(1), probs, ds.class_names,
                                    cfg.positive_class)
     start = summary["start"]
-    tag = imagenet_tag(cfg.init, cfg.imagenet_weights, cfg.encoder is None)
+    tag = imagenet_tag(start, cfg.imagenet_weights)
     info = {"arch": cfg.arch, "start": f"{start} ({tag})" if tag else start,
             "fraction": cfg.fraction,
             "epochs": len(rows), "image_size": cfg.augment.size, "class_names": ds.class_names,

@@ -53,10 +53,10 @@ def imagenet_weights_enum(arch: str, version: str = "V2"):
     return getattr(enum, name)
 
 
-def imagenet_tag(init: str, version: str, applies: bool = True) -> str | None:
+def imagenet_tag(start: str, version: str) -> str | None:
     """Which torchvision ImageNet weights a start used ("IMAGENET1K_V2"), for the sidecars
     and the model card; None when the start is not torchvision's ImageNet weights."""
-    return f"IMAGENET1K_{version.upper()}" if applies and init == "imagenet" else None
+    return f"IMAGENET1K_{version.upper()}" if start == "imagenet" else None
 
 
 def imagenet_file(arch: str, version: str = "V2") -> Path:
@@ -70,10 +70,8 @@ def imagenet_state_dict(arch: str, version: str = "V2") -> dict:
 
     Read with weights_only=True (torchvision's own loader unpickles freely, and the file's
     place is one users fill by hand); a download is checked against the hash in its name."""
-    w = imagenet_weights_enum(arch, version)
-    name = f"IMAGENET1K_{version.upper()}"
-    fname = os.path.basename(w.url)
-    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    w, f = imagenet_weights_enum(arch, version), imagenet_file(arch, version)
+    name, fname, hub = w.name, f.name, f.parent
     try:
         return torch.hub.load_state_dict_from_url(w.url, progress=False, check_hash=True,
                                                   map_location="cpu", weights_only=True)
@@ -164,18 +162,21 @@ def sidecar(weights: Path) -> dict:
     return json.loads(meta.read_text())
 
 
+def sstl_weights(init: str | None) -> Path | None:
+    """The weights file of a start sstl wrote (a .safetensors beside its JSON sidecar, or its
+    run directory), or None: imagenet, random and other files record nothing of what they saw."""
+    if init in (None, "imagenet", "random"):
+        return None
+    f = weights_file(init, "encoder.safetensors")
+    return f if f.suffix == ".safetensors" and f.with_suffix(".json").is_file() else None
+
+
 def inherited_images(init: str | None) -> set[str]:
     """The images a start (--init PATH, --encoder) learned from, by its sidecar's
     `trained_on`: a run's own sidecar lists them with its own, so the leak checks follow
     weights through every stage. Nothing for imagenet, random, or files sstl did not write."""
-    if init in (None, "imagenet", "random"):
-        return set()
-    f = Path(init).expanduser()
-    f = f / "encoder.safetensors" if f.is_dir() else f
-    side = f.with_suffix(".json")
-    if f.suffix != ".safetensors" or not side.is_file():
-        return set()
-    return set(sidecar(f).get("trained_on", []))
+    f = sstl_weights(init)
+    return set(sidecar(f).get("trained_on", [])) if f is not None else set()
 
 
 def without_image_list(meta: dict) -> dict:
