@@ -102,16 +102,22 @@ def _made_otherwise(run: Path, cfg, data: str) -> bool:
     before anything runs. A checkpoint's inputs are the data fingerprint, then ':' and the
     encoder's file_identity for a fine-tuning from one (finetune.py); only the data is known
     here. An unreadable checkpoint is the run's own business."""
-    f = run / "checkpoint.pt"
-    if not f.exists():
-        return False
-    try:
-        ck = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
+    ck = _checkpoint(run)
+    if ck is None:
         return False
     inputs = ck.get("inputs") if isinstance(ck, dict) else None
     return not isinstance(ck, dict) or ck.get("resume_key") not in resume_keys(cfg) or \
         (inputs is not None and inputs.split(":")[0] != data)
+
+
+def _checkpoint(run: Path):
+    """A cell's checkpoint, mapped (a cheap look), or None where it has none that reads: an
+    unreadable checkpoint is the run's own business (Run.resume falls back or says so)."""
+    try:
+        return torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True,
+                          mmap=True)
+    except Exception:  # missing, or unreadable
+        return None
 
 
 def plan(cfg: ReproduceConfig, grid: Path, data: DataConfig, rows) -> list[dict]:
@@ -201,10 +207,7 @@ def check_evaluate_on(path: str, classes: list[str], data: DataConfig) -> None:
 def _from_another_encoder(run: Path, encoder: Path) -> bool:
     """Whether a fine-tuning cell's checkpoint was trained from another encoder file than the
     one its pretraining cell holds now (finetune.py's inputs: fingerprint ':' file_identity)."""
-    try:
-        ck = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # missing or unreadable: the run itself answers for it
-        return False
+    ck = _checkpoint(run)
     inputs = ck.get("inputs") if isinstance(ck, dict) else None
     return isinstance(inputs, str) and ":" in inputs and \
         inputs.split(":", 1)[1] != file_identity(encoder)
