@@ -25,7 +25,9 @@ Nothing the user owns is modified: files are only opened for reading.
 """
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import difflib
 import os
 from dataclasses import dataclass, field
@@ -134,22 +136,19 @@ def read_manifest(manifest: Path) -> list[Record]:
 
 def _scan_manifest(manifest: Path) -> Scan:
     root = manifest.parent.resolve()
-    # utf-8-sig: spreadsheets save a byte-order mark that would otherwise hide `path`.
+    # Decoded whole, so an error's offset is the file's; the byte-order mark spreadsheets save
+    # would otherwise hide `path`.
+    raw = manifest.read_bytes().removeprefix(codecs.BOM_UTF8)
     try:
-        with open(manifest, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
-            header = next(reader, [])
-            rows = [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]
-    except UnicodeDecodeError:  # Excel's plain "CSV" on Windows writes cp1252
-        raw = manifest.read_bytes()
-        try:  # decoded whole, the error's offset is the file's (not a read chunk's)
-            raw.decode("utf-8")
-            where = "somewhere"
-        except UnicodeDecodeError as e:
-            line = raw[:e.start].count(b"\n") + 1
-            where = f"byte {raw[e.start]:#04x} on line {line}"
-        raise DataError(f"{manifest}: not UTF-8 text ({where}); save it as \"CSV UTF-8\" "
-                        "(Excel) or convert it, e.g. iconv -f cp1252 -t utf-8") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:  # Excel's plain "CSV" on Windows writes cp1252
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{manifest}: not UTF-8 text (byte {raw[e.start]:#04x} on line {line}); "
+                        "save it as \"CSV UTF-8\" (Excel) or convert it, e.g. iconv -f cp1252 "
+                        "-t utf-8") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, [])
+    rows = [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]
     columns, extra = _manifest_columns(manifest, header)
 
     def get(row: list[str], name: str) -> str:
