@@ -29,8 +29,8 @@ from .methods import METHODS, SettingError, method_settings
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AugmentConfig", "FinetuneAugment", "ViewAugment",
            "DataConfig", "Runtime", "PretrainConfig", "FinetuneConfig", "PredictConfig",
-           "EvaluateConfig", "SupervisedConfig", "ReproduceConfig", "ConfigError", "check", "resolve", "resume_key", "resume_keys",
-           "save_json"]
+           "EvaluateConfig", "SupervisedConfig", "ReproduceConfig", "ConfigError", "check",
+           "resolve", "resume_key", "resume_keys", "save_json"]
 
 
 class ConfigError(SystemExit):

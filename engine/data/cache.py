@@ -5,8 +5,9 @@ writes `<key>.npy` (N x S x S uint8) and `<key>.json` (which files failed and wh
 renames both into place; later runs with the same file list and storage size map the array
 and decode nothing but the files that failed before (retried, in case a decoder was
 installed since). The JSON also holds each file's content digest (a hash of its bytes): an
-image's identity wherever its folder lives, which the leak checks compare. The key hashes each file's path, byte size and modification time, plus
-the storage size and this format's version, so an edited or added file makes a new cache.
+image's identity wherever its folder lives, which the leak checks compare. The key hashes
+each file's path, byte size and modification time, plus the storage size and this format's
+version, so an edited or added file makes a new cache.
 
 A build writes `<key>.npy.tmp<pid>@<host>` temporaries first. They are removed when the build
 fails or is interrupted (Ctrl-C included), and a build clears those left by a process that
