@@ -28,7 +28,7 @@ from .loop import Plan, Trainer, check_resumable, fit, run_name
 from .evaluation import bootstrap_ci, card_fields, curves_png, draw_figures, write_model_card
 from .metrics import METRICS, NAMES, best_epoch, classification_metrics, summarize
 from .models import imagenet_tag, sidecar, sstl_weights, weights_file
-from .runs import Run, file_identity, log, save_weights
+from .runs import Run, log, run_inputs, save_weights
 from .supervised import check_start, classifier_trainer, eval_probs
 
 FEW_IMAGES = 5  # a class with fewer training images than this gets a warning (noisy results)
@@ -153,7 +153,7 @@ def _finetune(cfg: FinetuneConfig, res: Resolved) -> Path:
     with Run.open(cfg.runtime.out, cfg.runtime.name or default_name(cfg, start),
                   res.is_main) as run:
         run.add_time("data", time.perf_counter() - t_data)  # scan and cache
-        inputs = ds.fingerprint() + (f":{file_identity(encoder)}" if encoder else "")
+        inputs = run_inputs(ds.fingerprint(), encoder, None if encoder else cfg.init)
         check_resumable(run, cfg, inputs)
         if res.is_main:
             save_data_files(ds, run.path)

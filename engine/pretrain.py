@@ -20,7 +20,7 @@ from .data.dataset import load_dataset, save_data_files
 from .loop import EMA, Plan, Trainer, check_resumable, fit, run_name, sgd
 from .methods import METHODS, Method, build
 from .models import ARCHS, backbone, imagenet_tag, inherited_images
-from .runs import Run, log, save_weights
+from .runs import Run, log, run_inputs, save_weights
 
 COLLAPSED = 0.02  # spread below this: outputs have (nearly) become one vector
 
@@ -75,7 +75,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         t0 = time.perf_counter()
         with dist.main_first():  # rank 0 decodes the cache; the others then map it
             ds = load_dataset(cfg.data, log=log)
-        inputs = ds.fingerprint()  # what the run learns from (its resume check and config)
+        inputs = run_inputs(ds.fingerprint(), init=cfg.init)  # its resume check and config
         check_resumable(run, cfg, inputs)
         if res.is_main:
             save_data_files(ds, run.path)
@@ -90,7 +90,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
         run.write_config(cfg, res, {"backend": res.backend, "n_train": len(images),
                                     "steps_per_epoch": source.steps_per_epoch,
                                     "data": {"synthetic": ds.synthetic, "root": str(ds.root),
-                                             "fingerprint": inputs}})
+                                             "fingerprint": ds.fingerprint()},
+                                    "inputs": inputs})
         rows = fit(run, t, source, Plan.of(cfg, desc=f"pretrain {cfg.method} {cfg.arch}",
                                            images_per_step=cfg.batch_size, live=res.is_main,
                                            inputs=inputs))

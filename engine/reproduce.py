@@ -36,7 +36,7 @@ from .methods import METHODS
 from .metrics import METRICS
 from .predict import evaluate
 from .pretrain import pretrain
-from .runs import file_identity, log
+from .runs import file_identity, inputs_parts, log, start_identity
 from .supervised import check_start
 
 # Table 2's rows in the paper's order: (name, pretraining method or None, start).
@@ -97,17 +97,22 @@ def _done(run: Path, weights: str, epochs: int) -> bool:
 
 
 def _made_otherwise(run: Path, cfg, data: str) -> bool:
-    """Whether `run` holds a checkpoint of other settings (resume key) or other images than
-    `cfg` on data fingerprint `data`: Run.resume's two refusals, gathered for the whole grid
-    before anything runs. A checkpoint's inputs are the data fingerprint, then ':' and the
-    encoder's file_identity for a fine-tuning from one (finetune.py); only the data is known
-    here. An unreadable checkpoint is the run's own business."""
+    """Whether `run` holds a checkpoint of other settings (resume key), other images than
+    `cfg` on data fingerprint `data`, or another --transfer file's bytes: Run.resume's
+    refusals, gathered for the whole grid before anything runs (an encoder cell's encoder is
+    checked when it is read, by _from_another_encoder). An unreadable checkpoint is the
+    run's own business."""
     ck = _checkpoint(run)
     if ck is None:
         return False
-    inputs = ck.get("inputs") if isinstance(ck, dict) else None
-    return not isinstance(ck, dict) or ck.get("resume_key") not in resume_keys(cfg) or \
-        (inputs is not None and inputs.split(":")[0] != data)
+    if not isinstance(ck, dict) or ck.get("resume_key") not in resume_keys(cfg):
+        return True
+    inputs = ck.get("inputs")
+    if not isinstance(inputs, str):
+        return False
+    images, _, start = inputs_parts(inputs)
+    init = cfg.init if getattr(cfg, "encoder", None) is None else None
+    return images != data or (start is not None and start != start_identity(init))
 
 
 def _checkpoint(run: Path):
@@ -173,7 +178,8 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     cells, fingerprint = plan(cfg, grid, data, rows), ds.fingerprint()
     other = [c["run"].name for c in cells if _made_otherwise(c["run"], c["cfg"], fingerprint)]
     if other:
-        raise SystemExit(f"{grid} holds runs made with other settings or other images than this "
+        raise SystemExit(f"{grid} holds runs made with other settings, images or --transfer "
+                         f"file than this "
                          f"command's ({', '.join(other[:4])}{' ...' if len(other) > 4 else ''}; "
                          f"{len(other)} in all): reusing them would mix two experiments in one "
                          "table. Give --name for a new grid, or delete those runs to redo them")
@@ -206,11 +212,11 @@ def check_evaluate_on(path: str, classes: list[str], data: DataConfig) -> None:
 
 def _from_another_encoder(run: Path, encoder: Path) -> bool:
     """Whether a fine-tuning cell's checkpoint was trained from another encoder file than the
-    one its pretraining cell holds now (finetune.py's inputs: fingerprint ':' file_identity)."""
+    one its pretraining cell holds now (the encoder's file_identity in runs.run_inputs)."""
     ck = _checkpoint(run)
     inputs = ck.get("inputs") if isinstance(ck, dict) else None
-    return isinstance(inputs, str) and ":" in inputs and \
-        inputs.split(":", 1)[1] != file_identity(encoder)
+    made_from = inputs_parts(inputs)[1] if isinstance(inputs, str) else None
+    return made_from is not None and made_from != file_identity(encoder)
 
 
 def _finetune_cell(cfg: ReproduceConfig, p: dict, c: dict) -> dict:

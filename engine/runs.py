@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -213,9 +214,10 @@ class Run:
             if ck.get("resume_key") not in keys:
                 raise SystemExit(f"{f} was written by a run with different settings; use "
                                  "another --name (or --no-resume to start over here)")
-            if inputs and ck.get("inputs") not in (None, inputs):
+            if inputs and ck.get("inputs") not in (None, inputs, inputs.partition(" init=")[0]):
+                # (without ' init=': written before starts were identified by their bytes)
                 raise SystemExit(f"{f} was trained on other inputs than this command's: the "
-                                 "--data images (or the --encoder file) changed since. Resuming "
+                                 f"{_changed(ck.get('inputs'), inputs)} changed since. Resuming "
                                  "would mix them; use another --name (or --no-resume to start "
                                  "over here)")
             if tried:
@@ -285,6 +287,17 @@ def _startup_seconds() -> float | None:
         return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _changed(old, new: str) -> str:
+    """Which of a run's inputs differ between a checkpoint's and this command's, in flags."""
+    if not isinstance(old, str):
+        return "--data images"
+    # A checkpoint without a start digest predates them: its start is not known to differ.
+    what = [name for name, a, b in zip(("--data images", "--encoder file", "--init file"),
+                                       inputs_parts(old), inputs_parts(new))
+            if a != b and not (name == "--init file" and a is None)]
+    return " and the ".join(what) or "--data images"
 
 
 def _check_crcs(f: Path) -> None:
@@ -411,6 +424,44 @@ class Reporter:
         if self.live:
             self.progress.stop()
             self.live = False
+
+
+def start_identity(init: str | None) -> str:
+    """What an --init PATH start holds: the sha256 of its bytes (16 hex digits), computed once
+    per file state in a process. '' for imagenet and random (their resume keys name them)."""
+    if init in (None, "imagenet", "random"):
+        return ""
+    f = Path(init).expanduser().resolve()
+    if not f.is_file():
+        return "missing"  # the model builder has already refused a missing start
+    st = f.stat()
+    return _digest(str(f), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _digest(path: str, inode: int, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def run_inputs(data: str, encoder: Path | None = None, init: str | None = None) -> str:
+    """A checkpoint's `inputs`, what its run learns from: the data fingerprint, then ':' and
+    the encoder's file_identity (fine-tuning from one), then ' init=' and the --init file's
+    digest (a start from a file). Resume refuses a checkpoint of other inputs: a start file
+    replaced in place would otherwise be continued from as if it were the one trained from."""
+    s = data + (f":{file_identity(encoder)}" if encoder else "")
+    start = start_identity(init)
+    return s + (f" init={start}" if start else "")
+
+
+def inputs_parts(inputs: str) -> tuple[str, str | None, str | None]:
+    """(data fingerprint, encoder identity or None, start digest or None) of run_inputs' text."""
+    rest, _, start = inputs.partition(" init=")
+    data, _, encoder = rest.partition(":")
+    return data, encoder or None, start or None
 
 
 def file_identity(weights: Path) -> str:

@@ -24,7 +24,7 @@ from .data.dataset import load_dataset, save_data_files
 from .loop import Plan, Trainer, check_resumable, fit, run_name, sgd
 from .models import (ARCHS, Classifier, backbone, imagenet_state_dict, imagenet_tag,
                      inherited_images)
-from .runs import Run, log, save_weights
+from .runs import Run, log, run_inputs, save_weights
 
 
 def supervised_forward(model, label_smoothing: float):
@@ -109,7 +109,7 @@ def _supervised(cfg: SupervisedConfig, res: Resolved) -> Path:
         ds = load_dataset(cfg.data, need_labels=True, log=log)
     with Run.open(cfg.runtime.out, cfg.runtime.name or default_name(cfg), res.is_main) as run:
         run.add_time("data", time.perf_counter() - t_data)  # scan and cache
-        inputs = ds.fingerprint()  # what the run learns from (its resume check and config)
+        inputs = run_inputs(ds.fingerprint(), init=cfg.init)  # its resume check and config
         check_resumable(run, cfg, inputs)
         if res.is_main:
             save_data_files(ds, run.path)
@@ -126,7 +126,8 @@ def _supervised(cfg: SupervisedConfig, res: Resolved) -> Path:
         run.write_config(cfg, res, {"n_train": len(ds.train_idx), "n_test": len(ds.test_idx),
                                     "class_names": ds.class_names,
                                     "data": {"root": str(ds.root), "synthetic": ds.synthetic,
-                                             "fingerprint": inputs}})
+                                             "fingerprint": ds.fingerprint()},
+                                    "inputs": inputs})
         y_test = ds.targets[ds.test_idx]
 
         def evaluate(epoch: int) -> dict:

@@ -361,6 +361,55 @@ def test_resuming_refuses_a_checkpoint_trained_on_other_images(tmp_path):
     pretrain(cfg)  # the same images again: resumes (a finished run rewrites its outputs)
 
 
+def test_resuming_refuses_a_checkpoint_whose_init_file_changed_in_place(tmp_path):
+    """--init PATH is in the resume key by its place only: a file replaced there (another
+    stage-1 run written over it) would be continued from as if it were the start trained
+    from. Refused by its bytes, files untouched; the same bytes again resume, and so does a
+    checkpoint written before starts had digests."""
+    from sstl.engine.models import backbone
+
+    start = tmp_path / "start.pth"
+    torch.manual_seed(0)
+    torch.save(backbone("resnet18").state_dict(), start)
+    original = start.read_bytes()
+    cfg = pretrain_cfg(out=str(tmp_path), name="s", init=str(start))
+    run = pretrain(cfg)
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert " init=" in ck["inputs"]
+    before = {f: (run / f).read_bytes() for f in ("encoder.json", "checkpoint.pt", "metrics.csv")}
+    torch.manual_seed(1)
+    torch.save(backbone("resnet18").state_dict(), start)  # same size, other weights
+    assert start.stat().st_size == len(original) and start.read_bytes() != original
+    with pytest.raises(SystemExit, match="the --init file changed since"):
+        pretrain(cfg)
+    assert {f: (run / f).read_bytes() for f in before} == before
+    start.write_bytes(original)
+    pretrain(cfg)  # the start it was trained from: resumes (finished: rewrites its outputs)
+    # Written before this check existed: inputs without a start digest still resume.
+    torch.save(backbone("resnet18").state_dict(), start)
+    ck["inputs"] = ck["inputs"].partition(" init=")[0]
+    torch.save(ck, run / "checkpoint.pt")
+    (run / "checkpoint.prev.pt").unlink(missing_ok=True)
+    pretrain(cfg)
+
+
+def test_resuming_with_another_number_of_processes_is_said(tmp_path, capsys):
+    """Checkpoints record the world size; a mid-epoch resume under another one deals the rest
+    of the epoch differently, and the user is told so (the run continues)."""
+    run = pretrain(pretrain_cfg(out=str(tmp_path), name="w", checkpoint_every=1,
+                                checkpoint_minutes=1e6))
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["world"] == 1
+    ck = torch.load(run / "checkpoint.prev.pt", weights_only=True)  # the last mid-epoch one
+    assert ck["epoch"] == 0 and ck["step"] > 0
+    ck["world"] = 2
+    (run / "checkpoint.prev.pt").unlink()
+    torch.save(ck, run / "checkpoint.pt")
+    capsys.readouterr()
+    pretrain(pretrain_cfg(out=str(tmp_path), name="w", checkpoint_every=1, checkpoint_minutes=1e6))
+    err = " ".join(capsys.readouterr().err.split())
+    assert "written by 2 processes, this run has 1; the rest of its interrupted epoch" in err
+
+
 def test_a_resumed_run_keeps_every_invocations_time_and_command(tmp_path, capsys):
     cfg = pretrain_cfg(out=str(tmp_path), name="r")
     run = pretrain(cfg)

@@ -6,9 +6,10 @@ import csv
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from sstl.engine import reproduce as reproduce_mod
 from sstl.engine.config import (DataConfig, FinetuneAugment, ReproduceConfig, Runtime,
@@ -87,9 +88,20 @@ def test_tiny_grid_end_to_end_and_a_rerun_redoes_nothing(tmp_path, monkeypatch):
     # used to be read as finished cells under the new settings' title.
     other = dataclasses.replace(cfg, data=DataConfig(test_fraction=0.3))
     before = {p: p.stat().st_mtime_ns for p in grid.rglob("*") if p.is_file()}
-    with pytest.raises(SystemExit, match="other settings or other images.*pretrain-ours-s0.*"
-                                         "3 in all"):
+    with pytest.raises(SystemExit, match="other settings, images or --transfer file.*"
+                                         "pretrain-ours-s0.*3 in all"):
         reproduce_mod.reproduce(other)
+    assert before == {p: p.stat().st_mtime_ns for p in grid.rglob("*") if p.is_file()}
+    # The --transfer file written over in place (another stage-1 run there): the cells that
+    # started from it are refused, not read as if made from the new file.
+    start = Path(cfg.transfer)
+    original, weights = start.read_bytes(), load_file(start)
+    key = next(k for k, v in weights.items() if v.is_floating_point())
+    save_file({**weights, key: weights[key] + 1}, start)
+    with pytest.raises(SystemExit, match=r"--transfer file.*\(pretrain-ours-s0, "
+                                         r"finetune-transfer-f1-s0; 2 in all\)"):
+        reproduce_mod.reproduce(cfg)
+    start.write_bytes(original)
     assert before == {p: p.stat().st_mtime_ns for p in grid.rglob("*") if p.is_file()}
     # A pretraining redone since (its encoder file is another): the fine-tuning made from the
     # earlier one is not read as this grid's cell.
