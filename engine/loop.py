@@ -211,6 +211,7 @@ def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
     if ck is not None:
         t.load(ck)
         epoch, start, partial = ck["epoch"], ck["step"], ck.get("partial")
+        _check_world(ck, start)
         log(f"resuming {run.path} at epoch {epoch + 1}, step {start}" if epoch < plan.epochs
             else f"{run.path} has finished its {plan.epochs} epoch"
                  f"{'s' * (plan.epochs != 1)}: nothing to train, its outputs are written again "
@@ -223,7 +224,8 @@ def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
     def save(epoch_: int, step_: int, part: dict | None) -> None:
         nonlocal last_save
         run.save({"format": CHECKPOINT_FORMAT, "resume_key": plan.key, "inputs": plan.inputs,
-                  "epoch": epoch_, "step": step_, "partial": part, **t.state()})
+                  "epoch": epoch_, "step": step_, "partial": part, "world": dist.world(),
+                  **t.state()})
         last_save = time.monotonic()
 
     def every(global_step: int) -> bool:  # --checkpoint-every counts steps across epochs
@@ -305,6 +307,18 @@ def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
                                for k, v in accel.compile_counters().items()})
         run.write_timing()
     return metrics.rows()
+
+
+def _check_world(ck: dict, step: int) -> None:
+    """A checkpoint written by another number of processes: the weights carry over, but the
+    rest of an interrupted epoch is dealt to ranks by the new count (loader.py), so some of
+    its images may come twice and others not at all. Said, not refused: nothing is lost."""
+    then, now = ck.get("world"), dist.world()
+    if then is not None and then != now:
+        log(f"warning: the checkpoint was written by {then} process{'es' * (then != 1)}, this "
+            f"run has {now}" + (f"; the rest of its interrupted epoch deals images to {now}, so "
+                                "a few may repeat or be skipped in this epoch, and the run will "
+                                "not match an uninterrupted one exactly" if step else ""))
 
 
 def _finite(model: torch.nn.Module, *tensors: torch.Tensor) -> bool:
