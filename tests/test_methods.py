@@ -91,14 +91,16 @@ def test_simsiam_stop_gradient_and_loss():
     z = m.projector(m.backbone(torch.cat([v1, v2])))
     p1, p2 = m.predictor(z).chunk(2)
     z1, z2 = z.chunk(2)
-    want = ((2 - 2 * _cos(p1, z2.detach())).mean() + (2 - 2 * _cos(p2, z1.detach())).mean()) / 2
+    # The paper's L = -cos(P1, sg Z2)/2 - cos(P2, sg Z1)/2, plus 1 (so 0 at agreement): its
+    # scale, hence its gradients, exactly (the shared SGD settings then mean what they say).
+    want = 1 - (_cos(p1, z2.detach()).mean() + _cos(p2, z1.detach()).mean()) / 2
     torch.testing.assert_close(loss, want, rtol=1e-9, atol=1e-10)
     # The stop-gradient: the loss's gradient reaches z only through the predictor branch.
     zz = z.detach().requires_grad_(True)
     q1, q2 = m.predictor(zz).chunk(2)
     y1, y2 = zz.chunk(2)
-    through_pred = ((2 - 2 * _cos(q1, y2.detach())).mean() + (2 - 2 * _cos(q2, y1.detach())).mean()) / 2
-    with_target = ((2 - 2 * _cos(q1, y2)).mean() + (2 - 2 * _cos(q2, y1)).mean()) / 2
+    through_pred = -(_cos(q1, y2.detach()).mean() + _cos(q2, y1.detach()).mean()) / 2
+    with_target = -(_cos(q1, y2).mean() + _cos(q2, y1).mean()) / 2
     g_stop = torch.autograd.grad(through_pred, zz, retain_graph=True)[0]
     g_full = torch.autograd.grad(with_target, zz)[0]
     assert not torch.allclose(g_stop, g_full)  # the oracle can tell the two apart
@@ -107,7 +109,7 @@ def test_simsiam_stop_gradient_and_loss():
     p = m.predictor(z_method)
     a, b = p.chunk(2)
     za, zb = z_method.detach().chunk(2)
-    loss_m = kernels.cosine_loss(torch.cat([a, b]), torch.cat([zb, za]))
+    loss_m = 0.5 * kernels.cosine_loss(torch.cat([a, b]), torch.cat([zb, za]))
     torch.testing.assert_close(torch.autograd.grad(loss_m, z_method)[0], g_stop, rtol=1e-8, atol=1e-10)
     assert m.ema_pairs() == ([], [])  # no target network
 

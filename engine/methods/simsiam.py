@@ -2,10 +2,11 @@
 
 No target network: one encoder, with a stop-gradient on the branch that is regressed.
 Projector: three layers of `proj_dim` (BN after each, no ReLU after the last); predictor: a
-bottleneck `proj_dim -> pred_hidden -> proj_dim`. With D(p, z) = 2 - 2 cos(p, stopgrad(z)),
+bottleneck `proj_dim -> pred_hidden -> proj_dim`. With D(p, z) = 1 - cos(p, stopgrad(z)),
   L = (D(P1, Z2) + D(P2, Z1)) / 2,
-the paper's -cos loss shifted and scaled (same minimiser and gradient direction; the scale
-matches the other rows of the table).
+the paper's -cos loss plus 1 (0 at agreement): its gradients exactly, so the shared SGD
+settings train SimSiam as its loss was written. (Each row keeps its own paper's scale: BYOL
+and Cross sum two 2 - 2cos terms, as their papers do.)
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class SimSiam(Method):
         z = self.projector(self.backbone(torch.cat([v1, v2])))
         p1, p2 = self.predictor(z).chunk(2)
         z1, z2 = z.detach().chunk(2)  # the stop-gradient: no gradient reaches the regressed branch
-        # (D(P1, Z2) + D(P2, Z1)) / 2 as one batch of 2B rows: the mean over rows is that average.
-        loss = kernels.cosine_loss(torch.cat([p1, p2]), torch.cat([z2, z1]))
+        # (D(P1, Z2) + D(P2, Z1)) / 2 as one batch of 2B rows: the kernel's mean of 2 - 2cos
+        # over the rows is that average of 2D, hence the half.
+        loss = 0.5 * kernels.cosine_loss(torch.cat([p1, p2]), torch.cat([z2, z1]))
         return loss, {"spread": spread(z1)}
