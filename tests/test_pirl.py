@@ -3,6 +3,7 @@ and the NCE loss against float64 formulas, one step through the data seam, exact
 the bank, and the choice of the torch data path."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -61,22 +62,34 @@ def test_jigsaw_tiles_come_from_their_cells_and_the_inverse_permutation_restores
     assert not torch.equal(shuffled, ordered)  # the permutation did move tiles
 
 
-def _source(pretext: str, images: np.ndarray, size: int) -> PretextSource:
-    aug = AugmentConfig(size=size, view1=PLAIN, view2=PLAIN)
-    return PretextSource(images, aug, batch_size=3, seed=5, device="cpu", pretext=pretext)
+def _source(pretext: str, images: np.ndarray, size: int, view2: ViewAugment = PLAIN,
+            **kw) -> PretextSource:
+    aug = AugmentConfig(size=size, view1=PLAIN, view2=view2)
+    return PretextSource(images, aug, batch_size=3, seed=5, device="cpu", pretext=pretext, **kw)
 
 
-def test_jigsaw_source_tiles_are_the_source_images_pixels():
+# Per-tile draws that show: flips and a strong brightness/contrast jitter on every tile.
+TILE_AUG = dataclasses.replace(PLAIN, flip_p=0.5, jitter_p=1.0)
+
+
+@pytest.mark.parametrize("view2", [PLAIN, TILE_AUG], ids=["plain", "tile-augment"])
+def test_jigsaw_source_tiles_are_the_source_images_pixels(view2):
+    """Each tile against NumPy: its cell's pixels at its offset, in its slot, then flipped and
+    jittered on its own draws (VISSL augments every patch separately)."""
     tile, cell = jigsaw_sizes(32)
     side = 3 * cell  # the jigsaw crop is rendered at the image's own size: pixels pass through
     images = np.random.default_rng(0).integers(0, 256, (6, side, side), dtype=np.uint8)
-    src = _source("jigsaw", images, 32)
+    src = _source("jigsaw", images, 32, view2, jigsaw_crop_scale=(1.0, 1.0))
     x, x_t, idx = next(src.epoch(0, start_step=1))
     assert x.shape == (3, 3, 32, 32) and x_t.shape == (27, 3, tile, tile)
-    # The step's draws, in the source's order: view1, view2, then the jigsaw's.
+    # The step's draws, in the source's order: view1, the crop, the jigsaw's, the tiles'.
     g = torch.Generator().manual_seed(step_seed(5, 0, 1, 0))
     sample_params(3, PLAIN, g, "cpu"), sample_params(3, PLAIN, g, "cpu")
     offsets, perm = sample_jigsaw(3, tile, cell, g, "cpu")
+    per_tile = sample_params(27, view2, g, "cpu")
+    flip = per_tile.flip.numpy().reshape(3, 9)
+    bright = per_tile.brightness.double().numpy().reshape(3, 9)
+    contrast = per_tile.contrast.double().numpy().reshape(3, 9)
     tiles = _grey(x_t).reshape(3, 9, tile, tile)
     for b, i in enumerate(idx.tolist()):
         img = images[i].astype(np.float64) / 255
@@ -85,7 +98,24 @@ def test_jigsaw_source_tiles_are_the_source_images_pixels():
             row, col = divmod(src_cell, 3)
             y = row * cell + int(offsets[b, src_cell, 0])
             xx = col * cell + int(offsets[b, src_cell, 1])
-            np.testing.assert_allclose(tiles[b, slot], img[y:y + tile, xx:xx + tile], atol=1e-5)
+            want = img[y:y + tile, xx:xx + tile]
+            want = want[:, ::-1] * bright[b, slot] if flip[b, slot] else want * bright[b, slot]
+            want = np.clip((want - want.mean()) * contrast[b, slot] + want.mean(), 0, 1)
+            np.testing.assert_allclose(tiles[b, slot], want, atol=1e-5)
+    if view2 is TILE_AUG:  # the draws are the tiles' own, not one per image
+        assert 0 < flip.sum() < 27 and (np.ptp(bright, axis=1) > 0.05).all()
+
+
+def test_the_jigsaw_crop_takes_60_to_100_percent_of_the_image():
+    """VISSL's crop scale for the patches, whatever the views' own range (20-100%)."""
+    tile, cell = jigsaw_sizes(32)
+    images = np.zeros((6, 3 * cell, 3 * cell), dtype=np.uint8)
+    src = _source("jigsaw", images, 32, dataclasses.replace(PLAIN, crop_scale=(0.2, 1.0)))
+    assert src.jigsaw_crop.crop_scale == (0.6, 1.0) and src.aug.view2.crop_scale == (0.2, 1.0)
+    g = torch.Generator().manual_seed(0)
+    box = sample_params(10_000, src.jigsaw_crop, g, "cpu").box
+    area = box[:, 2] * box[:, 3]
+    assert area.min() >= 0.6 - 1e-6 and area.max() <= 1 + 1e-6
 
 
 def test_rotation_matches_np_rot90_directly_and_through_the_source():
