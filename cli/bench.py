@@ -34,14 +34,14 @@ def print_rows(title: str, rows: list[dict], columns: list[str]) -> None:
 
 def bench(
     what: str = typer.Option("step", help="step | data | kernels | all"),
-    data: Optional[Path] = typer.Option(None, help="Images for step/data [default: the embedded synthetic set]"),
+    data: Optional[Path] = typer.Option(None, help="Images for step/data \\[default: the embedded synthetic set]"),
     device: str = typer.Option("auto", help="auto | cuda | cpu"),
     arch: str = typer.Option("resnet50", help="resnet50 | resnet18"),
     batch_size: Optional[int] = typer.Option(
-        None, help="[default: 256 on a GPU; on a CPU 32 for step, 64 for data]"),
+        None, help="\\[default: 256 on a GPU; on a CPU 32 for step, 64 for data]"),
     view_size: int = typer.Option(112, help="Side of each view"),
     steps: Optional[int] = typer.Option(
-        None, help="Timed steps per repeat [default: step 20 GPU, 2 CPU; data 30 GPU, 8 CPU]"),
+        None, help="Timed steps per repeat \\[default: step 20 GPU, 2 CPU; data 30 GPU, 8 CPU]"),
     cpu_all: bool = typer.Option(False, help="Also run the bf16 and compile rungs on a CPU"),
     json: Optional[Path] = typer.Option(None, "--json", help="Write all results to this JSON file"),
 ):

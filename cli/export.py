@@ -12,10 +12,10 @@ def export(
     model: Path = typer.Option(..., "--model", help="Run directory of `sstl finetune` "
                                "(or its model.safetensors)"),
     format: str = typer.Option("onnx", "--format", help="onnx (the only format so far)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output file [default: model.onnx "
+    out: Optional[Path] = typer.Option(None, "--out", help="Output file \\[default: model.onnx "
                                        "in the run directory]"),
     images: Optional[list[Path]] = typer.Option(None, "--images", help="Images or folders to "
-                                                "check the export on [default: a few of the "
+                                                "check the export on \\[default: a few of the "
                                                 "run's training data, else synthetic ones]"),
     tolerance: float = typer.Option(1e-4, help="Largest accepted |onnx - torch| probability"),
 ):
@@ -33,4 +33,4 @@ def export(
                     f"checked on {r['images_checked']} {r['check_source']}: onnxruntime vs torch "
                     f"max |diff| of probabilities {r['max_abs_diff_probs']:.2e} "
                     f"(tolerance {r['tolerance']:g}), same predicted class: "
-                    f"{'yes' if r['same_argmax'] else 'NO'}")
+                    f"{'yes' if r['same_argmax'] else 'NO'}", markup=False)

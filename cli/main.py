@@ -1,6 +1,8 @@
 """The `sstl` command line. Each command fills one frozen config and hands it to the engine."""
 from __future__ import annotations
 
+import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -34,11 +36,22 @@ def main(version: bool = typer.Option(False, "--version", is_eager=True, callbac
 
 def cli() -> None:
     """The `sstl` entry point: Ctrl-C outside the training loop ends without a traceback."""
+    warnings.showwarning = _show_warning
     try:
         app()
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise SystemExit(130) from None
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """sstl's own warnings (an undefined metric, say) as one line, like its other messages;
+    those of the libraries below keep Python's form (file and line help their reports)."""
+    if category.__module__.startswith("sstl."):
+        typer.echo(f"warning: {message}", err=True)
+    else:  # Python's own form
+        (file or sys.stderr).write(warnings.formatwarning(message, category, filename, lineno,
+                                                          line))
 
 
 def default(cls, name: str):
@@ -52,22 +65,23 @@ D, R, P, F = DataConfig(), Runtime(), PretrainConfig, FinetuneConfig
 # Options shared by every command that reads data.
 DATA = typer.Option(None, "--data", help="Folder (one sub-folder per class, or unlabelled images) "
                     "or manifest.csv. Omitted: the embedded SYNTHETIC demo set.")
-CACHE_DIR = typer.Option(None, "--cache-dir", help="Decode-once cache [default: $SSTL_CACHE or ~/.cache/sstl]")
+CACHE_DIR = typer.Option(None, "--cache-dir", help="Decode-once cache \\[default: $SSTL_CACHE or ~/.cache/sstl]")
 CACHE_SIZE = typer.Option(D.cache_size, "--cache-size", help="Side of the cached uint8 images")
 SPLIT_SEED = typer.Option(D.split_seed, "--split-seed", help="Seed of the train/test split (keep "
                           "it equal between pretrain and finetune so the test images stay unseen)")
 TEST_FRACTION = typer.Option(D.test_fraction, "--test-fraction",
                              help="Held-out share (stratified, group-aware)")
-WORKERS = typer.Option(D.scan_workers, "--workers", help="Decoder threads for the first scan [default: all CPUs]")
+WORKERS = typer.Option(D.scan_workers, "--workers", show_default=False,
+                       help="Decoder threads for the first scan \\[default: 0, all CPUs]")
 # The runtime block, shared by the training commands.
 OUT = typer.Option(Path(R.out), "--out", help="Parent folder of run directories")
-NAME = typer.Option(None, "--name", help="Run directory name [default: from the command, method, "
+NAME = typer.Option(None, "--name", help="Run directory name \\[default: from the command, method, "
                     "arch and settings, so the same command resumes the same run]")
 DEVICE = typer.Option(R.device, "--device", help="auto | cuda | cpu")
 BACKEND = typer.Option(R.backend, "--backend", help="Data path: auto (DALI on a GPU if installed) | dali | torch")
-COMPILE = typer.Option(None, "--compile/--no-compile", help="torch.compile [default: on for CUDA]")
+COMPILE = typer.Option(None, "--compile/--no-compile", help="torch.compile \\[default: on for CUDA]")
 GRAPHS = typer.Option(None, "--cuda-graphs/--no-cuda-graphs",
-                      help="Replay the whole step as a CUDA graph [default: on for CUDA, one process]")
+                      help="Replay the whole step as a CUDA graph \\[default: on for CUDA, one process]")
 PRECISION = typer.Option(R.precision, "--precision", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32")
 SEED = typer.Option(R.seed, "--seed", help="Training seed (init, order, augmentation, label subset)")
 LOG_EVERY = typer.Option(R.log_every, "--log-every", help="Steps between loss reads (the only host syncs)")
@@ -249,9 +263,9 @@ def reproduce(
                                "quick (resnet18, small images, few epochs; a CPU job)"),
     rows: list[str] = typer.Option([], "--row", help="Only these rows (repeatable): ours, transfer, "
                                    "cross, byol, simsiam, simclr, pirl-jigsaw, pirl-rotation, "
-                                   "scratch [default: all]"),
+                                   "scratch \\[default: all]"),
     fraction: list[float] = typer.Option([], "--fraction", help="Label fractions (repeatable) "
-                                         "[default: 0.01 0.1 0.5 1]"),
+                                         "\\[default: 0.01 0.1 0.5 1]"),
     seeds: int = typer.Option(1, help="Seeds per cell; tables give mean and std across them"),
     transfer: str = typer.Option("imagenet", help="Start of Ours and Transfer: imagenet | PATH to "
                                  "a stage-1 encoder (`sstl supervised`)"),

@@ -136,9 +136,9 @@ def check_images(model_path, meta: dict, images=()) -> tuple[np.ndarray, str]:
         from .predict import image_files
 
         paths = [p for p, err in image_files(images) if err is None]
-        source = "given images"
-    else:
-        paths, source = _training_images(model_path), "the run's training data"
+        source = "of the given images"
+    else:  # the run's --data folder, test split included: a numerical check, not a score
+        paths, source = _training_images(model_path), "images of the run's --data"
     decoded = [img for img in (decode_square(p, size)[0] for p in paths) if img is not None]
     if images and not decoded:
         raise SystemExit(f"none of {', '.join(map(str, images))} could be decoded to check "
@@ -148,7 +148,7 @@ def check_images(model_path, meta: dict, images=()) -> tuple[np.ndarray, str]:
 
         rng = np.random.default_rng(0)
         return (np.stack([draw(CLASSES[i % len(CLASSES)], rng, size) for i in range(CHECK_IMAGES)]),
-                "synthetic radiograph-like images (the training data was not found)")
+                "synthetic radiograph-like images (the run's --data was not found)")
     return np.stack(decoded[:64]), source
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import dist
@@ -309,13 +310,15 @@ def finish(run: Path, cfg: FinetuneConfig, ds: Dataset, rows: list[dict], probs,
 def summary_table(summary: dict, title: str) -> Table:
     last, best = summary["last_epochs"], summary["best"]
     n = len(summary["last_epochs_used"])
-    t = Table(title=title)
+    t = Table(title=escape(title))  # a path, not markup
     t.add_column("metric")
     t.add_column(f"mean ± std, last {n} epoch{'s' * (n > 1)}", justify="right")
-    t.add_column(f"best epoch ({best['epoch'] + 1}, by {best['by'].upper()})", justify="right")
+    # Counted as the progress lines count; summary.json and metrics.csv count from 0.
+    t.add_column(f"best epoch ({best['epoch'] + 1}; {best['epoch']} in metrics.csv), by "
+                 f"{best['by'].upper()}", justify="right")
     for k in last:
         name = NAMES.get(k, k.replace("recall/", "recall "))
-        t.add_row(name, f"{last[k]['mean']:.4f} ± {last[k]['std']:.4f}", f"{best[k]:.4f}")
+        t.add_row(escape(name), f"{last[k]['mean']:.4f} ± {last[k]['std']:.4f}", f"{best[k]:.4f}")
     return t
 
 

@@ -82,7 +82,7 @@ def predict(cfg: PredictConfig) -> list[dict]:
     write_predictions(rows, names, Path(cfg.out_csv))
     Console().print(predictions_table(rows, names, cfg.out_csv))
     if cfg.cam:
-        Console().print(f"Grad-CAM overlays of the predicted class in {cfg.cam}")
+        Console().print(f"Grad-CAM overlays of the predicted class in {cfg.cam}", markup=False)
     if cam_failed:
         raise SystemExit(f"Grad-CAM failed for {sum(n for n, _ in cam_failed)} images (first: "
                          f"{cam_failed[0][1]}); every prediction is in {cfg.out_csv}")
@@ -178,7 +178,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     names = meta["class_names"]
     targets = model_targets(ds.class_names, names, ds.targets)
     idx = np.arange(len(ds.records)) if cfg.split == "all" else test_split(ds, meta, cfg.data)
-    idx, learned = unseen(ds, idx, meta)
+    idx, learned = unseen(ds, idx, meta, cfg.split)
     source = LabelledSource(np.asarray(ds.images[idx]), targets[idx], cfg.batch_size,
                             meta["image_size"], res.device, dtype=getattr(torch, res.dtype),
                             channels_last=res.channels_last)
@@ -191,7 +191,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     return m
 
 
-def unseen(ds, idx: np.ndarray, meta: dict) -> tuple[np.ndarray, int]:
+def unseen(ds, idx: np.ndarray, meta: dict, split: str = "test") -> tuple[np.ndarray, int]:
     """The images of `idx` the model never learned from (its sidecar's `trained_on`: the
     fine-tuning subset and its encoder's pretraining images), and how many were left out.
     Scores of images a model trained on are optimistic, so they are never mixed in."""
@@ -200,7 +200,8 @@ def unseen(ds, idx: np.ndarray, meta: dict) -> tuple[np.ndarray, int]:
     keep = ~ds.learned(meta["trained_on"], idx)
     if not keep.any():
         raise SystemExit(f"all {len(idx)} images to evaluate were used to train this model; "
-                         "evaluate it on images it has not seen (--split test, or other data)")
+                         "evaluate it on images it has not seen ("
+                         + ("--split test, or other data)" if split == "all" else "other data)"))
     if not keep.all():
         log(f"left out {int((~keep).sum())} of {len(idx)} images that this model learned from "
             "(fine-tuning, or its encoder's pretraining); scoring the other "

@@ -55,7 +55,8 @@ CHECKPOINT_FORMAT = 2  # 2: one checkpoint layout for every command (the shared 
 
 def log(msg: str) -> None:
     if dist.is_main():  # under torchrun the other ranks would repeat every line
-        console.print(msg, highlight=False, soft_wrap=True)
+        # markup=False: paths and names are printed as they are ("runs[exp]" is no style tag)
+        console.print(msg, markup=False, highlight=False, soft_wrap=True)
 
 
 class Run:

@@ -50,3 +50,33 @@ def test_evaluate_with_data_writes_metrics_and_figures(tmp_path):
     assert r.exit_code == 0, r.output
     for name in ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png"):
         assert (tmp_path / "ev" / name).stat().st_size > 0, name
+
+
+def test_help_shows_the_defaults_written_in_the_help_strings():
+    """Rich read "[default: ...]" as a markup tag and dropped it from every --help."""
+    for command, text in (("pretrain", "[default: $SSTL_CACHE or ~/.cache/sstl]"),
+                          ("pretrain", "[default: 0, all CPUs]"),
+                          ("reproduce", "[default: 0.01 0.1 0.5 1]"),
+                          ("export", "[default: model.onnx in the run directory]")):
+        r = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "300"})
+        assert r.exit_code == 0 and text in r.output, (command, text)
+
+
+def test_paths_with_brackets_are_printed_as_they_are(tmp_path, capsys):
+    """A run under "runs[exp]" was announced as "runs" (Rich markup ate the brackets)."""
+    from sstl.engine.runs import log
+
+    log(f"done: {tmp_path}/runs[exp]/encoder.safetensors [red]x[/red]")
+    assert f"{tmp_path}/runs[exp]/encoder.safetensors [red]x[/red]" in capsys.readouterr().err
+
+
+def test_an_undefined_metric_is_one_warning_line(capfd):
+    """sstl's own warnings print as its other messages do, not as Python's two-line form."""
+    from sstl.cli import main
+    from sstl.engine.metrics import MetricWarning
+
+    main._show_warning(MetricWarning("AUC is undefined"), MetricWarning, __file__, 1)
+    assert capfd.readouterr().err == "warning: AUC is undefined\n"
+    # Another library's warning keeps Python's form.
+    main._show_warning(UserWarning("x"), UserWarning, "/lib/mod.py", 7, line="")
+    assert "/lib/mod.py:7: UserWarning: x" in capfd.readouterr().err

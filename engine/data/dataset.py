@@ -91,6 +91,13 @@ class Dataset:
                 "test_fingerprint": self.fingerprint(self.test_idx)}
 
 
+def first_problems(report: dict, n: int = 3) -> str:
+    """The first skipped files and why, for one line: 'a.png: not an image; ...'."""
+    shown = "; ".join(f"{s['path']}: {s['reason']}" for s in report["skipped"][:n])
+    more = len(report["skipped"]) - n
+    return shown + (f"; {more} more" if more > 0 else "")
+
+
 def load_dataset(cfg: DataConfig, need_labels: bool = False,
                  log: Callable[[str], None] = print,
                  progress: Callable[[int, int], None] | None = None) -> Dataset:
@@ -112,11 +119,12 @@ def load_dataset(cfg: DataConfig, need_labels: bool = False,
     log(f"data: {report['usable']} usable images of {report['found']} found under {root}"
         + (f"; {report['unreadable']} skipped" if report["unreadable"] else "")
         + (f"; {report['left_out']} image files left out" if report["left_out"] else "")
-        + (" (see data_report.json)" if report["skipped"] else ""))
+        + (f" ({first_problems(report)}; a run's data_report.json lists them all)"
+           if report["skipped"] else ""))
     keep = np.flatnonzero(cache.ok)
     if len(keep) == 0:
-        raise DataError(f"--data {root}: none of the {len(candidates)} files could be read; "
-                        f"first problems: {report['skipped'][:3]}")
+        raise DataError(f"--data {root}: none of the {len(candidates)} files could be read "
+                        f"({first_problems(report)})")
     records = [candidates[i] for i in keep]
     digests = [cache.digests[i] for i in keep]
     records = group_copies(records, digests, log)
