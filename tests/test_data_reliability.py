@@ -372,6 +372,16 @@ def test_a_manifest_row_without_a_path_is_an_error(tmp_path):
         scan(tmp_path / "manifest.csv")
 
 
+@pytest.mark.parametrize("bad, line", [('"x/2.png,b\n', 3), ('"x/2.png"b,c\nx/3.png,a\n', 3)])
+def test_a_manifest_with_a_broken_quote_is_an_error_naming_the_line(tmp_path, bad, line):
+    """csv alone reads an unclosed quote to the end of the file as one field: a path that
+    then 'does not exist', and every row after it lost."""
+    _png(tmp_path / "x" / "1.png")
+    (tmp_path / "manifest.csv").write_text(f"path,label\nx/1.png,a\n{bad}")
+    with pytest.raises(DataError, match=rf"manifest.csv: not valid CSV on line {line} .*quotes"):
+        scan(tmp_path / "manifest.csv")
+
+
 def test_files_that_failed_to_decode_are_retried_from_a_cached_build(tmp_path, monkeypatch):
     """A skip whose cause went away (a decoder installed since) must not last: the cache's
     key covers the files, not the machine."""

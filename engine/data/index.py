@@ -146,9 +146,15 @@ def _scan_manifest(manifest: Path) -> Scan:
         raise DataError(f"{manifest}: not UTF-8 text (byte {raw[e.start]:#04x} on line {line}); "
                         "save it as \"CSV UTF-8\" (Excel) or convert it, e.g. iconv -f cp1252 "
                         "-t utf-8") from None
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader, [])
-    rows = [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]
+    # strict: an unclosed quote is an error, where csv would read the rest of the file as
+    # one field (a path like "a,b\nc.png,COVID" that then "does not exist").
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader, [])
+        rows = [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]
+    except csv.Error as e:
+        raise DataError(f"{manifest}: not valid CSV on line {reader.line_num} ({e}); check "
+                        "its quotes") from None
     columns, extra = _manifest_columns(manifest, header)
 
     def get(row: list[str], name: str) -> str:
