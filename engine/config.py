@@ -215,7 +215,12 @@ def resume_key(cfg, as_typed: bool = False) -> str:
     Paths (--data, --encoder, --init PATH) count by the place they name, not by how they were
     typed: `cxr`, `./cxr` and /abs/cxr, from any folder, are one run. `as_typed`: the key
     of checkpoints written before (paths as typed), which resume still accepts."""
-    d = to_dict(cfg)
+    return config_hash(_keyed(to_dict(cfg), cfg, as_typed))
+
+
+def _keyed(d: dict, cfg, as_typed: bool = False) -> dict:
+    """The part of a config's dict (a config.json's too) that the resume key counts."""
+    d = json.loads(json.dumps(d, default=str))  # a copy, with tuples as lists (as in JSON)
     for f in dataclasses.fields(cfg):
         if f.name in REPORT_ONLY:
             d[f.name] = f.default
@@ -228,7 +233,24 @@ def resume_key(cfg, as_typed: bool = False) -> str:
             d["encoder"] = _place(d["encoder"])
         if d.get("init") not in (None, "imagenet", "random"):
             d["init"] = _place(d["init"])
-    return config_hash(d)
+    return d
+
+
+def changed_settings(recorded: dict, cfg) -> list[str]:
+    """'name: old -> new' for each setting the resume key counts in which a run's recorded
+    config (its config.json) differs from `cfg`: what a refused resume tells the user."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    try:
+        old, new = flat(_keyed(recorded, cfg)), flat(_keyed(to_dict(cfg), cfg))
+    except (KeyError, TypeError, AttributeError):  # a config.json of another shape
+        return []
+    return [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)]
 
 
 def resume_keys(cfg) -> tuple[str, str]:

@@ -16,6 +16,7 @@ A command builds a `Trainer` (what to run) and a source (batches on the device),
 """
 from __future__ import annotations
 
+import json
 import math
 import signal
 import threading
@@ -28,7 +29,7 @@ import torch
 
 from .. import kernels
 from . import accel, dist
-from .config import resume_keys
+from .config import changed_settings, resume_keys
 from .runs import CHECKPOINT_FORMAT, MetricsCSV, Reporter, Run, log
 
 
@@ -197,7 +198,17 @@ def check_resumable(run: Run, cfg, inputs: str) -> None:
     """Before a command writes into its run directory: refuse, as fit would, a checkpoint of
     other settings or other inputs, so a refused rerun leaves the run's files as they were."""
     if cfg.runtime.resume:
-        run.resume(resume_keys(cfg), inputs, mmap=True)
+        run.resume(resume_keys(cfg), inputs, mmap=True, changes=lambda: _changes(run, cfg))
+
+
+def _changes(run: Run, cfg) -> str:
+    """' (epochs: 4 -> 5; ...)': the settings in which the run's config.json differs."""
+    try:
+        recorded = json.loads((run.path / "config.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    changed = changed_settings(recorded, cfg)
+    return f" ({'; '.join(changed[:6])}{'; ...' if len(changed) > 6 else ''})" if changed else ""
 
 
 def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:

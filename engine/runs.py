@@ -38,6 +38,7 @@ import zipfile
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
 import torch
 from rich.console import Console
@@ -189,12 +190,12 @@ class Run:
                 raise err
             raise WriteError(f"could not write {self.checkpoint}: {err}") from None
 
-    def resume(self, key: str | tuple[str, ...], inputs: str = "",
-               mmap: bool = False) -> dict | None:
+    def resume(self, key: str | tuple[str, ...], inputs: str = "", mmap: bool = False,
+               changes: Callable[[], str] = lambda: "") -> dict | None:
         """The newest readable checkpoint of this run, or None; refuses another run's (a key
         not among `key`), and one trained on other inputs (fit's Plan.inputs; older
         checkpoints carry none). mmap: map the tensors instead of reading them (a cheap look
-        before anything is written)."""
+        before anything is written). `changes()` says which settings differ, for the refusal."""
         keys = (key,) if isinstance(key, str) else tuple(key)
         tried = []
         for f in (self.checkpoint, self.previous):
@@ -213,8 +214,9 @@ class Run:
                 raise SystemExit(f"{f} is not an sstl checkpoint of this version; use another "
                                  "--name (or --no-resume to start over here)")
             if ck.get("resume_key") not in keys:
-                raise SystemExit(f"{f} was written by a run with different settings; use "
-                                 "another --name (or --no-resume to start over here)")
+                raise SystemExit(f"{f} was written by a run with different settings"
+                                 f"{changes()}; use another --name (or --no-resume to start "
+                                 "over here)")
             if inputs and ck.get("inputs") not in (None, inputs, inputs.partition(" init=")[0]):
                 # (without ' init=': written before starts were identified by their bytes)
                 raise SystemExit(f"{f} was trained on other inputs than this command's: the "

@@ -119,10 +119,15 @@ def test_sigint_checkpoints_then_the_same_command_continues(tmp_path, monkeypatc
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_refuses_other_settings(tmp_path):
+def test_resume_refuses_other_settings_and_names_them(tmp_path):
     pretrain_mod.pretrain(pretrain_cfg(out=str(tmp_path), name="r"))
-    with pytest.raises(SystemExit, match="different settings"):
+    with pytest.raises(SystemExit, match=r"different settings \(lr: 0.03 -> 0.1\); use"):
         pretrain_mod.pretrain(pretrain_cfg(out=str(tmp_path), name="r", lr=0.1))
+    # Nested and several: each by its config.json name; what may change (device...) is not one.
+    with pytest.raises(SystemExit, match=r"different settings \(augment.size: 32 -> 40; "
+                                         r"epochs: 1 -> 2; settings.proj_dim: 32 -> 16\)"):
+        pretrain_mod.pretrain(pretrain_cfg(out=str(tmp_path), name="r", epochs=2, view_size=40,
+                                           log_every=7, settings={"proj_dim": 16}))
 
 
 def test_collapse_is_reported(tmp_path, monkeypatch, capsys):
