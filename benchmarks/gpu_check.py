@@ -43,6 +43,12 @@ six eager ones were not timed there):
         (the recipe again, after the data path's host syncs went; recipe-partial.json keeps
         each finished command if the limit cuts it)
     ... gpu_check --out "$OUT" --only knobs --knobs defaults coordinate_descent_tuning max_autotune
+A session lent 15 minutes of device time in all (each machine start costs 1-2 of them) has
+room for one such command with time to rerun nothing: take the recipe, which measures issue
+13's headline targets (per-epoch img/s of `sstl pretrain`, the recipe's wall time), with a
+run timeout_s of about 540:
+    python -m pip install -q --no-deps --no-build-isolation -e . && \
+        python -m sstl.benchmarks.gpu_check --out "$OUT" --only recipe --data .data/cxr-dev-gray224
 """
 from __future__ import annotations
 
