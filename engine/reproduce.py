@@ -296,7 +296,10 @@ def collect(cfg: ReproduceConfig, grid: Path, rows, cells: list[dict]) -> Path:
             w.writeheader()
             w.writerows(csv_rows)
     atomic_write(grid / "table2.csv", write_csv)
-    save_json({"config": dataclasses.asdict(cfg), "preset": PRESETS[cfg.preset],
+    # The data block as the cells ran it: the preset sets the cache size (no flag does).
+    used = dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, cache_size=PRESETS[cfg.preset]["cache_size"]))
+    save_json({"config": dataclasses.asdict(used), "preset": PRESETS[cfg.preset],
                "table": {r: {str(f): v for f, v in fs.items()} for r, fs in table.items()},
                "cells": cells, "paper_reference": PAPER_REFERENCE}, grid / "results.json")
     fig3(grid / "fig3.png", table, rows, cfg.fractions)

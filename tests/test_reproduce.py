@@ -79,6 +79,10 @@ def test_tiny_grid_end_to_end_and_a_rerun_redoes_nothing(tmp_path, monkeypatch):
     assert (grid / "fig3.png").stat().st_size > 1000 and (grid / "table2.md").exists()
     results = json.loads((grid / "results.json").read_text())
     assert len(results["cells"]) == 2
+    # The config as the cells ran: the preset's cache size, not DataConfig's unused default.
+    assert results["config"]["data"]["cache_size"] == TINY["cache_size"] != DataConfig().cache_size
+    ck = json.loads((grid / "finetune-transfer-f1-s0" / "config.json").read_text())
+    assert ck["config"]["data"]["cache_size"] == results["config"]["data"]["cache_size"]
     stamps = {p: p.stat().st_mtime_ns for p in grid.glob("*/*.safetensors")}
     reproduce_mod.reproduce(cfg)  # finished cells are read, never retrained
     assert stamps == {p: p.stat().st_mtime_ns for p in grid.glob("*/*.safetensors")}
