@@ -340,7 +340,13 @@ def save_weights(state: dict, path: Path, meta: dict) -> None:
 
 
 def git_sha() -> str:
-    """The commit of the sstl source in use, with '+dirty' when it has local changes."""
+    """The commit of the sstl source in use, with '+dirty' when it has local changes: read
+    when this module was imported, so a long process (a reproduce grid, a benchmark) names
+    the code it loaded, not a commit made while it ran."""
+    return _SHA_AT_IMPORT
+
+
+def _read_git_sha() -> str:
     try:
         sha = subprocess.run(["git", "-C", str(SRC), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=5).stdout.strip()
@@ -350,6 +356,9 @@ def git_sha() -> str:
         return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+_SHA_AT_IMPORT = _read_git_sha()
 
 
 def environment() -> dict:

@@ -461,3 +461,18 @@ def test_a_path_spelled_another_way_is_the_same_run(tmp_path, monkeypatch, capsy
     assert default_name(typed) == old.name
     assert pretrain(typed).resolve() == old.resolve()
     assert "has finished its 1 epoch" in capsys.readouterr().err
+
+
+def test_the_git_sha_is_the_one_at_import(monkeypatch):
+    """A long process (a reproduce grid) recorded, in each later run's config.json, commits
+    made while it ran: the SHA is read once, when the code is loaded."""
+    from sstl.engine import runs
+
+    before, real = runs.git_sha(), runs.subprocess.run
+
+    def run(cmd, *a, **k):
+        assert cmd[0] != "git", "git read again"
+        return real(cmd, *a, **k)  # other programs (platform's) as before
+
+    monkeypatch.setattr(runs.subprocess, "run", run)
+    assert runs.git_sha() == before == runs.environment()["git_sha"]
