@@ -284,8 +284,10 @@ def collect(cfg: ReproduceConfig, grid: Path, rows, cells: list[dict]) -> Path:
         csv_rows.append({"row": row, **{f"{k}_mean": s[k]["mean"] for k in keys},
                          **{f"{k}_std": s[k]["std"] for k in keys}})
     lines += fig3_table(table, rows, cfg.fractions)
+    transfer = any(start == "transfer" for _, _, start in rows)  # else no row used it
     lines += ["", f"Reference: {PAPER_REFERENCE}", "",
-              f"Start of Ours/Transfer: {cfg.transfer}. Data: {cfg.data.path or 'SYNTHETIC demo set'}."]
+              (f"Start of Ours/Transfer: {cfg.transfer}. " if transfer else "")
+              + f"Data: {cfg.data.path or 'SYNTHETIC demo set'}."]
     text = "\n".join(lines) + "\n"
     atomic_write(grid / "table2.md", lambda tmp: tmp.write_text(text))
 
