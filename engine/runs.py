@@ -47,6 +47,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 
 from . import dist
 from .config import config_hash, to_dict
+from .data.cache import file_digest
 from .io import WriteError, atomic_write, make_dir, save_json
 
 console = Console(stderr=True)
@@ -217,12 +218,12 @@ class Run:
                 raise SystemExit(f"{f} was written by a run with different settings"
                                  f"{changes()}; use another --name (or --no-resume to start "
                                  "over here)")
-            if inputs and ck.get("inputs") not in (None, inputs, inputs.partition(" init=")[0]):
-                # (without ' init=': written before starts were identified by their bytes)
+            changed = _changed(ck.get("inputs"), inputs) if inputs else []
+            if changed:
                 raise SystemExit(f"{f} was trained on other inputs than this command's: the "
-                                 f"{_changed(ck.get('inputs'), inputs)} changed since. Resuming "
-                                 "would mix them; use another --name (or --no-resume to start "
-                                 "over here)")
+                                 f"{' and the '.join(changed)} changed since. Resuming would "
+                                 "mix them; use another --name (or --no-resume to start over "
+                                 "here)")
             if tried:
                 log(f"resuming from {f.name} (the newer checkpoint was unreadable)")
             return ck
@@ -292,15 +293,17 @@ def _startup_seconds() -> float | None:
         return None
 
 
-def _changed(old, new: str) -> str:
-    """Which of a run's inputs differ between a checkpoint's and this command's, in flags."""
+def _changed(old, new: str) -> list[str]:
+    """Which of a run's inputs differ between a checkpoint's and this command's, as the flags
+    that give them; [] when none does (or the checkpoint predates recording its inputs)."""
+    if old is None:
+        return []
     if not isinstance(old, str):
-        return "--data images"
+        return ["--data images"]
     # A checkpoint without a start digest predates them: its start is not known to differ.
-    what = [name for name, a, b in zip(("--data images", "--encoder file", "--init file"),
+    return [name for name, a, b in zip(("--data images", "--encoder file", "--init file"),
                                        inputs_parts(old), inputs_parts(new))
             if a != b and not (name == "--init file" and a is None)]
-    return " and the ".join(what) or "--data images"
 
 
 def _check_crcs(f: Path) -> None:
@@ -439,8 +442,9 @@ class Reporter:
 
 
 def start_identity(init: str | None) -> str:
-    """What an --init PATH start holds: the sha256 of its bytes (16 hex digits), computed once
-    per file state in a process. '' for imagenet and random (their resume keys name them)."""
+    """What an --init PATH start holds: the digest of its bytes (the data cache's
+    file_digest), computed once per file state in a process. '' for imagenet and random
+    (their resume keys name them)."""
     if init in (None, "imagenet", "random"):
         return ""
     f = Path(init).expanduser().resolve()
@@ -452,11 +456,8 @@ def start_identity(init: str | None) -> str:
 
 @functools.lru_cache(maxsize=32)
 def _digest(path: str, inode: int, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    """file_digest, once per (path, inode, size, mtime): a file replaced there is read again."""
+    return file_digest(path)
 
 
 def run_inputs(data: str, encoder: Path | None = None, init: str | None = None) -> str:
