@@ -73,14 +73,13 @@ def run(device: str = "auto", arch: str = "resnet50", batch: int | None = None, 
     on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     batch = batch or (256 if on_gpu else 32)
     steps, warmup = steps or (20 if on_gpu else 2), warmup or (5 if on_gpu else 1)
-    m = machine()  # at the start: the commit whose code runs, not one made while it ran
     images = demo_images(batch)
     rows = []
     for name in methods or METHODS:
         for g in graphs:
             rows.append(measure(name, images, device, arch, batch, size, steps, warmup, repeats, g))
             print(_line(rows[-1]), flush=True)  # a run cut short still shows what it measured
-    result = {"bench": "methods", "machine": m, "arch": arch, "batch_size": batch,
+    result = {"bench": "methods", "machine": machine(), "arch": arch, "batch_size": batch,
               "view_size": size, "steps": steps, "warmup": warmup, "repeats": repeats,
               "rows": rows}
     write_json(result, json_path)

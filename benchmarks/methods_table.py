@@ -33,7 +33,6 @@ def pretrain_rate(run: Path) -> float:
 def run(data: str, out: str, arch: str = "resnet18", epochs: int = 5, view: int = 64,
         batch: int = 64, fraction: float = 0.1, ft_epochs: int = 10, image: int = 64,
         methods=tuple(METHODS), seed: int = 0, json_path=None) -> dict:
-    m = machine()  # at the start: the commit whose code runs, not one made while it ran
     d = DataConfig(path=data, cache_size=max(view, image))
     rows = []
     for method in (*methods, "scratch"):
@@ -56,7 +55,7 @@ def run(data: str, out: str, arch: str = "resnet18", epochs: int = 5, view: int 
                      "pretrain_run": str(enc) if enc else None, "finetune_run": str(ft),
                      "wall_s": time.perf_counter() - t0})
         print(table(rows), flush=True)
-    result = {"bench": "methods_table", "machine": m, "data": data, "arch": arch,
+    result = {"bench": "methods_table", "machine": machine(), "data": data, "arch": arch,
               "pretrain_epochs": epochs, "view_size": view, "batch_size": batch,
               "fraction": fraction, "finetune_epochs": ft_epochs, "image_size": image,
               "seed": seed, "rows": rows}

@@ -143,7 +143,6 @@ def run(data: str | None = None, device: str = "auto", arch: str = "resnet50",
     on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     batch_size = batch_size or (256 if on_gpu else 32)
     steps, warmup = steps or (20 if on_gpu else 2), warmup or (5 if on_gpu else 1)
-    m = machine()  # at the start: the commit whose code runs, not one made while it ran
     cfg = check(PretrainConfig(data=DataConfig(path=data), runtime=Runtime(device=device,
                                                                            backend="torch"),
                                arch=arch, init="random", batch_size=batch_size,
@@ -175,7 +174,7 @@ def run(data: str | None = None, device: str = "auto", arch: str = "resnet50",
         if base and "images_per_s" in r:
             r["x_peer"] = r["images_per_s"] / base["images_per_s"]
             r["peer_rung"] = base["rung"]
-    result = {"bench": "step", "machine": m, "device": dev, "arch": arch,
+    result = {"bench": "step", "machine": machine(), "device": dev, "arch": arch,
               "batch_size": batch_size, "view_size": view_size, "steps": steps,
               "warmup": warmup, "repeats": repeats, "flops_per_image": flops,
               "peak_flops": peak, "peak_source": peak_src, "data": "synthetic" if ds.synthetic
