@@ -10,9 +10,10 @@ checkpoint, so rerunning the command continues the grid.
 
 Outputs in <out>/<name>/: table2.md and table2.csv (all labels: Sen, Spe, HM, AUC, Acc as
 mean ± std over the last epochs (10 in the paper preset), then across seeds), fig3.png (HM
-and Acc against the label fraction), results.json (every cell), and with --evaluate-on the
-same metrics of every fine-tuned model on that other labelled set. A grid folder that holds
-runs of other settings or images is refused, not mixed into the table.
+and Acc against the label fraction), fig3.csv (every row and fraction, as table2.csv),
+results.json (every cell), and with --evaluate-on the same metrics of every fine-tuned
+model on that other labelled set. A grid folder that holds runs of other settings or
+images is refused, not mixed into the table.
 """
 from __future__ import annotations
 
@@ -281,8 +282,7 @@ def collect(cfg: ReproduceConfig, grid: Path, rows, cells: list[dict]) -> Path:
         if not s:
             continue
         lines.append(f"| {LABELS[row]} | " + " | ".join(_pm(s[k]) for k in keys) + " |")
-        csv_rows.append({"row": row, **{f"{k}_mean": s[k]["mean"] for k in keys},
-                         **{f"{k}_std": s[k]["std"] for k in keys}})
+        csv_rows.append(_csv_row(row, full, s, keys))
     lines += fig3_table(table, rows, cfg.fractions)
     transfer = any(start == "transfer" for _, _, start in rows)  # else no row used it
     lines += ["", f"Reference: {PAPER_REFERENCE}", "",
@@ -291,13 +291,10 @@ def collect(cfg: ReproduceConfig, grid: Path, rows, cells: list[dict]) -> Path:
     text = "\n".join(lines) + "\n"
     atomic_write(grid / "table2.md", lambda tmp: tmp.write_text(text))
 
-    def write_csv(tmp):
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=["row", *(f"{k}_{s}" for k in keys
-                                                        for s in ("mean", "std"))])
-            w.writeheader()
-            w.writerows(csv_rows)
-    atomic_write(grid / "table2.csv", write_csv)
+    fig3_rows = [_csv_row(row, f, table[row][f], keys)
+                 for row, _, _ in rows for f in sorted(cfg.fractions) if f in table[row]]
+    for name, body in (("table2.csv", csv_rows), ("fig3.csv", fig3_rows)):
+        atomic_write(grid / name, lambda tmp, body=body: _write_csv(tmp, body, keys))
     # The data block as the cells ran it: the preset sets the cache size (no flag does).
     used = dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, cache_size=PRESETS[cfg.preset]["cache_size"]))
@@ -307,6 +304,20 @@ def collect(cfg: ReproduceConfig, grid: Path, rows, cells: list[dict]) -> Path:
     fig3(grid / "fig3.png", table, rows, cfg.fractions)
     log(text)
     return grid
+
+
+def _csv_row(row: str, fraction: float, stats: dict, keys) -> dict:
+    """One method at one label fraction: each metric's mean and std, and how many seeds."""
+    return {"row": row, "fraction": fraction, "seeds": stats[keys[0]]["seeds"],
+            **{f"{k}_{s}": stats[k][s] for k in keys for s in ("mean", "std")}}
+
+
+def _write_csv(tmp: Path, body: list[dict], keys) -> None:
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["row", "fraction", "seeds", *(
+            f"{k}_{s}" for k in keys for s in ("mean", "std"))])
+        w.writeheader()
+        w.writerows(body)
 
 
 def _pm(stat: dict) -> str:

@@ -164,3 +164,35 @@ def test_fig3_table_prints_each_point_of_the_figure():
     assert hm == ["| Cross | 0.800 ± 0.020 | 0.900 ± 0.010 |", "| From Scratch |  | 0.600 ± 0.100 |"]
     acc_at = [i for i, line in enumerate(lines) if line.startswith("Fig. 3, Accuracy")][0]
     assert lines[acc_at + 4] == "| Cross | 0.400 ± 0.010 | 0.450 ± 0.005 |"
+
+
+def test_csv_files_hold_each_row_and_fraction_across_seeds(tmp_path):
+    """table2.csv (the full-label column) and fig3.csv (every point) against NumPy: the mean of
+    the seeds' last-epochs means and their population std, with the fraction and seed count."""
+    import numpy as np
+    from sstl.engine.metrics import METRICS
+
+    rows = [("cross", "cross", "random"), ("scratch", None, "random")]
+    rng = np.random.default_rng(0)
+    cells = [{"row": r, "fraction": f, "seed": s,
+              **{k: {"mean": float(rng.random()), "std": 0.5} for k in METRICS}}
+             for r, _, _ in rows for f in (0.1, 1.0) for s in (0, 1)
+             if not (r == "scratch" and f == 0.1)]  # a point the grid lacks
+    cfg = ReproduceConfig(runtime=Runtime(device="cpu", out=str(tmp_path), name="g"),
+                          preset="quick", rows=("cross", "scratch"), fractions=(1.0, 0.1),
+                          seeds=2)
+    grid = tmp_path / "g"
+    grid.mkdir()
+    reproduce_mod.collect(cfg, grid, rows, cells)
+
+    def read(name):
+        with open(grid / name) as fh:
+            return [(r["row"], float(r["fraction"]), int(r["seeds"]), r) for r in csv.DictReader(fh)]
+    fig3 = read("fig3.csv")
+    assert [p[:3] for p in fig3] == [("cross", 0.1, 2), ("cross", 1.0, 2), ("scratch", 1.0, 2)]
+    for row, f, _, got in fig3:
+        for k in METRICS:
+            means = np.array([c[k]["mean"] for c in cells if (c["row"], c["fraction"]) == (row, f)])
+            assert float(got[f"{k}_mean"]) == pytest.approx(means.mean(), rel=1e-12)
+            assert float(got[f"{k}_std"]) == pytest.approx(means.std(), rel=1e-12)
+    assert read("table2.csv") == [p for p in fig3 if p[1] == 1.0]
