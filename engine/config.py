@@ -396,6 +396,19 @@ def _check_data(d: DataConfig, need) -> None:
          "folder; name a folder")
 
 
+def size_warning(cfg) -> str | None:
+    """A warning when the network's input is larger than the cached images: every view or
+    image would be upsampled from them (no detail the cache did not keep), at the compute of
+    the larger size. Not refused: a user may want it, e.g. a 224 px model from a 128 px set."""
+    size, flag = cfg.augment.size, ("--view-size" if isinstance(cfg, PretrainConfig)
+                                    else "--image-size")
+    if size <= cfg.data.cache_size:
+        return None
+    return (f"warning: {flag} {size} is larger than --cache-size {cfg.data.cache_size}: every "
+            f"input is upsampled from the {cfg.data.cache_size} px cache; pass --cache-size "
+            f"{size} (or more) to train on the images' own detail")
+
+
 def _check_settings(s, need) -> None:
     """Method settings: dimensions positive, rates in range (the names are the CLI's)."""
     for f in dataclasses.fields(s):

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from . import dist
 from .config import (IMAGENET_MEAN, IMAGENET_STD, FinetuneConfig, Resolved, check, config_hash,
-                     resolve, save_json)
+                     resolve, save_json, size_warning)
 from .data.backends import labelled_source
 from .data.dataset import Dataset, load_dataset, save_data_files
 from .data.index import DataError
@@ -147,6 +147,8 @@ def _finetune(cfg: FinetuneConfig, res: Resolved) -> Path:
     t_data = time.perf_counter()
     with dist.main_first():  # rank 0 decodes the cache; the others then map it
         ds = load_dataset(cfg.data, need_labels=True, log=log)
+        if warning := size_warning(cfg):
+            log(warning)
     check_split_classes(ds, cfg.positive_class)
     origin = check_encoder(cfg, ds)  # refusals come before the run directory exists
     encoder = origin if cfg.encoder is not None else None

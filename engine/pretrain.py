@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import accel, dist
-from .config import PretrainConfig, Resolved, check, config_hash, resolve
+from .config import PretrainConfig, Resolved, check, config_hash, resolve, size_warning
 from .data.backends import ssl_source
 from .data.dataset import load_dataset, save_data_files
 from .loop import EMA, Plan, Trainer, check_resumable, fit, run_name, sgd
@@ -75,6 +75,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
         t0 = time.perf_counter()
         with dist.main_first():  # rank 0 decodes the cache; the others then map it
             ds = load_dataset(cfg.data, log=log)
+            if warning := size_warning(cfg):
+                log(warning)
         inputs = run_inputs(ds.fingerprint(), init=cfg.init)  # its resume check and config
         check_resumable(run, cfg, inputs)
         if res.is_main:

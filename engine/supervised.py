@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import accel, dist
-from .config import Resolved, SupervisedConfig, check, config_hash, resolve
+from .config import Resolved, SupervisedConfig, check, config_hash, resolve, size_warning
 from .data.backends import labelled_source
 from .data.dataset import load_dataset, save_data_files
 from .loop import Plan, Trainer, check_resumable, fit, run_name, sgd
@@ -107,6 +107,8 @@ def _supervised(cfg: SupervisedConfig, res: Resolved) -> Path:
     t_data = time.perf_counter()
     with dist.main_first():  # rank 0 decodes the cache; the others then map it
         ds = load_dataset(cfg.data, need_labels=True, log=log)
+        if warning := size_warning(cfg):
+            log(warning)
     with Run.open(cfg.runtime.out, cfg.runtime.name or default_name(cfg), res.is_main) as run:
         run.add_time("data", time.perf_counter() - t_data)  # scan and cache
         inputs = run_inputs(ds.fingerprint(), init=cfg.init)  # its resume check and config

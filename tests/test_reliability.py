@@ -476,3 +476,18 @@ def test_the_git_sha_is_the_one_at_import(monkeypatch):
 
     monkeypatch.setattr(runs.subprocess, "run", run)
     assert runs.git_sha() == before == runs.environment()["git_sha"]
+
+
+def test_an_input_larger_than_the_cache_is_a_warning_naming_both_flags():
+    """Upsampled inputs are said (the run still goes on): each command names its own flag."""
+    from sstl.engine.config import SupervisedConfig, size_warning
+
+    assert size_warning(pretrain_cfg(view_size=64)) is None  # views 64 from a 64 px cache
+    msg = size_warning(pretrain_cfg(view_size=96))
+    assert "--view-size 96" in msg and "--cache-size 64" in msg
+    assert size_warning(finetune_cfg(image_size=224)) is None  # the paper: 224 from 224
+    msg = size_warning(finetune_cfg(image_size=256))
+    assert "--image-size 256" in msg and "--cache-size 224" in msg
+    assert "--image-size 64" in size_warning(SupervisedConfig(augment=dataclasses.replace(
+        SupervisedConfig().augment, size=64)))  # stage 1's 32 px cache (CIFAR-10)
+    assert size_warning(SupervisedConfig()) is None
