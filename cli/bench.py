@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sstl.cli.paths import path_value
+
 
 def _fmt(v) -> str:
     if v is None:
@@ -34,7 +36,8 @@ def print_rows(title: str, rows: list[dict], columns: list[str]) -> None:
 
 def bench(
     what: str = typer.Option("step", help="step | data | kernels | all"),
-    data: Optional[Path] = typer.Option(None, help="Images for step/data \\[default: the embedded synthetic set]"),
+    data: Optional[Path] = typer.Option(None, help="Images for step/data \\[default: the embedded synthetic set]",
+                                        parser=path_value),
     device: str = typer.Option("auto", help="auto | cuda | cpu"),
     arch: str = typer.Option("resnet50", help="resnet50 | resnet18"),
     batch_size: Optional[int] = typer.Option(
@@ -43,7 +46,8 @@ def bench(
     steps: Optional[int] = typer.Option(
         None, help="Timed steps per repeat \\[default: step 20 GPU, 2 CPU; data 30 GPU, 8 CPU]"),
     cpu_all: bool = typer.Option(False, help="Also run the bf16 and compile rungs on a CPU"),
-    json: Optional[Path] = typer.Option(None, "--json", help="Write all results to this JSON file"),
+    json: Optional[Path] = typer.Option(None, "--json", help="Write all results to this JSON file",
+                                        parser=path_value),
 ):
     """Measure sstl against the peer baseline and the chip (see benchmarks/)."""
     from sstl.benchmarks.common import write_json

@@ -7,16 +7,19 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from sstl.cli.paths import path_value
+
 
 def export(
     model: Path = typer.Option(..., "--model", help="Run directory of `sstl finetune` "
-                               "(or its model.safetensors)"),
+                               "(or its model.safetensors)", parser=path_value),
     format: str = typer.Option("onnx", "--format", help="onnx (the only format so far)"),
     out: Optional[Path] = typer.Option(None, "--out", help="Output file \\[default: model.onnx "
-                                       "in the run directory]"),
+                                       "in the run directory]", parser=path_value),
     images: Optional[list[Path]] = typer.Option(None, "--images", help="Images or folders to "
                                                 "check the export on \\[default: a few of the "
-                                                "run's training data, else synthetic ones]"),
+                                                "run's training data, else synthetic ones]",
+                                                parser=path_value),
     tolerance: float = typer.Option(1e-4, help="Largest accepted |onnx - torch| probability"),
 ):
     """Export the classifier (opset 17, any batch size) and check it against torch."""

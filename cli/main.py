@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from sstl.cli.paths import path_value
 from sstl.engine.config import (AugmentConfig, DataConfig, FinetuneAugment, FinetuneConfig,
                                PretrainConfig, Runtime, SupervisedConfig)
 
@@ -64,8 +65,9 @@ def default(cls, name: str):
 D, R, P, F = DataConfig(), Runtime(), PretrainConfig, FinetuneConfig
 # Options shared by every command that reads data.
 DATA = typer.Option(None, "--data", help="Folder (one sub-folder per class, or unlabelled images) "
-                    "or manifest.csv. Omitted: the embedded SYNTHETIC demo set.")
-CACHE_DIR = typer.Option(None, "--cache-dir", help="Decode-once cache \\[default: $SSTL_CACHE or ~/.cache/sstl]")
+                    "or manifest.csv. Omitted: the embedded SYNTHETIC demo set.", parser=path_value)
+CACHE_DIR = typer.Option(None, "--cache-dir", help="Decode-once cache \\[default: $SSTL_CACHE or ~/.cache/sstl]",
+                         parser=path_value)
 CACHE_SIZE = typer.Option(D.cache_size, "--cache-size", help="Side of the cached uint8 images")
 SPLIT_SEED = typer.Option(D.split_seed, "--split-seed", help="Seed of the train/test split (keep "
                           "it equal between pretrain and finetune so the test images stay unseen)")
@@ -74,7 +76,7 @@ TEST_FRACTION = typer.Option(D.test_fraction, "--test-fraction",
 WORKERS = typer.Option(D.scan_workers, "--workers", show_default=False,
                        help="Decoder threads for the first scan \\[default: 0, all CPUs]")
 # The runtime block, shared by the training commands.
-OUT = typer.Option(Path(R.out), "--out", help="Parent folder of run directories")
+OUT = typer.Option(Path(R.out), "--out", help="Parent folder of run directories", parser=path_value)
 NAME = typer.Option(None, "--name", help="Run directory name \\[default: from the command, method, "
                     "arch and settings, so the same command resumes the same run]")
 DEVICE = typer.Option(R.device, "--device", help="auto | cuda | cpu")
@@ -175,7 +177,8 @@ def pretrain(
 def finetune(
     data: Optional[Path] = DATA,
     encoder: Optional[Path] = typer.Option(None, help="encoder.safetensors from `sstl pretrain`, "
-                                           "or its run directory (overrides --init)"),
+                                           "or its run directory (overrides --init)",
+                                           parser=path_value),
     init: str = typer.Option(default(F, "init"), help="Without --encoder: imagenet (the paper's "
                              "Transfer) | random (From Scratch) | PATH to a state dict"),
     imagenet_weights: str = IMAGENET_WEIGHTS,
@@ -221,7 +224,8 @@ S = SupervisedConfig
 @app.command()
 def supervised(
     data: Path = typer.Option(..., "--data", help="Class folders (or manifest) of labelled natural "
-                              "images: ImageNet, or CIFAR-10 where ImageNet weights cannot be had"),
+                              "images: ImageNet, or CIFAR-10 where ImageNet weights cannot be had",
+                              parser=path_value),
     arch: str = typer.Option(default(S, "arch"), help="resnet50 (paper) | resnet18"),
     init: str = typer.Option(default(S, "init"), help="random | imagenet | PATH"),
     imagenet_weights: str = typer.Option(default(S, "imagenet_weights"), "--imagenet-weights",
@@ -270,7 +274,8 @@ def reproduce(
     transfer: str = typer.Option("imagenet", help="Start of Ours and Transfer: imagenet | PATH to "
                                  "a stage-1 encoder (`sstl supervised`)"),
     evaluate_on: Optional[Path] = typer.Option(None, help="Also evaluate every fine-tuned model "
-                                               "on this labelled set (another hospital's data)"),
+                                               "on this labelled set (another hospital's data)",
+                                               parser=path_value),
     positive_class: str = typer.Option(default(F, "positive_class"),
                                        help="Positive class of Sen/Spe/HM/AUC"),
     out: Path = OUT, name: Optional[str] = NAME, device: str = DEVICE, backend: str = BACKEND,
@@ -292,19 +297,23 @@ def reproduce(
         positive_class=positive_class))
 
 
-MODEL = typer.Option(..., "--model", help="Run directory of `sstl finetune` (or its model.safetensors)")
+MODEL = typer.Option(..., "--model", help="Run directory of `sstl finetune` (or its model.safetensors)",
+                     parser=path_value)
 
 
 @app.command()
 def predict(
-    inputs: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)"),
+    inputs: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)",
+                                        parser=path_value),
     model: Path = MODEL,
-    out_csv: Path = typer.Option(Path("predictions.csv"), help="Where the per-image CSV goes"),
+    out_csv: Path = typer.Option(Path("predictions.csv"), help="Where the per-image CSV goes",
+                                 parser=path_value),
     batch_size: int = typer.Option(64, help="Images per forward pass"),
     device: str = DEVICE,
     precision: str = PRECISION,
     cam: Optional[Path] = typer.Option(None, "--cam", help="Also write a Grad-CAM overlay of the "
-                                       "predicted class per image into this folder"),
+                                       "predicted class per image into this folder",
+                                       parser=path_value),
 ):
     """Class probabilities for each image; unreadable files get an error row, the rest go on."""
     from sstl.engine.config import PredictConfig
@@ -319,11 +328,11 @@ def predict(
 def evaluate(
     model: Path = MODEL,
     data: Optional[Path] = typer.Option(None, "--data", help="Labelled folder (one sub-folder per "
-                                        "class) or manifest.csv; required"),
+                                        "class) or manifest.csv; required", parser=path_value),
     split: str = typer.Option("all", help="all: every image of --data | test: its held-out "
                               "split (images the model learned from are always left out)"),
     out: Optional[Path] = typer.Option(None, help="Also write metrics.json, predictions.csv and "
-                                       "the figures into this folder"),
+                                       "the figures into this folder", parser=path_value),
     batch_size: int = typer.Option(64, help="Images per forward pass"),
     device: str = DEVICE,
     precision: str = PRECISION,

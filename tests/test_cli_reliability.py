@@ -2,6 +2,7 @@
 data; and evaluate's --out folder with the figures."""
 import csv
 
+import pytest
 from typer.testing import CliRunner
 
 from sstl.cli.main import app
@@ -80,3 +81,17 @@ def test_an_undefined_metric_is_one_warning_line(capfd):
     # Another library's warning keeps Python's form.
     main._show_warning(UserWarning("x"), UserWarning, "/lib/mod.py", 7, line="")
     assert "/lib/mod.py:7: UserWarning: x" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("args", [
+    ["pretrain", "--data", ""], ["finetune", "--data", " "], ["pretrain", "--out="],
+    ["finetune", "--encoder", ""], ["predict", "", "--model", "m"],
+    ["evaluate", "--model", "m", "--data", ""], ["export", "--model", ""]])
+def test_a_blank_path_is_refused_not_read_as_this_folder(args, tmp_path, monkeypatch):
+    """Path("") is ".": `--data "$DATA"` with DATA unset would train on whatever folder the
+    shell is in. A blank value is a usage error (exit 2) naming the option, before any work."""
+    monkeypatch.chdir(tmp_path)
+    write_pngs(tmp_path / "here", n=2)  # images the blank value would have found
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "is blank" in r.output, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]  # nothing was written
