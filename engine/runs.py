@@ -249,11 +249,13 @@ class Run:
 
     def write_config(self, cfg, resolved, extra: dict | None = None) -> None:
         if self.is_main:
-            earlier = [{k: e.get(k) for k in ("command", "time")}
+            earlier = [{k: e.get(k) for k in ("command", "cwd", "time")}
                        for e in self._earlier("config.json", "earlier_commands")]
             save_json({"config": to_dict(cfg), "config_hash": config_hash(cfg),
                        "resolved": asdict(resolved), "environment": environment(),
-                       "command": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                       # The folder the command ran in: its relative paths are relative to it.
+                       "command": sys.argv, "cwd": os.getcwd(),
+                       "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                        "earlier_commands": earlier, **(extra or {})}, self.path / "config.json")
 
     def _earlier(self, name: str, key: str) -> list[dict]:

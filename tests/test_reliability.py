@@ -410,9 +410,12 @@ def test_resuming_with_another_number_of_processes_is_said(tmp_path, capsys):
     assert "written by 2 processes, this run has 1; the rest of its interrupted epoch" in err
 
 
-def test_a_resumed_run_keeps_every_invocations_time_and_command(tmp_path, capsys):
+def test_a_resumed_run_keeps_every_invocations_time_and_command(tmp_path, capsys, monkeypatch):
     cfg = pretrain_cfg(out=str(tmp_path), name="r")
+    monkeypatch.chdir(tmp_path)
     run = pretrain(cfg)
+    assert json.loads((run / "config.json").read_text())["cwd"] == str(tmp_path)
+    monkeypatch.chdir(run)  # the second invocation from elsewhere: each keeps its own folder
     first = json.loads((run / "timing.json").read_text())
     assert first["sessions"] == 1 and first["earlier"] == [] and first["train"] > 0
     pretrain(cfg)  # finished: resumes at the end, rewrites the outputs
@@ -423,7 +426,8 @@ def test_a_resumed_run_keeps_every_invocations_time_and_command(tmp_path, capsys
     assert again["total_all_sessions"] == pytest.approx(first["total"] + again["total"], abs=2e-3)
     config = json.loads((run / "config.json").read_text())
     assert len(config["earlier_commands"]) == 1 and set(config["earlier_commands"][0]) == {
-        "command", "time"}
+        "command", "cwd", "time"}
+    assert config["earlier_commands"][0]["cwd"] == str(tmp_path) and config["cwd"] == str(run)
 
 
 def test_a_reporting_option_does_not_change_which_run_resumes():
