@@ -193,3 +193,67 @@ def test_a_dicom_under_another_suffix_is_found_and_decoded(tmp_path, name):
     assert sorted((r.label, Path(r.path).name) for r in records) == [("COVID", name),
                                                                     ("Normal", "n.dcm")]
     np.testing.assert_array_equal(load_gray(f), minmax_u8(a))
+
+
+@pytest.mark.parametrize("limit", [None, 65000])
+def test_pixel_padding_is_black_and_left_out_of_the_stretch(tmp_path, limit):
+    """A 12-bit image padded with 65535 (or 65000..65535): the body is stretched over its own
+    range, as if the padding were not there, and the padding is black."""
+    a = pixels(12, seed=7)
+    pad = np.zeros(a.shape, dtype=bool)
+    pad[:5], pad[-5:] = True, True
+    a[pad] = 65535 if limit is None else np.random.default_rng(8).integers(65000, 65536, pad.sum())
+    tags = {"PixelPaddingValue": 65535} if limit is None else {
+        "PixelPaddingValue": 65535, "PixelPaddingRangeLimit": limit}
+    got = load_gray(write_dcm(tmp_path / "p.dcm", a, bits=16, **tags))
+    want = np.zeros(a.shape, dtype=np.uint8)
+    want[~pad] = minmax_u8(a[~pad])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_voi_lut_stored_as_ow_bytes_decodes_as_the_same_lut_in_us(tmp_path):
+    """Explicit-VR writers store LUTData as OW: the same table, as bytes. Both decode alike,
+    to the LUT applied to each value and stretched over the LUT's own output range."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    a = pixels(10, seed=9)
+    table = (np.sqrt(np.arange(1024) / 1023.0) * 4000).astype(np.uint16)  # a gamma curve
+
+    def lut(ow: bool):
+        item = Dataset()
+        item.LUTDescriptor = [1024, 0, 12]
+        if ow:
+            item.add_new("LUTData", "OW", table.astype("<u2").tobytes())
+        else:
+            item.add_new("LUTData", "US", [int(x) for x in table])
+        return Sequence([item])
+    us = load_gray(write_dcm(tmp_path / "us.dcm", a, bits=10, VOILUTSequence=lut(False)))
+    ow = load_gray(write_dcm(tmp_path / "ow.dcm", a, bits=10, VOILUTSequence=lut(True)))
+    lo, hi = float(table.min()), float(table.max())
+    want = np.rint((table[a] - lo) * 255.0 / (hi - lo)).astype(np.uint8)
+    np.testing.assert_array_equal(us, want)
+    np.testing.assert_array_equal(ow, want)
+
+
+def test_a_dicom_named_dicom_without_preamble_is_read(tmp_path):
+    a = pixels(8, seed=11)
+    f = write_dcm(tmp_path / "full.dcm", a)
+    raw = f.read_bytes()[128 + 4:]  # the data set without preamble and magic
+    for name in ("x.dicom", "x.dic"):
+        (tmp_path / name).write_bytes(raw)
+        got, why = decode_square(tmp_path / name, a.shape[0])
+        assert why is None or "Use force" not in why, why
+    g = load_gray(tmp_path / "x.dicom")
+    np.testing.assert_array_equal(g, minmax_u8(a))
+
+
+def test_a_long_decoder_error_is_cut_to_a_table_cell(tmp_path, monkeypatch):
+    from sstl.engine.data import index
+
+    def loud(path):
+        raise ValueError("could not convert: " + "\\x00" * 5000)
+    monkeypatch.setattr(index, "load_gray", loud)
+    (tmp_path / "a.png").write_bytes(b"x")
+    _, why = index.decode_square(tmp_path / "a.png", 32)
+    assert why.startswith("could not convert") and len(why) <= 300 and "chars)" in why

@@ -5,7 +5,9 @@ The display pipeline of the DICOM standard (PS3.3 C.11), in its order:
   2. modality values -> display values: the first VOI LUT, or else the first Window
      Centre/Width; the display range of that transform is mapped to 0..255. Without either,
      the data's own min..max is (12-16 bit data rarely fills its nominal range);
-  3. MONOCHROME1 (white = low values) is inverted, so that bone is bright in every image.
+  3. MONOCHROME1 (white = low values) is inverted, so that bone is bright in every image;
+  4. Pixel Padding (the area outside the image, often the type's extreme value) is black,
+     and left out of the min..max above.
 Compressed transfer syntaxes go through pydicom's decoders; a missing one is a ValueError
 naming the syntax and what to install, which the scan reports for that file alone.
 """
@@ -16,6 +18,7 @@ import os
 import numpy as np
 
 PREAMBLE = 128  # bytes before the "DICM" magic in a Part 10 file
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")  # names that say DICOM even without the magic
 
 
 def _luts():
@@ -43,11 +46,14 @@ def load_dicom_gray(path: str | os.PathLike) -> np.ndarray:
     from pydicom.errors import InvalidDicomError
 
     try:
-        # force: a `.dcm` without the preamble (older exports) is still read.
-        ds = pydicom.dcmread(path, force=str(path).lower().endswith(".dcm"))
+        # force: a file named as DICOM but without the preamble (older exports) is still read.
+        ds = pydicom.dcmread(path, force=str(path).lower().endswith(DICOM_SUFFIXES))
     except (InvalidDicomError, EOFError, OSError) as e:
-        raise ValueError(f"not a readable DICOM file ({e})") from None
+        raise ValueError(f"not a readable DICOM file ({str(e).split(' Use force=')[0]})") from None
     if "PixelData" not in ds:
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            raise ValueError("DICOM with float pixel data (parametric maps), which sstl does "
+                             "not read")
         raise ValueError("DICOM without pixel data (a report or other non-image object)")
     uid = _transfer_syntax(ds)
     _check_decoder(uid)
@@ -98,23 +104,43 @@ def to_uint8(arr: np.ndarray, ds) -> np.ndarray:
                "VOILUTSequence"):
         if kw in ds and _empty(ds[kw].value):
             del ds[kw]
+    pad = _padding(arr, ds)
     v = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
     if "VOILUTSequence" in ds:
-        lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float64)
-        lo, hi = float(lut.min()), float(lut.max())
+        # The LUT's display range: its outputs over every input it maps (read by pydicom,
+        # whether LUTData is stored as US or as OW bytes).
+        first, n = int(ds.VOILUTSequence[0].LUTDescriptor[1]), \
+            int(ds.VOILUTSequence[0].LUTDescriptor[0]) or 65536
+        out = np.asarray(apply_voi_lut(np.arange(first, first + n), ds), dtype=np.float64)
+        lo, hi = float(out.min()), float(out.max())
         v = np.asarray(apply_voi_lut(v.astype(np.int64), ds), dtype=np.float64)
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         # The window's display range: what it maps values far outside it to.
         lo, hi = sorted(float(y) for y in apply_voi_lut(np.array([-1e12, 1e12]), ds,
                                                         prefer_lut=False))
         v = np.asarray(apply_voi_lut(v, ds, prefer_lut=False), dtype=np.float64)
-    else:
-        lo, hi = float(v.min()), float(v.max())
+    else:  # the image's own range; padding (often the type's extreme) would crush it
+        body = v[~pad] if (~pad).any() else v
+        lo, hi = float(body.min()), float(body.max())
     v = np.zeros_like(v) if hi <= lo else (v - lo) * (255.0 / (hi - lo))
     gray = np.rint(np.clip(v, 0, 255)).astype(np.uint8)
     if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
         gray = 255 - gray
+    gray[pad] = 0  # outside the image area: shown black, whatever the photometry
     return gray
+
+
+def _padding(arr: np.ndarray, ds) -> np.ndarray:
+    """Where the stored values are Pixel Padding (PS3.3 C.7.5.1.1.2): the value itself, or
+    every value between it and Pixel Padding Range Limit. They mark no image at all."""
+    value = ds.get("PixelPaddingValue")
+    if value is None or _empty(value):
+        return np.zeros(arr.shape, dtype=bool)
+    limit = ds.get("PixelPaddingRangeLimit")
+    if limit is None or _empty(limit):
+        return arr == int(value)
+    lo, hi = sorted((int(value), int(limit)))
+    return (arr >= lo) & (arr <= hi)
 
 
 def _empty(value) -> bool:

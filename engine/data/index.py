@@ -384,6 +384,11 @@ def decode_square(path: str | os.PathLike, size: int) -> tuple[np.ndarray | None
             return None, "file not found"
         return resize_square(load_gray(path), size), None
     except ValueError as e:
-        return None, str(e)
+        return None, _short(str(e))
     except Exception as e:
-        return None, f"{type(e).__name__}: {e}"
+        return None, _short(f"{type(e).__name__}: {e}")
+
+
+def _short(reason: str, limit: int = 300) -> str:
+    """A reason fit for a table cell: a decoder may quote kilobytes of the file's bytes."""
+    return reason if len(reason) <= limit else reason[:limit - 30] + f"... ({len(reason)} chars)"
