@@ -21,7 +21,7 @@ from rich.text import Text
 from .config import (DataConfig, EvaluateConfig, PredictConfig, check, inference_runtime,
                      resolve, save_json)
 from .data.dataset import load_dataset
-from .data.index import DataError, decode_square, is_image_file
+from .data.index import DataError, decode_square, images_under
 from .data.loader import LabelledSource
 from .data.views import eval_view
 from .evaluation import draw_figures
@@ -32,25 +32,33 @@ from .models import load_classifier, without_image_list
 from .runs import log
 
 SHOWN_ROWS = 50  # the printed table stops here; the CSV has every row
+LEFT_OUT = "left out: "  # the error of a file a folder holds but predict does not read
 
 
 def image_files(inputs) -> list[tuple[str, str | None]]:
-    """(path, error) for every input: files as given, folders expanded to their images, sorted."""
+    """(path, error) for every input: files as given, folders expanded to their images, sorted,
+    by the rules of a training scan. What a folder holds but is not predicted (hidden files,
+    mask folders, linked folders) gets a row saying so: no image is dropped unsaid."""
     out = []
     for item in inputs:
         p = Path(item).expanduser()
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and _wanted(f, p))
-            out += [(str(f), None) for f in found] or [(str(p), "folder holds no image files")]
+            left_out: list[dict] = []
+            found = images_under(p, p, left_out)
+            out += [(str(f), None) for f in found]
+            out += [(str(p / e["path"]), _left_out(e)) for e in left_out]
+            if not found and not left_out:
+                out.append((str(p), "folder holds no image files"))
         else:
             out.append((str(p), None if p.exists() else "no such file or folder"))
     return out
 
 
-def _wanted(f: Path, root: Path) -> bool:
-    parts = f.relative_to(root).parts
-    return (is_image_file(f) and not any(s.startswith(".") for s in parts)
-            and "masks" not in (s.lower() for s in parts[:-1]))
+def _left_out(entry: dict) -> str:
+    """A scan's left-out entry as a row's error: a folder says how many images it holds."""
+    n = entry.get("files")
+    return LEFT_OUT + entry["reason"] + (
+        "" if n is None else f" ({n} image file{'s' * (n != 1)}; name it to predict them)")
 
 
 def predict(cfg: PredictConfig) -> list[dict]:
@@ -138,14 +146,18 @@ def write_predictions(rows: list[dict], names: list[str], path: Path) -> None:
 
 def predictions_table(rows: list[dict], names: list[str], csv_path) -> Table:
     bad = sum(1 for r in rows if r["error"])
-    t = Table(title=escape(f"{len(rows) - bad} predicted, {bad} unreadable; all rows in {csv_path}"),
-              expand=True)
+    skipped = sum(1 for r in rows if r["error"].startswith(LEFT_OUT))
+    t = Table(title=escape(f"{len(rows) - bad} predicted, {bad - skipped} unreadable"
+                           + (f", {skipped} left out" if skipped else "")
+                           + f"; all rows in {csv_path}"), expand=True)
     t.add_column("image", overflow="fold", ratio=3)
     t.add_column("prediction", overflow="fold", ratio=2)
     for name in names:
         t.add_column(escape(name), justify="right", ratio=1)
     for r in rows[:SHOWN_ROWS]:  # file names are text, never rich markup: `x [pa].png`
-        if r["error"]:
+        if r["error"].startswith(LEFT_OUT):
+            t.add_row(Text(r["path"]), Text(r["error"], style="yellow"), *[""] * len(names))
+        elif r["error"]:
             t.add_row(Text(r["path"]), Text(f"error: {r['error']}", style="red"),
                       *[""] * len(names))
         else:

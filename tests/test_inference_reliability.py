@@ -169,3 +169,37 @@ def test_predict_cam_without_grad_cam_fails_before_any_image(tmp_path, monkeypat
         predict(PredictConfig(model=str(run), inputs=(str(tmp_path / "imgs"),), device="cpu",
                               out_csv=str(tmp_path / "p.csv"), cam=str(tmp_path / "cam")))
     assert not (tmp_path / "p.csv").exists() and not (tmp_path / "cam").exists()
+
+
+def test_predict_on_a_folder_accounts_for_every_image_it_holds(tmp_path):
+    """Oracle: os.walk with links followed. Each image is a prediction or lies under a row
+    that says why it was left out (hidden, masks, a linked folder), never dropped unsaid."""
+    import os
+
+    make_run(tmp_path / "run")
+    d = tmp_path / "in"
+    write_pngs(d, n=2)
+    write_pngs(d / "sub" / "Masks", n=1)
+    write_pngs(d / ".cache", n=1)
+    write_pngs(tmp_path / "elsewhere", n=3)
+    (d / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (d / "img0.png").rename(d / ".hidden.png")
+    out = tmp_path / "p.csv"
+    rows = predict(PredictConfig(model=str(tmp_path / "run"), inputs=(str(d),),
+                                 out_csv=str(out), device="cpu"))
+    files = sorted(os.path.join(p, f) for p, _, fs in os.walk(d, followlinks=True) for f in fs)
+    assert len(files) == 7
+    for f in files:
+        assert any(r["path"] == f and r["error"] == "" or r["error"].startswith("left out: ")
+                   and (f == r["path"] or f.startswith(r["path"] + os.sep)) for r in rows), f
+    left = {Path(r["path"]).name: r["error"] for r in rows if r["error"]}
+    assert left == {".hidden.png": "left out: hidden file",
+                    "Masks": "left out: segmentation mask folder (1 image file; name it to "
+                             "predict them)",
+                    ".cache": "left out: hidden folder (1 image file; name it to predict them)",
+                    "linked": "left out: link to a folder (not followed) (3 image files; name "
+                              "it to predict them)"}
+    with open(out) as fh:
+        assert [r["error"] for r in csv.DictReader(fh)] == [r["error"] for r in rows]
+    table = predictions_table(rows, ["COVID", "Normal"], out)
+    assert table.title.startswith("1 predicted, 0 unreadable, 4 left out")

@@ -36,12 +36,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .dicom import is_dicom, load_dicom_gray
+from .dicom import DICOM_SUFFIXES, is_dicom, load_dicom_gray
 
 # Every suffix PIL or pydicom reads radiographs under (JPEG's .jfif/.jpe, the Netpbm family,
 # JPEG 2000); a file listed here that will not decode is reported, never silently ignored.
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".tif", ".tiff", ".gif",
-                  ".webp", ".pgm", ".ppm", ".pbm", ".pnm", ".jp2", ".j2k", ".dcm", ".dicom"}
+                  ".webp", ".pgm", ".ppm", ".pbm", ".pnm", ".jp2", ".j2k", *DICOM_SUFFIXES}
 MIN_SIDE = 32  # smaller files are thumbnails or icons, not radiographs
 
 
@@ -92,7 +92,7 @@ def scan(path: str | os.PathLike) -> Scan:
             _leave_out_folder(d, root, why, out.left_out)
         elif d.is_dir():
             class_dirs.append(d)
-    labelled = [(d, _images_under(d, root, out.left_out)) for d in class_dirs]
+    labelled = [(d, images_under(d, root, out.left_out)) for d in class_dirs]
     empty = [d for d, files in labelled if not files]
     labelled = [(d, files) for d, files in labelled if files]
     if labelled:
@@ -106,7 +106,7 @@ def scan(path: str | os.PathLike) -> Scan:
                        for d, files in labelled for f in files]
         return out
     out.left_out = []  # no class folders: the walk below meets the same folders again
-    files = _images_under(root, root, out.left_out)
+    files = images_under(root, root, out.left_out)
     if not files:
         raise DataError(f"--data {root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found"
                         + (f"; left out: {out.left_out[:3]}" if out.left_out else ""))
@@ -263,7 +263,7 @@ def _folder_left_out(d: Path) -> str | None:
     return None
 
 
-def _images_under(folder: Path, root: Path, left_out: list[dict]) -> list[Path]:
+def images_under(folder: Path, root: Path, left_out: list[dict]) -> list[Path]:
     """Images below `folder`, sorted; masks, hidden and linked folders and hidden files go to
     `left_out` with their reason instead."""
     out = []
@@ -301,7 +301,7 @@ def load_gray(path: str | os.PathLike) -> np.ndarray:
     """
     if os.path.getsize(path) == 0:
         raise ValueError("empty file (0 bytes)")
-    if str(path).lower().endswith((".dcm", ".dicom")) or is_dicom(path):
+    if str(path).lower().endswith(DICOM_SUFFIXES) or is_dicom(path):
         return _checked(load_dicom_gray(path))
     try:
         with Image.open(path) as im:
