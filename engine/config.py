@@ -342,18 +342,8 @@ def check(cfg):
              f"--device must be auto, cuda or cpu, not {cfg.device!r}")
         need(cfg.precision in ("auto", "bf16", "fp32"),
              f"--precision must be auto, bf16 or fp32, not {cfg.precision!r}")
-        # Output paths are checked now: found wrong after inference, the results would be lost.
-        if isinstance(cfg, PredictConfig):
-            need(not Path(cfg.out_csv).expanduser().is_dir(),
-                 f"--out-csv {cfg.out_csv} is a folder; name a file, e.g. "
-                 f"{Path(cfg.out_csv) / 'predictions.csv'}")
-            need(_folder_ok(str(Path(cfg.out_csv).expanduser().parent)),
-                 f"--out-csv {cfg.out_csv}: a file is in the way of its folder")
-            need(_folder_ok(cfg.cam), f"--cam {cfg.cam} is a file (or under one); name a folder "
-                 "for the overlays")
+        _check_outputs(cfg, need)  # now: found wrong after inference, results would be lost
         if isinstance(cfg, EvaluateConfig):
-            need(_folder_ok(cfg.out), f"--out {cfg.out} is a file (or under one); name a folder "
-                 "for the evaluation's files")
             given = cfg.data.cache_size
             _check_data(dataclasses.replace(cfg.data, cache_size=given or 224), need)
             need(given is None or given >= 32, f"--cache-size must be at least 32, not {given}")
@@ -377,6 +367,49 @@ def _check_runtime(rt: Runtime, need) -> None:
          f"--checkpoint-minutes must be positive, not {rt.checkpoint_minutes}")
     need(rt.name is None or re.fullmatch(r"[\w.+=-]+", rt.name) is not None and rt.name not in (".", ".."),
          f"--name {rt.name!r}: use letters, digits and . _ - + = (it names a folder)")
+
+
+def _check_outputs(cfg, need) -> None:
+    """predict's and evaluate's output paths: writable, and where they destroy nothing."""
+    if isinstance(cfg, PredictConfig):
+        need(not Path(cfg.out_csv).expanduser().is_dir(),
+             f"--out-csv {cfg.out_csv} is a folder; name a file, e.g. "
+             f"{Path(cfg.out_csv) / 'predictions.csv'}")
+        need(_folder_ok(str(Path(cfg.out_csv).expanduser().parent)),
+             f"--out-csv {cfg.out_csv}: a file is in the way of its folder")
+        need(_folder_ok(cfg.cam), f"--cam {cfg.cam} is a file (or under one); name a folder "
+             "for the overlays")
+        if cfg.cam:
+            cam = Path(cfg.cam).expanduser()
+            # Earlier overlays would mix with these under the same numbers.
+            need(not cam.is_dir() or not any(cam.iterdir()),
+                 f"--cam {cfg.cam} already holds files (an earlier run's overlays?); name a "
+                 "new or empty folder")
+            for i in cfg.inputs:
+                need(not _under(cam, i), f"--cam {cfg.cam} is inside the input {i}: a later "
+                     "run on it would predict the overlays as X-rays; name a folder elsewhere")
+    elif cfg.out:  # evaluate
+        need(_folder_ok(cfg.out), f"--out {cfg.out} is a file (or under one); name a folder "
+             "for the evaluation's files")
+        for f in ("model.json", "encoder.json", "config.json", "checkpoint.pt"):
+            need(not (Path(cfg.out).expanduser() / f).exists(),
+                 f"--out {cfg.out} is a run directory (it holds {f}): the evaluation would "
+                 "replace its files; name another folder")
+        need(not (cfg.data.path and _under(cfg.out, _data_folder(cfg.data.path))),
+             f"--out {cfg.out} is inside --data {cfg.data.path}: its figures would become "
+             "images of that data set; name a folder elsewhere")
+
+
+def _under(path, folder) -> bool:
+    """Whether `path` is `folder` or below it (both resolved: links and .. as the OS sees them)."""
+    p, f = Path(path).expanduser().resolve(), Path(folder).expanduser().resolve()
+    return f.is_dir() and (p == f or f in p.parents)
+
+
+def _data_folder(path: str) -> Path:
+    """The folder a --data value scans: itself, or a manifest's folder."""
+    p = Path(path).expanduser()
+    return p.parent if p.is_file() else p
 
 
 def _folder_ok(path: str | None) -> bool:

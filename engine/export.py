@@ -84,6 +84,9 @@ def export_onnx(model_path, out=None, images=(), tolerance: float = TOLERANCE) -
     folders to verify on; without them, the run's own training data when it is still there,
     else synthetic radiograph-like images. SystemExit when the outputs differ by > tolerance.
     """
+    if out is not None and Path(out).suffix.lower() != ".onnx":  # model.json is one wrong word away
+        raise SystemExit(f"--out {out}: name a .onnx file (the export never writes over other "
+                         "files, such as the run's weights or sidecar)")
     ort = require_onnx()
     model, meta = load_classifier(model_path, "cpu")
     weights = weights_file(model_path, "model.safetensors")

@@ -159,7 +159,14 @@ def sidecar(weights: Path) -> dict:
     if not meta.is_file():
         raise SystemExit(f"{weights}: its sidecar {meta.name} is missing (it holds the arch, "
                          "the classes and the data split); copy it along with the weights")
-    return json.loads(meta.read_text())
+    try:
+        got = json.loads(meta.read_text())
+    except (ValueError, OSError) as e:  # cut short, edited, or another file under its name
+        raise SystemExit(f"{meta}: not a readable sidecar ({type(e).__name__}: "
+                         f"{str(e)[:120]}); copy it again with its weights from the run") from None
+    if not isinstance(got, dict):
+        raise SystemExit(f"{meta}: not a sidecar (a JSON object was expected)")
+    return got
 
 
 def sstl_weights(init: str | None) -> Path | None:
@@ -194,6 +201,12 @@ def load_classifier(path: str | os.PathLike, device="cpu",
     if meta.get("kind") != "sstl-classifier":
         raise SystemExit(f"{f} is not a fine-tuned classifier (kind {meta.get('kind')!r}); "
                          "give the run directory of `sstl finetune`")
+    missing = [k for k in ("arch", "class_names", "image_size") if k not in meta]
+    if missing:
+        raise SystemExit(f"{f.with_suffix('.json')} lacks {', '.join(missing)}: copy the "
+                         "sidecar again with its weights from the run")
+    # A model saved before the cache size was recorded: the default (224), as evaluate took it.
+    meta.setdefault("cache_size", 224)
     if meta.get("arch") not in ARCHS:
         raise SystemExit(f"{f.with_suffix('.json')}: unknown arch {meta.get('arch')!r} "
                          f"(known: {', '.join(ARCHS)})")

@@ -68,6 +68,7 @@ def predict(cfg: PredictConfig) -> list[dict]:
 
         grad_cam_classes()  # a missing package fails now, not after the first batch
     model, meta = load_classifier(cfg.model, res.device, res.channels_last)
+    warn_synthetic(meta, cfg.model)
     names, autocast = meta["class_names"], res.autocast
     rows, cam_failed = [], []
     files = image_files(cfg.inputs)
@@ -79,14 +80,18 @@ def predict(cfg: PredictConfig) -> list[dict]:
             x = torch.from_numpy(np.stack(good)).to(res.device)
             x = eval_view(x, meta["image_size"], getattr(torch, res.dtype), res.channels_last)
             probs = class_probs(model, [x], autocast).cpu().numpy()
+            cams = [""] * len(good)
             if cfg.cam:
                 try:
-                    cam_overlays(model, meta, chunk, b, probs.argmax(1), cfg.cam, res.device)
+                    cams = cam_overlays(model, meta, chunk, b, probs.argmax(1), cfg.cam,
+                                        res.device)
                 except Exception as e:  # the overlays are extra: never lose the predictions
                     cam_failed.append((len(good), f"{type(e).__name__}: {e}"))
-            probs = iter(probs)
+            probs, cams = iter(probs), iter(cams)
         for path, img, err in chunk:
             rows.append(_row(path, names, None if img is None else next(probs), err))
+            if cfg.cam:  # which overlay shows this image ("" where there is none)
+                rows[-1]["cam"] = "" if img is None else str(next(cams))
     write_predictions(rows, names, Path(cfg.out_csv))
     Console().print(predictions_table(rows, names, cfg.out_csv))
     if cfg.cam:
@@ -100,8 +105,8 @@ def predict(cfg: PredictConfig) -> list[dict]:
     return rows
 
 
-def cam_overlays(model, meta: dict, chunk, start: int, predicted, out_dir, device) -> None:
-    """Grad-CAM of the predicted class for the decoded images of one chunk.
+def cam_overlays(model, meta: dict, chunk, start: int, predicted, out_dir, device) -> list[Path]:
+    """Grad-CAM of the predicted class for the decoded images of one chunk; their paths.
 
     Files are <input number>-<file stem>-<class>.png: numbered, since stems repeat across folders.
     """
@@ -110,8 +115,8 @@ def cam_overlays(model, meta: dict, chunk, start: int, predicted, out_dir, devic
     good = [(start + i, path, img) for i, (path, img, _) in enumerate(chunk) if img is not None]
     names = [_file_name(f"{i:05d}-{Path(path).stem}-{meta['class_names'][k]}")
              for (i, path, _), k in zip(good, predicted)]
-    gradcam_overlays(model, np.stack([img for _, _, img in good]), meta["image_size"],
-                     [int(k) for k in predicted], out_dir, names, device)
+    return gradcam_overlays(model, np.stack([img for _, _, img in good]), meta["image_size"],
+                            [int(k) for k in predicted], out_dir, names, device)
 
 
 def _file_name(text: str) -> str:
@@ -130,7 +135,8 @@ def _row(path: str, names: list[str], p: np.ndarray | None, error: str | None) -
 
 
 def write_predictions(rows: list[dict], names: list[str], path: Path) -> None:
-    """CSV: path, [label,] prediction, confidence, one probability column per class, error."""
+    """CSV: path, [label,] prediction, confidence, one probability column per class, error
+    [, cam: the Grad-CAM overlay's file]."""
     make_dir(path.parent)
     fields = list(rows[0]) if rows else ["path", "prediction", "confidence", *names, "error"]
 
@@ -180,7 +186,8 @@ def model_targets(data_names: list[str], model_names: list[str], targets: np.nda
 def evaluate(cfg: EvaluateConfig) -> dict:
     res = resolve(inference_runtime(check(cfg)), cfg.batch_size)
     model, meta = load_classifier(cfg.model, res.device, res.channels_last)
-    trained_size = meta.get("cache_size", 224)  # decode as training did: another size shifts scores
+    warn_synthetic(meta, cfg.model)
+    trained_size = meta["cache_size"]  # decode as training did: another size shifts scores
     if cfg.data.cache_size is None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_size=trained_size))
     elif cfg.data.cache_size != trained_size:
@@ -201,6 +208,14 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if cfg.out:
         write_evaluation(Path(cfg.out), m, ds, idx, targets, probs, meta, learned)
     return m
+
+
+def warn_synthetic(meta: dict, model) -> None:
+    """A model trained on the embedded demo set has the real classes' names but has never seen
+    an X-ray: its outputs mean nothing, which nothing else in a prediction would show."""
+    if meta.get("synthetic_data"):
+        log(f"warning: {model} was trained on the SYNTHETIC demo set (no --data), not on "
+            "X-rays: its predictions are not diagnoses")
 
 
 def unseen(ds, idx: np.ndarray, meta: dict, split: str = "test") -> tuple[np.ndarray, int]:

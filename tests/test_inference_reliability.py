@@ -203,3 +203,91 @@ def test_predict_on_a_folder_accounts_for_every_image_it_holds(tmp_path):
         assert [r["error"] for r in csv.DictReader(fh)] == [r["error"] for r in rows]
     table = predictions_table(rows, ["COVID", "Normal"], out)
     assert table.title.startswith("1 predicted, 0 unreadable, 4 left out")
+
+
+def test_a_model_of_the_synthetic_demo_set_is_said_in_predict_and_evaluate(tmp_path, capsys):
+    run = make_run(tmp_path / "run")  # synthetic_data: True
+    imgs = write_pngs(tmp_path / "imgs", n=1)
+    predict(PredictConfig(model=str(run), inputs=(str(imgs[0]),), out_csv=str(tmp_path / "p.csv"),
+                          device="cpu"))
+    evaluate(EvaluateConfig(model=str(run), data=DataConfig(
+        path=str(_labelled(tmp_path / "data")), cache_dir=str(tmp_path / "c"), cache_size=None),
+        device="cpu"))
+    assert capsys.readouterr().err.count("trained on the SYNTHETIC demo set") == 2
+    meta = json.loads((run / "model.json").read_text())
+    save_json({**meta, "synthetic_data": False}, run / "model.json")
+    predict(PredictConfig(model=str(run), inputs=(str(imgs[0]),), out_csv=str(tmp_path / "p.csv"),
+                          device="cpu"))
+    assert "SYNTHETIC" not in capsys.readouterr().err
+
+
+def test_grad_cam_rows_name_their_overlay_and_a_used_folder_is_refused(tmp_path):
+    pytest.importorskip("pytorch_grad_cam")
+    run = make_run(tmp_path / "run")
+    d = tmp_path / "in"
+    imgs = write_pngs(d, n=2)
+    (d / "bad.png").write_bytes(b"not a png")
+    cfg = PredictConfig(model=str(run), inputs=(str(d),), out_csv=str(tmp_path / "p.csv"),
+                        device="cpu", cam=str(tmp_path / "cam"))
+    rows = predict(cfg)
+    with open(tmp_path / "p.csv") as fh:
+        cams = {Path(r["path"]).name: r["cam"] for r in csv.DictReader(fh)}
+    assert cams["bad.png"] == "" and sorted(Path(c).name for c in cams.values() if c) == sorted(
+        p.name for p in (tmp_path / "cam").iterdir())  # each overlay is one row's, and only one
+    for r in rows:
+        if r["cam"]:
+            assert Path(r["cam"]).name.endswith(f"-{Path(r['path']).stem}-{r['prediction']}.png")
+    assert len({r["cam"] for r in rows if r["cam"]}) == len(imgs)
+    with pytest.raises(SystemExit, match="already holds files"):  # old and new would mix
+        predict(cfg)
+    with pytest.raises(SystemExit, match="inside the input"):  # overlays read back as X-rays
+        predict(PredictConfig(model=str(run), inputs=(str(d),), out_csv=str(tmp_path / "q.csv"),
+                              device="cpu", cam=str(d / "cam")))
+    assert not (d / "cam").exists() and not (tmp_path / "q.csv").exists()
+
+
+@pytest.mark.parametrize("where", ["run", "data"])
+def test_evaluate_out_never_writes_into_a_run_or_the_data(tmp_path, where):
+    run = make_run(tmp_path / "run")
+    data = _labelled(tmp_path / "data")
+    out = run if where == "run" else data / "eval"
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit, match="run directory" if where == "run" else "inside --data"):
+        evaluate(EvaluateConfig(model=str(run), data=DataConfig(
+            path=str(data), cache_dir=str(tmp_path / "c"), cache_size=None), out=str(out),
+            device="cpu"))
+    assert before == {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+
+def test_export_out_must_be_an_onnx_file(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from sstl.engine.export import export_onnx
+
+    run = make_run(tmp_path / "run")
+    before = (run / "model.json").read_bytes()
+    for name in ("model.json", "model.safetensors"):
+        with pytest.raises(SystemExit, match="name a .onnx file"):
+            export_onnx(run, out=run / name)
+    assert (run / "model.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("damage", ["cut", "no_image_size", "no_cache_size"])
+def test_a_damaged_or_older_sidecar_is_one_line_or_read_alike_everywhere(tmp_path, damage):
+    """A sidecar cut short or without a required key: one line naming the file, not a
+    traceback. Without cache_size (older models): predict and evaluate both take 224."""
+    from sstl.engine.models import load_classifier
+
+    run = make_run(tmp_path / "run", cache_size=224)
+    text = (run / "model.json").read_text()
+    meta = json.loads(text)
+    if damage == "cut":
+        (run / "model.json").write_text(text[:200])
+    else:
+        save_json({k: v for k, v in meta.items() if k != damage.removeprefix("no_")},
+                  run / "model.json")
+    if damage == "no_cache_size":
+        assert load_classifier(run)[1]["cache_size"] == 224
+        return
+    with pytest.raises(SystemExit, match="model.json: not a readable sidecar" if damage == "cut"
+                       else "model.json lacks image_size"):
+        load_classifier(run)
