@@ -156,7 +156,7 @@ def _finetune(cfg: FinetuneConfig, res: Resolved) -> Path:
     with Run.open(cfg.runtime.out, cfg.runtime.name or default_name(cfg, start),
                   res.is_main) as run:
         run.add_time("data", time.perf_counter() - t_data)  # scan and cache
-        inputs = run_inputs(ds.fingerprint(), encoder, None if encoder else cfg.init)
+        inputs = run_inputs(ds.identity(), encoder, None if encoder else cfg.init)
         check_resumable(run, cfg, inputs)
         if res.is_main:
             save_data_files(ds, run.path)
@@ -174,7 +174,8 @@ def _finetune(cfg: FinetuneConfig, res: Resolved) -> Path:
                                     "steps_per_epoch": train.steps_per_epoch,
                                     "class_names": ds.class_names,
                                     "data": {"synthetic": ds.synthetic, "root": str(ds.root),
-                                             "fingerprint": ds.fingerprint()}})
+                                             "fingerprint": ds.fingerprint()},
+                                    "inputs": inputs})
         y_test = ds.targets[ds.test_idx]
         scored = {}  # epoch -> test probabilities of the latest evaluation (the figures reuse it)
 

@@ -77,7 +77,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
             ds = load_dataset(cfg.data, log=log)
             if warning := size_warning(cfg):
                 log(warning)
-        inputs = run_inputs(ds.fingerprint(), init=cfg.init)  # its resume check and config
+        inputs = run_inputs(ds.identity(), init=cfg.init)  # its resume check and config
         check_resumable(run, cfg, inputs)
         if res.is_main:
             save_data_files(ds, run.path)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,8 @@ import torchvision
 
 from . import dist
 from .config import (AugmentConfig, DataConfig, EvaluateConfig, FinetuneAugment,
-                     FinetuneConfig, PretrainConfig, ReproduceConfig, check, resume_keys)
+                     FinetuneConfig, PretrainConfig, ReproduceConfig, changed_settings, check,
+                     resume_keys)
 from .data.dataset import load_dataset
 from .data.index import DataError
 from .finetune import check_split_classes, finetune
@@ -37,7 +39,7 @@ from .methods import METHODS
 from .metrics import METRICS
 from .predict import evaluate
 from .pretrain import pretrain
-from .runs import file_identity, inputs_parts, log, start_identity
+from .runs import file_identity, inputs_parts, log, same_data, start_identity
 from .supervised import check_start
 
 # Table 2's rows in the paper's order: (name, pretraining method or None, start).
@@ -98,22 +100,52 @@ def _done(run: Path, weights: str, epochs: int) -> bool:
 
 
 def _made_otherwise(run: Path, cfg, data: str) -> bool:
-    """Whether `run` holds a checkpoint of other settings (resume key), other images than
-    `cfg` on data fingerprint `data`, or another --transfer file's bytes: Run.resume's
+    """Whether `run` was made with other settings (resume key), other images than `cfg` on
+    data identity `data` (Dataset.identity), or another --transfer file's bytes: Run.resume's
     refusals, gathered for the whole grid before anything runs (an encoder cell's encoder is
-    checked when it is read, by _from_another_encoder). An unreadable checkpoint is the
-    run's own business."""
+    checked when it is read, by _from_another_encoder). A cell without a checkpoint (deleted
+    to save space: it is most of a grid's bytes) is judged by its config.json, which every
+    cell writes before it trains. An unreadable checkpoint is the run's own business."""
     ck = _checkpoint(run)
     if ck is None:
-        return False
+        return _recorded_otherwise(run, cfg, data)
     if not isinstance(ck, dict) or ck.get("resume_key") not in resume_keys(cfg):
         return True
-    inputs = ck.get("inputs")
-    if not isinstance(inputs, str):
+    return _other_inputs(ck.get("inputs"), cfg, data)
+
+
+def _recorded_otherwise(run: Path, cfg, data: str) -> bool:
+    """_made_otherwise from a cell's config.json: its settings, then its inputs."""
+    try:
+        recorded = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):  # no cell there yet (or nothing readable to judge by)
+        return False
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("config"), dict):
+        return False
+    if changed_settings(_from_folder(recorded["config"], recorded.get("cwd")), cfg):
+        return True
+    return _other_inputs(recorded.get("inputs"), cfg, data)
+
+
+def _from_folder(config: dict, cwd: str | None) -> dict:
+    """A recorded config with its relative paths made absolute from the folder it ran in
+    (config.json's cwd; older files lack it and are read from here)."""
+    if not cwd:
+        return config
+    def place(p):
+        return p if p in (None, "imagenet", "random") else os.path.join(cwd, os.path.expanduser(p))
+    data = config.get("data")
+    return {**config, **({"data": {**data, "path": place(data.get("path"))}}
+                         if isinstance(data, dict) else {}),
+            **{k: place(config[k]) for k in ("encoder", "init") if k in config}}
+
+
+def _other_inputs(inputs, cfg, data: str) -> bool:
+    if not isinstance(inputs, str):  # recorded before runs kept their inputs
         return False
     images, _, start = inputs_parts(inputs)
     init = cfg.init if getattr(cfg, "encoder", None) is None else None
-    return images != data or (start is not None and start != start_identity(init))
+    return not same_data(images, data) or (start is not None and start != start_identity(init))
 
 
 def _checkpoint(run: Path):
@@ -176,8 +208,8 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     if cfg.evaluate_on:  # read at the first cell's end: a bad set must fail before any training
         check_evaluate_on(cfg.evaluate_on, ds.class_names,
                           dataclasses.replace(data, path=cfg.evaluate_on))
-    cells, fingerprint = plan(cfg, grid, data, rows), ds.fingerprint()
-    other = [c["run"].name for c in cells if _made_otherwise(c["run"], c["cfg"], fingerprint)]
+    cells, identity = plan(cfg, grid, data, rows), ds.identity()
+    other = [c["run"].name for c in cells if _made_otherwise(c["run"], c["cfg"], identity)]
     if other:
         raise SystemExit(f"{grid} holds runs made with other settings, images or --transfer "
                          f"file than this "

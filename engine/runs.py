@@ -302,10 +302,20 @@ def _changed(old, new: str) -> list[str]:
         return []
     if not isinstance(old, str):
         return ["--data images"]
+    (data, encoder, start), (data2, encoder2, start2) = inputs_parts(old), inputs_parts(new)
     # A checkpoint without a start digest predates them: its start is not known to differ.
-    return [name for name, a, b in zip(("--data images", "--encoder file", "--init file"),
-                                       inputs_parts(old), inputs_parts(new))
-            if a != b and not (name == "--init file" and a is None)]
+    return [name for name, differ in (("--data images", not same_data(data, data2)),
+                                      ("--encoder file", encoder != encoder2),
+                                      ("--init file", start is not None and start != start2))
+            if differ]
+
+
+def same_data(old: str, new: str) -> bool:
+    """Whether two Dataset.identity() values name the same images. One recorded before
+    identities held the images' contents (no '+') is compared by its paths alone."""
+    paths, _, content = old.partition("+")
+    paths2, _, content2 = new.partition("+")
+    return paths == paths2 and (not content or not content2 or content == content2)
 
 
 def _check_crcs(f: Path) -> None:

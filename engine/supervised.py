@@ -111,7 +111,7 @@ def _supervised(cfg: SupervisedConfig, res: Resolved) -> Path:
             log(warning)
     with Run.open(cfg.runtime.out, cfg.runtime.name or default_name(cfg), res.is_main) as run:
         run.add_time("data", time.perf_counter() - t_data)  # scan and cache
-        inputs = run_inputs(ds.fingerprint(), init=cfg.init)  # its resume check and config
+        inputs = run_inputs(ds.identity(), init=cfg.init)  # its resume check and config
         check_resumable(run, cfg, inputs)
         if res.is_main:
             save_data_files(ds, run.path)

@@ -358,6 +358,14 @@ def test_resuming_refuses_a_checkpoint_trained_on_other_images(tmp_path):
     assert {f: (run / f).read_bytes() for f in before} == before
     for f in extra:
         (data / "COVID" / f.name).unlink()
+    # An image edited in place keeps its path: the images' bytes are part of the identity.
+    edited = sorted((data / "Normal").glob("*.png"))[3]
+    original = edited.read_bytes()
+    shutil.copy(sorted((src / "Normal").glob("*.png"))[45], edited)
+    with pytest.raises(SystemExit, match="the --data images changed since"):
+        pretrain(cfg)
+    assert {f: (run / f).read_bytes() for f in before} == before
+    edited.write_bytes(original)
     pretrain(cfg)  # the same images again: resumes (a finished run rewrites its outputs)
 
 
@@ -495,3 +503,14 @@ def test_an_input_larger_than_the_cache_is_a_warning_naming_both_flags():
     assert "--image-size 64" in size_warning(SupervisedConfig(augment=dataclasses.replace(
         SupervisedConfig().augment, size=64)))  # stage 1's 32 px cache (CIFAR-10)
     assert size_warning(SupervisedConfig()) is None
+
+
+def test_a_checkpoint_recorded_before_content_identities_compares_by_paths():
+    """Dataset.identity is 'paths+contents'; a checkpoint of an earlier version recorded the
+    paths' fingerprint alone and still resumes on the same paths, not on other ones."""
+    from sstl.engine.runs import _changed, same_data
+
+    assert same_data("aaaa+1111", "aaaa+1111") and not same_data("aaaa+1111", "aaaa+2222")
+    assert same_data("aaaa", "aaaa+2222") and not same_data("bbbb", "aaaa+2222")
+    assert _changed("aaaa:enc init=s", "aaaa+1:enc init=s") == []
+    assert _changed("aaaa+2:enc init=s", "aaaa+1:enc init=s") == ["--data images"]

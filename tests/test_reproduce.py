@@ -113,6 +113,21 @@ def test_tiny_grid_end_to_end_and_a_rerun_redoes_nothing(tmp_path, monkeypatch):
     side.write_text(side.read_text().replace("{", '{"redone": true, ', 1))
     with pytest.raises(SystemExit, match="finetune-ours-f1-s0 was fine-tuned from an earlier"):
         reproduce_mod.reproduce(cfg)
+    side.write_text(side.read_text().replace('{"redone": true, ', "{", 1))
+    # Checkpoints deleted to save space (most of a grid's bytes): the cells' config.json still
+    # tells other settings or another --transfer file apart, from any folder.
+    for f in grid.glob("*/checkpoint*.pt"):
+        f.unlink()
+    monkeypatch.chdir(grid)
+    with pytest.raises(SystemExit, match="other settings, images or --transfer file.*3 in all"):
+        reproduce_mod.reproduce(other)
+    save_file({**weights, key: weights[key] + 1}, start)
+    with pytest.raises(SystemExit, match=r"--transfer file.*\(pretrain-ours-s0, "
+                                         r"finetune-transfer-f1-s0; 2 in all\)"):
+        reproduce_mod.reproduce(cfg)
+    start.write_bytes(original)
+    reproduce_mod.reproduce(cfg)  # the grid's own settings: every cell read, none retrained
+    assert stamps == {p: p.stat().st_mtime_ns for p in grid.glob("*/*.safetensors")}
 
 
 def test_a_positive_class_missing_from_the_data_is_refused_before_any_training(tmp_path):

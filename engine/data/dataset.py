@@ -57,6 +57,15 @@ class Dataset:
         h = hashlib.sha256("\n".join(sorted(self.records[i].rel for i in idx)).encode())
         return h.hexdigest()[:16]
 
+    def identity(self) -> str:
+        """What a run learns from, for its resume check: the fingerprint of the paths, then '+'
+        and a digest of every image's bytes, label, group and fixed split. An image edited or
+        relabelled in place keeps its path; its run must not be continued as if on the same
+        data, nor its outputs rewritten to vouch for images it never trained on."""
+        lines = sorted(f"{r.rel}\t{r.label}\t{r.group}\t{r.split}\t{d}"
+                       for r, d in zip(self.records, self.digests))
+        return f"{self.fingerprint()}+{hashlib.sha256(chr(10).join(lines).encode()).hexdigest()[:16]}"
+
     def image_ids(self, idx=None) -> list[str]:
         """Each image's identity wherever the data folder lives and whatever it is called: the
         digest of its bytes (16 hex digits). Sidecars list the images their weights learned
