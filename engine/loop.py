@@ -196,9 +196,12 @@ def run_name(cfg, prefix: str) -> str:
 
 def check_resumable(run: Run, cfg, inputs: str) -> None:
     """Before a command writes into its run directory: refuse, as fit would, a checkpoint of
-    other settings or other inputs, so a refused rerun leaves the run's files as they were."""
+    other settings or other inputs, so a refused rerun leaves the run's files as they were;
+    with --no-resume, clear the old run out."""
     if cfg.runtime.resume:
         run.resume(resume_keys(cfg), inputs, mmap=True, changes=lambda: _changes(run, cfg))
+    else:  # starting over: nothing of the old run may pass for this one's
+        run.start_over()
 
 
 def _changes(run: Run, cfg) -> str:

@@ -153,6 +153,17 @@ class Run:
             for f in (self.checkpoint, self.previous, self.path / "checkpoint.next.pt"):
                 f.unlink(missing_ok=True)
 
+    def start_over(self) -> None:
+        """--no-resume, before this run writes anything: the old run goes whole. Its weights,
+        summary and card would otherwise stand beside this run's config until this one
+        finished (an interrupted start-over left a stale encoder that finetune took), and its
+        invocations would be counted as this run's in timing.json and config.json."""
+        self.discard_checkpoints()
+        if self.is_main:
+            for name in OUTPUTS:
+                (self.path / name).unlink(missing_ok=True)
+            self._before = {"timing.json": [], "config.json": []}
+
     def save(self, state: dict) -> None:
         """Snapshot `state` to host memory now; write and rotate it on a background thread."""
         if not self.is_main:
@@ -274,6 +285,11 @@ class Run:
                     pass
         return self._before[name]
 
+
+# What a finished run leaves besides its checkpoints and the files every start rewrites.
+OUTPUTS = ("encoder.safetensors", "encoder.json", "model.safetensors", "model.json",
+           "model.onnx", "model.onnx.json", "summary.json", "MODEL_CARD.md", "curves.png",
+           "roc.png", "confusion_matrix.png", "metrics.csv")
 
 _STARTUP_RECORDED = False
 

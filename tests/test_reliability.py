@@ -183,9 +183,14 @@ def test_no_resume_discards_the_old_checkpoints_at_once(tmp_path, monkeypatch, c
             pretrain(dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime,
                                                                           resume=False)))
     assert not list(run.glob("checkpoint*"))
+    # Nor may the old run's weights or history pass for this one's: finetune would take the
+    # encoder, and timing.json would add the old sessions to this run's time.
+    assert not list(run.glob("encoder.*"))
+    assert json.loads((run / "config.json").read_text())["earlier_commands"] == []
     capsys.readouterr()
     pretrain(cfg)
     assert "nothing to train" not in capsys.readouterr().err  # trained again, from the start
+    assert json.loads((run / "timing.json").read_text())["sessions"] == 2  # the aborted one
 
 
 def test_an_interrupted_session_keeps_its_wall_time(tmp_path, monkeypatch):
