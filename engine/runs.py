@@ -260,7 +260,10 @@ class Run:
 
     def write_config(self, cfg, resolved, extra: dict | None = None) -> None:
         if self.is_main:
-            earlier = [{k: e.get(k) for k in ("command", "cwd", "time")}
+            # Each earlier invocation with the code, versions and device it trained on: a
+            # resumed or rerun run may have been trained by several.
+            earlier = [{k: e.get(k) for k in ("command", "cwd", "time", "environment",
+                                              "resolved")}
                        for e in self._earlier("config.json", "earlier_commands")]
             save_json({"config": to_dict(cfg), "config_hash": config_hash(cfg),
                        "resolved": asdict(resolved), "environment": environment(),

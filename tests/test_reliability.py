@@ -439,7 +439,9 @@ def test_a_resumed_run_keeps_every_invocations_time_and_command(tmp_path, capsys
     assert again["total_all_sessions"] == pytest.approx(first["total"] + again["total"], abs=2e-3)
     config = json.loads((run / "config.json").read_text())
     assert len(config["earlier_commands"]) == 1 and set(config["earlier_commands"][0]) == {
-        "command", "cwd", "time"}
+        "command", "cwd", "time", "environment", "resolved"}
+    assert config["earlier_commands"][0]["environment"]["git_sha"] == \
+        config["environment"]["git_sha"]  # each invocation names the code it ran
     assert config["earlier_commands"][0]["cwd"] == str(tmp_path) and config["cwd"] == str(run)
 
 
