@@ -65,6 +65,7 @@ class Trainer:
     tau_at: Callable[[int], float] = lambda step: 1.0  # EMA rate of a global step
     graphs: bool = False  # replay the step as a CUDA graph (accel.py)
     compiled: bool = False  # forward is torch.compiled (timing.json records cache hits)
+    dtype: str = "float32"  # the step's compute dtype (Resolved.dtype), kept in checkpoints
 
     def state(self) -> dict:
         opt = self.opt.state_dict()
@@ -226,6 +227,7 @@ def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
         t.load(ck)
         epoch, start, partial = ck["epoch"], ck["step"], ck.get("partial")
         _check_world(ck, start)
+        _check_dtype(ck, t.dtype)
         log(f"resuming {run.path} at epoch {epoch + 1}, step {start}" if epoch < plan.epochs
             else f"{run.path} has finished its {plan.epochs} epoch"
                  f"{'s' * (plan.epochs != 1)}: nothing to train, its outputs are written again "
@@ -239,7 +241,7 @@ def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
         nonlocal last_save
         run.save({"format": CHECKPOINT_FORMAT, "resume_key": plan.key, "inputs": plan.inputs,
                   "epoch": epoch_, "step": step_, "partial": part, "world": dist.world(),
-                  **t.state()})
+                  "dtype": t.dtype, **t.state()})
         last_save = time.monotonic()
 
     def every(global_step: int) -> bool:  # --checkpoint-every counts steps across epochs
@@ -333,6 +335,16 @@ def _check_world(ck: dict, step: int) -> None:
             f"run has {now}" + (f"; the rest of its interrupted epoch deals images to {now}, so "
                                 "a few may repeat or be skipped in this epoch, and the run will "
                                 "not match an uninterrupted one exactly" if step else ""))
+
+
+def _check_dtype(ck: dict, now: str) -> None:
+    """A checkpoint trained in another precision (--precision auto is bf16 on a GPU, fp32 on
+    a CPU, so moving a run between them changes it): said, since the rest of the run then
+    differs from an uninterrupted one; not refused, since the weights carry over."""
+    then = ck.get("dtype")
+    if then is not None and then != now:
+        log(f"warning: the checkpoint was trained in {then}, this run computes in {now} (see "
+            "--precision and --device); the rest of the run will not match an uninterrupted one")
 
 
 def _finite(model: torch.nn.Module, *tensors: torch.Tensor) -> bool:

@@ -52,7 +52,7 @@ def build_trainer(cfg: PretrainConfig, res: Resolved, method: Method, total_step
                    lr_at=lambda step: cfg.lr,  # the paper's constant rate
                    stats=method.stats, ema=ema,
                    tau_at=lambda step: method.tau(step, total_steps),
-                   graphs=graphs, compiled=res.compile)
+                   graphs=graphs, compiled=res.compile, dtype=res.dtype)
 
 
 def default_name(cfg: PretrainConfig) -> str:

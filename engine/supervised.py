@@ -59,7 +59,7 @@ def classifier_trainer(arch: str, init: str, imagenet_weights: str, n_classes: i
     return Trainer(model=model, forward=supervised_forward(compiled, label_smoothing), opt=opt,
                    autocast=res.autocast,
                    lr_at=lambda step: lr_at(lr, schedule, step, total_steps),
-                   graphs=res.graphs, compiled=res.compile)
+                   graphs=res.graphs, compiled=res.compile, dtype=res.dtype)
 
 
 @torch.no_grad()

@@ -406,21 +406,25 @@ def test_resuming_refuses_a_checkpoint_whose_init_file_changed_in_place(tmp_path
     pretrain(cfg)
 
 
-def test_resuming_with_another_number_of_processes_is_said(tmp_path, capsys):
-    """Checkpoints record the world size; a mid-epoch resume under another one deals the rest
-    of the epoch differently, and the user is told so (the run continues)."""
+def test_resuming_with_another_number_of_processes_or_precision_is_said(tmp_path, capsys):
+    """Checkpoints record the world size and compute dtype; a mid-epoch resume under another
+    world size deals the rest of the epoch differently, another dtype trains differently, and
+    the user is told so (the run continues)."""
     run = pretrain(pretrain_cfg(out=str(tmp_path), name="w", checkpoint_every=1,
                                 checkpoint_minutes=1e6))
-    assert torch.load(run / "checkpoint.pt", weights_only=True)["world"] == 1
+    last = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert last["world"] == 1 and last["dtype"] == "float32"
     ck = torch.load(run / "checkpoint.prev.pt", weights_only=True)  # the last mid-epoch one
     assert ck["epoch"] == 0 and ck["step"] > 0
     ck["world"] = 2
+    ck["dtype"] = "bfloat16"  # as --precision auto trains on a GPU
     (run / "checkpoint.prev.pt").unlink()
     torch.save(ck, run / "checkpoint.pt")
     capsys.readouterr()
     pretrain(pretrain_cfg(out=str(tmp_path), name="w", checkpoint_every=1, checkpoint_minutes=1e6))
     err = " ".join(capsys.readouterr().err.split())
     assert "written by 2 processes, this run has 1; the rest of its interrupted epoch" in err
+    assert "the checkpoint was trained in bfloat16, this run computes in float32" in err
 
 
 def test_a_resumed_run_keeps_every_invocations_time_and_command(tmp_path, capsys, monkeypatch):
