@@ -305,7 +305,8 @@ def collect(cfg: ReproduceConfig, grid: Path, rows, cells: list[dict]) -> Path:
     full = 1.0 if 1.0 in cfg.fractions else max(cfg.fractions)
     keys = [*METRICS, *([f"other/{k}" for k in METRICS] if cfg.evaluate_on else [])]
     lines = [f"# Table 2 ({cfg.preset} preset, {100 * full:g}% of the labels, "
-             f"{cfg.seeds} seed(s))", "", spread_note(cfg), "",
+             f"{cfg.seeds} seed(s))", "", spread_note(cfg) + f" Sen, Spe, HM and AUC: "
+             f"{cfg.positive_class} against the other classes.", "",
              "| " + " | ".join(["method", *[k.replace("other/", "other ") for k in keys]]) + " |",
              "|---|" + "---:|" * len(keys)]
     csv_rows = []
@@ -315,7 +316,7 @@ def collect(cfg: ReproduceConfig, grid: Path, rows, cells: list[dict]) -> Path:
             continue
         lines.append(f"| {LABELS[row]} | " + " | ".join(_pm(s[k]) for k in keys) + " |")
         csv_rows.append(_csv_row(row, full, s, keys))
-    lines += fig3_table(table, rows, cfg.fractions)
+    lines += fig3_table(table, rows, cfg.fractions, cfg.positive_class)
     transfer = any(start == "transfer" for _, _, start in rows)  # else no row used it
     lines += ["", f"Reference: {PAPER_REFERENCE}", "",
               (f"Start of Ours/Transfer: {cfg.transfer}. " if transfer else "")
@@ -333,7 +334,7 @@ def collect(cfg: ReproduceConfig, grid: Path, rows, cells: list[dict]) -> Path:
     save_json({"config": dataclasses.asdict(used), "preset": PRESETS[cfg.preset],
                "table": {r: {str(f): v for f, v in fs.items()} for r, fs in table.items()},
                "cells": cells, "paper_reference": PAPER_REFERENCE}, grid / "results.json")
-    fig3(grid / "fig3.png", table, rows, cfg.fractions)
+    fig3(grid / "fig3.png", table, rows, cfg.fractions, cfg.positive_class)
     log(text)
     return grid
 
@@ -370,11 +371,16 @@ def spread_note(cfg: ReproduceConfig) -> str:
     return note
 
 
-def fig3_table(table: dict, rows, fractions) -> list[str]:
+def _titles(positive: str) -> tuple[tuple[str, str], tuple[str, str]]:
+    """The two metrics of Fig. 3 and their titles: HM of the positive class, accuracy."""
+    return ("hm", f"HM ({positive} vs rest)"), ("acc", "Accuracy (all classes)")
+
+
+def fig3_table(table: dict, rows, fractions, positive: str = "COVID") -> list[str]:
     """Fig. 3's points as text: HM and Acc (mean ± std) per row and label fraction."""
     xs = sorted(fractions)
     lines = []
-    for k, title in (("hm", "HM (COVID vs rest)"), ("acc", "Accuracy (4 classes)")):
+    for k, title in _titles(positive):
         lines += ["", f"Fig. 3, {title}, by label fraction:", "",
                   "| method | " + " | ".join(f"{100 * f:g}%" for f in xs) + " |",
                   "|---|" + "---:|" * len(xs)]
@@ -384,7 +390,7 @@ def fig3_table(table: dict, rows, fractions) -> list[str]:
     return lines
 
 
-def fig3(path: Path, table: dict, rows, fractions) -> None:
+def fig3(path: Path, table: dict, rows, fractions, positive: str = "COVID") -> None:
     """HM and Acc against the label fraction, one line per row, as the paper's Fig. 3."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -393,7 +399,7 @@ def fig3(path: Path, table: dict, rows, fractions) -> None:
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2)
     xs = sorted(fractions)
-    for ax, k, title in zip(axes, ("hm", "acc"), ("HM (COVID vs rest)", "Accuracy (4 classes)")):
+    for ax, (k, title) in zip(axes, _titles(positive)):
         for row, _, _ in rows:
             pts = [(f, table[row][f][k]) for f in xs if f in table[row]]
             if pts:

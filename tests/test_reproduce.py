@@ -179,6 +179,9 @@ def test_fig3_table_prints_each_point_of_the_figure():
     assert hm == ["| Cross | 0.800 ± 0.020 | 0.900 ± 0.010 |", "| From Scratch |  | 0.600 ± 0.100 |"]
     acc_at = [i for i, line in enumerate(lines) if line.startswith("Fig. 3, Accuracy")][0]
     assert lines[acc_at + 4] == "| Cross | 0.400 ± 0.010 | 0.450 ± 0.005 |"
+    assert "Fig. 3, HM (COVID vs rest), by label fraction:" in lines
+    other = reproduce_mod.fig3_table(table, rows, (1.0, 0.1), positive="Normal")
+    assert "Fig. 3, HM (Normal vs rest), by label fraction:" in other  # the class it scored
 
 
 def test_csv_files_hold_each_row_and_fraction_across_seeds(tmp_path):
