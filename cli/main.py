@@ -235,7 +235,10 @@ def supervised(
     image_size: int = typer.Option(default(S, "augment").size, help="Side of the input (CIFAR-10: 32)"),
     lr: float = typer.Option(default(S, "lr"), help="SGD peak learning rate"),
     schedule: str = typer.Option(default(S, "schedule"), help="cosine | constant"),
+    momentum: float = typer.Option(default(S, "momentum"), help="SGD momentum"),
     weight_decay: float = typer.Option(default(S, "weight_decay"), help="Weight decay"),
+    label_smoothing: float = typer.Option(default(S, "label_smoothing"),
+                                          help="Cross-entropy label smoothing"),
     out: Path = OUT, name: Optional[str] = NAME, device: str = DEVICE, backend: str = BACKEND,
     compile: Optional[bool] = COMPILE, cuda_graphs: Optional[bool] = GRAPHS,
     precision: str = PRECISION, seed: int = SEED,
@@ -257,7 +260,8 @@ def supervised(
         runtime=runtime(device, precision, compile, backend, seed, out, name, log_every,
                         checkpoint_every, checkpoint_minutes, resume, cuda_graphs),
         arch=arch, init=init, imagenet_weights=imagenet_weights, epochs=epochs,
-        batch_size=batch_size, lr=lr, schedule=schedule, weight_decay=weight_decay, augment=aug))
+        batch_size=batch_size, lr=lr, schedule=schedule, momentum=momentum,
+        weight_decay=weight_decay, label_smoothing=label_smoothing, augment=aug))
 
 
 @app.command()

@@ -95,3 +95,19 @@ def test_a_blank_path_is_refused_not_read_as_this_folder(args, tmp_path, monkeyp
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 2 and "is blank" in r.output, r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]  # nothing was written
+
+
+def test_supervised_takes_every_optimiser_setting_its_config_has(tmp_path, monkeypatch):
+    """Stage 1 is tuned like fine-tuning: each SGD / loss field of SupervisedConfig has a flag
+    that reaches the config (momentum and label smoothing had none)."""
+    import sstl.engine.supervised as sup
+
+    got = []
+    monkeypatch.setattr(sup, "supervised", got.append)
+    r = CliRunner().invoke(app, ["supervised", "--data", str(tmp_path), "--lr", "0.05",
+                                 "--momentum", "0.8", "--weight-decay", "0.001",
+                                 "--label-smoothing", "0.1", "--schedule", "constant"])
+    assert r.exit_code == 0, r.output
+    (cfg,) = got
+    assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.label_smoothing, cfg.schedule) == (
+        0.05, 0.8, 0.001, 0.1, "constant")
