@@ -209,16 +209,18 @@ def config_hash(cfg) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def resume_key(cfg, as_typed: bool = False) -> str:
+def resume_key(cfg, as_typed: bool = False, encoder_as_file: bool = False) -> str:
     """What a checkpoint must match to be continued: the config minus how and where it runs,
     and minus what only changes the report (set to its default, so keys made before stay).
     Paths (--data, --encoder, --init PATH) count by the place they name, not by how they were
-    typed: `cxr`, `./cxr` and /abs/cxr, from any folder, are one run. `as_typed`: the key
-    of checkpoints written before (paths as typed), which resume still accepts."""
-    return config_hash(_keyed(to_dict(cfg), cfg, as_typed))
+    typed: `cxr`, `./cxr` and /abs/cxr, from any folder, are one run, and so are an encoder's
+    run directory and its encoder.safetensors. The keys of checkpoints written before, which
+    resume still accepts: `as_typed` (paths as typed), `encoder_as_file` (an encoder file
+    not yet counted as its directory)."""
+    return config_hash(_keyed(to_dict(cfg), cfg, as_typed, encoder_as_file))
 
 
-def _keyed(d: dict, cfg, as_typed: bool = False) -> dict:
+def _keyed(d: dict, cfg, as_typed: bool = False, encoder_as_file: bool = False) -> dict:
     """The part of a config's dict (a config.json's too) that the resume key counts."""
     d = json.loads(json.dumps(d, default=str))  # a copy, with tuples as lists (as in JSON)
     for f in dataclasses.fields(cfg):
@@ -229,8 +231,13 @@ def _keyed(d: dict, cfg, as_typed: bool = False) -> dict:
     if not as_typed:
         if d["data"].get("path") is not None:
             d["data"]["path"] = _place(d["data"]["path"])
-        if d.get("encoder") is not None:
-            d["encoder"] = _place(d["encoder"])
+        if d.get("encoder") is not None:  # a run directory and its encoder file are one
+            place = Path(_place(d["encoder"]))
+            if encoder_as_file:  # as earlier versions keyed a file named directly
+                d["encoder"] = str(place if place.suffix else place / "encoder.safetensors")
+            else:
+                d["encoder"] = str(place.parent if place.name == "encoder.safetensors"
+                                   else place)
         if d.get("init") not in (None, "imagenet", "random"):
             d["init"] = _place(d["init"])
     return d
@@ -253,9 +260,11 @@ def changed_settings(recorded: dict, cfg) -> list[str]:
             if old.get(k) != new.get(k)]
 
 
-def resume_keys(cfg) -> tuple[str, str]:
-    """The keys a checkpoint of this config may carry: today's, then the as-typed one."""
-    return resume_key(cfg), resume_key(cfg, as_typed=True)
+def resume_keys(cfg) -> tuple[str, ...]:
+    """The keys a checkpoint of this config may carry: today's first, then earlier versions'
+    (paths as typed; an encoder file not counted as its directory), without repeats."""
+    return tuple(dict.fromkeys((resume_key(cfg), resume_key(cfg, as_typed=True),
+                                resume_key(cfg, encoder_as_file=True))))
 
 
 def _place(path: str) -> str:

@@ -179,8 +179,8 @@ class Plan:
     def of(cls, cfg, **kw) -> "Plan":
         """A training command's plan: its epochs, resume key and runtime block's intervals."""
         rt = cfg.runtime
-        key, typed = resume_keys(cfg)
-        return cls(epochs=cfg.epochs, key=key, accepts=(typed,), log_every=rt.log_every,
+        key, *earlier = resume_keys(cfg)
+        return cls(epochs=cfg.epochs, key=key, accepts=tuple(earlier), log_every=rt.log_every,
                    checkpoint_every=rt.checkpoint_every,
                    checkpoint_minutes=rt.checkpoint_minutes, resume=rt.resume, **kw)
 
@@ -188,11 +188,14 @@ class Plan:
 def run_name(cfg, prefix: str) -> str:
     """A run's directory when --name is not given: `prefix` and its resume key, so the same
     command (its paths spelled any way) finds the same directory and resumes. A directory
-    named by the as-typed key (earlier versions) is kept when it is the one there."""
-    key, typed = resume_keys(cfg)
+    named by an earlier version's key (resume_keys) is kept when it is the one there."""
+    key, *earlier = resume_keys(cfg)
     out = Path(cfg.runtime.out).expanduser()
-    new, old = f"{prefix}-{key[:8]}", f"{prefix}-{typed[:8]}"
-    return old if (out / old).is_dir() and not (out / new).exists() else new
+    new = f"{prefix}-{key[:8]}"
+    if (out / new).exists():
+        return new
+    return next((f"{prefix}-{k[:8]}" for k in earlier if (out / f"{prefix}-{k[:8]}").is_dir()),
+                new)
 
 
 def check_resumable(run: Run, cfg, inputs: str) -> None:

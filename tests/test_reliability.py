@@ -486,6 +486,28 @@ def test_a_path_spelled_another_way_is_the_same_run(tmp_path, monkeypatch, capsy
     assert "has finished its 1 epoch" in capsys.readouterr().err
 
 
+def test_an_encoder_given_as_its_run_directory_or_its_file_is_one_run(tmp_path, monkeypatch):
+    """`--encoder runs/x` and `--encoder runs/x/encoder.safetensors` name one file: one resume
+    key and one directory, from any folder. Another file there is another start."""
+    from sstl.engine.config import resume_keys
+
+    run = tmp_path / "runs" / "pre"
+    run.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    keys = {resume_keys(finetune_cfg(encoder=e))[0] for e in (
+        str(run), str(run / "encoder.safetensors"), "runs/pre", "runs/pre/encoder.safetensors",
+        "./runs/../runs/pre/")}
+    assert len(keys) == 1
+    assert resume_keys(finetune_cfg(encoder=str(run / "other.safetensors")))[0] not in keys
+    # Checkpoints of earlier versions keyed the file itself: still accepted, never the first.
+    from sstl.engine.config import resume_key
+
+    file_cfg = finetune_cfg(encoder="runs/pre/encoder.safetensors")
+    earlier = resume_key(file_cfg, encoder_as_file=True)
+    assert earlier not in keys and earlier in resume_keys(file_cfg)[1:]
+    assert earlier in resume_keys(finetune_cfg(encoder="runs/pre"))  # either spelling
+
+
 def test_the_git_sha_is_the_one_at_import(monkeypatch):
     """A long process (a reproduce grid) recorded, in each later run's config.json, commits
     made while it ran: the SHA is read once, when the code is loaded."""
