@@ -400,3 +400,35 @@ def test_files_that_failed_to_decode_are_retried_from_a_cached_build(tmp_path, m
     third = load_or_build(records, 32, tmp_path / "c")  # persisted: nothing left to retry
     assert third.ok.all()
     np.testing.assert_array_equal(np.asarray(third.images), np.asarray(second.images))
+
+
+def test_the_cache_never_serves_pixels_of_a_file_that_was_replaced(tmp_path):
+    """Two same-size images swapped by rename with their mtimes kept (how one fixes a
+    mislabelled pair; tar, cp -p and rsync -t keep mtimes too): same paths, sizes and mtimes.
+    Oracle: a fresh decode of every file; the cache must agree after the swap."""
+    import sstl.engine.data.cache as cache
+
+    records = _records(tmp_path, n=4)
+    a, b = Path(records[0].path), Path(records[1].path)
+    assert a.stat().st_size == b.stat().st_size
+    os.utime(b, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns))
+    first = load_or_build(records, 32, tmp_path / "c")
+    os.replace(a, tmp_path / "tmp.png")
+    os.replace(b, a)
+    os.replace(tmp_path / "tmp.png", b)
+    second = load_or_build(records, 32, tmp_path / "c")
+    assert second.key != first.key
+    for i, r in enumerate(records):
+        np.testing.assert_array_equal(second.images[i], decode_square(r.path, 32)[0])
+    assert second.digests[:2] == first.digests[1::-1]
+
+
+def test_a_changed_decoder_makes_a_new_cache(tmp_path, monkeypatch):
+    """Pixels an earlier decoder made (before a DICOM fix, say) are never served by a later
+    one: the decoder's identity is part of the key."""
+    import sstl.engine.data.cache as cache
+
+    records = _records(tmp_path, n=2)
+    before = cache.cache_key(records, 32)
+    monkeypatch.setattr(cache, "decoder_identity", lambda: "another decoder")
+    assert cache.cache_key(records, 32) != before

@@ -6,8 +6,11 @@ renames both into place; later runs with the same file list and storage size map
 and decode nothing but the files that failed before (retried, in case a decoder was
 installed since). The JSON also holds each file's content digest (a hash of its bytes): an
 image's identity wherever its folder lives, which the leak checks compare. The key hashes
-each file's path, byte size and modification time, plus the storage size and this format's
-version, so an edited or added file makes a new cache.
+each file's path, inode, byte size, modification and change times (a file renamed over
+another, or rewritten with its old mtime restored, changes its inode or ctime), plus the
+storage size and the decoder: this format's version, a digest of the decoding code and
+the Pillow and pydicom versions. An edited or added file, or a changed decoder, makes a
+new cache: pixels decoded otherwise are never served.
 
 A build writes `<key>.npy.tmp<pid>@<host>` temporaries first. They are removed when the build
 fails or is interrupted (Ctrl-C included), and a build clears those left by a process that
@@ -16,6 +19,7 @@ hosts sharing the folder are left alone, since their pids mean nothing here.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -31,7 +35,25 @@ import numpy as np
 
 from .index import Record, decode_square
 
-FORMAT_VERSION = 2  # 2: content digests
+FORMAT_VERSION = 3  # 2: content digests; 3: the decoder's identity in the key
+
+
+@functools.lru_cache(maxsize=1)
+def decoder_identity() -> str:
+    """What decides a cached image's pixels besides its file: the decoding code (index.py,
+    dicom.py) and the libraries it calls. A fix there (DICOM padding, say) must not be hidden
+    by images an earlier version decoded."""
+    from importlib import metadata
+
+    h = hashlib.sha256()
+    for module in ("index.py", "dicom.py"):
+        h.update((Path(__file__).with_name(module)).read_bytes())
+    for pkg in ("pillow", "pydicom"):
+        try:
+            h.update(f"{pkg}={metadata.version(pkg)}".encode())
+        except metadata.PackageNotFoundError:
+            h.update(f"{pkg}=none".encode())
+    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -49,11 +71,12 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(records: list[Record], size: int) -> str:
-    h = hashlib.sha256(f"sstl-cache-v{FORMAT_VERSION}:{size}".encode())
+    h = hashlib.sha256(f"sstl-cache-v{FORMAT_VERSION}:{size}:{decoder_identity()}".encode())
     for r in records:
         try:
             st = os.stat(r.path)
-            h.update(f"{r.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(f"{r.path}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0"
+                     f"{st.st_ctime_ns}\n".encode())
         except OSError:
             h.update(f"{r.path}\0missing\n".encode())
     return h.hexdigest()[:24]
