@@ -432,3 +432,26 @@ def test_a_changed_decoder_makes_a_new_cache(tmp_path, monkeypatch):
     before = cache.cache_key(records, 32)
     monkeypatch.setattr(cache, "decoder_identity", lambda: "another decoder")
     assert cache.cache_key(records, 32) != before
+
+
+def test_a_16_bit_colour_png_is_a_reason_not_a_black_image(tmp_path):
+    """Pillow reads 48-bit RGB as 8 bits by dropping each low byte: a 12-bit radiograph in it
+    came out 0..15. Refused with a reason; the same pixels as 16-bit grey are stretched."""
+    g = np.random.default_rng(0).integers(0, 4096, (48, 40)).astype(np.uint16)
+
+    def png(path, a, colour_type, channels):
+        rows = a.reshape(a.shape[0], -1)
+        raw = b"".join(b"\0" + r.astype(">u2").tobytes() for r in rows)
+
+        def chunk(kind, data):
+            return (struct.pack(">I", len(data)) + kind + data
+                    + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+        ihdr = struct.pack(">IIBBBBB", a.shape[1], a.shape[0], 16, colour_type, 0, 0, 0)
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+                         + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+        return path
+    _, why = decode_square(png(tmp_path / "rgb16.png", np.dstack([g, g, g]), 2, 3), 48)
+    assert why.startswith("16 bits per channel in RGB")
+    grey = load_gray(png(tmp_path / "grey16.png", g, 0, 1))
+    want = np.rint((g - g.min()) * 255.0 / (g.max() - g.min())).astype(np.uint8)
+    np.testing.assert_array_equal(grey, want)

@@ -305,6 +305,10 @@ def load_gray(path: str | os.PathLike) -> np.ndarray:
         return _checked(load_dicom_gray(path))
     try:
         with Image.open(path) as im:
+            if _deep_colour(im):
+                raise ValueError(f"16 bits per channel in {im.mode} (Pillow keeps only the high "
+                                 "byte, which would turn a 12-bit radiograph black); save it as "
+                                 "16-bit greyscale")
             im = ImageOps.exif_transpose(im)
             im.load()
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
@@ -324,6 +328,18 @@ def load_gray(path: str | os.PathLike) -> np.ndarray:
     except (OSError, SyntaxError) as e:
         raise ValueError(f"unreadable or truncated: {e}") from None
     return _checked(gray)
+
+
+def _deep_colour(im: Image.Image) -> bool:
+    """A colour or grey+alpha file of 16 bits per channel (its tiles' raw mode, read before
+    decoding): Pillow decodes it to 8 bits by dropping each value's low byte."""
+    if im.mode not in ("RGB", "RGBA", "LA", "RGBX"):
+        return False
+    for tile in im.tile:
+        raw = tile[3][0] if isinstance(tile[3], tuple) else tile[3]
+        if isinstance(raw, str) and ";16" in raw:
+            return True
+    return False
 
 
 def _checked(gray: np.ndarray) -> np.ndarray:
