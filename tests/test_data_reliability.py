@@ -128,6 +128,9 @@ def test_every_suffix_pil_reads_radiographs_under_is_a_class_and_a_folder_withou
     ds, logs = _load(root, tmp_path)
     assert ds.class_names == ["A", "B", "C", "D"] and len(ds.records) == 8
     assert any("folder 'E' holds no image file" in m and "'notes.txt'" in m for m in logs), logs
+    # Where labels count, a class folder without images is refused, not a model short of it.
+    with pytest.raises(DataError, match="folder 'E' beside the class folders holds no image"):
+        _load(root, tmp_path, need_labels=True)
 
 
 def test_radiography_layout_without_loose_files_reports_only_masks(tmp_path):

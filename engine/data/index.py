@@ -64,6 +64,7 @@ class Scan:
     records: list[Record]  # candidate images, in a stable order
     left_out: list[dict] = field(default_factory=list)  # {"path", "reason"[, "files"]} not read
     notes: list[str] = field(default_factory=list)  # one-line remarks for the log
+    empty_folders: list[str] = field(default_factory=list)  # beside class folders, no image
 
 
 def find_records(path: str | os.PathLike) -> tuple[Path, list[Record]]:
@@ -97,6 +98,7 @@ def scan(path: str | os.PathLike) -> Scan:
     labelled = [(d, files) for d, files in labelled if files]
     if labelled:
         for d in empty:  # a class whose files were all of an unknown kind must not vanish unsaid
+            out.empty_folders.append(d.name)
             other = sorted(f.name for f in d.rglob("*") if f.is_file())
             out.notes.append(f"folder {d.name!r} holds no image file, so it is not a class"
                              + (f" ({len(other)} other files, e.g. {other[0]!r})" if other else ""))
