@@ -360,12 +360,23 @@ def test_top_level_masks_and_linked_folders_are_not_classes(tmp_path):
         ("masks", "segmentation mask folder", 2), ("Normal_link", "link to a folder (not followed)", 2)}
 
 
-@pytest.mark.parametrize("second", ["./x/1.png", "x//1.png", "x\\1.png"])
+@pytest.mark.parametrize("second", ["./x/1.png", "x//1.png", "x\\1.png", "ABS", "../d/x/1.png",
+                                    "link/1.png"])
 def test_a_manifest_listing_one_file_twice_is_an_error(tmp_path, second):
-    _png(tmp_path / "x" / "1.png"), _png(tmp_path / "x" / "2.png")
-    (tmp_path / "manifest.csv").write_text(f"path,label\nx/1.png,a\n\nx/2.png,b\n{second},a\n")
-    with pytest.raises(DataError, match=r"x/1.png is listed twice \(lines 2 and 5\)"):
-        scan(tmp_path / "manifest.csv")
+    """However the second row names the file (absolute, through ../, through a link)."""
+    d = tmp_path / "d"
+    _png(d / "x" / "1.png"), _png(d / "x" / "2.png")
+    (d / "link").symlink_to(d / "x", target_is_directory=True)
+    second = str(d / "x" / "1.png") if second == "ABS" else second
+    (d / "manifest.csv").write_text(f"path,label\nx/1.png,a\n\nx/2.png,b\n{second},a\n")
+    with pytest.raises(DataError, match=r"is listed twice \(lines 2 and 5"):
+        scan(d / "manifest.csv")
+
+
+def test_an_absolute_manifest_path_inside_its_folder_is_stored_relative(tmp_path):
+    _png(tmp_path / "x" / "1.png")
+    (tmp_path / "manifest.csv").write_text(f"path,label\n{tmp_path / 'x' / '1.png'},a\n")
+    assert [r.rel for r in scan(tmp_path / "manifest.csv").records] == ["x/1.png"]
 
 
 def test_a_manifest_row_without_a_path_is_an_error(tmp_path):

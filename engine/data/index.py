@@ -169,10 +169,17 @@ def _scan_manifest(manifest: Path) -> Scan:
         rel = Path(os.path.normpath(get(row, "path").replace("\\", "/"))).as_posix()
         if rel == ".":
             raise DataError(f"{manifest}: the row on line {line} has no path")
-        if rel in seen:  # a file listed twice would count twice, and could land in both splits
-            raise DataError(f"{manifest}: {rel} is listed twice (lines {seen[rel]} and {line}); "
-                            "list each file once")
-        seen[rel] = line
+        if os.path.isabs(rel) and Path(rel).is_relative_to(root):  # one spelling, here too
+            rel = Path(rel).relative_to(root).as_posix()
+        # The file itself, however named (absolute, through ../ or a link): a file listed
+        # twice would count twice, and could land in both splits under two labels.
+        real = os.path.realpath(root / rel)
+        if real in seen:
+            first, where = seen[real]
+            raise DataError(f"{manifest}: {rel} is listed twice (lines {where} and {line}"
+                            + (f", also as {first}" if first != rel else "") + "); list each "
+                            "file once")
+        seen[real] = (rel, line)
         split = get(row, "split").lower() or None
         if split not in (None, "train", "test"):
             raise DataError(f"{manifest}: split must be train or test, found {split!r} for {rel}")
