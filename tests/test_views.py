@@ -389,3 +389,24 @@ def test_a_training_epoch_never_ends_on_a_batch_of_one(n, batch, steps, sizes):
     assert len(dropped) == (3 if n % batch == 1 else 0) and len(set(dropped)) == len(dropped)
     evaluation = LabelledSource(imgs, ids, batch, 32, "cpu")
     assert sorted(sum((y.tolist() for _, y in evaluation.epoch(0)), [])) == list(range(n))
+
+
+def test_crop_boxes_follow_torchvisions_random_resized_crop():
+    """Oracle: torchvision's RandomResizedCrop.get_params (BYOL's crop) on a square image.
+    Boxes that do not fit are drawn again, not clamped: clamping made near-whole crops 2.5x
+    as frequent as torchvision's."""
+    from torchvision.transforms import RandomResizedCrop
+
+    aug, n, side = ViewAugment(crop_scale=(0.2, 1.0)), 20_000, 1000
+    box = sample_params(n, aug, torch.Generator().manual_seed(0), "cpu").box
+    area = (box[:, 2] * box[:, 3]).numpy()
+    torch.manual_seed(0)
+    img = torch.zeros(1, side, side)
+    ref = np.array([h * w / side ** 2 for _, _, h, w in (
+        RandomResizedCrop.get_params(img, (0.2, 1.0), (3 / 4, 4 / 3)) for _ in range(n))])
+    assert abs(area.mean() - ref.mean()) < 0.01, (area.mean(), ref.mean())
+    assert abs((area > 0.9).mean() - (ref > 0.9).mean()) < 0.01
+    assert (box[:, 2] <= 1).all() and (box[:, 3] <= 1).all()
+    ratio = (box[:, 2] / box[:, 3]).numpy()
+    whole = (box[:, 2] == 1) & (box[:, 3] == 1)  # the fallback, as torchvision's
+    assert ((ratio >= 3 / 4 - 1e-5) & (ratio <= 4 / 3 + 1e-5) | whole.numpy()).all()

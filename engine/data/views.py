@@ -39,21 +39,32 @@ class ViewParams:
         return ViewParams(*(getattr(self, f.name)[rank::world] for f in fields(ViewParams)))
 
 
+CROP_TRIES = 10  # torchvision's RandomResizedCrop draws at most 10 boxes before the fallback
+
+
 def sample_params(n: int, aug: ViewAugment, gen: torch.Generator, device) -> ViewParams:
     """Draw the random numbers for n views, on `device`, from `gen` only (reproducible)."""
     u = torch.rand(n, 8, generator=gen, device=device)
+    bc = torch.rand(n, 2, generator=gen, device=device) * 2 - 1
+    # torchvision's RandomResizedCrop (BYOL's): up to CROP_TRIES (area, ratio) draws per view,
+    # the first whose box fits is taken, else the whole image. All tries in one step; the
+    # first try is u[:, :2], so views whose first box fits are as they were.
+    more = torch.rand(n, CROP_TRIES - 1, 2, generator=gen, device=device)
+    tries = torch.cat([u[:, None, :2], more], dim=1)  # (n, tries, 2)
     lo, hi = aug.crop_scale
-    area = lo + (hi - lo) * u[:, 0]
-    log_r = math.log(aug.crop_ratio[0]) + (math.log(aug.crop_ratio[1] / aug.crop_ratio[0])) * u[:, 1]
+    area = lo + (hi - lo) * tries[..., 0]
+    log_r = math.log(aug.crop_ratio[0]) + math.log(aug.crop_ratio[1] / aug.crop_ratio[0]) * tries[..., 1]
     ratio = torch.exp(log_r)
-    # torchvision retries boxes that do not fit; clamping keeps this one vectorised step.
-    w = torch.sqrt(area * ratio).clamp(max=1.0)
-    h = torch.sqrt(area / ratio).clamp(max=1.0)
+    w, h = torch.sqrt(area * ratio), torch.sqrt(area / ratio)
+    fits = (w <= 1) & (h <= 1)
+    first = fits.int().argmax(dim=1, keepdim=True)  # the first try that fits (0 if none)
+    some = fits.any(dim=1)
+    w = torch.where(some, w.gather(1, first)[:, 0], torch.ones_like(some, dtype=w.dtype))
+    h = torch.where(some, h.gather(1, first)[:, 0], torch.ones_like(w))
     box = torch.stack([(1 - w) * u[:, 2], (1 - h) * u[:, 3], w, h], dim=1)
     s_lo, s_hi = aug.blur_sigma
     sigma = torch.where(u[:, 5] < aug.blur_p, s_lo + (s_hi - s_lo) * u[:, 6], torch.zeros_like(w))
     jit = u[:, 7] < aug.jitter_p
-    bc = torch.rand(n, 2, generator=gen, device=device) * 2 - 1
     one = torch.ones_like(w)
     return ViewParams(box=box, flip=u[:, 4] < aug.flip_p, sigma=sigma,
                       brightness=torch.where(jit, 1 + aug.brightness * bc[:, 0], one),
