@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import dist
+
 
 class Method(nn.Module):
     views = "two_crops"  # the data seam makes two augmented crops of each image
@@ -54,7 +56,17 @@ def spread(z: torch.Tensor) -> torch.Tensor:
     failure mode of non-contrastive methods (SimSiam, Chen & He 2021, section 4.1).
     """
     z = F.normalize(z.detach().float(), dim=1)
-    return z.std(0).mean() * z.shape[1] ** 0.5
+    if dist.world() == 1:
+        return z.std(0).mean() * z.shape[1] ** 0.5
+    # Under torchrun, the std of the global batch (not a mean of the ranks' stds): from the
+    # per-dimension sums over every rank, in float64 so a collapse (variance near 0) still
+    # reads as one.
+    z = z.double()
+    sums = dist.all_reduce_sum(torch.stack([z.sum(0), (z * z).sum(0),
+                                            torch.full_like(z[0], z.shape[0])]))
+    s1, s2, n = sums.unbind(0)
+    var = ((s2 - s1 * s1 / n) / (n - 1)).clamp(min=0)
+    return (var.sqrt().mean() * z.shape[1] ** 0.5).float()
 
 
 def cosine_tau(base: float, step: int, total: int) -> float:
