@@ -144,7 +144,9 @@ def write_predictions(rows: list[dict], names: list[str], path: Path) -> None:
         with open(tmp, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=fields)
             w.writeheader()
-            w.writerows({k: f"{v:.6f}" if isinstance(v, float) else v for k, v in r.items()}
+            # 9 significant digits: every float32 probability exactly. Six decimals tied small
+            # scores (0.000000), and the AUC recomputed from the file moved (0.7969 vs 0.7959).
+            w.writerows({k: f"{v:.9g}" if isinstance(v, float) else v for k, v in r.items()}
                         for r in rows)
 
     atomic_write(path, write)

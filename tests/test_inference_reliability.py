@@ -291,3 +291,30 @@ def test_a_damaged_or_older_sidecar_is_one_line_or_read_alike_everywhere(tmp_pat
     with pytest.raises(SystemExit, match="model.json: not a readable sidecar" if damage == "cut"
                        else "model.json lacks image_size"):
         load_classifier(run)
+
+
+def test_metrics_recomputed_from_evaluates_csv_are_the_reported_ones(tmp_path, monkeypatch):
+    """predictions.csv keeps every probability exactly (float32 in 9 digits): scikit-learn's
+    AUC and accuracy from the file equal metrics.json's. Six decimals tied small scores:
+    here COVID scores of 1e-7 .. 8e-7, all 0.000000 or 0.000001 at six decimals."""
+    import torch
+    from sklearn.metrics import accuracy_score, roc_auc_score
+
+    import sstl.engine.predict as predict_mod
+
+    def small(model, batches, autocast):
+        n = sum(len(x) for x in batches)
+        covid = torch.tensor([(7 * i % n + 1) * 1e-7 for i in range(n)], dtype=torch.float32)
+        return torch.stack([covid, 1 - covid], dim=1)
+    monkeypatch.setattr(predict_mod, "class_probs", small)
+    run = make_run(tmp_path / "run")
+    data = _labelled(tmp_path / "data")
+    m = evaluate(EvaluateConfig(model=str(run), data=DataConfig(path=str(data),
+                 cache_dir=str(tmp_path / "c"), cache_size=None), out=str(tmp_path / "ev"),
+                 device="cpu"))
+    with open(tmp_path / "ev" / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    covid = np.array([r["COVID"] for r in rows], dtype=np.float32)  # 9 digits: float32 exactly
+    truth = np.array([r["label"] == "COVID" for r in rows])
+    assert roc_auc_score(truth, covid) == m["auc"]
+    assert accuracy_score([r["label"] for r in rows], [r["prediction"] for r in rows]) == m["acc"]
