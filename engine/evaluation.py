@@ -222,16 +222,22 @@ INTENDED_USE = ("Research only: reproducing and studying self-supervised transfe
                 "triage or any clinical decision, and must not be used for them.")
 
 LIMITATIONS = [
-    "Single-source data: the model saw one data set; scanners, hospitals, populations and "
-    "acquisition protocols outside it may change its behaviour without warning.",
+    "One data set: the model saw only its training images; scanners, hospitals, populations "
+    "and acquisition protocols outside them may change its behaviour without warning.",
+    "Where the classes come from different sources (public COVID-19 sets were often put "
+    "together so: other hospitals, countries, file formats or image sizes per class), the "
+    "model can learn the source instead of the disease, and a test split of the same sources "
+    "rewards it; scores on another hospital's images (sstl evaluate) tell the two apart.",
     "The test split comes from the same distribution (and the same sources) as the training "
     "split, so the metrics are in-distribution; they are not an external validation.",
     "The labels are those of the data set, not a verified reference standard (e.g. RT-PCR).",
     "Images are reduced to grayscale squares of the stated size; the aspect ratio and "
     "DICOM metadata (view position, patient age, sex) are not used.",
-    "The confidence intervals resample the test split only (its images, or its patients "
-    "where images share a group): they do not cover the variation "
-    "between training runs (seeds), for which the mean ± std over the last epochs is a hint.",
+    "The confidence intervals resample the test split only (its images, or its groups where "
+    "images share one: patients, or near-duplicate images): they do not cover the variation "
+    "between training runs (seeds), for which the mean ± std over the last epochs is a hint. "
+    "An interval at 0 or 1 (marked *) is the percentile bootstrap's: at the boundary it "
+    "shows no spread, though the value is uncertain.",
     "Softmax probabilities are not calibrated and are not a probability of disease.",
 ]
 
@@ -294,7 +300,7 @@ def write_model_card(folder, info: dict) -> Path:
       final_epoch       that epoch's number (from 0, as in metrics.csv)
       final_ci          {metric: (low, high)} from bootstrap_ci on the final epoch
       ci_level, ci_n    the interval's level (default 0.95) and number of resamples
-      ci_unit           what was resampled: images (default) or patients (groups of images)
+      ci_unit           what was resampled: images (default) or groups (patients, duplicates)
       run               the run directory's name (the card's title)
       limitations       extra limitations, appended to the standard list
     The same facts, as a dict, come from card_fields(info).
@@ -327,6 +333,8 @@ def write_model_card(folder, info: dict) -> Path:
         ms = f"{m['mean']:.4f} ± {m['std']:.4f}" if "mean" in m else "-"
         fin = f"{m['final']:.4f}" if "final" in m else "-"
         ci = f"[{m['ci'][0]:.4f}, {m['ci'][1]:.4f}]" if "ci" in m else "-"
+        if "ci" in m and m["ci"][0] == m["ci"][1] and m["ci"][0] in (0.0, 1.0):
+            ci += " *"  # a boundary value: the bootstrap has no spread to show (limitations)
         lines.append(f"| {name} | {ms} | {fin} | {ci} |")
     lines += ["", "## Known limitations", ""] + [f"- {x}" for x in f["limitations"]]
     lines += ["", "## Citation", "", f"If you use this model or sstl, cite {f['citation']}.", ""]

@@ -330,7 +330,7 @@ def write_card(run: Path, cfg: FinetuneConfig, ds: Dataset, rows: list[dict], su
     """MODEL_CARD.md, and the same facts in model.json, with the final epoch's 95% intervals."""
     y_test = ds.targets[ds.test_idx]
     test_counts = Counter(ds.labels[i] for i in ds.test_idx)
-    groups = [ds.records[i].group for i in ds.test_idx]  # patients: resampled whole
+    groups = [ds.records[i].group for i in ds.test_idx]  # patients, copies: resampled whole
     groups = groups if len(set(groups)) < len(groups) else None
     final = classification_metrics(y_test, probs.argmax(1), probs, ds.class_names,
                                    cfg.positive_class)
@@ -345,7 +345,8 @@ def write_card(run: Path, cfg: FinetuneConfig, ds: Dataset, rows: list[dict], su
             "final_epoch": len(rows) - 1, "run": run.name, "ci_n": CI_RESAMPLES,
             "final_ci": bootstrap_ci(y_test, probs, ds.class_names, cfg.positive_class,
                                      n=CI_RESAMPLES, seed=cfg.runtime.seed, groups=groups),
-            "ci_unit": "patients (groups of images)" if groups is not None else "images",
+            "ci_unit": "groups (patients or near-duplicate images)" if groups is not None
+                       else "images",
             "counts": {c: {"train": train_counts.get(c, 0), "test": test_counts.get(c, 0)}
                        for c in ds.class_names}}
     write_model_card(run, info)

@@ -133,7 +133,8 @@ def test_model_card_holds_the_numbers_passed_in(tmp_path):
     for s in ("0.8123 ± 0.0345", "0.9177", "0.9712", "[0.7011, 0.9388]", "| COVID | 101 | 26 |",
               "| total | 606 | 154 |", "resnet18", "0.1", "224", "/data/covid-radiography",
               "not a medical device", "Togo", "Haseyama", "Self-supervised transfer learning",
-              "same distribution", "Single-source", "epoch 29", "1000 resamples"):
+              "same distribution", "learn the source instead of the disease", "epoch 29",
+              "1000 resamples"):
         assert s.lower() in text.lower(), s
     fields = card_fields(card_info())
     assert fields["metrics"]["auc"] == {"mean": 0.8123, "std": 0.0345, "final": 0.9712,
@@ -141,6 +142,15 @@ def test_model_card_holds_the_numbers_passed_in(tmp_path):
     assert fields["training_data"]["counts"]["Normal"] == {"train": 202, "test": 51}
     import json
     json.dumps(fields)  # model.json can hold it
+
+
+def test_a_boundary_interval_is_marked_in_the_card(tmp_path):
+    """A specificity of 1 gives the percentile bootstrap [1, 1]: marked, and explained."""
+    info = card_info()
+    info["final_ci"] = {**info["final_ci"], "spe": (1.0, 1.0)}
+    text = write_model_card(tmp_path, info).read_text()
+    assert "| [1.0000, 1.0000] * |" in text and "[0.7011, 0.9388] *" not in text
+    assert "An interval at 0 or 1 (marked *)" in text
 
 
 def test_model_card_says_when_the_data_was_synthetic(tmp_path):
