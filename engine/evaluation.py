@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .io import atomic_write
 from .metrics import METRICS, NAMES, confusion
 
 CITATION = ('G. Li, R. Togo, T. Ogawa, M. Haseyama, "Self-supervised transfer learning for '
@@ -41,7 +42,8 @@ def draw_figures(folder, y_true, probs, class_names: list[str], positive: str, w
     y_true, probs = np.asarray(y_true), np.asarray(probs)
     for name, fig in (("confusion_matrix.png", confusion_figure(y_true, probs, class_names, what)),
                       ("roc.png", roc_figure(y_true, probs, class_names, positive, what))):
-        fig.savefig(folder / name, dpi=120, bbox_inches="tight")
+        atomic_write(folder / name, lambda tmp, fig=fig: fig.savefig(
+            tmp, format="png", dpi=120, bbox_inches="tight"))
 
 
 def confusion_figure(y_true, probs, class_names: list[str], what: str):
@@ -127,7 +129,7 @@ def curves_png(rows: list[dict], path) -> None:
     for ax in (left, right):
         ax.grid(alpha=0.3)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
 
 
 # --- uncertainty ------------------------------------------------------------------------------
@@ -340,5 +342,4 @@ def write_model_card(folder, info: dict) -> Path:
     lines += ["", "## Citation", "", f"If you use this model or sstl, cite {f['citation']}.", ""]
     path = Path(folder) / "MODEL_CARD.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
-    return path
+    return atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines)))

@@ -1,5 +1,6 @@
 """Figures, bootstrap intervals and the model card (engine/evaluation.py)."""
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,3 +177,33 @@ def test_bootstrap_by_patient_equals_the_image_bootstrap_of_one_image_per_patien
     assert all(width[k] < 0.7 * (distinct[k][1] - distinct[k][0]) for k in METRICS), width
     singles = bootstrap_ci(y, p, NAMES, "COVID", n=300, seed=2, groups=[str(i) for i in range(60)])
     assert singles == distinct  # one image per group is the image bootstrap, draw for draw
+
+
+def test_a_full_disk_while_writing_figures_or_the_card_is_one_line_and_no_partial_file(
+        tmp_path, monkeypatch):
+    """The figures and the card go through atomic_write like every other output: a disk that
+    fills mid-write is one line (WriteError, a SystemExit), the old file stays whole."""
+    import errno
+    import os
+
+    from matplotlib.figure import Figure
+
+    from sstl.engine.io import WriteError
+
+    write_model_card(tmp_path, card_info())
+    before = (tmp_path / "MODEL_CARD.md").read_text()
+
+    def half(self, fname, *a, **k):
+        with open(fname, "wb") as fh:
+            fh.write(b"half a png")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(Figure, "savefig", half)
+    y = np.array([0, 1, 2, 0, 1, 2])
+    with pytest.raises(WriteError, match="No space left on device"):
+        draw_figures(tmp_path, y, np.eye(3)[y], NAMES, "COVID", "6 images")
+    monkeypatch.setattr(Path, "write_text", lambda self, text: half(None, self))
+    with pytest.raises(WriteError, match="MODEL_CARD.md"):
+        write_model_card(tmp_path, card_info())
+    monkeypatch.undo()
+    assert (tmp_path / "MODEL_CARD.md").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["MODEL_CARD.md"]
