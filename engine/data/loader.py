@@ -1,10 +1,10 @@
 """Batches on the device: the seam between the data layer and the training loops.
 
 A view source is anything with `steps_per_epoch` and `epoch(epoch, start_step=0)`, an
-iterator of ready model inputs. Everything random is a function of (seed, epoch, step, rank):
+iterator of ready model inputs. Everything random is a function of (seed, epoch, step):
 the order of an epoch comes from (seed, epoch), a step's augmentation from (seed, epoch,
-step) (pretraining: each rank keeps its rows of the global batch's draws, so N processes see
-the views one process would) or (seed, epoch, step, rank) (fine-tuning). A resumed run
+step), drawn for the global batch, of which each rank keeps its rows (pretraining and
+fine-tuning alike), so N processes see the views one process would. A resumed run
 therefore sees exactly the batches it would have seen, from any step, with no iterator state
 to save. Sharding takes the global rank and world size.
 """
