@@ -234,7 +234,7 @@ def _keyed(d: dict, cfg, as_typed: bool = False, encoder_as_file: bool = False) 
         if d.get("encoder") is not None:  # a run directory and its encoder file are one
             place = Path(_place(d["encoder"]))
             if encoder_as_file:  # as earlier versions keyed a file named directly
-                d["encoder"] = str(place if place.suffix else place / "encoder.safetensors")
+                d["encoder"] = str(place / "encoder.safetensors" if place.is_dir() else place)
             else:
                 d["encoder"] = str(place.parent if place.name == "encoder.safetensors"
                                    else place)
@@ -391,7 +391,7 @@ def _check_outputs(cfg, need) -> None:
         if cfg.cam:
             cam = Path(cfg.cam).expanduser()
             # Earlier overlays would mix with these under the same numbers.
-            need(not cam.is_dir() or not any(cam.iterdir()),
+            need(not cam.is_dir() or not _holds_files(cam),
                  f"--cam {cfg.cam} already holds files (an earlier run's overlays?); name a "
                  "new or empty folder")
             for i in cfg.inputs:
@@ -404,21 +404,25 @@ def _check_outputs(cfg, need) -> None:
             need(not (Path(cfg.out).expanduser() / f).exists(),
                  f"--out {cfg.out} is a run directory (it holds {f}): the evaluation would "
                  "replace its files; name another folder")
-        need(not (cfg.data.path and _under(cfg.out, _data_folder(cfg.data.path))),
+        # A manifest reads only the files it lists; a folder reads every image below it.
+        folder = cfg.data.path and Path(cfg.data.path).expanduser().is_dir()
+        need(not (folder and _under(cfg.out, cfg.data.path)),
              f"--out {cfg.out} is inside --data {cfg.data.path}: its figures would become "
              "images of that data set; name a folder elsewhere")
+
+
+def _holds_files(folder: Path) -> bool:
+    """Whether a folder holds anything but hidden files (.DS_Store); an unreadable one, too."""
+    try:
+        return any(not p.name.startswith(".") for p in folder.iterdir())
+    except OSError:
+        return True
 
 
 def _under(path, folder) -> bool:
     """Whether `path` is `folder` or below it (both resolved: links and .. as the OS sees them)."""
     p, f = Path(path).expanduser().resolve(), Path(folder).expanduser().resolve()
     return f.is_dir() and (p == f or f in p.parents)
-
-
-def _data_folder(path: str) -> Path:
-    """The folder a --data value scans: itself, or a manifest's folder."""
-    p = Path(path).expanduser()
-    return p.parent if p.is_file() else p
 
 
 def _folder_ok(path: str | None) -> bool:

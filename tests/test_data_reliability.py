@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -128,9 +129,21 @@ def test_every_suffix_pil_reads_radiographs_under_is_a_class_and_a_folder_withou
     ds, logs = _load(root, tmp_path)
     assert ds.class_names == ["A", "B", "C", "D"] and len(ds.records) == 8
     assert any("folder 'E' holds no image file" in m and "'notes.txt'" in m for m in logs), logs
-    # Where labels count, a class folder without images is refused, not a model short of it.
-    with pytest.raises(DataError, match="folder 'E' beside the class folders holds no image"):
+    assert _load(root, tmp_path, need_labels=True)[0].class_names == ["A", "B", "C", "D"]
+    # Where labels count, an empty class folder (a copy that failed) is refused, not a model
+    # short of that class; folders archives and file systems add are never classes.
+    (root / "F").mkdir()
+    with pytest.raises(DataError, match="folder 'F' beside the class folders is empty"):
         _load(root, tmp_path, need_labels=True)
+    (root / "F").rmdir()
+    (root / "lost+found").mkdir()
+    img.save(root / "A" / "extra.png")
+    (root / "__MACOSX" / "A").mkdir(parents=True)
+    img.save(root / "__MACOSX" / "A" / "._0.png", format="PNG")
+    ds, logs = _load(root, tmp_path, need_labels=True)
+    assert ds.class_names == ["A", "B", "C", "D"]
+    assert {"path": "__MACOSX", "reason": "system folder (not data)", "files": 1} in \
+        ds.report["skipped"]  # its file reported, not a class
 
 
 def test_radiography_layout_without_loose_files_reports_only_masks(tmp_path):
@@ -373,10 +386,13 @@ def test_a_manifest_listing_one_file_twice_is_an_error(tmp_path, second):
         scan(d / "manifest.csv")
 
 
-def test_an_absolute_manifest_path_inside_its_folder_is_stored_relative(tmp_path):
+def test_an_absolute_manifest_path_stays_as_written(tmp_path):
+    """A row's path names the file in split.json and the data fingerprint: respelled, runs
+    made from the manifest before would read as made from other data."""
     _png(tmp_path / "x" / "1.png")
     (tmp_path / "manifest.csv").write_text(f"path,label\n{tmp_path / 'x' / '1.png'},a\n")
-    assert [r.rel for r in scan(tmp_path / "manifest.csv").records] == ["x/1.png"]
+    assert [r.rel for r in scan(tmp_path / "manifest.csv").records] == [
+        (tmp_path / "x" / "1.png").as_posix()]
 
 
 def test_a_manifest_row_without_a_path_is_an_error(tmp_path):
@@ -418,7 +434,8 @@ def test_files_that_failed_to_decode_are_retried_from_a_cached_build(tmp_path, m
 
 def test_the_cache_never_serves_pixels_of_a_file_that_was_replaced(tmp_path):
     """Two same-size images swapped by rename with their mtimes kept (how one fixes a
-    mislabelled pair; tar, cp -p and rsync -t keep mtimes too): same paths, sizes and mtimes.
+    mislabelled pair; tar, cp -p and rsync -t keep mtimes too): same paths, sizes and mtimes,
+    new ctimes.
     Oracle: a fresh decode of every file; the cache must agree after the swap."""
     import sstl.engine.data.cache as cache
 
@@ -427,6 +444,7 @@ def test_the_cache_never_serves_pixels_of_a_file_that_was_replaced(tmp_path):
     assert a.stat().st_size == b.stat().st_size
     os.utime(b, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns))
     first = load_or_build(records, 32, tmp_path / "c")
+    time.sleep(0.05)  # past the file system's timestamp granularity
     os.replace(a, tmp_path / "tmp.png")
     os.replace(b, a)
     os.replace(tmp_path / "tmp.png", b)

@@ -244,7 +244,7 @@ def test_a_dicom_named_dicom_without_preamble_is_read(tmp_path):
         (tmp_path / name).write_bytes(raw)
         np.testing.assert_array_equal(load_gray(tmp_path / name), minmax_u8(a))
     assert sorted(Path(p).name for p, _ in image_files([tmp_path])) == [
-        "full.dcm", "x.dic", "x.dicom"]
+        "full.dcm", "x.dicom"]  # a .dic without preamble is read when named, not searched for
 
 
 def test_a_long_decoder_error_is_cut_to_a_table_cell(tmp_path, monkeypatch):

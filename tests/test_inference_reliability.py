@@ -259,6 +259,18 @@ def test_evaluate_out_never_writes_into_a_run_or_the_data(tmp_path, where):
     assert before == {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
 
 
+def test_evaluate_out_beside_a_manifest_is_allowed(tmp_path):
+    """A manifest reads only the files it lists: an --out folder beside it changes nothing."""
+    from sstl.engine.config import check
+
+    data = _labelled(tmp_path / "data")
+    (data / "manifest.csv").write_text("path,label\n" + "".join(
+        f"{p.relative_to(data).as_posix()},{p.parent.name}\n" for p in sorted(data.rglob("*.png"))))
+    cfg = EvaluateConfig(model="m", data=DataConfig(path=str(data / "manifest.csv")),
+                         out=str(data / "eval"))
+    assert check(cfg) is cfg
+
+
 def test_export_out_must_be_an_onnx_file(tmp_path):
     pytest.importorskip("onnxruntime")
     from sstl.engine.export import export_onnx

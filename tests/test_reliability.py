@@ -502,10 +502,12 @@ def test_an_encoder_given_as_its_run_directory_or_its_file_is_one_run(tmp_path, 
     # Checkpoints of earlier versions keyed the file itself: still accepted, never the first.
     from sstl.engine.config import resume_key
 
-    file_cfg = finetune_cfg(encoder="runs/pre/encoder.safetensors")
-    earlier = resume_key(file_cfg, encoder_as_file=True)
-    assert earlier not in keys and earlier in resume_keys(file_cfg)[1:]
-    assert earlier in resume_keys(finetune_cfg(encoder="runs/pre"))  # either spelling
+    (tmp_path / "runs" / "pre.v2").mkdir()  # --name allows dots
+    for folder in ("pre", "pre.v2"):
+        file_cfg = finetune_cfg(encoder=f"runs/{folder}/encoder.safetensors")
+        earlier = resume_key(file_cfg, encoder_as_file=True)
+        assert earlier != resume_keys(file_cfg)[0] and earlier in resume_keys(file_cfg)[1:]
+        assert earlier in resume_keys(finetune_cfg(encoder=f"runs/{folder}"))  # either spelling
 
 
 def test_the_git_sha_is_the_one_at_import(monkeypatch):

@@ -6,11 +6,12 @@ renames both into place; later runs with the same file list and storage size map
 and decode nothing but the files that failed before (retried, in case a decoder was
 installed since). The JSON also holds each file's content digest (a hash of its bytes): an
 image's identity wherever its folder lives, which the leak checks compare. The key hashes
-each file's path, inode, byte size, modification and change times (a file renamed over
-another, or rewritten with its old mtime restored, changes its inode or ctime), plus the
-storage size and the decoder: this format's version, a digest of the decoding code and
-the Pillow and pydicom versions. An edited or added file, or a changed decoder, makes a
-new cache: pixels decoded otherwise are never served.
+each file's path, byte size, modification and change times (a file renamed over another,
+or rewritten with its old mtime restored, changes its ctime; a chmod does too, and costs a
+re-decode), plus the storage size and the decoder: this format's version, a digest of the
+decoding functions' source and the Pillow and pydicom versions. An edited or added file,
+or a changed decoder, makes a new cache: pixels decoded otherwise are never served. (No
+inode: network file systems may number files anew at each mount.)
 
 A build writes `<key>.npy.tmp<pid>@<host>` temporaries first. They are removed when the build
 fails or is interrupted (Ctrl-C included), and a build clears those left by a process that
@@ -43,11 +44,15 @@ def decoder_identity() -> str:
     """What decides a cached image's pixels besides its file: the decoding code (index.py,
     dicom.py) and the libraries it calls. A fix there (DICOM padding, say) must not be hidden
     by images an earlier version decoded."""
+    import inspect
     from importlib import metadata
 
+    from . import dicom, index
+
     h = hashlib.sha256()
-    for module in ("index.py", "dicom.py"):
-        h.update((Path(__file__).with_name(module)).read_bytes())
+    for code in (index.decode_square, index.resize_square, index.load_gray, index._checked,
+                 index._deep_colour, dicom):  # what turns a file into cached pixels
+        h.update(inspect.getsource(code).encode())
     for pkg in ("pillow", "pydicom"):
         try:
             h.update(f"{pkg}={metadata.version(pkg)}".encode())
@@ -75,8 +80,7 @@ def cache_key(records: list[Record], size: int) -> str:
     for r in records:
         try:
             st = os.stat(r.path)
-            h.update(f"{r.path}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0"
-                     f"{st.st_ctime_ns}\n".encode())
+            h.update(f"{r.path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
         except OSError:
             h.update(f"{r.path}\0missing\n".encode())
     return h.hexdigest()[:24]

@@ -147,10 +147,10 @@ def load_dataset(cfg: DataConfig, need_labels: bool = False,
     if need_labels and not labelled:
         raise DataError(f"--data {root}: this command needs labels (class folders or a manifest "
                         "`label` column), but the images are unlabelled")
-    if need_labels and found.empty_folders:  # a class that failed to copy, or not data at all
+    if need_labels and found.empty_folders:  # a class that failed to copy, most likely
         raise DataError(f"--data {root}: folder {found.empty_folders[0]!r} beside the class "
-                        "folders holds no image file: a class without images would be left out "
-                        "of the model unsaid. Add its images, or move it out of --data")
+                        "folders is empty: a class without images would be left out of the "
+                        "model unsaid. Add its images, or remove the folder")
     for cls, n in report["classes_found"].items():
         if report["classes"].get(cls, 0) == 0:
             raise DataError(f"--data {root}: class {cls!r} has no usable image "

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import codecs
 import csv
+import functools
 import io
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,8 +43,11 @@ from .dicom import DICOM_SUFFIXES, is_dicom, load_dicom_gray
 # Every suffix PIL or pydicom reads radiographs under (JPEG's .jfif/.jpe, the Netpbm family,
 # JPEG 2000); a file listed here that will not decode is reported, never silently ignored.
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".tif", ".tiff", ".gif",
-                  ".webp", ".pgm", ".ppm", ".pbm", ".pnm", ".jp2", ".j2k", *DICOM_SUFFIXES}
+                  ".webp", ".pgm", ".ppm", ".pbm", ".pnm", ".jp2", ".j2k", ".dcm", ".dicom"}
+# (.dic is also a spelling dictionary's suffix: in a folder, only its DICOM preamble counts.)
 MIN_SIDE = 32  # smaller files are thumbnails or icons, not radiographs
+# Folders archives and file systems add beside the data: never classes.
+SYSTEM_FOLDERS = ("__MACOSX", "lost+found", "$RECYCLE.BIN", "System Volume Information")
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,7 @@ class Scan:
     records: list[Record]  # candidate images, in a stable order
     left_out: list[dict] = field(default_factory=list)  # {"path", "reason"[, "files"]} not read
     notes: list[str] = field(default_factory=list)  # one-line remarks for the log
-    empty_folders: list[str] = field(default_factory=list)  # beside class folders, no image
+    empty_folders: list[str] = field(default_factory=list)  # beside class folders, no file
 
 
 def find_records(path: str | os.PathLike) -> tuple[Path, list[Record]]:
@@ -98,8 +103,9 @@ def scan(path: str | os.PathLike) -> Scan:
     labelled = [(d, files) for d, files in labelled if files]
     if labelled:
         for d in empty:  # a class whose files were all of an unknown kind must not vanish unsaid
-            out.empty_folders.append(d.name)
             other = sorted(f.name for f in d.rglob("*") if f.is_file())
+            if not other:  # nothing at all: a class that failed to copy, most likely
+                out.empty_folders.append(d.name)
             out.notes.append(f"folder {d.name!r} holds no image file, so it is not a class"
                              + (f" ({len(other)} other files, e.g. {other[0]!r})" if other else ""))
         for f in _image_files(root):
@@ -169,11 +175,10 @@ def _scan_manifest(manifest: Path) -> Scan:
         rel = Path(os.path.normpath(get(row, "path").replace("\\", "/"))).as_posix()
         if rel == ".":
             raise DataError(f"{manifest}: the row on line {line} has no path")
-        if os.path.isabs(rel) and Path(rel).is_relative_to(root):  # one spelling, here too
-            rel = Path(rel).relative_to(root).as_posix()
         # The file itself, however named (absolute, through ../ or a link): a file listed
-        # twice would count twice, and could land in both splits under two labels.
-        real = os.path.realpath(root / rel)
+        # twice would count twice, and could land in both splits under two labels. (`rel`
+        # stays as written: it names the file in split.json and in the data fingerprint.)
+        real = _real(root / rel)
         if real in seen:
             first, where = seen[real]
             raise DataError(f"{manifest}: {rel} is listed twice (lines {where} and {line}"
@@ -190,6 +195,18 @@ def _scan_manifest(manifest: Path) -> Scan:
         out.notes.append(f"{manifest.name}: columns not used: {', '.join(extra)}")
     _leave_out_unlisted(out)
     return out
+
+
+def _real(path: Path) -> str:
+    """The file a path names: its folder resolved once per folder (a manifest of 200k rows
+    holds few folders), then the file itself where it is a link."""
+    real = os.path.join(_real_folder(str(path.parent)), path.name)
+    return os.path.realpath(real) if os.path.islink(real) else real
+
+
+@functools.lru_cache(maxsize=4096)
+def _real_folder(folder: str) -> str:
+    return os.path.realpath(folder)
 
 
 def _manifest_columns(manifest: Path, header: list[str]) -> tuple[dict[str, int], list[str]]:
@@ -267,6 +284,8 @@ def _folder_left_out(d: Path) -> str | None:
         return "hidden folder"
     if d.name.lower() == "masks":
         return "segmentation mask folder"
+    if d.name in SYSTEM_FOLDERS:
+        return "system folder (not data)"
     if d.is_symlink():
         return "link to a folder (not followed)"
     return None
@@ -346,7 +365,7 @@ def _deep_colour(im: Image.Image) -> bool:
         return False
     for tile in im.tile:
         raw = tile[3][0] if isinstance(tile[3], tuple) else tile[3]
-        if isinstance(raw, str) and ";16" in raw:
+        if isinstance(raw, str) and re.search(r";16[BLN]$", raw):  # not BMP's BGR;16 (RGB565)
             return True
     return False
 

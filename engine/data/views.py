@@ -47,8 +47,9 @@ def sample_params(n: int, aug: ViewAugment, gen: torch.Generator, device) -> Vie
     u = torch.rand(n, 8, generator=gen, device=device)
     bc = torch.rand(n, 2, generator=gen, device=device) * 2 - 1
     # torchvision's RandomResizedCrop (BYOL's): up to CROP_TRIES (area, ratio) draws per view,
-    # the first whose box fits is taken, else the whole image. All tries in one step; the
-    # first try is u[:, :2], so views whose first box fits are as they were.
+    # the first whose box fits is taken, else the whole image. All tries in one step. (The
+    # extra draws move the generator on: a run resumed from a checkpoint of an earlier
+    # version sees other views than it would have.)
     more = torch.rand(n, CROP_TRIES - 1, 2, generator=gen, device=device)
     tries = torch.cat([u[:, None, :2], more], dim=1)  # (n, tries, 2)
     lo, hi = aug.crop_scale
