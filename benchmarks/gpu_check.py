@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -220,8 +221,9 @@ def pretrain_epoch(out: Path) -> dict:
     data = ensure_synthetic(Path("/tmp/sstl-synthetic-3072"), per_class=768)
     t0 = time.perf_counter()
     run = pretrain(PretrainConfig(data=DataConfig(path=str(data)), arch="resnet50", init="random",
-                                  epochs=1, runtime=Runtime(out=str(out / "runs"),
-                                                            name="gpu-epoch", resume=False)))
+                                  epochs=1, runtime=Runtime(
+                                      out=tempfile.mkdtemp(prefix="sstl-epoch-"),  # not --out
+                                      name="gpu-epoch", resume=False)))
     wall = time.perf_counter() - t0
     rows = (run / "metrics.csv").read_text().splitlines()
     return {"wall_s_including_compile": wall, "metrics_csv": rows,
@@ -234,11 +236,13 @@ def recipe(out: Path, data: str | None, passes: int = 2) -> dict:
     import subprocess
     import sys
 
-    if not data or not Path(data).exists():
+    if not data or not Path(data).exists():  # failures() counts it: nothing was measured
         return {"skipped": f"--data {data!r} not found (copy cxr-dev-gray224 into the checkout)"}
+    # The run directories (checkpoints and weights, hundreds of MB) stay outside --out, which
+    # a lent machine sends back with a size limit; their small files are copied into it.
+    runs = Path(tempfile.mkdtemp(prefix="sstl-recipe-runs-"))
     rows = []
     for i in range(passes):
-        runs = out / "recipe-runs"
         row = {"pass": i + 1}
         for cmd, name, extra in (
                 ("pretrain", f"pretrain-{i}", ["--init", "random"]),  # no ImageNet offline
@@ -252,12 +256,24 @@ def recipe(out: Path, data: str | None, passes: int = 2) -> dict:
             run = runs / name
             row[cmd] = {"wall_s": wall, "rc": proc.returncode, "tail": proc.stderr[-1500:],
                         **_run_facts(run)}
-            # Each command's row on disk at once: a session killed at its time limit keeps
-            # what finished (recipe.json is written only when the section ends).
-            (out / "recipe-partial.json").write_text(
-                json.dumps({"rows": rows + [row], "data": data}, indent=2, default=str))
+            _copy_small_files(run, out / "recipe-runs" / name)
+            # Each command's row on disk at once, with the machine: a session killed at its
+            # time limit keeps what finished (recipe.json is written only when it ends).
+            (out / "recipe-partial.json").write_text(json.dumps(
+                {"rows": rows + [row], "data": data, "machine": machine()}, indent=2,
+                default=str))
         rows.append(row)
     return {"rows": rows, "data": data}
+
+
+def _copy_small_files(run: Path, to: Path) -> None:
+    """A run directory's record (config, timing, metrics, summary), without its weights."""
+    import shutil
+
+    to.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "timing.json", "metrics.csv", "summary.json"):
+        if (run / name).exists():
+            shutil.copy(run / name, to / name)
 
 
 def _run_facts(run: Path) -> dict:
@@ -291,6 +307,7 @@ def failures(name: str, section: dict) -> list[str]:
         out += [f"check {k} failed (rel_err {v.get('rel_err')})" for k, v in result.items()
                 if isinstance(v, dict) and v.get("ok") is False]
     if name == "recipe":
+        out += [f"skipped: {result['skipped']}"] if "skipped" in result else []
         out += [f"pass {r.get('pass')} {cmd} exited {r[cmd].get('rc')}"
                 for r in result.get("rows", []) for cmd in ("pretrain", "finetune")
                 if isinstance(r.get(cmd), dict) and r[cmd].get("rc") not in (0, None)]

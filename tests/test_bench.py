@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -119,6 +120,8 @@ def test_gpu_check_exits_non_zero_when_a_section_fails(tmp_path, monkeypatch):
     assert gpu_check.failures("recipe", {"result": {"rows": [
         {"pass": 1, "pretrain": {"rc": 0}, "finetune": {"rc": 1}}]}}) == [
         "pass 1 finetune exited 1"]
+    assert gpu_check.failures("recipe", {"result": gpu_check.recipe(tmp_path, None)}) == [
+        "skipped: --data None not found (copy cxr-dev-gray224 into the checkout)"]  # no data
     assert gpu_check.failures("kernels", {"error": "RuntimeError: x"}) == ["RuntimeError: x"]
     assert gpu_check.failures("cuda", {"result": {"ema": {"ok": True, "rel_err": 0.0}}}) == []
 
@@ -159,3 +162,32 @@ def test_a_loaded_checkpoint_gives_momentum_buffers_their_parameters_layout():
            for p in g["params"]]
     for a, b in zip(got, moms):
         assert torch.equal(a, b)
+
+
+def test_gpu_check_recipe_sends_back_records_not_weights(tmp_path, monkeypatch):
+    """A lent machine returns --out under a size limit: the recipe's run directories stay
+    elsewhere and only their small files (config, timing, metrics) are copied into --out,
+    beside recipe-partial.json with the machine's record."""
+    import subprocess
+
+    from sstl.benchmarks import gpu_check
+
+    def fake_run(argv, **kw):
+        run = Path(argv[argv.index("--out") + 1]) / argv[argv.index("--name") + 1]
+        run.mkdir(parents=True)
+        (run / "config.json").write_text("{}")
+        (run / "timing.json").write_text('{"total": 1.0}')
+        (run / "metrics.csv").write_text("epoch,images_per_s\n0,10\n1,20\n")
+        (run / "checkpoint.pt").write_bytes(b"x" * 1000)
+        return subprocess.CompletedProcess(argv, 0, "", "")
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    (tmp_path / "data").mkdir()
+    result = gpu_check.recipe(tmp_path / "out", str(tmp_path / "data"), passes=1)
+    assert gpu_check.failures("recipe", {"result": result}) == []
+    assert result["rows"][0]["pretrain"]["images_per_s_median_after_first"] == 20
+    kept = sorted(p.relative_to(tmp_path / "out").as_posix()
+                  for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert kept == ["recipe-partial.json", *(f"recipe-runs/{r}-0/{f}" for r in ("finetune",
+                    "pretrain") for f in ("config.json", "metrics.csv", "timing.json"))]
+    assert "git_sha" in json.loads((tmp_path / "out" / "recipe-partial.json").read_text())[
+        "machine"]
