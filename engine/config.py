@@ -260,6 +260,23 @@ def changed_settings(recorded: dict, cfg) -> list[str]:
             if old.get(k) != new.get(k)]
 
 
+def recorded_config(record) -> dict | None:
+    """The config a run's config.json holds, its relative paths made absolute from the folder
+    it ran in (`cwd`; older files lack it and are read from here); None for another shape."""
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        return None
+    config, cwd = record["config"], record.get("cwd")
+    if not cwd:
+        return config
+
+    def place(p):
+        return p if p in (None, "imagenet", "random") else os.path.join(cwd, os.path.expanduser(p))
+    data = config.get("data")
+    return {**config, **({"data": {**data, "path": place(data.get("path"))}}
+                         if isinstance(data, dict) else {}),
+            **{k: place(config[k]) for k in ("encoder", "init") if k in config}}
+
+
 def resume_keys(cfg) -> tuple[str, ...]:
     """The keys a checkpoint of this config may carry: today's first, then earlier versions'
     (paths as typed; an encoder file not counted as its directory), without repeats."""

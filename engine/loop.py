@@ -29,7 +29,7 @@ import torch
 
 from .. import kernels
 from . import accel, dist
-from .config import changed_settings, resume_keys
+from .config import changed_settings, recorded_config, resume_keys
 from .runs import CHECKPOINT_FORMAT, MetricsCSV, Reporter, Run, log
 
 
@@ -211,10 +211,10 @@ def check_resumable(run: Run, cfg, inputs: str) -> None:
 def _changes(run: Run, cfg) -> str:
     """' (epochs: 4 -> 5; ...)': the settings in which the run's config.json differs."""
     try:
-        recorded = json.loads((run.path / "config.json").read_text())["config"]
-    except (OSError, ValueError, KeyError, TypeError):
+        recorded = recorded_config(json.loads((run.path / "config.json").read_text()))
+    except (OSError, ValueError):
         return ""
-    changed = changed_settings(recorded, cfg)
+    changed = changed_settings(recorded, cfg) if recorded is not None else []
     return f" ({'; '.join(changed[:6])}{'; ...' if len(changed) > 6 else ''})" if changed else ""
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ import torchvision
 from . import dist
 from .config import (AugmentConfig, DataConfig, EvaluateConfig, FinetuneAugment,
                      FinetuneConfig, PretrainConfig, ReproduceConfig, changed_settings, check,
-                     resume_keys)
+                     recorded_config, resume_keys)
 from .data.dataset import load_dataset
 from .data.index import DataError
 from .finetune import check_split_classes, finetune
@@ -117,27 +116,15 @@ def _made_otherwise(run: Path, cfg, data: str) -> bool:
 def _recorded_otherwise(run: Path, cfg, data: str) -> bool:
     """_made_otherwise from a cell's config.json: its settings, then its inputs."""
     try:
-        recorded = json.loads((run / "config.json").read_text())
+        record = json.loads((run / "config.json").read_text())
     except (OSError, ValueError):  # no cell there yet (or nothing readable to judge by)
         return False
-    if not isinstance(recorded, dict) or not isinstance(recorded.get("config"), dict):
+    recorded = recorded_config(record)
+    if recorded is None:
         return False
-    if changed_settings(_from_folder(recorded["config"], recorded.get("cwd")), cfg):
+    if changed_settings(recorded, cfg):
         return True
-    return _other_inputs(recorded.get("inputs"), cfg, data)
-
-
-def _from_folder(config: dict, cwd: str | None) -> dict:
-    """A recorded config with its relative paths made absolute from the folder it ran in
-    (config.json's cwd; older files lack it and are read from here)."""
-    if not cwd:
-        return config
-    def place(p):
-        return p if p in (None, "imagenet", "random") else os.path.join(cwd, os.path.expanduser(p))
-    data = config.get("data")
-    return {**config, **({"data": {**data, "path": place(data.get("path"))}}
-                         if isinstance(data, dict) else {}),
-            **{k: place(config[k]) for k in ("encoder", "init") if k in config}}
+    return _other_inputs(record.get("inputs"), cfg, data)
 
 
 def _other_inputs(inputs, cfg, data: str) -> bool:
