@@ -296,13 +296,10 @@ def collect(cfg: ReproduceConfig, grid: Path, rows, cells: list[dict]) -> Path:
              f"{cfg.positive_class} against the other classes.", "",
              "| " + " | ".join(["method", *[k.replace("other/", "other ") for k in keys]]) + " |",
              "|---|" + "---:|" * len(keys)]
-    csv_rows = []
     for row, _, _ in rows:
         s = table[row].get(full)
-        if not s:
-            continue
-        lines.append(f"| {LABELS[row]} | " + " | ".join(_pm(s[k]) for k in keys) + " |")
-        csv_rows.append(_csv_row(row, full, s, keys))
+        if s:
+            lines.append(f"| {LABELS[row]} | " + " | ".join(_pm(s[k]) for k in keys) + " |")
     lines += fig3_table(table, rows, cfg.fractions, cfg.positive_class)
     transfer = any(start == "transfer" for _, _, start in rows)  # else no row used it
     lines += ["", f"Reference: {PAPER_REFERENCE}", "",
@@ -313,7 +310,8 @@ def collect(cfg: ReproduceConfig, grid: Path, rows, cells: list[dict]) -> Path:
 
     fig3_rows = [_csv_row(row, f, table[row][f], keys)
                  for row, _, _ in rows for f in sorted(cfg.fractions) if f in table[row]]
-    for name, body in (("table2.csv", csv_rows), ("fig3.csv", fig3_rows)):
+    table2_rows = [r for r in fig3_rows if r["fraction"] == full]  # Table 2: its one column
+    for name, body in (("table2.csv", table2_rows), ("fig3.csv", fig3_rows)):
         atomic_write(grid / name, lambda tmp, body=body: _write_csv(tmp, body, keys))
     # The data block as the cells ran it: the preset sets the cache size (no flag does).
     used = dataclasses.replace(cfg, data=dataclasses.replace(

@@ -59,14 +59,13 @@ def sample_params(n: int, aug: ViewAugment, gen: torch.Generator, device) -> Vie
     w, h = torch.sqrt(area * ratio), torch.sqrt(area / ratio)
     fits = (w <= 1) & (h <= 1)
     first = fits.int().argmax(dim=1, keepdim=True)  # the first try that fits (0 if none)
-    some = fits.any(dim=1)
-    w = torch.where(some, w.gather(1, first)[:, 0], torch.ones_like(some, dtype=w.dtype))
-    h = torch.where(some, h.gather(1, first)[:, 0], torch.ones_like(w))
+    some, one = fits.any(dim=1), torch.ones_like(u[:, 0])
+    w = torch.where(some, w.gather(1, first)[:, 0], one)
+    h = torch.where(some, h.gather(1, first)[:, 0], one)
     box = torch.stack([(1 - w) * u[:, 2], (1 - h) * u[:, 3], w, h], dim=1)
     s_lo, s_hi = aug.blur_sigma
     sigma = torch.where(u[:, 5] < aug.blur_p, s_lo + (s_hi - s_lo) * u[:, 6], torch.zeros_like(w))
     jit = u[:, 7] < aug.jitter_p
-    one = torch.ones_like(w)
     return ViewParams(box=box, flip=u[:, 4] < aug.flip_p, sigma=sigma,
                       brightness=torch.where(jit, 1 + aug.brightness * bc[:, 0], one),
                       contrast=torch.where(jit, 1 + aug.contrast * bc[:, 1], one))
