@@ -14,7 +14,7 @@ from sstl.engine.config import (AugmentConfig, DataConfig, FinetuneAugment, Fine
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Self-supervised transfer learning for chest X-rays (Li et al.): "
-                       "pretrain, finetune, evaluate, predict, bench.")
+                       "pretrain, finetune, evaluate, predict, bench, export, cache.")
 
 
 
@@ -369,6 +369,10 @@ app.command()(bench)
 from sstl.cli.export import export  # noqa: E402
 
 app.command()(export)
+
+from sstl.cli.cache import cache  # noqa: E402
+
+app.command()(cache)
 
 if __name__ == "__main__":
     cli()

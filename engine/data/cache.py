@@ -69,6 +69,7 @@ class Cache:
     digests: list[str | None]  # hash of each file's bytes (None when skipped): its identity
     key: str
     path: Path
+    built: bool = False  # decoded by this call (a new cache), not mapped from disk
 
 
 def default_cache_dir() -> Path:
@@ -134,7 +135,7 @@ def load_or_build(records: list[Record], size: int, cache_dir: str | os.PathLike
         raise RuntimeError(f"cache {npy} does not match its data; delete it and run again")
     reasons = info["reasons"]
     return Cache(images=images, ok=np.array([r is None for r in reasons], dtype=bool),
-                 reasons=reasons, digests=info["digests"], key=key, path=npy)
+                 reasons=reasons, digests=info["digests"], key=key, path=npy, built=built)
 
 
 def _retry_failures(records, size, npy: Path, meta: Path, info: dict, workers: int) -> dict:

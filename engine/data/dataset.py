@@ -100,6 +100,16 @@ class Dataset:
                 "test_fingerprint": self.fingerprint(self.test_idx)}
 
 
+def _note_stale_caches(folder: Path, log: Callable[[str], None]) -> None:
+    from .cachedir import entries
+
+    stale = [e for e in entries(folder) if e.state in ("stale", "incomplete")]
+    if stale:
+        mb = sum(e.bytes for e in stale) / 2**20
+        log(f"data: {folder} also holds {len(stale)} stale cache{'s' * (len(stale) != 1)} "
+            f"({mb:,.1f} MB) that no run can read; `sstl cache --prune` deletes them")
+
+
 def first_problems(report: dict, n: int = 3) -> str:
     """The first skipped files and why, for one line: 'a.png: not an image; ...'."""
     shown = "; ".join(f"{s['path']}: {s['reason']}" for s in report["skipped"][:n])
@@ -125,6 +135,8 @@ def load_dataset(cfg: DataConfig, need_labels: bool = False,
         log(f"data: {note}")
     cache = load_or_build(candidates, cfg.cache_size, cfg.cache_dir, cfg.scan_workers, progress)
     report = scan_report(root, candidates, cache, found)
+    if cache.built:  # a new cache: the one it replaces (edited files, new sstl) may linger
+        _note_stale_caches(cache.path.parent, log)
     log(f"data: {report['usable']} usable images of {report['found']} found under {root}"
         + (f"; {report['unreadable']} skipped" if report["unreadable"] else "")
         + (f"; {report['left_out']} image files left out" if report["left_out"] else "")

@@ -1,0 +1,56 @@
+"""`sstl cache`: what the decode-once cache folder holds, and pruning what no run can read."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sstl.cli.paths import path_value
+
+
+def cache(
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Decode-once cache "
+                                             "\\[default: $SSTL_CACHE or ~/.cache/sstl]",
+                                             parser=path_value),
+    prune: bool = typer.Option(False, "--prune", help="Delete the stale and incomplete "
+                               "entries (no run can read them); current ones and those whose "
+                               "files are elsewhere stay"),
+):
+    """List the decoded-image caches: size, files, state; --prune deletes the stale ones."""
+    from sstl.engine.data.cache import default_cache_dir
+    from sstl.engine.data.cachedir import entries, prune as prune_folder
+
+    folder = cache_dir or default_cache_dir()
+    if cache_dir is not None and not cache_dir.is_dir():
+        raise SystemExit(f"--cache-dir {cache_dir} is not a folder")
+    console = Console()
+    if prune:
+        gone = prune_folder(folder)
+        freed = sum(e.bytes for e in gone)
+        console.print(f"deleted {len(gone)} stale or incomplete entr{'y' if len(gone) == 1 else 'ies'}"
+                      f" of {folder}, {_mb(freed)}", markup=False)
+    found = entries(folder)
+    table = Table(title=f"{folder}", title_justify="left")
+    for col in ("entry", "state", "images", "side", "size", "written"):
+        table.add_column(col, no_wrap=True,
+                         justify="right" if col in ("images", "side", "size") else "left")
+    table.add_column("files under", overflow="fold")
+    for e in found:
+        table.add_row(e.name[:12], e.state, str(e.images or ""), str(e.side or ""), _mb(e.bytes),
+                      time.strftime("%Y-%m-%d", time.localtime(e.written)), e.root)
+    console.print(table)
+    stale = [e for e in found if e.state in ("stale", "incomplete")]
+    total = sum(e.bytes for e in found)
+    line = f"{len(found)} entr{'y' if len(found) == 1 else 'ies'}, {_mb(total)}"
+    if stale:
+        line += (f"; {len(stale)} stale or incomplete ({_mb(sum(e.bytes for e in stale))}): "
+                 "`sstl cache --prune` deletes them")
+    console.print(line, markup=False)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.1f} MB"
