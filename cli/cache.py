@@ -43,7 +43,7 @@ def cache(
         table.add_row(e.name[:12], e.state, str(e.images or ""), str(e.side or ""), _mb(e.bytes),
                       time.strftime("%Y-%m-%d", time.localtime(e.written)), e.root)
     console.print(table)
-    stale = [e for e in found if e.state in ("stale", "incomplete")]
+    stale = [e for e in found if e.prunable]
     total = sum(e.bytes for e in found)
     line = f"{len(found)} entr{'y' if len(found) == 1 else 'ies'}, {_mb(total)}"
     if stale:

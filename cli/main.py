@@ -349,9 +349,6 @@ def evaluate(
     workers: int = WORKERS,
 ):
     """The paper's metrics of a fine-tuned model on a labelled folder or manifest."""
-    if data is None:  # the synthetic demo set would give numbers that say nothing about X-rays
-        raise SystemExit("sstl evaluate needs --data: a labelled folder (one sub-folder per "
-                         "class) or a manifest.csv to evaluate the model on")
     from sstl.engine.config import EvaluateConfig
     from sstl.engine.predict import evaluate as run
 

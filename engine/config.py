@@ -69,8 +69,8 @@ class Runtime:
     resume: bool = True  # continue from the run directory's checkpoint when it has one
 
 
-# Runtime fields that may change between a run and its resumption without changing its result.
 REPORT_ONLY = ("summary_last",)  # fields that change what is reported, not what is trained
+# Runtime fields that may change between a run and its resumption without changing its result.
 RESUMABLE_RUNTIME = ("device", "compile", "cuda_graphs", "backend", "out", "name", "log_every",
                      "checkpoint_every", "checkpoint_minutes", "resume")
 
@@ -176,8 +176,6 @@ class PredictConfig:
     batch_size: int = 64  # images per forward pass
     device: str = "auto"  # auto | cuda | cpu
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    compile: bool = False  # one pass over a few images does not repay a compile
-    backend: str = "torch"  # the only view path for single images
     cam: str | None = None  # folder for Grad-CAM overlays; None = none
 
 
@@ -191,11 +189,9 @@ class EvaluateConfig:
     data: DataConfig = DataConfig(cache_size=None)
     split: str = "all"  # all: every image | test: the held-out split of `data`
     out: str | None = None  # folder for metrics.json, predictions.csv and the figures; None = none
-    batch_size: int = 64
-    device: str = "auto"
-    precision: str = "auto"
-    compile: bool = False
-    backend: str = "torch"
+    batch_size: int = 64  # images per forward pass
+    device: str = "auto"  # auto | cuda | cpu
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
 
 
 def to_dict(cfg) -> dict:
@@ -316,8 +312,6 @@ def check(cfg):
              f"--method must be one of {', '.join(METHODS)}, not {cfg.method!r}")
         need(cfg.augment.size >= 32, f"--view-size must be at least 32, not {cfg.augment.size}")
         need(cfg.split in ("train", "all"), f"--split must be train or all, not {cfg.split!r}")
-        need(cfg.batch_size >= 2, "--batch-size must be at least 2 (BN and the loss compare "
-                                  "images within a batch)")
         try:
             given = cfg.settings
             if given is None or isinstance(given, dict):
@@ -370,6 +364,9 @@ def check(cfg):
              f"--precision must be auto, bf16 or fp32, not {cfg.precision!r}")
         _check_outputs(cfg, need)  # now: found wrong after inference, results would be lost
         if isinstance(cfg, EvaluateConfig):
+            # The synthetic demo set would give numbers that say nothing about X-rays.
+            need(cfg.data.path is not None, "sstl evaluate needs --data: a labelled folder (one "
+                 "sub-folder per class) or a manifest.csv to evaluate the model on")
             given = cfg.data.cache_size
             _check_data(dataclasses.replace(cfg.data, cache_size=given or 224), need)
             need(given is None or given >= 32, f"--cache-size must be at least 32, not {given}")
@@ -552,6 +549,6 @@ def resolve(rt: Runtime, batch_size: int) -> Resolved:
 
 
 def inference_runtime(cfg) -> Runtime:
-    """The runtime block of predict/evaluate, whose few runtime options are flat fields."""
-    return Runtime(device=cfg.device, precision=cfg.precision, compile=cfg.compile,
-                   backend=cfg.backend)
+    """The runtime block of predict/evaluate, whose few runtime options are flat fields: one
+    pass over a few images does not repay a compile, and single images take the torch path."""
+    return Runtime(device=cfg.device, precision=cfg.precision, compile=False, backend="torch")

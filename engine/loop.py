@@ -161,19 +161,20 @@ class Plan:
 
     epochs: int
     key: str  # resume key: a checkpoint continues only the run it came from
-    accepts: tuple[str, ...] = ()  # keys of earlier versions that also continue it
-    log_every: int = 10
-    checkpoint_every: int = 0  # steps; 0 = by time only
-    checkpoint_minutes: float = 5.0
-    resume: bool = True
-    desc: str = "train"
-    images_per_step: int = 0  # for img/s; 0 = the batch's first dimension
-    on_epoch_end: Callable[[int], dict] | None = None  # extra metrics (e.g. test evaluation)
-    live: bool = True  # progress output (rank 0 only under DDP)
+    accepts: tuple[str, ...]  # keys of earlier versions that also continue it
+    # The runtime block's intervals (Plan.of copies them; their defaults live in Runtime).
+    log_every: int  # steps between loss reads
+    checkpoint_every: int  # steps; 0 = by time only
+    checkpoint_minutes: float
+    resume: bool
+    desc: str  # the progress line's label
+    live: bool  # progress output (rank 0 only under DDP)
     # Identity of what the run learns from (its images, its encoder file). A checkpoint made
     # from other inputs is refused: resuming would mix two data sets, and the sidecars written
     # at the end would vouch for the new data (the leak check trusts them).
-    inputs: str = ""
+    inputs: str
+    images_per_step: int = 0  # for img/s; 0 = the batch's first dimension
+    on_epoch_end: Callable[[int], dict] | None = None  # extra metrics (e.g. test evaluation)
 
     @classmethod
     def of(cls, cfg, **kw) -> "Plan":
@@ -351,7 +352,8 @@ def _check_dtype(ck: dict, now: str) -> None:
 
 
 def _finite(model: torch.nn.Module, *tensors: torch.Tensor) -> bool:
-    """Whether every weight and statistic is a number (one host sync: checkpoints only). The
+    """Whether every weight and statistic is a number (one host sync, at checkpoints and epoch
+    ends only). The
     loss of a step is computed before its update, so the weights can break first."""
     state = [v for v in model.state_dict().values() if v.is_floating_point()] + list(tensors)
     return bool(torch.stack([v.isfinite().all() for v in state]).all())

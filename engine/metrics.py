@@ -16,7 +16,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, recall_score, roc_auc_score, roc_curve
+from sklearn.metrics import accuracy_score, confusion_matrix, recall_score, roc_auc_score
 
 METRICS = ("sen", "spe", "hm", "auc", "acc")  # the columns of Table 2, in its order
 NAMES = {"sen": "Sensitivity", "spe": "Specificity", "hm": "HM", "auc": "AUC", "acc": "Accuracy"}
@@ -72,12 +72,6 @@ def classification_metrics(y_true, y_pred, probs, class_names: list[str],
 def confusion(y_true, y_pred, n_classes: int) -> np.ndarray:
     """K x K counts, rows = true class, columns = predicted; absent classes give zero rows."""
     return confusion_matrix(y_true, y_pred, labels=list(range(n_classes)))
-
-
-def roc_points(is_pos, score) -> tuple[np.ndarray, np.ndarray]:
-    """(false positive rate, true positive rate) of the positive class's ROC curve."""
-    fpr, tpr, _ = roc_curve(np.asarray(is_pos), np.asarray(score))
-    return fpr, tpr
 
 
 def summarize(rows: list[dict], keys, last: int = 10) -> dict:

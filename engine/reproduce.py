@@ -34,7 +34,6 @@ from .data.dataset import load_dataset
 from .data.index import DataError
 from .finetune import check_split_classes, finetune
 from .io import atomic_write, make_dir, save_json
-from .methods import METHODS
 from .metrics import METRICS
 from .predict import evaluate
 from .pretrain import pretrain
@@ -71,17 +70,13 @@ PAPER_REFERENCE = ("The paper's claim: Ours > Transfer > Cross > the other self-
 
 
 def available_rows(cfg: ReproduceConfig) -> list[tuple[str, str | None, str]]:
-    rows = [r for r in ROWS if r[1] is None or r[1] in METHODS]
-    if cfg.rows:
-        unknown = [r for r in cfg.rows if r not in {n for n, _, _ in ROWS}]
-        if unknown:
-            raise SystemExit(f"--row: unknown {', '.join(unknown)}; rows are "
-                             f"{', '.join(n for n, _, _ in ROWS)}")
-        missing = [r for r in cfg.rows if r not in {n for n, _, _ in rows}]
-        if missing:
-            raise SystemExit(f"--row: {', '.join(missing)} cannot be trained by this sstl yet")
-        rows = [r for r in rows if r[0] in cfg.rows]
-    return rows
+    if not cfg.rows:
+        return list(ROWS)
+    unknown = [r for r in cfg.rows if r not in {n for n, _, _ in ROWS}]
+    if unknown:
+        raise SystemExit(f"--row: unknown {', '.join(unknown)}; rows are "
+                         f"{', '.join(n for n, _, _ in ROWS)}")
+    return [r for r in ROWS if r[0] in cfg.rows]
 
 
 def _start(start: str, cfg: ReproduceConfig) -> tuple[str, str]:

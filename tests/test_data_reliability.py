@@ -437,8 +437,6 @@ def test_the_cache_never_serves_pixels_of_a_file_that_was_replaced(tmp_path):
     mislabelled pair; tar, cp -p and rsync -t keep mtimes too): same paths, sizes and mtimes,
     new ctimes.
     Oracle: a fresh decode of every file; the cache must agree after the swap."""
-    import sstl.engine.data.cache as cache
-
     records = _records(tmp_path, n=4)
     a, b = Path(records[0].path), Path(records[1].path)
     assert a.stat().st_size == b.stat().st_size

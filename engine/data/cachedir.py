@@ -37,6 +37,11 @@ class Entry:
     state: str  # current | stale | elsewhere | incomplete
     written: float  # mtime of its newest file
 
+    @property
+    def prunable(self) -> bool:
+        """No run can read it: `sstl cache --prune` deletes it."""
+        return self.state in ("stale", "incomplete")
+
 
 def entries(folder: Path) -> list[Entry]:
     """Every cache and demo set in `folder`, newest first."""
@@ -49,7 +54,7 @@ def entries(folder: Path) -> list[Entry]:
 
 def prune(folder: Path) -> list[Entry]:
     """Delete the stale and incomplete entries (and dead builds' temporaries); return them."""
-    gone = [e for e in entries(folder) if e.state in ("stale", "incomplete")]
+    gone = [e for e in entries(folder) if e.prunable]
     for e in gone:
         for p in e.paths:
             if p.is_dir() and not p.is_symlink():

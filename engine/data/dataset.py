@@ -103,7 +103,7 @@ class Dataset:
 def _note_stale_caches(folder: Path, log: Callable[[str], None]) -> None:
     from .cachedir import entries
 
-    stale = [e for e in entries(folder) if e.state in ("stale", "incomplete")]
+    stale = [e for e in entries(folder) if e.prunable]
     if stale:
         mb = sum(e.bytes for e in stale) / 2**20
         log(f"data: {folder} also holds {len(stale)} stale cache{'s' * (len(stale) != 1)} "

@@ -138,10 +138,6 @@ _SYNONYMS = {
 }
 
 
-def read_manifest(manifest: Path) -> list[Record]:
-    return _scan_manifest(manifest).records
-
-
 def _scan_manifest(manifest: Path) -> Scan:
     root = manifest.parent.resolve()
     # Decoded whole, so an error's offset is the file's; the byte-order mark spreadsheets save
@@ -256,10 +252,6 @@ def _leave_out_unlisted(out: Scan) -> None:
                 per_folder[folder] = per_folder.get(folder, 0) + 1
     out.left_out += [{"path": folder, "reason": "not listed in the manifest", "files": n}
                      for folder, n in sorted(per_folder.items())]
-
-
-def _hidden(p: Path) -> bool:
-    return p.name.startswith(".")
 
 
 def _is_image_name(name: str) -> bool:
