@@ -66,6 +66,19 @@ def test_entries_whose_files_are_all_gone_are_kept_and_orphans_pruned_only_when_
     assert (cache / f"{key}.npy").exists() and young.exists() and not old.exists()
 
 
+def test_only_an_older_versions_demo_set_is_stale(tmp_path):
+    from sstl.engine.data.synthetic import VERSION
+
+    for v in (VERSION - 1, VERSION):
+        (tmp_path / f"synthetic-v{v}" / "COVID").mkdir(parents=True)
+        (tmp_path / f"synthetic-v{v}" / "COVID" / "a.png").write_bytes(b"png")
+    assert _states(tmp_path) == {f"synthetic-v{VERSION - 1}": "stale",
+                                 f"synthetic-v{VERSION}": "current"}
+    assert [e.name for e in prune(tmp_path)] == [f"synthetic-v{VERSION - 1}"]
+    assert (tmp_path / f"synthetic-v{VERSION}" / "COVID" / "a.png").exists()
+    assert not (tmp_path / f"synthetic-v{VERSION - 1}").exists()
+
+
 def test_cli_lists_and_prunes(tmp_path):
     data, cache = tmp_path / "data", tmp_path / "cache"
     files = write_pngs(data, n=3)

@@ -458,10 +458,33 @@ def test_a_changed_decoder_makes_a_new_cache(tmp_path, monkeypatch):
     one: the decoder's identity is part of the key."""
     import sstl.engine.data.cache as cache
 
+    from importlib import metadata
+
+    from sstl.engine.data import index
+
     records = _records(tmp_path, n=2)
     before = cache.cache_key(records, 32)
-    monkeypatch.setattr(cache, "decoder_identity", lambda: "another decoder")
-    assert cache.cache_key(records, 32) != before
+
+    def key_with(*patches) -> str:  # the key with the decoder's inputs patched, computed anew
+        with monkeypatch.context() as m:
+            for target, name, value in patches:
+                m.setattr(target, name, value)
+            cache.decoder_identity.cache_clear()
+            try:
+                return cache.cache_key(records, 32)
+            finally:
+                cache.decoder_identity.cache_clear()
+
+    real_version = metadata.version
+    newer_pillow = (metadata, "version",
+                    lambda pkg: "999.0" if pkg.lower() == "pillow" else real_version(pkg))
+
+    def load_gray(path):  # another body: the source, hence the decoder, differs
+        raise NotImplementedError(path)
+    other_code = (index, "load_gray", load_gray)
+    assert key_with() == before  # the same decoder: the same key
+    assert key_with(newer_pillow) != before
+    assert key_with(other_code) != before
 
 
 def test_a_16_bit_colour_png_is_a_reason_not_a_black_image(tmp_path):

@@ -3,8 +3,10 @@ is usable by `sstl predict` and `sstl evaluate`. Small and fast: resnet18 at 64 
 from __future__ import annotations
 
 import csv
+import math
 import json
 import shutil
+from collections import Counter
 
 import pytest
 from typer.testing import CliRunner
@@ -72,6 +74,9 @@ def test_fraction_subsets_stay_in_the_training_split(syn_runs):
         assert chosen <= train and not chosen & test, f
         assert sub["fraction"] == f and sub["n"] == len(chosen)
         assert set(sub["per_class"]) == set(CLASSES)
+        # Each class's share of its training images, at least one (one image per group here).
+        in_train = Counter(rel.split("/")[0] for rel in train)
+        assert sub["per_class"] == {c: max(1, math.ceil(f * n)) for c, n in in_train.items()}, f
         assert len(test) == 52  # always the full 20%, whatever the fraction
         subsets[f] = chosen
     assert subsets[0.01] < subsets[0.1]  # nested

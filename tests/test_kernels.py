@@ -162,9 +162,11 @@ def test_dispatch_and_env_override(monkeypatch):
     monkeypatch.setenv("SSTL_KERNELS", "triton")
     if K.triton_available(DEVICE):
         assert K.use_triton(DEVICE)
-    else:
-        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-            K.use_triton(DEVICE)
+    # Asked for Triton on a CPU without the interpreter: refused, never a silent fallback.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not K.triton_available("cpu")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        K.use_triton("cpu")
     monkeypatch.setenv("SSTL_KERNELS", "fast")
     with pytest.raises(ValueError, match="SSTL_KERNELS"):
         K.use_triton(DEVICE)

@@ -65,11 +65,23 @@ def test_one_step_applies_sgd_then_ema(target_bn):
     t = build_trainer(cfg, resolve(cfg.runtime, cfg.batch_size), m, total_steps=10)
     online_t, target_t = m.ema_pairs()
     target_before = [x.detach().clone() for x in target_t]
+    params = [p for g in t.opt.param_groups for p in g["params"]]
+    params_before = [p.detach().clone() for p in params]
     v1, v2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
     train_step(t, (v1, v2), 0)
-    # The optimizer changed the online weights, and the EMA used the *updated* ones.
+    # The optimizer's first step: p - lr (g + wd p) (momentum's buffer starts at that).
+    lr, wd = t.lr_at(0), cfg.weight_decay
+    stepped = 0
+    for p, old in zip(params, params_before):
+        if p.grad is not None:
+            torch.testing.assert_close(p.detach(), old - lr * (p.grad + wd * old),
+                                       rtol=1e-5, atol=1e-7)
+            stepped += int(not torch.equal(p, old))
+    assert stepped > len(params) // 2
+    # The EMA used the *updated* online weights, and moved the target.
     for t_new, t_old, o in zip(target_t, target_before, online_t):
         torch.testing.assert_close(t_new, 0.9 * t_old + 0.1 * o.detach(), rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(a, b) for a, b in zip(target_t, target_before))
     assert t.ema.online.flat.data_ptr() == online_t[0].data_ptr()
     assert t.ema.target.flat.data_ptr() == target_t[0].data_ptr()
 

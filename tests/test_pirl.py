@@ -75,10 +75,12 @@ TILE_AUG = dataclasses.replace(PLAIN, flip_p=0.5, jitter_p=1.0)
 @pytest.mark.parametrize("view2", [PLAIN, TILE_AUG], ids=["plain", "tile-augment"])
 def test_jigsaw_source_tiles_are_the_source_images_pixels(view2):
     """Each tile against NumPy: its cell's pixels at its offset, in its slot, then flipped and
-    jittered on its own draws (VISSL augments every patch separately)."""
+    jittered on its own draws (VISSL augments every patch separately). The crop is the
+    jigsaw's own (here the whole image), whatever view2's scale range."""
     tile, cell = jigsaw_sizes(32)
     side = 3 * cell  # the jigsaw crop is rendered at the image's own size: pixels pass through
     images = np.random.default_rng(0).integers(0, 256, (6, side, side), dtype=np.uint8)
+    view2 = dataclasses.replace(view2, crop_scale=(0.2, 1.0))  # must not reach the crop
     src = _source("jigsaw", images, 32, view2, jigsaw_crop_scale=(1.0, 1.0))
     x, x_t, idx = next(src.epoch(0, start_step=1))
     assert x.shape == (3, 3, 32, 32) and x_t.shape == (27, 3, tile, tile)
