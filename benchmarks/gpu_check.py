@@ -1,8 +1,9 @@
 """Every check that needs a GPU, in one command that fits a lent machine's minutes.
 
-    python -m pip install --no-deps --no-build-isolation -e . && \
-        python -m sstl.benchmarks.gpu_check --out "$OUT"
-(`python -m pip`: on the lent H200 a bare `pip` installs into another Python than torch's.)
+    bash benchmarks/gpu_run.sh [ARGS]
+(gpu_run.sh: `python -m pip install --no-deps --no-build-isolation -e .`, or sstl from the
+checkout when the machine's setuptools cannot build it; then this script with ARGS, --out
+"$OUT". `python -m pip`: on the lent H200 a bare `pip` installs into another Python.)
 
 Sections, most important first, each written to its own JSON under --out as soon as it
 ends (a run cut short still returns what it finished), then a short table:
@@ -29,10 +30,8 @@ exit status is 1 when a section raised, a check failed or a recipe command exite
 Issue 13 (CUDA graphs, compile cache, the fine-tune loop) on a lent GPU, in two commands that
 each fit the 10-minute limit; first, here, `mkdir -p .data && cp -r
 ../shared/data/cxr-dev-gray224 .data/` (.data is git-ignored) and carry `.data`:
-    python -m pip install -q --no-deps --no-build-isolation -e . && python -m pytest -q tests/test_graphs.py \
-        && python -m sstl.benchmarks.gpu_check --out "$OUT" --only cuda methods
-    python -m pip install -q --no-deps --no-build-isolation -e . && python -m sstl.benchmarks.gpu_check \
-        --out "$OUT" --only finetune recipe --data .data/cxr-dev-gray224
+    bash benchmarks/gpu_run.sh --only cuda methods; python -m pytest -q tests/test_graphs.py
+    bash benchmarks/gpu_run.sh --only finetune recipe --data .data/cxr-dev-gray224
 Still to measure for issue 13 (the H200 session of 6bb7787 ran out of device time), one
 command each, since step and recipe together may pass the 10-minute limit (the recipe
 section alone took 303 s on the H200, issue13-nvidia-h200.json; step's two compiled rungs and
@@ -47,8 +46,7 @@ A session lent 15 minutes of device time in all (each machine start costs 1-2 of
 room for one such command with time to rerun nothing: take the recipe, which measures issue
 13's headline targets (per-epoch img/s of `sstl pretrain`, the recipe's wall time), with a
 run timeout_s of about 540:
-    python -m pip install -q --no-deps --no-build-isolation -e . && \
-        python -m sstl.benchmarks.gpu_check --out "$OUT" --only recipe --data .data/cxr-dev-gray224
+    bash benchmarks/gpu_run.sh --only recipe --data .data/cxr-dev-gray224
 """
 from __future__ import annotations
 
@@ -230,9 +228,13 @@ def pretrain_epoch(out: Path) -> dict:
             "config": json.loads((run / "config.json").read_text())["resolved"]}
 
 
-def recipe(out: Path, data: str | None, passes: int = 2) -> dict:
+def recipe(out: Path, data: str | None, deadline: float, passes: int = 2) -> dict:
     """The paper's recipe as a user runs it (subprocesses, so the compile cache is the real
-    on-disk one): pretrain 40 epochs, then fine-tune 30 epochs on all labels."""
+    on-disk one): pretrain 40 epochs, then fine-tune 30 epochs on all labels.
+
+    `deadline` (time.perf_counter()) bounds every command: one that would run past it is
+    stopped and counted as rc 124. A command that fails ends the recipe (the next one needs
+    its output), and the second pass is skipped when the first took longer than what is left."""
     import subprocess
     import sys
 
@@ -241,8 +243,13 @@ def recipe(out: Path, data: str | None, passes: int = 2) -> dict:
     # The run directories (checkpoints and weights, hundreds of MB) stay outside --out, which
     # a lent machine sends back with a size limit; their small files are copied into it.
     runs = Path(tempfile.mkdtemp(prefix="sstl-recipe-runs-"))
-    rows = []
+    rows: list[dict] = []
     for i in range(passes):
+        left = deadline - time.perf_counter()
+        if rows and left < 1.2 * sum(r[c]["wall_s"] for r in rows[-1:] for c in ("pretrain",
+                                                                                 "finetune")):
+            rows.append({"pass": i + 1, "skipped": f"{left:.0f}s left, less than pass {i} took"})
+            break
         row = {"pass": i + 1}
         for cmd, name, extra in (
                 ("pretrain", f"pretrain-{i}", ["--init", "random"]),  # no ImageNet offline
@@ -251,18 +258,26 @@ def recipe(out: Path, data: str | None, passes: int = 2) -> dict:
             argv = [sys.executable, "-m", "sstl.cli.main", cmd, "--data", data, "--out", str(runs),
                     "--name", name, "--no-resume", *extra]
             t0 = time.perf_counter()
-            proc = subprocess.run(argv, capture_output=True, text=True)
+            try:
+                proc = subprocess.run(argv, capture_output=True, text=True,
+                                      timeout=max(1.0, deadline - t0))
+                rc, tail = proc.returncode, proc.stderr[-1500:]
+            except subprocess.TimeoutExpired as e:  # the child is killed; its files stay
+                rc, tail = 124, f"stopped at the deadline: {(e.stderr or b'')[-1500:]!r}"
             wall = time.perf_counter() - t0
             run = runs / name
-            row[cmd] = {"wall_s": wall, "rc": proc.returncode, "tail": proc.stderr[-1500:],
-                        **_run_facts(run)}
+            row[cmd] = {"wall_s": wall, "rc": rc, "tail": tail, **_run_facts(run)}
             _copy_small_files(run, out / "recipe-runs" / name)
             # Each command's row on disk at once, with the machine: a session killed at its
             # time limit keeps what finished (recipe.json is written only when it ends).
             (out / "recipe-partial.json").write_text(json.dumps(
                 {"rows": rows + [row], "data": data, "machine": machine()}, indent=2,
                 default=str))
+            if rc != 0:
+                break
         rows.append(row)
+        if any(row[c]["rc"] != 0 for c in ("pretrain", "finetune") if c in row):
+            break
     return {"rows": rows, "data": data}
 
 
@@ -344,10 +359,10 @@ def main() -> None:
         "knobs": lambda: knobs(a.knobs),
         "finetune": finetune_throughput,
         "pretrain": lambda: pretrain_epoch(out),
-        "recipe": lambda: recipe(out, a.data),
+        "recipe": lambda: recipe(out, a.data, deadline=t0 + a.budget),
     }
     assert tuple(sections) == SECTIONS
-    t0, summary, failed = time.perf_counter(), {"machine": machine()}, {}
+    t0, summary, failed = time.perf_counter(), {"machine": machine()}, {}  # recipe reads t0
     for name, fn in sections.items():
         if a.only and name not in a.only:
             continue
@@ -360,7 +375,9 @@ def main() -> None:
         s0 = time.perf_counter()
         try:
             summary[name] = {"result": fn()}
-        except Exception as e:  # one broken section must not cost the others' minutes
+        # One broken section must not cost the others' minutes. SystemExit too: the engine's
+        # refusals (ConfigError, DataError, a diverged run) are SystemExits.
+        except (Exception, SystemExit) as e:
             summary[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
         summary[name]["seconds"] = time.perf_counter() - s0
         (out / f"{name}.json").write_text(json.dumps(summary[name], indent=2, default=str))
@@ -398,7 +415,9 @@ def print_summary(summary: dict) -> None:
     for r in summary.get("finetune", {}).get("result", {}).get("rows", []):
         print(f"  finetune 224 graphs {str(r['graphs']):5s} {r['images_per_s']:9,.0f} img/s")
     for r in summary.get("recipe", {}).get("result", {}).get("rows", []):
-        for cmd in ("pretrain", "finetune"):
+        if "skipped" in r:
+            print(f"  recipe pass {r['pass']} skipped: {r['skipped']}")
+        for cmd in ("pretrain", "finetune") if "skipped" not in r else ():
             c = r.get(cmd, {})
             print(f"  recipe pass {r['pass']} {cmd:8s} wall {c.get('wall_s', 0):6.1f} s  "
                   f"{c.get('images_per_s_median_after_first', 0):8,.0f} img/s  rc {c.get('rc')}")

@@ -132,6 +132,8 @@ class GraphedStep:
         for group in self.t.opt.param_groups:
             group["lr"] = self.lr
         self.tau = torch.ones((), device=device, dtype=torch.float64)  # 1 - tau stays exact
+        if self.t.ema is not None:  # its device-tau kernel compiled (and loaded) before the
+            self.t.ema.update(self.tau)  # capture, not inside it; tau 1 leaves the target be
         self.t.opt.zero_grad(set_to_none=True)  # gradients are allocated inside the graph
         self.replay = self.capture(lambda: self.body_fn(self.t, self.static, self.tau))
         self.seconds = time.perf_counter() - t0

@@ -66,8 +66,15 @@ def test_short_cpu_bench_writes_every_rung(tmp_path):
     result = json.loads(path.read_text())
     names = [r["rung"] for r in result["rows"]]
     assert names == [r.name for r in step.rungs("cpu")]
+    # Skipped exactly where a CPU cannot run the rung (bf16, compile, Triton); measured elsewhere.
+    measured = {r.name for r in step.rungs("cpu") if step.skip_reason(r, "cpu", False) is None}
+    assert measured >= {"peer", "eager", "+channels_last", "sstl"}
     for r in result["rows"]:
-        assert r.get("skipped") or (r["images_per_s"] > 0 and 0 < r["mfu"] < 1.5), r
+        if r["rung"] in measured:
+            assert not r.get("skipped") and r["images_per_s"] > 0 and 0 < r["mfu"] < 1.5, r
+        else:
+            assert r["skipped"] == step.skip_reason(step.rungs("cpu")[names.index(r["rung"])],
+                                                    "cpu", False), r
     assert result["machine"]["torch"] == torch.__version__
     assert result["flops_per_image"] > 0 and result["peak_flops"] > 0
 
@@ -81,8 +88,14 @@ def test_short_cpu_data_bench_reports_every_path(tmp_path):
     result = json.loads(path.read_text())
     assert set(result["rows"]) == {"DALI, cache", "DALI, files", "torch path",
                                    "DataLoader + torchvision"}
+    from sstl.engine.data import dali
+
     for name, row in result["rows"].items():
-        assert row.get("skipped") or (row["samples_per_s"] > 0 and row["cpu_ms_per_sample"] > 0), name
+        if name.startswith("DALI") and dali.IMPORT_ERROR is not None:  # skipped only for that
+            assert "DALI not importable" in row["skipped"], name
+        else:
+            assert "skipped" not in row, (name, row)
+            assert row["samples_per_s"] > 0 and row["cpu_ms_per_sample"] > 0, name
     assert result["rows"]["DataLoader + torchvision"]["vs_baseline"] == 1.0
 
 
@@ -120,7 +133,7 @@ def test_gpu_check_exits_non_zero_when_a_section_fails(tmp_path, monkeypatch):
     assert gpu_check.failures("recipe", {"result": {"rows": [
         {"pass": 1, "pretrain": {"rc": 0}, "finetune": {"rc": 1}}]}}) == [
         "pass 1 finetune exited 1"]
-    assert gpu_check.failures("recipe", {"result": gpu_check.recipe(tmp_path, None)}) == [
+    assert gpu_check.failures("recipe", {"result": gpu_check.recipe(tmp_path, None, 1e9)}) == [
         "skipped: --data None not found (copy cxr-dev-gray224 into the checkout)"]  # no data
     assert gpu_check.failures("kernels", {"error": "RuntimeError: x"}) == ["RuntimeError: x"]
     assert gpu_check.failures("cuda", {"result": {"ema": {"ok": True, "rel_err": 0.0}}}) == []
@@ -132,6 +145,21 @@ def test_gpu_check_exits_non_zero_when_a_section_fails(tmp_path, monkeypatch):
         gpu_check.main()
     assert json.loads((tmp_path / "summary.json").read_text())["failed"] == {
         "cuda": ["check x failed (rel_err 1)"]}
+    # The engine refuses with SystemExit (ConfigError, DataError): that section fails, the
+    # next one still runs, and every JSON is written.
+    from sstl.benchmarks import data
+
+    def refused(*a):
+        raise SystemExit("--batch-size must be at least 2")
+    monkeypatch.setattr(gpu_check, "cuda_checks", refused)
+    monkeypatch.setattr(data, "run", lambda **kw: {"rows": {}})
+    monkeypatch.setattr(sys, "argv", ["gpu_check", "--device", "cpu", "--only", "cuda", "data",
+                                      "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="1 section\\(s\\) failed: cuda"):
+        gpu_check.main()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["cuda"]["error"] == "SystemExit: --batch-size must be at least 2"
+    assert summary["data"]["result"] == {"rows": {}} and (tmp_path / "data.json").exists()
     monkeypatch.setattr(sys, "argv", ["gpu_check", "--only", "recipes"])
     with pytest.raises(SystemExit) as e:
         gpu_check.main()
@@ -182,7 +210,7 @@ def test_gpu_check_recipe_sends_back_records_not_weights(tmp_path, monkeypatch):
         return subprocess.CompletedProcess(argv, 0, "", "")
     monkeypatch.setattr(subprocess, "run", fake_run)
     (tmp_path / "data").mkdir()
-    result = gpu_check.recipe(tmp_path / "out", str(tmp_path / "data"), passes=1)
+    result = gpu_check.recipe(tmp_path / "out", str(tmp_path / "data"), 1e9, passes=1)
     assert gpu_check.failures("recipe", {"result": result}) == []
     assert result["rows"][0]["pretrain"]["images_per_s_median_after_first"] == 20
     kept = sorted(p.relative_to(tmp_path / "out").as_posix()
@@ -191,3 +219,49 @@ def test_gpu_check_recipe_sends_back_records_not_weights(tmp_path, monkeypatch):
                     "pretrain") for f in ("config.json", "metrics.csv", "timing.json"))]
     assert "git_sha" in json.loads((tmp_path / "out" / "recipe-partial.json").read_text())[
         "machine"]
+
+
+def test_gpu_check_recipe_stops_at_its_deadline_and_after_a_failure(tmp_path, monkeypatch):
+    """The recipe must end before the lease's limit kills it (which would lose summary.json):
+    a command past the deadline is stopped (rc 124), a failed command ends the recipe, and
+    a second pass that would not fit is skipped."""
+    import subprocess
+    import time
+
+    from sstl.benchmarks import gpu_check
+
+    calls = []
+
+    def fake_run(argv, timeout=None, **kw):
+        calls.append((argv[argv.index("--name") + 1], timeout))
+        if behaviour(argv[argv.index("--name") + 1]) == "slow":
+            raise subprocess.TimeoutExpired(argv, timeout, stderr=b"epoch 3/40")
+        return subprocess.CompletedProcess(argv, behaviour(argv[argv.index("--name") + 1]),
+                                           "", "")
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    (tmp_path / "data").mkdir()
+    data = str(tmp_path / "data")
+
+    def behaviour(name):
+        return {"pretrain-0": "slow"}.get(name, 0)
+    r = gpu_check.recipe(tmp_path / "a", data, deadline=time.perf_counter() + 100)
+    assert [c[0] for c in calls] == ["pretrain-0"] and 0 < calls[0][1] <= 100
+    assert r["rows"][0]["pretrain"]["rc"] == 124 and "finetune" not in r["rows"][0]
+    assert gpu_check.failures("recipe", {"result": r}) == ["pass 1 pretrain exited 124"]
+
+    calls.clear()
+
+    def behaviour(name):  # noqa: F811
+        return {"pretrain-0": 1}.get(name, 0)
+    r = gpu_check.recipe(tmp_path / "b", data, deadline=time.perf_counter() + 100)
+    assert [c[0] for c in calls] == ["pretrain-0"] and len(r["rows"]) == 1
+
+    calls.clear()
+
+    def behaviour(name):  # noqa: F811
+        time.sleep(0.3)  # pass 1 takes 0.6 s; 0.5 s are left for pass 2
+        return 0
+    r = gpu_check.recipe(tmp_path / "c", data, deadline=time.perf_counter() + 1.1)
+    assert [c[0] for c in calls] == ["pretrain-0", "finetune-0"]
+    assert r["rows"][1]["pass"] == 2 and "less than pass 1 took" in r["rows"][1]["skipped"]
+    assert gpu_check.failures("recipe", {"result": r}) == []

@@ -9,7 +9,10 @@ import importlib.util
 
 
 def dali_available() -> bool:
-    return importlib.util.find_spec("nvidia.dali") is not None
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ModuleNotFoundError:  # no `nvidia` package at all (a CPU-only torch, say)
+        return False
 
 
 def pick_backend(name: str, device: str) -> str:
