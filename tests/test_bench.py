@@ -230,37 +230,38 @@ def test_gpu_check_recipe_stops_at_its_deadline_and_after_a_failure(tmp_path, mo
 
     from sstl.benchmarks import gpu_check
 
-    calls = []
+    calls, plan = [], {}  # plan: a run's name -> "slow" (past the deadline) or its rc
+
+    real_run = subprocess.run
 
     def fake_run(argv, timeout=None, **kw):
-        calls.append((argv[argv.index("--name") + 1], timeout))
-        if behaviour(argv[argv.index("--name") + 1]) == "slow":
+        if "--name" not in argv:  # git, asked for the machine's record
+            return real_run(argv, timeout=timeout, **kw)
+        name = argv[argv.index("--name") + 1]
+        calls.append((name, timeout))
+        time.sleep(plan.get("sleep", 0))
+        if plan.get(name) == "slow":
             raise subprocess.TimeoutExpired(argv, timeout, stderr=b"epoch 3/40")
-        return subprocess.CompletedProcess(argv, behaviour(argv[argv.index("--name") + 1]),
-                                           "", "")
+        return subprocess.CompletedProcess(argv, plan.get(name, 0), "", "")
     monkeypatch.setattr(subprocess, "run", fake_run)
     (tmp_path / "data").mkdir()
     data = str(tmp_path / "data")
 
-    def behaviour(name):
-        return {"pretrain-0": "slow"}.get(name, 0)
+    plan.update({"pretrain-0": "slow"})
     r = gpu_check.recipe(tmp_path / "a", data, deadline=time.perf_counter() + 100)
     assert [c[0] for c in calls] == ["pretrain-0"] and 0 < calls[0][1] <= 100
     assert r["rows"][0]["pretrain"]["rc"] == 124 and "finetune" not in r["rows"][0]
     assert gpu_check.failures("recipe", {"result": r}) == ["pass 1 pretrain exited 124"]
 
     calls.clear()
-
-    def behaviour(name):  # noqa: F811
-        return {"pretrain-0": 1}.get(name, 0)
+    plan.clear()
+    plan.update({"pretrain-0": 1})
     r = gpu_check.recipe(tmp_path / "b", data, deadline=time.perf_counter() + 100)
     assert [c[0] for c in calls] == ["pretrain-0"] and len(r["rows"]) == 1
 
     calls.clear()
-
-    def behaviour(name):  # noqa: F811
-        time.sleep(0.3)  # pass 1 takes 0.6 s; 0.5 s are left for pass 2
-        return 0
+    plan.clear()
+    plan.update({"sleep": 0.3})  # pass 1 takes 0.6 s; 0.5 s are left for pass 2
     r = gpu_check.recipe(tmp_path / "c", data, deadline=time.perf_counter() + 1.1)
     assert [c[0] for c in calls] == ["pretrain-0", "finetune-0"]
     assert r["rows"][1]["pass"] == 2 and "less than pass 1 took" in r["rows"][1]["skipped"]
