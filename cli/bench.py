@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sstl.cli.paths import path_value
+from sstl.engine.config import PretrainConfig
 
 
 def _fmt(v) -> str:
@@ -39,10 +40,10 @@ def bench(
     data: Optional[Path] = typer.Option(None, help="Images for step/data \\[default: the embedded synthetic set]",
                                         parser=path_value),
     device: str = typer.Option("auto", help="auto | cuda | cpu"),
-    arch: str = typer.Option("resnet50", help="resnet50 | resnet18"),
+    arch: str = typer.Option(PretrainConfig().arch, help="resnet50 | resnet18"),
     batch_size: Optional[int] = typer.Option(
         None, help="\\[default: 256 on a GPU; on a CPU 32 for step, 64 for data]"),
-    view_size: int = typer.Option(112, help="Side of each view"),
+    view_size: int = typer.Option(PretrainConfig().augment.size, help="Side of each view"),
     steps: Optional[int] = typer.Option(
         None, help="Timed steps per repeat \\[default: step 20 GPU, 2 CPU; data 30 GPU, 8 CPU]"),
     cpu_all: bool = typer.Option(False, help="Also run the bf16 and compile rungs on a CPU"),

@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 
 from sstl.cli.paths import path_value
+from sstl.engine.export import TOLERANCE
 
 
 def export(
@@ -20,7 +21,7 @@ def export(
                                                 "check the export on \\[default: a few of the "
                                                 "run's training data, else synthetic ones]",
                                                 parser=path_value),
-    tolerance: float = typer.Option(1e-4, help="Largest accepted |onnx - torch| probability"),
+    tolerance: float = typer.Option(TOLERANCE, help="Largest accepted |onnx - torch| probability"),
 ):
     """Export the classifier (opset 17, any batch size) and check it against torch."""
     if format != "onnx":

@@ -1,6 +1,7 @@
 """The `sstl` command line. Each command fills one frozen config and hands it to the engine."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 import warnings
 from pathlib import Path
@@ -9,8 +10,8 @@ from typing import Optional
 import typer
 
 from sstl.cli.paths import path_value
-from sstl.engine.config import (AugmentConfig, DataConfig, FinetuneAugment, FinetuneConfig,
-                               PretrainConfig, Runtime, SupervisedConfig)
+from sstl.engine.config import (DataConfig, EvaluateConfig, FinetuneConfig, PredictConfig,
+                               PretrainConfig, ReproduceConfig, Runtime, SupervisedConfig)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Self-supervised transfer learning for chest X-rays (Li et al.): "
@@ -57,12 +58,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def default(cls, name: str):
     """A config field's default: the dataclasses are the one place defaults live."""
-    import dataclasses
-
     return next(f for f in dataclasses.fields(cls) if f.name == name).default
 
 
 D, R, P, F = DataConfig(), Runtime(), PretrainConfig, FinetuneConfig
+RP, PR, EV = ReproduceConfig, PredictConfig, EvaluateConfig
 # Options shared by every command that reads data.
 DATA = typer.Option(None, "--data", help="Folder (one sub-folder per class, or unlabelled images) "
                     "or manifest.csv. Omitted: the embedded SYNTHETIC demo set.", parser=path_value)
@@ -92,18 +92,21 @@ CKPT_EVERY = typer.Option(R.checkpoint_every, "--checkpoint-every",
 CKPT_MINUTES = typer.Option(R.checkpoint_minutes, "--checkpoint-minutes",
                             help="Wall-clock minutes between checkpoints")
 RESUME = typer.Option(R.resume, "--resume/--no-resume", help="Continue from the run directory's checkpoint")
-IMAGENET_WEIGHTS = typer.Option(default(P, "imagenet_weights"), "--imagenet-weights",
-                                help="torchvision IMAGENET1K_V2, or V1 (the paper's era)")
 
 
-def data_config(data, cache_dir, cache_size, split_seed, test_fraction, workers=0) -> DataConfig:
+def imagenet_weights_option(cls):
+    return typer.Option(default(cls, "imagenet_weights"), "--imagenet-weights",
+                        help="torchvision IMAGENET1K_V2, or V1 (the paper's era)")
+
+
+def data_config(data, cache_dir, cache_size, split_seed, test_fraction, workers) -> DataConfig:
     return DataConfig(path=str(data) if data else None, cache_dir=str(cache_dir) if cache_dir else None,
                       cache_size=cache_size, split_seed=split_seed, test_fraction=test_fraction,
                       scan_workers=workers)
 
 
 def runtime(device, precision, compile, backend, seed, out, name, log_every, checkpoint_every,
-            checkpoint_minutes, resume, cuda_graphs=None) -> Runtime:
+            checkpoint_minutes, resume, cuda_graphs) -> Runtime:
     return Runtime(device=device, precision=precision, compile=compile, backend=backend, seed=seed,
                    out=str(out), name=name, log_every=log_every, checkpoint_every=checkpoint_every,
                    checkpoint_minutes=checkpoint_minutes, resume=resume, cuda_graphs=cuda_graphs)
@@ -136,13 +139,13 @@ def pretrain(
                                "simclr | pirl-jigsaw | pirl-rotation"),
     epochs: int = typer.Option(default(P, "epochs"), help="Epochs (paper: 40)"),
     batch_size: int = typer.Option(default(P, "batch_size"), help="Global batch size (paper: 256)"),
-    view_size: int = typer.Option(AugmentConfig().size, help="Side of each augmented view (paper: 112)"),
+    view_size: int = typer.Option(default(P, "augment").size, help="Side of each augmented view (paper: 112)"),
     lr: float = typer.Option(default(P, "lr"), help="SGD learning rate (paper: 0.03)"),
     momentum: float = typer.Option(default(P, "momentum"), help="SGD momentum (paper: 0.9)"),
     weight_decay: float = typer.Option(default(P, "weight_decay"), help="Weight decay (paper: 4e-4)"),
     arch: str = typer.Option(default(P, "arch"), help="resnet50 (paper) | resnet18"),
     init: str = typer.Option(default(P, "init"), help="imagenet | random | PATH to a state dict"),
-    imagenet_weights: str = IMAGENET_WEIGHTS,
+    imagenet_weights: str = imagenet_weights_option(P),
     tau: Optional[float] = typer.Option(None, help="Target EMA rate (cross: 0.996 constant, the "
                                         "paper; byol: base of its cosine schedule, 0.996)"),
     temperature: Optional[float] = typer.Option(None, help="simclr: NT-Xent temperature (0.1)"),
@@ -170,7 +173,7 @@ def pretrain(
         method=method, settings=method_options(tau, temperature, target_bn, proj_dim, method_option),
         arch=arch, init=init, imagenet_weights=imagenet_weights, epochs=epochs,
         batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
-        augment=AugmentConfig(size=view_size), split=split))
+        augment=dataclasses.replace(default(P, "augment"), size=view_size), split=split))
 
 
 @app.command()
@@ -181,14 +184,14 @@ def finetune(
                                            parser=path_value),
     init: str = typer.Option(default(F, "init"), help="Without --encoder: imagenet (the paper's "
                              "Transfer) | random (From Scratch) | PATH to a state dict"),
-    imagenet_weights: str = IMAGENET_WEIGHTS,
+    imagenet_weights: str = imagenet_weights_option(F),
     fraction: float = typer.Option(default(F, "fraction"), help="Share of the training split's "
                                    "labels used (paper: 0.01, 0.1, 0.5, 1); nested, stratified"),
     positive_class: str = typer.Option(default(F, "positive_class"), help="Positive class of Sen/Spe/HM/AUC"),
     arch: str = typer.Option(default(F, "arch"), help="resnet50 (paper) | resnet18; must match --encoder"),
     epochs: int = typer.Option(default(F, "epochs"), help="Epochs, each followed by a test evaluation (paper: 30)"),
     batch_size: int = typer.Option(default(F, "batch_size"), help="Batch size (paper: not stated; see README)"),
-    image_size: int = typer.Option(FinetuneAugment().size, help="Side of the classifier's input (see README)"),
+    image_size: int = typer.Option(default(F, "augment").size, help="Side of the classifier's input (see README)"),
     lr: float = typer.Option(default(F, "lr"), help="SGD peak learning rate (see README)"),
     schedule: str = typer.Option(default(F, "schedule"), help="cosine (per step, to 0) | constant"),
     momentum: float = typer.Option(default(F, "momentum"), help="SGD momentum"),
@@ -214,7 +217,7 @@ def finetune(
         imagenet_weights=imagenet_weights, fraction=fraction, epochs=epochs,
         batch_size=batch_size, lr=lr, schedule=schedule, momentum=momentum,
         weight_decay=weight_decay, label_smoothing=label_smoothing,
-        augment=FinetuneAugment(size=image_size), positive_class=positive_class,
+        augment=dataclasses.replace(default(F, "augment"), size=image_size), positive_class=positive_class,
         summary_last=summary_last))
 
 
@@ -250,8 +253,6 @@ def supervised(
     split_seed: int = SPLIT_SEED, test_fraction: float = TEST_FRACTION, workers: int = WORKERS,
 ):
     """The paper's stage 1: supervised training on natural images; writes encoder.safetensors."""
-    import dataclasses
-
     from sstl.engine.supervised import supervised as run
 
     aug = dataclasses.replace(default(S, "augment"), size=image_size)
@@ -267,15 +268,15 @@ def supervised(
 @app.command()
 def reproduce(
     data: Optional[Path] = DATA,
-    preset: str = typer.Option("paper", help="paper (resnet50, the paper's settings; a GPU job) | "
+    preset: str = typer.Option(default(RP, "preset"), help="paper (resnet50, the paper's settings; a GPU job) | "
                                "quick (resnet18, small images, few epochs; a CPU job)"),
     rows: list[str] = typer.Option([], "--row", help="Only these rows (repeatable): ours, transfer, "
                                    "cross, byol, simsiam, simclr, pirl-jigsaw, pirl-rotation, "
                                    "scratch \\[default: all]"),
     fraction: list[float] = typer.Option([], "--fraction", help="Label fractions (repeatable) "
                                          "\\[default: 0.01 0.1 0.5 1]"),
-    seeds: int = typer.Option(1, help="Seeds per cell; tables give mean and std across them"),
-    transfer: str = typer.Option("imagenet", help="Start of Ours and Transfer: imagenet | PATH to "
+    seeds: int = typer.Option(default(RP, "seeds"), help="Seeds per cell; tables give mean and std across them"),
+    transfer: str = typer.Option(default(RP, "transfer"), help="Start of Ours and Transfer: imagenet | PATH to "
                                  "a stage-1 encoder (`sstl supervised`)"),
     evaluate_on: Optional[Path] = typer.Option(None, help="Also evaluate every fine-tuned model "
                                                "on this labelled set (another hospital's data)",
@@ -310,9 +311,9 @@ def predict(
     inputs: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)",
                                         parser=path_value),
     model: Path = MODEL,
-    out_csv: Path = typer.Option(Path("predictions.csv"), help="Where the per-image CSV goes",
+    out_csv: Path = typer.Option(Path(default(PR, "out_csv")), help="Where the per-image CSV goes",
                                  parser=path_value),
-    batch_size: int = typer.Option(64, help="Images per forward pass"),
+    batch_size: int = typer.Option(default(PR, "batch_size"), help="Images per forward pass"),
     device: str = DEVICE,
     precision: str = PRECISION,
     cam: Optional[Path] = typer.Option(None, "--cam", help="Also write a Grad-CAM overlay of the "
@@ -333,11 +334,11 @@ def evaluate(
     model: Path = MODEL,
     data: Optional[Path] = typer.Option(None, "--data", help="Labelled folder (one sub-folder per "
                                         "class) or manifest.csv; required", parser=path_value),
-    split: str = typer.Option("all", help="all: every image of --data | test: its held-out "
+    split: str = typer.Option(default(EV, "split"), help="all: every image of --data | test: its held-out "
                               "split (images the model learned from are always left out)"),
     out: Optional[Path] = typer.Option(None, help="Also write metrics.json, predictions.csv and "
                                        "the figures into this folder", parser=path_value),
-    batch_size: int = typer.Option(64, help="Images per forward pass"),
+    batch_size: int = typer.Option(default(EV, "batch_size"), help="Images per forward pass"),
     device: str = DEVICE,
     precision: str = PRECISION,
     cache_dir: Optional[Path] = CACHE_DIR,

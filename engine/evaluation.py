@@ -134,7 +134,7 @@ def curves_png(rows: list[dict], path) -> None:
 
 # --- uncertainty ------------------------------------------------------------------------------
 
-def bootstrap_ci(y_true, probs, class_names: list[str], positive: str, n: int = 1000,
+def bootstrap_ci(y_true, probs, class_names: list[str], positive: str, n: int,
                  seed: int = 0, level: float = 0.95,
                  groups=None) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap interval of each metric in METRICS, resampling test images, or

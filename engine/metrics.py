@@ -74,7 +74,7 @@ def confusion(y_true, y_pred, n_classes: int) -> np.ndarray:
     return confusion_matrix(y_true, y_pred, labels=list(range(n_classes)))
 
 
-def summarize(rows: list[dict], keys, last: int = 10) -> dict:
+def summarize(rows: list[dict], keys, last: int) -> dict:
     """Mean and std of each key over the last `last` rows (all rows if fewer): Table 2's form.
 
     std is the population std (numpy's default, ddof=0): it describes the spread of these

@@ -17,17 +17,19 @@ def mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
                          nn.ReLU(inplace=True), nn.Linear(hidden, d_out))
 
 
-def backbone(arch: str, init: str = "random", weights: str = "V2",
+def backbone(arch: str, init: str = "random", weights: str | None = None,
              flag: str = "--init") -> nn.Module:
     """A ResNet whose forward returns pooled features (fc replaced by Identity).
 
-    init: "random", "imagenet" (torchvision's IMAGENET1K_<weights>) or a path to a state dict;
-    `flag` names the option the path came from in error messages.
+    init: "random", "imagenet" (torchvision's IMAGENET1K_<weights>; `weights` is then the
+    config's --imagenet-weights) or a path to a state dict; `flag` names the option the path
+    came from in error messages.
     """
     if arch not in ARCHS:
         raise SystemExit(f"--arch must be one of {', '.join(ARCHS)}, not {arch!r}")
     net = getattr(torchvision.models, arch)()
     if init == "imagenet":
+        assert weights is not None, "an ImageNet start names its weights (V1 or V2)"
         state = imagenet_state_dict(arch, weights)
         try:
             net.load_state_dict(state)
@@ -42,7 +44,7 @@ def backbone(arch: str, init: str = "random", weights: str = "V2",
     return net
 
 
-def imagenet_weights_enum(arch: str, version: str = "V2"):
+def imagenet_weights_enum(arch: str, version: str):
     """torchvision's IMAGENET1K_<version> weights entry for `arch`, or one line naming the flag."""
     enum = torchvision.models.get_model_weights(arch)
     name = f"IMAGENET1K_{version.upper()}"
@@ -59,13 +61,13 @@ def imagenet_tag(start: str, version: str) -> str | None:
     return f"IMAGENET1K_{version.upper()}" if start == "imagenet" else None
 
 
-def imagenet_file(arch: str, version: str = "V2") -> Path:
+def imagenet_file(arch: str, version: str) -> Path:
     """Where torchvision keeps (or downloads) those weights: TORCH_HOME's hub/checkpoints."""
     w = imagenet_weights_enum(arch, version)
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
 
 
-def imagenet_state_dict(arch: str, version: str = "V2") -> dict:
+def imagenet_state_dict(arch: str, version: str) -> dict:
     """torchvision's ImageNet weights, from its cache or a download, with a clear failure.
 
     Read with weights_only=True (torchvision's own loader unpickles freely, and the file's

@@ -50,11 +50,20 @@ LABELS = {"ours": "Ours (Cross + Transfer)", "transfer": "Transfer", "cross": "C
           "byol": "BYOL", "simsiam": "SimSiam", "simclr": "SimCLR", "pirl-jigsaw": "PIRL-Jigsaw",
           "pirl-rotation": "PIRL-Rotation", "scratch": "From Scratch"}
 
-# What the settings of each preset are; `paper` is the paper's (a GPU job).
+
+
+def _paper_preset() -> dict:
+    """The paper's settings (a GPU job): the commands' own defaults, read, not copied."""
+    pre, fine = PretrainConfig(), FinetuneConfig()
+    return dict(arch=pre.arch, pretrain_epochs=pre.epochs, view_size=pre.augment.size,
+                pretrain_batch=pre.batch_size, finetune_epochs=fine.epochs,
+                image_size=fine.augment.size, finetune_batch=fine.batch_size,
+                cache_size=fine.data.cache_size, summary_last=fine.summary_last)
+
+
+# What the settings of each preset are.
 PRESETS = {
-    "paper": dict(arch="resnet50", pretrain_epochs=40, view_size=112, pretrain_batch=256,
-                  finetune_epochs=30, image_size=224, finetune_batch=64, cache_size=224,
-                  summary_last=10),
+    "paper": _paper_preset(),
     "quick": dict(arch="resnet18", pretrain_epochs=3, view_size=64, pretrain_batch=64,
                   finetune_epochs=5, image_size=64, finetune_batch=64, cache_size=64,
                   summary_last=3),
@@ -356,7 +365,7 @@ def _titles(positive: str) -> tuple[tuple[str, str], tuple[str, str]]:
     return ("hm", f"HM ({positive} vs rest)"), ("acc", "Accuracy (all classes)")
 
 
-def fig3_table(table: dict, rows, fractions, positive: str = "COVID") -> list[str]:
+def fig3_table(table: dict, rows, fractions, positive: str) -> list[str]:
     """Fig. 3's points as text: HM and Acc (mean ± std) per row and label fraction."""
     xs = sorted(fractions)
     lines = []
@@ -370,7 +379,7 @@ def fig3_table(table: dict, rows, fractions, positive: str = "COVID") -> list[st
     return lines
 
 
-def fig3(path: Path, table: dict, rows, fractions, positive: str = "COVID") -> None:
+def fig3(path: Path, table: dict, rows, fractions, positive: str) -> None:
     """HM and Acc against the label fraction, one line per row, as the paper's Fig. 3."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

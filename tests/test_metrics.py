@@ -101,7 +101,7 @@ def test_summary_is_mean_and_std_of_the_last_epochs():
     s = summarize(few, ["acc"], last=10)
     assert s["acc"]["mean"] == pytest.approx(np.mean([r["acc"] for r in few]), abs=1e-15)
     # metrics.csv gives strings: they are read as numbers.
-    s = summarize([{"acc": "0.5"}, {"acc": "1.0"}], ["acc"])
+    s = summarize([{"acc": "0.5"}, {"acc": "1.0"}], ["acc"], last=10)
     assert s["acc"] == {"mean": 0.75, "std": 0.25}
 
 

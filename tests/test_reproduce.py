@@ -33,6 +33,15 @@ def _losses(run):
 
 
 @pytest.mark.skipif(not CIFAR.is_dir(), reason=f"CIFAR-10 not found at {CIFAR}")
+def test_the_paper_preset_is_the_papers_protocol():
+    """Section 3 of the paper: ResNet50, two 112 px views, batch 256, 40 pretraining epochs;
+    30 fine-tuning epochs at 224 px; mean and std over the last 10 epochs."""
+    p = reproduce_mod.PRESETS["paper"]
+    assert (p["arch"], p["pretrain_epochs"], p["view_size"], p["pretrain_batch"]) == (
+        "resnet50", 40, 112, 256)
+    assert (p["finetune_epochs"], p["image_size"], p["summary_last"]) == (30, 224, 10)
+
+
 def test_stage1_on_cifar_learns_and_its_encoder_is_a_start(tmp_path):
     for cls in sorted(p.name for p in CIFAR.iterdir())[:4]:  # 4 classes x 40 images
         (tmp_path / "cifar" / cls).mkdir(parents=True)
@@ -174,7 +183,7 @@ def test_fig3_table_prints_each_point_of_the_figure():
     rows = [("cross", "cross", "random"), ("scratch", None, "random")]
     pt = lambda m, s: {"hm": {"mean": m, "std": s}, "acc": {"mean": m / 2, "std": s / 2}}
     table = {"cross": {0.1: pt(0.8, 0.02), 1.0: pt(0.9, 0.01)}, "scratch": {1.0: pt(0.6, 0.1)}}
-    lines = reproduce_mod.fig3_table(table, rows, (1.0, 0.1))
+    lines = reproduce_mod.fig3_table(table, rows, (1.0, 0.1), "COVID")
     hm = lines[lines.index("| method | 10% | 100% |"):][2:4]
     assert hm == ["| Cross | 0.800 ± 0.020 | 0.900 ± 0.010 |", "| From Scratch |  | 0.600 ± 0.100 |"]
     acc_at = [i for i, line in enumerate(lines) if line.startswith("Fig. 3, Accuracy")][0]

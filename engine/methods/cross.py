@@ -46,7 +46,7 @@ class MomentumBatchNorm(nn.modules.batchnorm._BatchNorm):
     also gives the first batch all the weight. Gradients never flow here (no_grad target).
     """
 
-    stat_momentum: float = 0.99
+    stat_momentum: float  # set where the target's BN is swapped in (CrossConfig's setting)
 
     def _check_input_dim(self, x):
         if x.dim() not in (2, 4):
