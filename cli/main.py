@@ -350,6 +350,11 @@ def evaluate(
     workers: int = WORKERS,
 ):
     """The paper's metrics of a fine-tuned model on a labelled folder or manifest."""
+    # A command-line policy, not the engine's: the synthetic demo set (which the engine, and
+    # the tests, may evaluate on) would give a user numbers that say nothing about X-rays.
+    if data is None:
+        raise SystemExit("sstl evaluate needs --data: a labelled folder (one sub-folder per "
+                         "class) or a manifest.csv to evaluate the model on")
     from sstl.engine.config import EvaluateConfig
     from sstl.engine.predict import evaluate as run
 

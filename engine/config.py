@@ -364,9 +364,6 @@ def check(cfg):
              f"--precision must be auto, bf16 or fp32, not {cfg.precision!r}")
         _check_outputs(cfg, need)  # now: found wrong after inference, results would be lost
         if isinstance(cfg, EvaluateConfig):
-            # The synthetic demo set would give numbers that say nothing about X-rays.
-            need(cfg.data.path is not None, "sstl evaluate needs --data: a labelled folder (one "
-                 "sub-folder per class) or a manifest.csv to evaluate the model on")
             given = cfg.data.cache_size
             _check_data(dataclasses.replace(cfg.data, cache_size=given or 224), need)
             need(given is None or given >= 32, f"--cache-size must be at least 32, not {given}")

@@ -30,7 +30,7 @@ from .evaluation import bootstrap_ci, card_fields, curves_png, draw_figures, wri
 from .metrics import METRICS, NAMES, best_epoch, classification_metrics, summarize
 from .models import imagenet_tag, sidecar, sstl_weights, weights_file
 from .runs import Run, log, run_inputs, save_weights
-from .supervised import check_start, classifier_trainer, eval_probs
+from .classifier import check_start, classifier_trainer, eval_probs
 
 FEW_IMAGES = 5  # a class with fewer training images than this gets a warning (noisy results)
 CI_RESAMPLES = 1000  # bootstrap resamples of the test split for the model card's 95% intervals

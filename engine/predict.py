@@ -26,7 +26,7 @@ from .data.loader import LabelledSource
 from .data.views import eval_view
 from .evaluation import draw_figures
 from .io import atomic_write, make_dir
-from .supervised import class_probs
+from .classifier import class_probs
 from .metrics import METRICS, NAMES, classification_metrics
 from .models import load_classifier, without_image_list
 from .runs import log

@@ -30,6 +30,7 @@ from . import dist
 from .config import (AugmentConfig, DataConfig, EvaluateConfig, FinetuneAugment,
                      FinetuneConfig, PretrainConfig, ReproduceConfig, changed_settings, check,
                      recorded_config, resume_keys)
+from .classifier import check_start
 from .data.dataset import load_dataset
 from .data.index import DataError
 from .finetune import check_split_classes, finetune
@@ -38,7 +39,6 @@ from .metrics import METRICS
 from .predict import evaluate
 from .pretrain import pretrain
 from .runs import file_identity, inputs_parts, log, same_data, start_identity
-from .supervised import check_start
 
 # Table 2's rows in the paper's order: (name, pretraining method or None, start).
 ROWS = [("ours", "cross", "transfer"), ("transfer", None, "transfer"),
