@@ -86,7 +86,7 @@ GRAPHS = typer.Option(None, "--cuda-graphs/--no-cuda-graphs",
                       help="Replay the whole step as a CUDA graph \\[default: on for CUDA, one process]")
 PRECISION = typer.Option(R.precision, "--precision", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32")
 SEED = typer.Option(R.seed, "--seed", help="Training seed (init, order, augmentation, label subset)")
-LOG_EVERY = typer.Option(R.log_every, "--log-every", help="Steps between loss reads (the only host syncs)")
+LOG_EVERY = typer.Option(R.log_every, "--log-every", help="Steps between loss reads (the only per-step host syncs)")
 CKPT_EVERY = typer.Option(R.checkpoint_every, "--checkpoint-every",
                           help="Also checkpoint every N steps (0: by time and at the end only)")
 CKPT_MINUTES = typer.Option(R.checkpoint_minutes, "--checkpoint-minutes",

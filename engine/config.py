@@ -63,7 +63,7 @@ class Runtime:
     seed: int = 0  # training randomness: head init, data order, augmentation, label subset
     out: str = "runs"  # parent folder of run directories
     name: str | None = None  # run directory; None = named by command, method, arch and settings
-    log_every: int = 10  # steps between host reads of the loss (the loop's only syncs)
+    log_every: int = 10  # steps between host reads of the loss (the only per-step syncs)
     checkpoint_every: int = 0  # also checkpoint every N steps; 0 = by time and at the end only
     checkpoint_minutes: float = 5.0  # wall-clock minutes between checkpoints
     resume: bool = True  # continue from the run directory's checkpoint when it has one
@@ -79,8 +79,8 @@ RESUMABLE_RUNTIME = ("device", "compile", "cuda_graphs", "backend", "out", "name
 class PretrainConfig:
     """`sstl pretrain`: the paper's self-supervised stage (defaults are the paper's)."""
 
-    data: DataConfig = DataConfig()
-    runtime: Runtime = Runtime()
+    data: DataConfig = DataConfig()  # the unlabelled (or labelled) chest X-rays
+    runtime: Runtime = Runtime()  # device, precision, run directory, checkpoints, seed
     method: str = "cross"  # cross (the paper) | byol | simsiam | simclr | pirl-jigsaw|-rotation
     settings: Any = None  # the method's settings dataclass; None = its defaults (filled by check)
     arch: str = "resnet50"  # resnet50 (paper) | resnet18 (small runs)
@@ -103,8 +103,8 @@ class FinetuneConfig:
     optimizer, schedule, batch and image size it leaves open are chosen in the README.
     """
 
-    data: DataConfig = DataConfig()
-    runtime: Runtime = Runtime()
+    data: DataConfig = DataConfig()  # the labelled chest X-rays and their train/test split
+    runtime: Runtime = Runtime()  # device, precision, run directory, checkpoints, seed
     arch: str = "resnet50"  # must match the encoder's arch when --encoder is given
     encoder: str | None = None  # encoder.safetensors from `sstl pretrain` (or its run dir)
     init: str = "imagenet"  # without --encoder: imagenet ("Transfer") | random ("From Scratch")
@@ -117,7 +117,7 @@ class FinetuneConfig:
     momentum: float = 0.9  # SGD momentum, as in pretraining
     weight_decay: float = 1e-4  # the usual ResNet value; the head and BN are decayed too
     label_smoothing: float = 0.0  # cross-entropy label smoothing (0 = plain cross-entropy)
-    augment: FinetuneAugment = FinetuneAugment()
+    augment: FinetuneAugment = FinetuneAugment()  # input side (224) and the training crops
     positive_class: str = "COVID"  # the positive class of sensitivity/specificity/AUC
     summary_last: int = 10  # Table 2 reports mean and std over the last 10 epochs
 
@@ -131,17 +131,17 @@ class SupervisedConfig:
     """
 
     data: DataConfig = DataConfig(cache_size=32)  # class folders of natural images (CIFAR-10: 32 px)
-    runtime: Runtime = Runtime()
+    runtime: Runtime = Runtime()  # device, precision, run directory, checkpoints, seed
     arch: str = "resnet50"  # the backbone the later stages use
     init: str = "random"  # random | imagenet | PATH: where stage 1 itself starts
-    imagenet_weights: str = "V2"
+    imagenet_weights: str = "V2"  # with --init imagenet: torchvision IMAGENET1K_V2 or V1
     epochs: int = 90  # the ImageNet recipe; the CIFAR-10 stand-in needs far fewer
-    batch_size: int = 256
-    lr: float = 0.1
-    schedule: str = "cosine"  # cosine | constant
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.0
+    batch_size: int = 256  # global, across all processes
+    lr: float = 0.1  # SGD peak learning rate (0.1 at batch 256)
+    schedule: str = "cosine"  # cosine (per step, to 0) | constant
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-4  # on every weight
+    label_smoothing: float = 0.0  # cross-entropy label smoothing (0 = plain cross-entropy)
     augment: FinetuneAugment = FinetuneAugment(size=32, train=ViewAugment(
         crop_scale=(0.08, 1.0), flip_p=0.5, blur_p=0.0, jitter_p=0.8, brightness=0.4,
         contrast=0.4))  # the input side (--image-size) and ImageNet-style crops
@@ -155,7 +155,7 @@ class ReproduceConfig:
     continues where it stopped and a finished cell is never redone.
     """
 
-    data: DataConfig = DataConfig()
+    data: DataConfig = DataConfig()  # the labelled chest X-rays every cell trains and tests on
     runtime: Runtime = Runtime()  # out/name: where the grid's folder goes; seed: the first seed
     preset: str = "paper"  # paper (resnet50, the paper's settings; a GPU job) | quick (CPU-sized)
     rows: tuple[str, ...] = ()  # Table 2's rows to run; () = every row sstl can train

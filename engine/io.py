@@ -1,6 +1,7 @@
 """Writing files so that a crash, a kill or a full disk never leaves half a file behind.
 
-Every file sstl writes goes through `atomic_write`: the bytes go to a temporary name in the
+Every file the engine writes goes through `atomic_write` (the benchmarks' JSON reports are
+written directly): the bytes go to a temporary name in the
 same folder, are flushed to the disk, get the usual permissions (0644: sidecars and weights
 are read by other users and tools alike), and only then replace the real name. A failure
 (disk full, read-only folder) removes the temporary and becomes one clear `WriteError`.

@@ -279,7 +279,7 @@ def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
                     # rank was signalled or is due a checkpoint, so all act at the same step.
                     glob, stopping, saving = _agree(sums, stop.requested, due(epoch * steps + i + 1))
                     if at_log:
-                        means = (glob / (i + 1)).tolist()  # the loop's only host sync
+                        means = (glob / (i + 1)).tolist()  # the only per-step host sync
                         if not math.isfinite(means[0]):
                             _diverged(run, means[0], epoch, i + 1)
                         rep.update(epoch * steps + i + 1, _progress(epoch, plan.epochs, means,

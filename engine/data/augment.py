@@ -35,8 +35,8 @@ class AugmentConfig:
     """
 
     size: int = 112  # output side of each view, pixels (the paper's 112x112)
-    view1: ViewAugment = ViewAugment(blur_p=1.0)
-    view2: ViewAugment = ViewAugment(blur_p=0.1)
+    view1: ViewAugment = ViewAugment(blur_p=1.0)  # BYOL's first view: always blurred
+    view2: ViewAugment = ViewAugment(blur_p=0.1)  # BYOL's second view: rarely blurred
 
     def views(self) -> tuple[ViewAugment, ViewAugment]:
         return (self.view1, self.view2)
@@ -52,5 +52,6 @@ class FinetuneAugment:
     """
 
     size: int = 224  # side of the classifier's input (--image-size); the files are 224x224
+    # The training view (evaluation is a plain resize to `size`).
     train: ViewAugment = ViewAugment(crop_scale=(0.6, 1.0), flip_p=0.5, blur_p=0.0, jitter_p=0.5,
                                      brightness=0.2, contrast=0.2)
