@@ -14,13 +14,13 @@ import numpy as np
 import torch
 
 from . import accel, dist
-from .config import PretrainConfig, Resolved, check, config_hash, resolve, size_warning
+from .config import PretrainConfig, Resolved, check, resolve, size_warning
 from .data.backends import ssl_source
 from .data.dataset import load_dataset, save_data_files
 from .loop import EMA, Plan, Trainer, check_resumable, fit, run_name, sgd
 from .methods import METHODS, Method, build
-from .models import ARCHS, backbone, imagenet_tag, inherited_images
-from .runs import Run, log, run_inputs, save_weights
+from .models import ARCHS, backbone
+from .runs import Run, encoder_sidecar, log, run_inputs, save_weights
 
 COLLAPSED = 0.02  # spread below this: outputs have (nearly) become one vector
 
@@ -111,15 +111,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
 def save_encoder(run: Run, cfg: PretrainConfig, method: Method, ds, epoch: int, step: int) -> None:
     if not run.is_main:
         return
-    save_weights(method.encoder.state_dict(), run.path / "encoder.safetensors", {
-        "kind": "sstl-encoder", "method": cfg.method, "arch": cfg.arch, "init": cfg.init,
-        "imagenet_weights": imagenet_tag(cfg.init, cfg.imagenet_weights),
-        "epoch": epoch, "step": step, "feat_dim": ARCHS[cfg.arch],
-        "config_hash": config_hash(cfg), "split_seed": cfg.data.split_seed,
-        "test_fraction": cfg.data.test_fraction, "data_fingerprint": ds.fingerprint(),
-        "test_fingerprint": ds.fingerprint(ds.test_idx), "pretrain_split": cfg.split,
-        "synthetic_data": ds.synthetic, "data_root": str(ds.root),
-        # The images these weights learned from (Dataset.image_ids), its --init file's
-        # included: finetune's exact leak check follows them through every stage.
-        "trained_on": sorted(set(ds.image_ids(ds.train_idx if cfg.split == "train" else None))
-                             | inherited_images(cfg.init))})
+    seen = ds.train_idx if cfg.split == "train" else None  # None: every image
+    save_weights(method.encoder.state_dict(), run.path / "encoder.safetensors",
+                 encoder_sidecar(cfg, ds, seen, epoch, method=cfg.method, step=step,
+                                 pretrain_split=cfg.split))

@@ -362,6 +362,22 @@ def _to_host(obj):
     return obj
 
 
+def encoder_sidecar(cfg, ds, trained_idx, epoch: int, **extra) -> dict:
+    """What an encoder.safetensors says of itself (pretrain's and stage 1's alike): its
+    start, its data and split, and the images it learned from (`trained_idx`, plus those of
+    its --init file), which finetune's leak check follows through every stage."""
+    from .models import ARCHS, imagenet_tag, inherited_images
+
+    return {"kind": "sstl-encoder", "arch": cfg.arch, "init": cfg.init,
+            "imagenet_weights": imagenet_tag(cfg.init, cfg.imagenet_weights), "epoch": epoch,
+            "feat_dim": ARCHS[cfg.arch], "config_hash": config_hash(cfg),
+            "split_seed": cfg.data.split_seed, "test_fraction": cfg.data.test_fraction,
+            "data_fingerprint": ds.fingerprint(), "test_fingerprint": ds.fingerprint(ds.test_idx),
+            "synthetic_data": ds.synthetic, "data_root": str(ds.root),
+            "trained_on": sorted(set(ds.image_ids(trained_idx)) | inherited_images(cfg.init)),
+            **extra}
+
+
 def save_weights(state: dict, path: Path, meta: dict) -> None:
     """safetensors weights + a JSON sidecar (path.with_suffix('.json')), both atomic, 0644."""
     from safetensors.torch import save_file

@@ -16,12 +16,11 @@ import numpy as np
 
 from . import dist
 from .classifier import check_start, classifier_trainer, eval_probs
-from .config import Resolved, SupervisedConfig, check, config_hash, resolve, size_warning
+from .config import Resolved, SupervisedConfig, check, resolve, size_warning
 from .data.backends import labelled_source
 from .data.dataset import load_dataset, save_data_files
 from .loop import Plan, check_resumable, fit, run_name
-from .models import ARCHS, imagenet_tag, inherited_images
-from .runs import Run, log, run_inputs, save_weights
+from .runs import Run, encoder_sidecar, log, run_inputs, save_weights
 
 
 def default_name(cfg: SupervisedConfig) -> str:
@@ -77,21 +76,13 @@ def _supervised(cfg: SupervisedConfig, res: Resolved) -> Path:
                                           on_epoch_end=evaluate, live=res.is_main,
                                           inputs=inputs))
         if res.is_main:
-            save_weights(t.model.encoder.state_dict(), run.path / "encoder.safetensors", {
-                "kind": "sstl-encoder", "stage": "supervised", "method": "supervised",
-                "arch": cfg.arch, "init": cfg.init, "epoch": cfg.epochs,
-                "imagenet_weights": imagenet_tag(cfg.init, cfg.imagenet_weights),
-                "feat_dim": ARCHS[cfg.arch], "config_hash": config_hash(cfg),
-                "data_root": str(ds.root), "data_fingerprint": ds.fingerprint(),
-                "class_names": ds.class_names, "test_top1": float(rows[-1]["test_top1"]),
-                "synthetic_data": ds.synthetic, "split_seed": cfg.data.split_seed,
-                "test_fraction": cfg.data.test_fraction,
-                "test_fingerprint": ds.fingerprint(ds.test_idx),
-                # What it learned from (its --init file's too): stage 1 on X-rays is possible, and
-                # finetune's leak check must then see those images like any pretraining's.
-                "trained_on": sorted(set(ds.image_ids(ds.train_idx))
-                                     | inherited_images(cfg.init)),
-                "note": "stage 1 (supervised, natural images): a stand-in for ImageNet weights"})
+            # Stage 1 on X-rays is possible: its images then reach finetune's leak check too.
+            save_weights(t.model.encoder.state_dict(), run.path / "encoder.safetensors",
+                         encoder_sidecar(cfg, ds, ds.train_idx, cfg.epochs, stage="supervised",
+                                         method="supervised", class_names=ds.class_names,
+                                         test_top1=float(rows[-1]["test_top1"]),
+                                         note="stage 1 (supervised, natural images): a "
+                                              "stand-in for ImageNet weights"))
             log(f"done: {run.path / 'encoder.safetensors'} (held-out top-1 "
                 f"{float(rows[-1]['test_top1']):.4f})")
         dist.barrier()  # under torchrun every rank returns once the encoder exists
