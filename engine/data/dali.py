@@ -1,7 +1,7 @@
 """The DALI data path: both views decoded and augmented by NVIDIA DALI, behind the views seam.
 
 Same interface as loader.TwoViewSource / LabelledSource (`steps_per_epoch`, `epoch(epoch,
-start_step=0)`), same epoch plan (`epoch_order`, whole global batches, `[rank::world]`), and
+start_step=0)`), same epoch plan (loader.py's ssl_shard and labelled_shard), and
 the same random numbers: every step's crop, flip, blur and jitter are drawn on the host by
 views.sample_params from the torch path's seed (seed, epoch, step, rank) and fed to DALI as
 per-sample inputs, so distributions match by construction, a resumed epoch replays exactly,
@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, ViewAugment
-from .loader import epoch_order, lone_last_batch, pad_to_world, step_seed
+from .loader import labelled_shard, labelled_steps, ssl_shard, ssl_steps, step_seed
 from .views import ViewParams, blur_radius, sample_params
 
 try:  # the torch path must keep working where DALI is absent (e.g. the lent GPU machines)
@@ -235,15 +235,11 @@ class DaliTwoViewSource(_DaliSource):
         super().__init__(images, batch_size, seed, device, rank, world_size, dtype,
                          channels_last, cache_size)
         self.aug, self.n_extras = aug, sum(len(view_inputs(v)) for v in aug.views())
-        # The last partial batch is dropped: BN statistics and the loss need full batches.
-        self.steps_per_epoch = self.n // (batch_size * world_size)
-        if self.steps_per_epoch == 0:
-            raise SystemExit(f"{self.n} training images are fewer than one batch of "
-                             f"{batch_size * world_size}; lower --batch-size")
+        self.steps_per_epoch = ssl_steps(self.n, batch_size, world_size)
 
     def _plan(self, epoch: int) -> torch.Tensor:
-        used = self.steps_per_epoch * self.batch * self.world
-        return epoch_order(self.n, self.seed, epoch)[:used][self.rank::self.world]
+        return ssl_shard(self.n, self.seed, epoch, self.steps_per_epoch, self.batch, self.rank,
+                         self.world)
 
     def _extras(self, idx, step):
         # As the torch path: seeded without the rank, drawn for the global batch, this rank's
@@ -278,17 +274,11 @@ class DaliLabelledSource(_DaliSource):
         self.size, self.aug = size, train_aug
         # The labels, then the view's numbers.
         self.n_extras = 1 + (len(view_inputs(train_aug)) if train_aug is not None else 0)
-        # Every image counts: low-label subsets can be smaller than one batch.
-        per_rank = -(-self.n // world_size)
-        self.steps_per_epoch = -(-per_rank // batch_size)
-        self.steps_per_epoch -= lone_last_batch(per_rank, batch_size, train_aug is not None)
+        self.steps_per_epoch = labelled_steps(self.n, batch_size, world_size, train_aug is not None)
 
     def _plan(self, epoch: int) -> torch.Tensor:
-        train = self.aug is not None
-        order = epoch_order(self.n, self.seed, epoch) if train else torch.arange(self.n)
-        if train:  # as LabelledSource: every rank as many steps (DDP)
-            order = pad_to_world(order, self.world)
-        return order[self.rank::self.world]
+        return labelled_shard(self.n, self.seed, epoch, self.rank, self.world,
+                              self.aug is not None)
 
     def _extras(self, idx, step):
         labels = self.targets[idx]

@@ -49,6 +49,41 @@ def pad_to_world(order: torch.Tensor, world: int) -> torch.Tensor:
     return torch.cat([order, order.repeat(-(-short // len(order)))[:short]])
 
 
+# An epoch's plan, shared by the torch sources below and the DALI ones (dali.py): both
+# backends must step through the same images in the same order.
+
+def ssl_steps(n: int, batch_size: int, world: int) -> int:
+    """Pretraining steps per epoch: the last partial batch is dropped (BN statistics and the
+    loss need full batches)."""
+    steps = n // (batch_size * world)
+    if steps == 0:
+        raise SystemExit(f"{n} training images are fewer than one batch of "
+                         f"{batch_size * world}; lower --batch-size")
+    return steps
+
+
+def ssl_shard(n: int, seed: int, epoch: int, steps: int, batch_size: int, rank: int,
+              world: int) -> torch.Tensor:
+    """This rank's images of a pretraining epoch, in order."""
+    return epoch_order(n, seed, epoch)[:steps * batch_size * world][rank::world]
+
+
+def labelled_steps(n: int, batch_size: int, world: int, train: bool) -> int:
+    """Fine-tuning/evaluation steps per epoch: every image counts (low-label subsets can be
+    smaller than one batch), but a training epoch never ends on a lone image."""
+    per_rank = -(-n // world)
+    return -(-per_rank // batch_size) - lone_last_batch(per_rank, batch_size, train)
+
+
+def labelled_shard(n: int, seed: int, epoch: int, rank: int, world: int,
+                   train: bool) -> torch.Tensor:
+    """This rank's images of a labelled epoch: shuffled and padded so every rank takes as
+    many steps (DDP) when training, in index order when evaluating."""
+    if not train:
+        return torch.arange(n)[rank::world]
+    return pad_to_world(epoch_order(n, seed, epoch), world)[rank::world]
+
+
 def to_device_images(images: np.ndarray, device) -> torch.Tensor:
     """The uint8 cache rows, resident on the device (a 224^2 image is 50 kB: 20k fit in 1 GB)."""
     # np.require copies only what must be copied: a read-only memory map or a strided view.
@@ -65,16 +100,12 @@ class TwoViewSource:
         self.aug, self.batch, self.seed, self.device = aug, batch_size, seed, torch.device(device)
         self.rank, self.world = rank, world_size
         self.dtype, self.channels_last = dtype, channels_last
-        # The last partial batch is dropped: BN statistics and the loss need full batches.
-        self.steps_per_epoch = len(self.images) // (batch_size * world_size)
-        if self.steps_per_epoch == 0:
-            raise SystemExit(f"{len(self.images)} training images are fewer than one batch of "
-                             f"{batch_size * world_size}; lower --batch-size")
+        self.steps_per_epoch = ssl_steps(len(self.images), batch_size, world_size)
         self.gen = torch.Generator(device=self.device)
 
     def shard(self, epoch: int) -> torch.Tensor:
-        used = self.steps_per_epoch * self.batch * self.world
-        return epoch_order(len(self.images), self.seed, epoch)[:used][self.rank::self.world]
+        return ssl_shard(len(self.images), self.seed, epoch, self.steps_per_epoch, self.batch,
+                         self.rank, self.world)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.shard(epoch).to(self.device, non_blocking=True)
@@ -97,18 +128,13 @@ class LabelledSource:
         self.batch, self.size, self.aug, self.seed = batch_size, size, train_aug, seed
         self.device, self.rank, self.world = torch.device(device), rank, world_size
         self.dtype, self.channels_last = dtype, channels_last
-        # Every image counts: low-label subsets can be smaller than one batch.
-        per_rank = -(-len(self.images) // world_size)
-        self.steps_per_epoch = -(-per_rank // batch_size)
-        self.steps_per_epoch -= lone_last_batch(per_rank, batch_size, train_aug is not None)
+        self.steps_per_epoch = labelled_steps(len(self.images), batch_size, world_size,
+                                              train_aug is not None)
         self.gen = torch.Generator(device=self.device)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.images)
-        order = epoch_order(n, self.seed, epoch) if self.aug is not None else torch.arange(n)
-        if self.aug is not None:  # DDP needs as many steps on every rank
-            order = pad_to_world(order, self.world)
-        order = order[self.rank::self.world].to(self.device, non_blocking=True)
+        order = labelled_shard(len(self.images), self.seed, epoch, self.rank, self.world,
+                               self.aug is not None).to(self.device, non_blocking=True)
         for step in range(start_step, self.steps_per_epoch):
             idx = order[step * self.batch:(step + 1) * self.batch]
             if len(idx) == 0:  # a rank whose shard is one image short ends one step early
