@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ... import kernels
+from .. import dist
 from ..models import mlp
 from .base import Method, ema_tensors, frozen_copy, spread
 
@@ -56,7 +57,7 @@ class MomentumBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.training:
             with torch.no_grad():
                 dims = [0] + list(range(2, x.dim()))
-                if _world() > 1:
+                if dist.world() > 1:
                     mean, var = _global_stats(x, dims)
                 else:
                     xf = x.to(self.running_mean.dtype)  # statistics in the buffers' precision
@@ -69,11 +70,6 @@ class MomentumBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.num_batches_tracked.add_(1)
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                             False, 0.0, self.eps)
-
-
-def _world() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _global_stats(x: torch.Tensor, dims: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

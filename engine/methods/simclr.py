@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import dist
 from ..models import mlp
 from .base import Method, spread
 
@@ -48,22 +49,24 @@ class SimCLR(Method):
         self.projector = mlp(feat_dim, cfg.proj_hidden or feat_dim, cfg.proj_dim)
 
     def forward(self, v1: torch.Tensor, v2: torch.Tensor):
-        z = gather_views(self.projector(self.backbone(torch.cat([v1, v2]))))  # the global batch
+        mine = self.projector(self.backbone(torch.cat([v1, v2])))  # this rank's rows
+        z = gather_views(mine)  # the global batch
         loss = nt_xent(z, self.cfg.temperature)
-        zd = z.detach()  # the statistics of the global batch too, as one process computes them
-        return loss, {"spread": spread(zd), "pos_rank1": top1(zd)}
+        # The statistics of the global batch, as one process computes them: spread reduces
+        # over the ranks itself (given the gathered rows, it would count each one world times).
+        return loss, {"spread": spread(mine.detach()), "pos_rank1": top1(z.detach())}
 
 
 def gather_views(z: torch.Tensor) -> torch.Tensor:
     """Under torchrun, every rank's projections (with gradient), laid out as one process's
     [view 1 of the global batch; view 2 of it], so the negatives are the global batch's."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if dist.world() == 1:
         return z
     import torch.distributed._functional_collectives as fc  # differentiable, compilable
 
     gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
-    halves = [part.chunk(2) for part in gather(z, 0, dist.group.WORLD).chunk(dist.get_world_size())]
+    world = torch.distributed.group.WORLD
+    halves = [part.chunk(2) for part in gather(z, 0, world).chunk(dist.world())]
     return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
 
 
