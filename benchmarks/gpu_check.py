@@ -30,18 +30,18 @@ exit status is 1 when a section raised, a check failed or a recipe command exite
 Issue 13 (CUDA graphs, compile cache, the fine-tune loop) on a lent GPU, in two commands that
 each fit the 10-minute limit; first, here, `mkdir -p .data && cp -r
 ../shared/data/cxr-dev-gray224 .data/` (.data is git-ignored) and carry `.data`:
-    bash benchmarks/gpu_run.sh --only cuda methods; python -m pytest -q tests/test_graphs.py
+    bash benchmarks/gpu_run.sh --tests tests/test_graphs.py --only cuda methods
     bash benchmarks/gpu_run.sh --only finetune recipe --data .data/cxr-dev-gray224
 Still to measure for issue 13 (the H200 session of 6bb7787 ran out of device time), one
 command each, since step and recipe together may pass the 10-minute limit (the recipe
 section alone took 303 s on the H200, issue13-nvidia-h200.json; step's two compiled rungs and
 six eager ones were not timed there):
-    python -m pytest -q tests/test_host_sync.py tests/test_graphs.py && \
-    ... gpu_check --out "$OUT" --only step           (the honest peer's ratio)
-    ... gpu_check --out "$OUT" --only recipe --data .data/cxr-dev-gray224
+    bash benchmarks/gpu_run.sh --tests "tests/test_host_sync.py tests/test_graphs.py" \
+        --only step                                  (the honest peer's ratio)
+    bash benchmarks/gpu_run.sh --only recipe --data .data/cxr-dev-gray224
         (the recipe again, after the data path's host syncs went; recipe-partial.json keeps
         each finished command if the limit cuts it)
-    ... gpu_check --out "$OUT" --only knobs --knobs defaults coordinate_descent_tuning max_autotune
+    bash benchmarks/gpu_run.sh --only knobs --knobs defaults coordinate_descent_tuning max_autotune
 A session lent 15 minutes of device time in all (each machine start costs 1-2 of them) has
 room for one such command with time to rerun nothing: take the recipe, which measures issue
 13's headline targets (per-epoch img/s of `sstl pretrain`, the recipe's wall time), with a
@@ -263,7 +263,9 @@ def recipe(out: Path, data: str | None, deadline: float, passes: int = 2) -> dic
                                       timeout=max(1.0, deadline - t0))
                 rc, tail = proc.returncode, proc.stderr[-1500:]
             except subprocess.TimeoutExpired as e:  # the child is killed; its files stay
-                rc, tail = 124, f"stopped at the deadline: {(e.stderr or b'')[-1500:]!r}"
+                err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else \
+                    (e.stderr or "")
+                rc, tail = 124, f"stopped at the deadline: {err[-1500:]}"
             wall = time.perf_counter() - t0
             run = runs / name
             row[cmd] = {"wall_s": wall, "rc": rc, "tail": tail, **_run_facts(run)}
@@ -332,7 +334,8 @@ def failures(name: str, section: dict) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="gpu-check", help="folder for the JSON files")
-    p.add_argument("--budget", type=float, default=480, help="seconds after which sections skip")
+    p.add_argument("--budget", type=float, default=480,
+                   help="seconds after which sections skip and recipe commands are stopped")
     p.add_argument("--only", nargs="*", default=None, choices=SECTIONS,
                    help="run only these sections")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
@@ -375,9 +378,11 @@ def main() -> None:
         s0 = time.perf_counter()
         try:
             summary[name] = {"result": fn()}
-        # One broken section must not cost the others' minutes. SystemExit too: the engine's
-        # refusals (ConfigError, DataError, a diverged run) are SystemExits.
+        # One broken section must not cost the others' minutes. SystemExit with a message
+        # too: the engine's refusals (ConfigError, DataError, a diverged run) are those.
         except (Exception, SystemExit) as e:
+            if isinstance(e, SystemExit) and not isinstance(e.code, str):
+                raise  # an exit status (130: Ctrl-C or SIGTERM, the lease ending): stop now
             summary[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
         summary[name]["seconds"] = time.perf_counter() - s0
         (out / f"{name}.json").write_text(json.dumps(summary[name], indent=2, default=str))

@@ -17,8 +17,12 @@ def cache(
                                              "\\[default: $SSTL_CACHE or ~/.cache/sstl]",
                                              parser=path_value),
     prune: bool = typer.Option(False, "--prune", help="Delete the stale and incomplete "
-                               "entries (no run can read them); current ones and those whose "
-                               "files are elsewhere stay"),
+                               "entries (no sstl can read them); current ones, other sstl "
+                               "versions' and those whose files are elsewhere stay"),
+    other_versions: bool = typer.Option(False, "--other-versions", help="With --prune, also "
+                                        "delete the caches another sstl version or decoder "
+                                        "made (an install sharing this folder would decode "
+                                        "again)"),
 ):
     """List the decoded-image caches: size, files, state; --prune deletes the stale ones."""
     from sstl.engine.data.cache import default_cache_dir
@@ -27,12 +31,15 @@ def cache(
     folder = cache_dir or default_cache_dir()
     if cache_dir is not None and not cache_dir.is_dir():
         raise SystemExit(f"--cache-dir {cache_dir} is not a folder")
+    if other_versions and not prune:
+        raise SystemExit("--other-versions goes with --prune")
     console = Console()
     if prune:
-        gone = prune_folder(folder)
-        freed = sum(e.bytes for e in gone)
-        console.print(f"deleted {len(gone)} stale or incomplete entr{'y' if len(gone) == 1 else 'ies'}"
-                      f" of {folder}, {_mb(freed)}", markup=False)
+        gone, failed = prune_folder(folder, other_versions)
+        console.print(f"deleted {_count(gone)} of {folder}, {_mb(sum(e.bytes for e in gone))}",
+                      markup=False)
+        for why in failed:
+            console.print(f"could not delete {why}", markup=False)
     found = entries(folder)
     table = Table(title=f"{folder}", title_justify="left")
     for col in ("entry", "state", "images", "side", "size", "written"):
@@ -44,12 +51,20 @@ def cache(
                       time.strftime("%Y-%m-%d", time.localtime(e.written)), e.root)
     console.print(table)
     stale = [e for e in found if e.prunable]
-    total = sum(e.bytes for e in found)
-    line = f"{len(found)} entr{'y' if len(found) == 1 else 'ies'}, {_mb(total)}"
+    other = [e for e in found if e.state == "other sstl"]
+    line = f"{_count(found)}, {_mb(sum(e.bytes for e in found))}"
     if stale:
         line += (f"; {len(stale)} stale or incomplete ({_mb(sum(e.bytes for e in stale))}): "
                  "`sstl cache --prune` deletes them")
+    if other:
+        line += (f"; {len(other)} made by another sstl version or decoder "
+                 f"({_mb(sum(e.bytes for e in other))}): `--prune --other-versions` deletes them "
+                 "too")
     console.print(line, markup=False)
+
+
+def _count(found: list) -> str:
+    return f"{len(found)} entr{'y' if len(found) == 1 else 'ies'}"
 
 
 def _mb(n: int) -> str:

@@ -160,6 +160,17 @@ def test_gpu_check_exits_non_zero_when_a_section_fails(tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["cuda"]["error"] == "SystemExit: --batch-size must be at least 2"
     assert summary["data"]["result"] == {"rows": {}} and (tmp_path / "data.json").exists()
+    # An interrupted run (SIGTERM as a lease ends: the loop exits 130) stops the script: no
+    # later section starts.
+    ran = []
+
+    def interrupted(*a):
+        raise SystemExit(130)
+    monkeypatch.setattr(gpu_check, "cuda_checks", interrupted)
+    monkeypatch.setattr(data, "run", lambda **kw: ran.append("data"))
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main()
+    assert e.value.code == 130 and ran == []
     monkeypatch.setattr(sys, "argv", ["gpu_check", "--only", "recipes"])
     with pytest.raises(SystemExit) as e:
         gpu_check.main()
@@ -200,7 +211,11 @@ def test_gpu_check_recipe_sends_back_records_not_weights(tmp_path, monkeypatch):
 
     from sstl.benchmarks import gpu_check
 
+    real_run = subprocess.run
+
     def fake_run(argv, **kw):
+        if "--name" not in argv:  # git and uname, asked for the machine's record
+            return real_run(argv, **kw)
         run = Path(argv[argv.index("--out") + 1]) / argv[argv.index("--name") + 1]
         run.mkdir(parents=True)
         (run / "config.json").write_text("{}")

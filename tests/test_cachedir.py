@@ -1,15 +1,20 @@
-"""`sstl cache`: a cache no run can read again is called stale and pruned; nothing else is."""
+"""`sstl cache`: a cache no sstl can read again is stale and pruned; what another install,
+user or machine may still read is kept (the default folder is shared by all of them)."""
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
 
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+import sstl.engine.data.cache as cache_mod
 from sstl.cli.main import app
 from sstl.engine.config import DataConfig
+from sstl.engine.data import cachedir
 from sstl.engine.data.cachedir import entries, prune
 from sstl.engine.data.dataset import load_dataset
 
@@ -27,6 +32,12 @@ def _states(cache: Path) -> dict[str, str]:
     return {e.name: e.state for e in entries(cache)}
 
 
+def _names(gone_failed) -> list[str]:
+    gone, failed = gone_failed
+    assert failed == []
+    return sorted(e.name for e in gone)
+
+
 def test_an_edited_file_leaves_one_stale_cache_which_prune_deletes_and_nothing_else(tmp_path):
     data, cache = tmp_path / "data", tmp_path / "cache"
     files = write_pngs(data, n=4)
@@ -40,7 +51,7 @@ def test_an_edited_file_leaves_one_stale_cache_which_prune_deletes_and_nothing_e
     assert _states(cache) == {old: "stale", new: "current"}
     assert any("1 stale cache" in m and "sstl cache --prune" in m for m in logs)
 
-    assert [e.name for e in prune(cache)] == [old]
+    assert _names(prune(cache)) == [old]
     assert not any(cache.glob(f"{old}.*")) and _states(cache) == {new: "current"}
     written = (cache / f"{new}.npy").stat().st_mtime_ns
     _load(data, cache)  # the current one is still mapped, not decoded again
@@ -48,35 +59,99 @@ def test_an_edited_file_leaves_one_stale_cache_which_prune_deletes_and_nothing_e
     assert (cache / f"{new}.npy").stat().st_mtime_ns == written
 
 
-def test_entries_whose_files_are_all_gone_are_kept_and_orphans_pruned_only_when_old(tmp_path):
+def test_another_decoders_cache_is_kept_unless_asked_and_then_stale_once_its_files_change(
+        tmp_path, monkeypatch):
+    """Two installs (another Pillow, another sstl) share the folder: each one's cache of the
+    same unchanged files is the other's "other sstl", never stale."""
     data, cache = tmp_path / "data", tmp_path / "cache"
-    write_pngs(data, n=3)
+    files = write_pngs(data, n=3)
+    with monkeypatch.context() as m:
+        m.setattr(cache_mod, "decoder_identity", lambda: "another install's decoder")
+        _load(data, cache)
+    [theirs] = _states(cache)
+    _load(data, cache)
+    [mine] = set(_states(cache)) - {theirs}
+    assert _states(cache) == {theirs: "other sstl", mine: "current"}
+    assert _names(prune(cache)) == [] and len(_states(cache)) == 2
+    Image.new("L", (64, 64), 3).save(files[2])  # now neither install can read either
+    assert _states(cache) == {theirs: "stale", mine: "stale"}
+
+    # A cache written before caches recorded their decoder cannot be judged: kept too.
+    meta = cache / f"{mine}.json"
+    info = json.loads(meta.read_text())
+    del info["decoder"]
+    meta.write_text(json.dumps(info))
+    assert _states(cache)[mine] == "other sstl"
+    assert _names(prune(cache, other_versions=True)) == sorted([theirs, mine])
+
+
+def test_files_absent_or_unreadable_here_keep_their_cache(tmp_path, monkeypatch):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    files = write_pngs(data, n=3)
     _load(data, cache)
     [key] = _states(cache)
-    for f in data.iterdir():  # unmounted, or another machine's folder: may come back
+    real_stat = os.stat
+
+    def denied(path, *a, **kw):  # another user's folder (this test may run as root)
+        if str(path) == str(files[1]):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_stat(path, *a, **kw)
+    with monkeypatch.context() as m:
+        m.setattr(cachedir.os, "stat", denied)
+        assert _states(cache) == {key: "elsewhere"}
+        assert _names(prune(cache)) == []
+    for f in files:  # unmounted, or another machine's folder: may come back
         f.unlink()
-    young = cache / ("a" * 24 + ".npy")
-    old = cache / ("b" * 24 + ".npy")
-    young.write_bytes(b"x")
-    old.write_bytes(b"x")
-    hour_ago = time.time() - 7200
-    os.utime(old, (hour_ago, hour_ago))
-    assert _states(cache) == {key: "elsewhere", young.stem: "current", old.stem: "incomplete"}
-    assert [e.name for e in prune(cache)] == [old.stem]
-    assert (cache / f"{key}.npy").exists() and young.exists() and not old.exists()
+    assert _states(cache) == {key: "elsewhere"} and _names(prune(cache)) == []
 
 
-def test_only_an_older_versions_demo_set_is_stale(tmp_path):
-    from sstl.engine.data.synthetic import VERSION
+def test_orphans_are_building_when_young_and_incomplete_when_old(tmp_path):
+    young, old, lone_json = (tmp_path / f"{c * 24}.{s}" for c, s in (("a", "npy"), ("b", "npy"),
+                                                                        ("c", "json")))
+    for f in (young, old, lone_json):
+        f.write_bytes(b"x")
+    for f in (old, lone_json):
+        hours_ago = time.time() - 7200
+        os.utime(f, (hours_ago, hours_ago))
+    assert _states(tmp_path) == {young.stem: "building", old.stem: "incomplete",
+                                 lone_json.stem: "incomplete"}
+    assert _names(prune(tmp_path)) == sorted([old.stem, lone_json.stem])
+    assert young.exists() and not old.exists() and not lone_json.exists()
 
-    for v in (VERSION - 1, VERSION):
-        (tmp_path / f"synthetic-v{v}" / "COVID").mkdir(parents=True)
-        (tmp_path / f"synthetic-v{v}" / "COVID" / "a.png").write_bytes(b"png")
-    assert _states(tmp_path) == {f"synthetic-v{VERSION - 1}": "stale",
-                                 f"synthetic-v{VERSION}": "current"}
-    assert [e.name for e in prune(tmp_path)] == [f"synthetic-v{VERSION - 1}"]
-    assert (tmp_path / f"synthetic-v{VERSION}" / "COVID" / "a.png").exists()
-    assert not (tmp_path / f"synthetic-v{VERSION - 1}").exists()
+
+def test_an_older_demo_set_and_its_cache_go_together_and_the_current_one_stays(tmp_path,
+                                                                                monkeypatch):
+    from sstl.engine.data import synthetic
+
+    def draw(version):  # a demo set of that version in the cache folder, and its cache
+        monkeypatch.setattr(synthetic, "VERSION", version)
+        folder = synthetic.ensure_synthetic(tmp_path / f"synthetic-v{version}", per_class=2)
+        _load(folder, tmp_path)
+        return {e.name for e in entries(tmp_path)}
+    older = draw(1)
+    both = draw(2)
+    assert _states(tmp_path) == {**{n: "stale" for n in older}, **{n: "current"
+                                                                 for n in both - older}}
+    assert _names(prune(tmp_path)) == sorted(older)
+    assert (tmp_path / "synthetic-v2").is_dir() and not (tmp_path / "synthetic-v1").exists()
+    assert set(_states(tmp_path).values()) == {"current"}
+
+
+def test_a_file_prune_may_not_delete_is_reported_and_the_rest_go_on(tmp_path, monkeypatch):
+    young, old = tmp_path / ("a" * 24 + ".npy"), tmp_path / ("b" * 24 + ".npy")
+    for f in (young, old):
+        f.write_bytes(b"x")
+        os.utime(f, (time.time() - 7200,) * 2)
+    real_unlink = Path.unlink
+
+    def unlink(self, *a, **kw):
+        if self == young:
+            raise PermissionError(1, "Operation not permitted", str(self))
+        return real_unlink(self, *a, **kw)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    gone, failed = prune(tmp_path)
+    assert [e.name for e in gone] == [old.stem] and young.exists() and not old.exists()
+    assert failed == [f"{young.stem}: Operation not permitted"]
 
 
 def test_cli_lists_and_prunes(tmp_path):
@@ -93,7 +168,16 @@ def test_cli_lists_and_prunes(tmp_path):
     pruned = runner.invoke(app, ["cache", "--cache-dir", str(cache), "--prune"],
                            env={"COLUMNS": "200"})
     assert pruned.exit_code == 0, pruned.output
-    assert "deleted 1 stale or incomplete entry" in pruned.output
+    assert "deleted 1 entry" in pruned.output
     assert list(_states(cache).values()) == ["current"]
     missing = runner.invoke(app, ["cache", "--cache-dir", str(tmp_path / "nope")])
     assert missing.exit_code != 0 and "is not a folder" in missing.output
+    alone = runner.invoke(app, ["cache", "--cache-dir", str(cache), "--other-versions"])
+    assert alone.exit_code != 0 and "goes with --prune" in alone.output
+
+
+@pytest.fixture(autouse=True)
+def _fresh_decoder_identity():
+    cache_mod.decoder_identity.cache_clear()
+    yield
+    cache_mod.decoder_identity.cache_clear()

@@ -32,7 +32,6 @@ def _losses(run):
         return [float(r["loss"]) for r in csv.DictReader(fh)]
 
 
-@pytest.mark.skipif(not CIFAR.is_dir(), reason=f"CIFAR-10 not found at {CIFAR}")
 def test_the_paper_preset_is_the_papers_protocol():
     """Section 3 of the paper: ResNet50, two 112 px views, batch 256, 40 pretraining epochs;
     30 fine-tuning epochs at 224 px; mean and std over the last 10 epochs."""
@@ -42,6 +41,7 @@ def test_the_paper_preset_is_the_papers_protocol():
     assert (p["finetune_epochs"], p["image_size"], p["summary_last"]) == (30, 224, 10)
 
 
+@pytest.mark.skipif(not CIFAR.is_dir(), reason=f"CIFAR-10 not found at {CIFAR}")
 def test_stage1_on_cifar_learns_and_its_encoder_is_a_start(tmp_path):
     for cls in sorted(p.name for p in CIFAR.iterdir())[:4]:  # 4 classes x 40 images
         (tmp_path / "cifar" / cls).mkdir(parents=True)

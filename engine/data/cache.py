@@ -77,13 +77,19 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(records: list[Record], size: int) -> str:
-    h = hashlib.sha256(f"sstl-cache-v{FORMAT_VERSION}:{size}:{decoder_identity()}".encode())
-    for r in records:
+    return key_for([r.path for r in records], size, FORMAT_VERSION, decoder_identity())
+
+
+def key_for(paths: list[str], size: int, version: int, decoder: str) -> str:
+    """The key of these files at this size, for a cache format and decoder (`sstl cache`
+    recomputes it with the ones a cache recorded, to tell changed files from another sstl)."""
+    h = hashlib.sha256(f"sstl-cache-v{version}:{size}:{decoder}".encode())
+    for path in paths:
         try:
-            st = os.stat(r.path)
-            h.update(f"{r.path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
+            st = os.stat(path)
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
         except OSError:
-            h.update(f"{r.path}\0missing\n".encode())
+            h.update(f"{path}\0missing\n".encode())
     return h.hexdigest()[:24]
 
 
@@ -178,6 +184,7 @@ def _build(records, size, npy: Path, meta: Path, workers: int, progress) -> None
     try:
         reasons, digests = _decode_all(records, size, tmp_npy, workers, progress)
         tmp_meta.write_text(json.dumps({"version": FORMAT_VERSION, "size": size,
+                                        "decoder": decoder_identity(),
                                         "paths": [r.path for r in records], "reasons": reasons,
                                         "digests": digests}))
         os.replace(tmp_npy, npy)

@@ -103,7 +103,10 @@ class Dataset:
 def _note_stale_caches(folder: Path, log: Callable[[str], None]) -> None:
     from .cachedir import entries
 
-    stale = [e for e in entries(folder) if e.prunable]
+    try:
+        stale = [e for e in entries(folder) if e.prunable]
+    except OSError:  # a note only: a shared folder's oddities must not stop the run
+        return
     if stale:
         mb = sum(e.bytes for e in stale) / 2**20
         log(f"data: {folder} also holds {len(stale)} stale cache{'s' * (len(stale) != 1)} "
