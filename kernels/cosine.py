@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._triton import tl, triton
-from .loss import EPS, _acc_dtype, _blocks
+from ._rows import EPS, acc_dtype, blocks
 
 
 def cosine_loss_reference(a: Tensor, b: Tensor, eps: float = EPS) -> Tensor:
     """The loss in plain torch ops (differentiable in `a`; `b` is detached)."""
-    dt = _acc_dtype(a.dtype)
+    dt = acc_dtype(a.dtype)
     na, nb = F.normalize(a.to(dt), dim=-1, eps=eps), F.normalize(b.detach().to(dt), dim=-1, eps=eps)
     return (2 - 2 * (na * nb).sum(-1)).mean()
 
@@ -82,12 +82,12 @@ def _forward(a: Tensor, b: Tensor, use_triton: bool) -> Tensor:
     if a.ndim != 2 or a.shape != b.shape:
         raise ValueError(f"cosine_loss wants two (B, D) tensors, got {tuple(a.shape)}, "
                          f"{tuple(b.shape)}")
-    dt = _acc_dtype(a.dtype)
+    dt = acc_dtype(a.dtype)
     if use_triton:
         a, b = a.contiguous(), b.contiguous()
         B, D = a.shape
         stats = torch.empty((4, B), dtype=dt, device=a.device)
-        bb, bd = _blocks(B, D)
+        bb, bd = blocks(B, D)
         _cos_fwd_kernel[(triton.cdiv(B, bb),)](a, b, stats, B, D, EPS, BLOCK_B=bb, BLOCK_D=bd,
                                                num_warps=4)
         return stats
@@ -103,7 +103,7 @@ def _backward(grad: Tensor, a: Tensor, b: Tensor, stats: Tensor, use_triton: boo
         a, b, stats, grad = a.contiguous(), b.contiguous(), stats.contiguous(), grad.contiguous()
         B, D = a.shape
         da = torch.empty_like(a)
-        bb, bd = _blocks(B, D)
+        bb, bd = blocks(B, D)
         _cos_bwd_kernel[(triton.cdiv(B, bb),)](a, b, stats, grad, da, B, D, EPS, BLOCK_B=bb,
                                                BLOCK_D=bd, num_warps=4)
         return da
@@ -139,7 +139,7 @@ def cosine_loss_op(a: Tensor, b: Tensor, use_triton: bool) -> tuple[Tensor, Tens
 
 @cosine_loss_op.register_fake
 def _(a, b, use_triton):
-    dt = _acc_dtype(a.dtype)
+    dt = acc_dtype(a.dtype)
     return a.new_empty((), dtype=dt), a.new_empty((4, a.shape[0]), dtype=dt)
 
 

@@ -23,19 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._rows import EPS, acc_dtype, blocks
 from ._triton import tl, triton
-
-EPS = 1e-8
-TILE = 1024  # elements per (rows x BLOCK_D) tile: 8 fp32 per thread at 4 warps
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)  # fp64 stays fp64 (gradcheck)
 
 
 def cross_loss_reference(p1: Tensor, p2: Tensor, y2: Tensor, eps: float = EPS) -> Tensor:
     """The loss in plain torch ops (differentiable; Y2 is detached). fp16/bf16 compute in fp32."""
-    dt = _acc_dtype(p1.dtype)
+    dt = acc_dtype(p1.dtype)
     n1, n2, ny = (F.normalize(t.to(dt), dim=-1, eps=eps) for t in (p1, p2, y2.detach()))
     return ((2 - 2 * (n1 * n2).sum(-1)) + (2 - 2 * (n2 * ny).sum(-1))).mean()
 
@@ -114,16 +108,10 @@ def _cross_bwd_kernel(p1_ptr, p2_ptr, y2_ptr, stats_ptr, grad_ptr, dp1_ptr, dp2_
                  mask=mask)
 
 
-def _blocks(B: int, D: int) -> tuple[int, int]:
-    block_d = min(triton.next_power_of_2(D), 256)
-    block_b = min(max(TILE // block_d, 1), triton.next_power_of_2(B))
-    return block_b, block_d
-
-
 def _forward_triton(p1: Tensor, p2: Tensor, y2: Tensor) -> Tensor:
     B, D = p1.shape
-    stats = torch.empty((6, B), dtype=_acc_dtype(p1.dtype), device=p1.device)
-    block_b, block_d = _blocks(B, D)
+    stats = torch.empty((6, B), dtype=acc_dtype(p1.dtype), device=p1.device)
+    block_b, block_d = blocks(B, D)
     _cross_fwd_kernel[(triton.cdiv(B, block_b),)](
         p1, p2, y2, stats, B, D, EPS, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=4)
     return stats
@@ -132,7 +120,7 @@ def _forward_triton(p1: Tensor, p2: Tensor, y2: Tensor) -> Tensor:
 def _backward_triton(grad, p1, p2, y2, stats) -> tuple[Tensor, Tensor]:
     B, D = p1.shape
     dp1, dp2 = torch.empty_like(p1), torch.empty_like(p2)
-    block_b, block_d = _blocks(B, D)
+    block_b, block_d = blocks(B, D)
     _cross_bwd_kernel[(triton.cdiv(B, block_b),)](
         p1, p2, y2, stats, grad, dp1, dp2, B, D, EPS,
         BLOCK_B=block_b, BLOCK_D=block_d, num_warps=4)
@@ -141,7 +129,7 @@ def _backward_triton(grad, p1, p2, y2, stats) -> tuple[Tensor, Tensor]:
 
 # ------------------------------------------------------ the same math in torch (fallback)
 def _forward_torch(p1: Tensor, p2: Tensor, y2: Tensor) -> Tensor:
-    a, b, y = (t.to(_acc_dtype(p1.dtype)) for t in (p1, p2, y2))
+    a, b, y = (t.to(acc_dtype(p1.dtype)) for t in (p1, p2, y2))
     d12, d2y = (a * b).sum(-1), (b * y).sum(-1)
     q1, q2, qy = (a * a).sum(-1), (b * b).sum(-1), (y * y).sum(-1)
     s1, s2, sy = (q.sqrt().clamp_min(EPS) for q in (q1, q2, qy))
@@ -207,7 +195,7 @@ def cross_loss_op(p1: Tensor, p2: Tensor, y2: Tensor, use_triton: bool) -> tuple
 
 @cross_loss_op.register_fake
 def _(p1, p2, y2, use_triton):
-    dt = _acc_dtype(p1.dtype)
+    dt = acc_dtype(p1.dtype)
     return p1.new_empty((), dtype=dt), p1.new_empty((6, p1.shape[0]), dtype=dt)
 
 
