@@ -222,20 +222,7 @@ def _changes(run: Run, cfg) -> str:
 def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
     """Train to `plan.epochs`, resuming from the run's checkpoint; returns metrics.csv rows."""
     steps = source.steps_per_epoch
-    ck = run.resume((plan.key, *plan.accepts), plan.inputs) if plan.resume else None
-    if not plan.resume:  # starting over: the old checkpoints go with the old metrics
-        run.discard_checkpoints()
-    run.training = True
-    epoch, start, partial = 0, 0, None
-    if ck is not None:
-        t.load(ck)
-        epoch, start, partial = ck["epoch"], ck["step"], ck.get("partial")
-        _check_world(ck, start)
-        _check_dtype(ck, t.dtype)
-        log(f"resuming {run.path} at epoch {epoch + 1}, step {start}" if epoch < plan.epochs
-            else f"{run.path} has finished its {plan.epochs} epoch"
-                 f"{'s' * (plan.epochs != 1)}: nothing to train, its outputs are written again "
-                 "from the final checkpoint")
+    epoch, start, partial = _start(run, t, plan)
     metrics = MetricsCSV(run.path / "metrics.csv", run.is_main)
     metrics.truncate(epoch)
     rep = Reporter(plan.epochs * steps, plan.desc, epoch * steps + start, live=plan.live)
@@ -293,15 +280,7 @@ def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
                         break
                 if stopping and i + 1 < steps:
                     break
-                seconds = time.perf_counter() - t0
-                means = (dist.all_reduce_mean(sums.clone()) / max(steps, 1)).tolist()
-                if not (all(map(math.isfinite, means)) and _finite(t.model)):
-                    _diverged(run, means[0], epoch, steps)
-                row = {"epoch": epoch, "loss": means[0],
-                       **{k: v for k, v in zip(t.stats, means[1:])},
-                       # float(): a graphed run's lr is a device tensor (accel.py)
-                       "lr": float(t.opt.param_groups[0]["lr"]), "images_per_s": seen / seconds,
-                       "seconds": seconds}
+                row = _epoch_row(run, t, epoch, sums, steps, seen, time.perf_counter() - t0)
                 if plan.on_epoch_end is not None:
                     row.update(plan.on_epoch_end(epoch))
                 stopping = dist.any_rank(stopping or stop.requested, source.device)
@@ -319,14 +298,51 @@ def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
                 raise SystemExit(130)
     finally:
         rep.close()
-        run.add_time("train", time.perf_counter() - t_train)
-        if isinstance(step_fn, accel.GraphedStep):
-            run.add_time("graph_capture", step_fn.seconds)
-        if t.compiled:  # this run's compile-cache hits and misses
-            run.timing.update({k: v - cache_before[k]
-                               for k, v in accel.compile_counters().items()})
-        run.write_timing()
+        _record_time(run, t, step_fn, time.perf_counter() - t_train, cache_before)
     return metrics.rows()
+
+
+def _start(run: Run, t: Trainer, plan: Plan) -> tuple[int, int, dict | None]:
+    """(epoch, step, partial epoch sums) to start from: the run's checkpoint, loaded into `t`,
+    or the beginning (with --no-resume, the old checkpoints go with the old metrics)."""
+    ck = run.resume((plan.key, *plan.accepts), plan.inputs) if plan.resume else None
+    if not plan.resume:
+        run.discard_checkpoints()
+    run.training = True
+    if ck is None:
+        return 0, 0, None
+    t.load(ck)
+    epoch, start = ck["epoch"], ck["step"]
+    _check_world(ck, start)
+    _check_dtype(ck, t.dtype)
+    log(f"resuming {run.path} at epoch {epoch + 1}, step {start}" if epoch < plan.epochs
+        else f"{run.path} has finished its {plan.epochs} epoch{'s' * (plan.epochs != 1)}: "
+             "nothing to train, its outputs are written again from the final checkpoint")
+    return epoch, start, ck.get("partial")
+
+
+def _epoch_row(run: Run, t: Trainer, epoch: int, sums: torch.Tensor, steps: int, seen: int,
+               seconds: float) -> dict:
+    """metrics.csv's row of a finished epoch (means over its steps and ranks); a loss or a
+    weight that stopped being a number ends the run instead."""
+    means = (dist.all_reduce_mean(sums.clone()) / max(steps, 1)).tolist()
+    if not (all(map(math.isfinite, means)) and _finite(t.model)):
+        _diverged(run, means[0], epoch, steps)
+    return {"epoch": epoch, "loss": means[0], **{k: v for k, v in zip(t.stats, means[1:])},
+            # float(): a graphed run's lr is a device tensor (accel.py)
+            "lr": float(t.opt.param_groups[0]["lr"]), "images_per_s": seen / seconds,
+            "seconds": seconds}
+
+
+def _record_time(run: Run, t: Trainer, step_fn, seconds: float, cache_before: dict) -> None:
+    """timing.json: training time, the CUDA graph's capture, this run's compile-cache hits
+    and misses (the counters are process-wide: `reproduce` runs many fits)."""
+    run.add_time("train", seconds)
+    if isinstance(step_fn, accel.GraphedStep):
+        run.add_time("graph_capture", step_fn.seconds)
+    if t.compiled:
+        run.timing.update({k: v - cache_before[k] for k, v in accel.compile_counters().items()})
+    run.write_timing()
 
 
 def _check_world(ck: dict, step: int) -> None:
@@ -353,8 +369,8 @@ def _check_dtype(ck: dict, now: str) -> None:
 
 def _finite(model: torch.nn.Module, *tensors: torch.Tensor) -> bool:
     """Whether every weight and statistic is a number (one host sync, at checkpoints and epoch
-    ends only). The
-    loss of a step is computed before its update, so the weights can break first."""
+    ends only). The loss of a step is computed before its update, so the weights can break
+    first."""
     state = [v for v in model.state_dict().values() if v.is_floating_point()] + list(tensors)
     return bool(torch.stack([v.isfinite().all() for v in state]).all())
 
