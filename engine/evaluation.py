@@ -23,12 +23,12 @@ CITATION = ('G. Li, R. Togo, T. Ogawa, M. Haseyama, "Self-supervised transfer le
 CURVE_METRICS = ("hm", "auc", "acc")  # the ones curves_png draws per epoch
 
 
-def _figure(figsize, cols: int = 1):
+def new_figure(figsize, cols: int = 1, dpi: float | None = None):
     """A matplotlib Figure on the Agg canvas, without pyplot: no global backend, no display."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=figsize)
+    fig = Figure(figsize=figsize, dpi=dpi)
     FigureCanvasAgg(fig)
     return fig, fig.subplots(1, cols)
 
@@ -52,7 +52,7 @@ def confusion_figure(y_true, probs, class_names: list[str], what: str):
     rows = cm.sum(axis=1, keepdims=True)
     share = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
     k = len(class_names)
-    fig, ax = _figure((1.6 * k + 2, 1.4 * k + 1.5))
+    fig, ax = new_figure((1.6 * k + 2, 1.4 * k + 1.5))
     ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     for i in range(k):
         for j in range(k):
@@ -90,7 +90,7 @@ def roc_figure(y_true, probs, class_names: list[str], positive: str, what: str):
     """The positive-vs-rest ROC with the argmax operating point, and each class one-vs-rest."""
     y_true, probs = np.asarray(y_true), np.asarray(probs)
     pos = class_names.index(positive)
-    fig, ax = _figure((6.4, 6))
+    fig, ax = new_figure((6.4, 6))
     ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1, label="chance")
     others = [k for k in range(len(class_names)) if k != pos]
     for colour, k in enumerate(others, start=1):  # C0 is the positive class's
@@ -119,7 +119,7 @@ def curves_png(rows: list[dict], path) -> None:
     """Training curves from metrics.csv rows: the loss, and HM / AUC / Acc on the test split."""
     epochs = np.array([int(float(r["epoch"])) + 1 for r in rows])  # metrics.csv counts from 0
     col = lambda k: np.array([float(r.get(k, "nan") or "nan") for r in rows])  # noqa: E731
-    fig, (left, right) = _figure((11, 4), cols=2)
+    fig, (left, right) = new_figure((11, 4), cols=2)
     left.plot(epochs, col("loss"), marker=".", color="C3")
     left.set(xlabel="epoch", ylabel="training loss", title="Loss")
     for k in CURVE_METRICS:

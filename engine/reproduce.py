@@ -35,6 +35,7 @@ from .data.dataset import load_dataset
 from .data.index import DataError
 from .finetune import check_split_classes, finetune
 from .io import atomic_write, make_dir, save_json
+from .evaluation import new_figure
 from .metrics import METRICS
 from .predict import evaluate
 from .pretrain import pretrain
@@ -393,12 +394,7 @@ def fig3_table(table: dict, rows, fractions, positive: str) -> list[str]:
 
 def fig3(path: Path, table: dict, rows, fractions, positive: str) -> None:
     """HM and Acc against the label fraction, one line per row, as the paper's Fig. 3."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 4), dpi=120)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2)
+    fig, axes = new_figure((10, 4), cols=2, dpi=120)
     xs = sorted(fractions)
     for ax, (k, title) in zip(axes, _titles(positive)):
         for row, _, _ in rows:
