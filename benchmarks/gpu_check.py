@@ -228,13 +228,15 @@ def pretrain_epoch(out: Path) -> dict:
             "config": json.loads((run / "config.json").read_text())["resolved"]}
 
 
-def recipe(out: Path, data: str | None, deadline: float, passes: int = 2) -> dict:
+def recipe(out: Path, data: str | None, deadline: float, passes: int = 2,
+           least_s: float = 60) -> dict:
     """The paper's recipe as a user runs it (subprocesses, so the compile cache is the real
     on-disk one): pretrain 40 epochs, then fine-tune 30 epochs on all labels.
 
     `deadline` (time.perf_counter()) bounds every command: one that would run past it is
     stopped and counted as rc 124. A command that fails ends the recipe (the next one needs
-    its output), and the second pass is skipped when the first took longer than what is left."""
+    its output), and the second pass is skipped when the first took longer than what is left;
+    with less than `least_s` left, the recipe does not start."""
     import subprocess
     import sys
 
@@ -246,6 +248,9 @@ def recipe(out: Path, data: str | None, deadline: float, passes: int = 2) -> dic
     rows: list[dict] = []
     for i in range(passes):
         left = deadline - time.perf_counter()
+        if not rows and left < least_s:  # pass 1 cannot finish: say so, do not start it
+            return {"skipped": f"{left:.0f}s of --budget left, too little for the recipe",
+                    "data": data}
         if rows and left < 1.2 * sum(r[c]["wall_s"] for r in rows[-1:] for c in ("pretrain",
                                                                                  "finetune")):
             rows.append({"pass": i + 1, "skipped": f"{left:.0f}s left, less than pass {i} took"})
@@ -382,7 +387,12 @@ def main() -> None:
         # too: the engine's refusals (ConfigError, DataError, a diverged run) are those.
         except (Exception, SystemExit) as e:
             if isinstance(e, SystemExit) and not isinstance(e.code, str):
-                raise  # an exit status (130: Ctrl-C or SIGTERM, the lease ending): stop now
+                # An exit status (130: Ctrl-C, or the lease's SIGTERM): stop now, with what
+                # finished written down.
+                summary[name] = {"error": f"interrupted (exit {e.code})"}
+                summary["failed"] = {**failed, name: [summary[name]["error"]]}
+                (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+                raise
             summary[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
         summary[name]["seconds"] = time.perf_counter() - s0
         (out / f"{name}.json").write_text(json.dumps(summary[name], indent=2, default=str))

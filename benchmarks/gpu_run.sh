@@ -7,10 +7,14 @@
 # relative paths in the arguments are read from the repository root. When this Python's
 # setuptools cannot build the package (pyproject's SPDX `license` needs setuptools >= 77, and
 # --no-build-isolation uses the machine's own), sstl runs from the checkout through a path
-# shim instead of losing the lease to an install error. Exit status: the tests' if they
-# fail, else gpu_check's.
+# shim instead of losing the lease to an install error. The tests' output goes to
+# $OUT/tests.log and a failing test does not cancel the measurements; gpu_check's --budget
+# (480 s, or $BUDGET) counts from this script's start. Exit status: the tests' if they
+# failed, else gpu_check's.
 set -u
 cd "$(dirname "$0")/.."
+out="${OUT:-gpu-check}"
+mkdir -p "$out"
 tests=""
 if [ "${1:-}" = "--tests" ]; then
     tests="${2:?--tests takes a quoted list of test files}"
@@ -24,8 +28,14 @@ if ! python -m pip install -q --no-deps --no-build-isolation -e . ; then
     export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
     echo "gpu_run: install failed; running sstl from $PWD through $shim" >&2
 fi
+test_rc=0
 if [ -n "$tests" ]; then
     # shellcheck disable=SC2086  # a list of test files, split on spaces
-    python -m pytest -q $tests || exit $?
+    python -m pytest -q $tests 2>&1 | tee "$out/tests.log"
+    test_rc=${PIPESTATUS[0]}
 fi
-exec python -m sstl.benchmarks.gpu_check --out "${OUT:-gpu-check}" "$@"
+budget=$(( ${BUDGET:-480} - SECONDS ))  # a later --budget in the arguments wins
+python -m sstl.benchmarks.gpu_check --out "$out" --budget "$budget" "$@"
+rc=$?
+[ "$test_rc" -ne 0 ] && exit "$test_rc"
+exit "$rc"

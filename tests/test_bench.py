@@ -171,6 +171,8 @@ def test_gpu_check_exits_non_zero_when_a_section_fails(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         gpu_check.main()
     assert e.value.code == 130 and ran == []
+    assert json.loads((tmp_path / "summary.json").read_text())["failed"] == {
+        "cuda": ["interrupted (exit 130)"]}
     monkeypatch.setattr(sys, "argv", ["gpu_check", "--only", "recipes"])
     with pytest.raises(SystemExit) as e:
         gpu_check.main()
@@ -277,7 +279,12 @@ def test_gpu_check_recipe_stops_at_its_deadline_and_after_a_failure(tmp_path, mo
     calls.clear()
     plan.clear()
     plan.update({"sleep": 0.3})  # pass 1 takes 0.6 s; 0.5 s are left for pass 2
-    r = gpu_check.recipe(tmp_path / "c", data, deadline=time.perf_counter() + 1.1)
+    r = gpu_check.recipe(tmp_path / "c", data, deadline=time.perf_counter() + 1.1, least_s=0)
     assert [c[0] for c in calls] == ["pretrain-0", "finetune-0"]
     assert r["rows"][1]["pass"] == 2 and "less than pass 1 took" in r["rows"][1]["skipped"]
     assert gpu_check.failures("recipe", {"result": r}) == []
+
+    calls.clear()  # too little time to finish pass 1: not started, and counted as a failure
+    r = gpu_check.recipe(tmp_path / "d", data, deadline=time.perf_counter() + 30)
+    assert calls == [] and "too little for the recipe" in r["skipped"]
+    assert gpu_check.failures("recipe", {"result": r}) == [f"skipped: {r['skipped']}"]

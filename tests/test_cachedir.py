@@ -119,22 +119,77 @@ def test_orphans_are_building_when_young_and_incomplete_when_old(tmp_path):
     assert young.exists() and not old.exists() and not lone_json.exists()
 
 
-def test_an_older_demo_set_and_its_cache_go_together_and_the_current_one_stays(tmp_path,
-                                                                                monkeypatch):
+def _draw(folder: Path, version: int, monkeypatch) -> set[str]:
+    """A demo set of that sstl version drawn into `folder` (a cache folder) and cached there;
+    returns the names of everything in the folder."""
     from sstl.engine.data import synthetic
 
-    def draw(version):  # a demo set of that version in the cache folder, and its cache
-        monkeypatch.setattr(synthetic, "VERSION", version)
-        folder = synthetic.ensure_synthetic(tmp_path / f"synthetic-v{version}", per_class=2)
-        _load(folder, tmp_path)
-        return {e.name for e in entries(tmp_path)}
-    older = draw(1)
-    both = draw(2)
-    assert _states(tmp_path) == {**{n: "stale" for n in older}, **{n: "current"
-                                                                 for n in both - older}}
-    assert _names(prune(tmp_path)) == sorted(older)
-    assert (tmp_path / "synthetic-v2").is_dir() and not (tmp_path / "synthetic-v1").exists()
-    assert set(_states(tmp_path).values()) == {"current"}
+    monkeypatch.setattr(synthetic, "VERSION", version)
+    drawn = synthetic.ensure_synthetic(folder / f"synthetic-v{version}", per_class=2)
+    _load(drawn, folder)
+    return {e.name for e in entries(folder)}
+
+
+def test_other_versions_demo_sets_are_kept_unless_asked_and_then_go_with_their_caches(
+        tmp_path, monkeypatch):
+    older = _draw(tmp_path, 1, monkeypatch)
+    newer = _draw(tmp_path, 3, monkeypatch) - older
+    both = _draw(tmp_path, 2, monkeypatch) - older - newer  # this install: version 2
+    states = _states(tmp_path)
+    assert {states[n] for n in both} == {"current"}
+    assert states["synthetic-v1"] == states["synthetic-v3"] == "other sstl"  # an install's
+    assert _names(prune(tmp_path)) == []
+    # Their caches go in the second pass, their files being gone: stale.
+    assert set(_names(prune(tmp_path, other_versions=True))) == older | newer
+    assert set(_states(tmp_path)) == both and set(_states(tmp_path).values()) == {"current"}
+
+
+def test_a_symlinked_cache_folder_still_knows_its_demo_sets_caches(tmp_path, monkeypatch):
+    import shutil
+
+    real, link = tmp_path / "real", tmp_path / "link"
+    real.mkdir()
+    link.symlink_to(real)
+    names = _draw(link, 1, monkeypatch)
+    shutil.rmtree(link / "synthetic-v1")  # a new draw would make new files: never read again
+    assert set(_states(link).values()) == {"stale"} and set(_states(link)) == names - {
+        "synthetic-v1"}
+
+
+def test_another_machines_cache_is_not_judged_here(tmp_path, monkeypatch):
+    """A shared folder, data at the same path on two machines (copies: other ctimes): the
+    key of the other's cache does not come out here, yet its files may be unchanged there."""
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    files = write_pngs(data, n=3)
+    with monkeypatch.context() as m:
+        m.setattr(cache_mod.socket, "gethostname", lambda: "another-node")
+        _load(data, cache)
+    [theirs] = _states(cache)
+    Image.new("L", (64, 64), 5).save(files[0])
+    assert _states(cache) == {theirs: "elsewhere"} and _names(prune(cache)) == []
+
+
+def test_a_listing_that_went_stale_is_rechecked_before_deleting(tmp_path, monkeypatch):
+    """A rebuild may complete an entry between prune's listing and its deletion: the entry is
+    read again first and spared."""
+    orphan = tmp_path / ("d" * 24 + ".npy")
+    orphan.write_bytes(b"x")
+    os.utime(orphan, (time.time() - 7200,) * 2)
+    snapshot = entries(tmp_path)
+    assert [e.state for e in snapshot] == ["incomplete"]
+    os.utime(orphan, None)  # written again since (now "building")
+    monkeypatch.setattr(cachedir, "entries", lambda folder: snapshot)
+    assert _names(prune(tmp_path)) == [] and orphan.exists()
+
+
+def test_a_file_name_that_is_not_utf8_is_cached_and_listed(tmp_path):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    write_pngs(data, n=3)
+    odd = os.fsdecode(b"Neumon\xeda.png")  # Latin-1 bytes, as an old archive may hold
+    (data / "img0.png").rename(data / odd)
+    ds, _ = _load(data, cache)
+    assert sorted(Path(r.path).name for r in ds.records) == sorted(["img1.png", "img2.png", odd])
+    assert list(_states(cache).values()) == ["current"]
 
 
 def test_a_file_prune_may_not_delete_is_reported_and_the_rest_go_on(tmp_path, monkeypatch):

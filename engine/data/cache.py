@@ -77,19 +77,31 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(records: list[Record], size: int) -> str:
-    return key_for([r.path for r in records], size, FORMAT_VERSION, decoder_identity())
+    return key_for(file_states([r.path for r in records]), size, FORMAT_VERSION,
+                   decoder_identity())
 
 
-def key_for(paths: list[str], size: int, version: int, decoder: str) -> str:
-    """The key of these files at this size, for a cache format and decoder (`sstl cache`
-    recomputes it with the ones a cache recorded, to tell changed files from another sstl)."""
-    h = hashlib.sha256(f"sstl-cache-v{version}:{size}:{decoder}".encode())
+def file_states(paths: list[str]) -> list[tuple[str, os.stat_result | OSError]]:
+    """Each path with its stat, or the error that stat raised (one stat per file)."""
+    out: list[tuple[str, os.stat_result | OSError]] = []
     for path in paths:
         try:
-            st = os.stat(path)
-            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
-        except OSError:
-            h.update(f"{path}\0missing\n".encode())
+            out.append((path, os.stat(path)))
+        except OSError as e:
+            out.append((path, e))
+    return out
+
+
+def key_for(states: list[tuple[str, os.stat_result | OSError]], size: int, version: int,
+            decoder: str) -> str:
+    """The key of these files (file_states) at this size, for a cache format and decoder
+    (`sstl cache` computes it again with the ones a cache recorded: changed files, or
+    another sstl?)."""
+    h = hashlib.sha256(f"sstl-cache-v{version}:{size}:{decoder}".encode())
+    for path, st in states:
+        line = (f"{path}\0missing\n" if isinstance(st, OSError) else
+                f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n")
+        h.update(line.encode("utf-8", "surrogateescape"))  # file names need not be UTF-8
     return h.hexdigest()[:24]
 
 
@@ -185,6 +197,7 @@ def _build(records, size, npy: Path, meta: Path, workers: int, progress) -> None
         reasons, digests = _decode_all(records, size, tmp_npy, workers, progress)
         tmp_meta.write_text(json.dumps({"version": FORMAT_VERSION, "size": size,
                                         "decoder": decoder_identity(),
+                                        "host": socket.gethostname(),
                                         "paths": [r.path for r in records], "reasons": reasons,
                                         "digests": digests}))
         os.replace(tmp_npy, npy)

@@ -2,20 +2,21 @@
 
 A cache's key hashes its files' paths, sizes and times with the cache format and the decoder
 (cache.py), so an edited file, a changed decoder or a new sstl makes a new cache, and the old
-one stays on disk. A cache records the format and decoder that made it, so its key can be
-computed again from its own JSON:
+one stays on disk. A cache records the format, decoder and host that made it, so its key can
+be computed again from its own JSON:
   current       this sstl maps it (the key comes out with today's decoder);
-  stale         its files changed since (the key no longer comes out with its own decoder):
-                no sstl of any version can read it;
-  other sstl    another sstl version or decoder made it from files that did not change: that
-                install (another environment sharing the folder) may still read it;
-  elsewhere     its files are absent or unreadable here (another machine or user sharing the
-                folder, a moved or unmounted data set): they may come back;
-  building      a .npy without its JSON, under an hour old: a build in progress;
+  stale         made here, its files changed since (the key no longer comes out with its own
+                decoder): no sstl of any version can read it;
+  other sstl    another sstl version or decoder made it from files that did not change (or
+                it predates these records): that install, sharing the folder, may read it;
+  elsewhere     its files are absent or unreadable here, or it was made on another machine
+                whose files (same paths, other times) this one cannot judge;
+  building      a .npy or .json without its other half, under an hour old: a build going on;
   incomplete    the same, older: a build cut short (Ctrl-C, a killed process).
-Demo sets (synthetic-v*) of another sstl version, and caches of files inside the cache folder
-that are gone (an older demo set's), are stale. `prune` deletes stale and incomplete entries,
-and "other sstl" ones only when asked: the default folder is shared by every install.
+The demo set (synthetic-v<N>, drawn into the cache folder) of another sstl version is "other
+sstl"; a cache of demo-set files that are gone is stale (a new draw makes new files).
+`prune` deletes stale and incomplete entries, and "other sstl" ones only when asked: the
+default folder is shared by every install on the machine.
 """
 from __future__ import annotations
 
@@ -23,11 +24,13 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache import FORMAT_VERSION, clear_stale_temporaries, decoder_identity, key_for
+from .cache import (FORMAT_VERSION, clear_stale_temporaries, decoder_identity, file_states,
+                    key_for)
 
 _KEY = re.compile(r"^[0-9a-f]{24}$")
 _BUILDING_S = 3600  # a younger orphan may be another process between its two renames
@@ -51,38 +54,54 @@ class Entry:
         return self.state in PRUNED
 
 
-def entries(folder: Path) -> list[Entry]:
-    """Every cache and demo set in `folder`, newest first."""
+def entries(folder: Path, root: str | None = None) -> list[Entry]:
+    """Every cache and demo set in `folder`, newest first; with `root`, only the caches of
+    files under that folder (what a new cache of it may have replaced: cheaper)."""
     if not folder.is_dir():
         return []
     stems = {p.stem for p in folder.glob("*.npy")} | {p.stem for p in folder.glob("*.json")}
-    found = [e for stem in stems if _KEY.match(stem) for e in [_entry(folder, stem)] if e]
-    found += _demo_sets(folder)
+    found = [e for stem in sorted(stems) if _KEY.match(stem)
+             for e in [_entry(folder, stem, root)] if e]
+    if root is None:
+        found += _demo_sets(folder)
     return sorted(found, key=lambda e: e.written, reverse=True)
 
 
 def prune(folder: Path, other_versions: bool = False) -> tuple[list[Entry], list[str]]:
     """Delete the stale and incomplete entries (and "other sstl" ones if asked) and dead
-    builds' temporaries; return (what was deleted, why some could not be)."""
+    builds' temporaries; return (what was deleted, why some could not be). Two passes: a
+    demo set deleted in the first leaves its caches stale for the second."""
     doomed = PRUNED + (("other sstl",) if other_versions else ())
-    gone, failed = [], []
-    for e in entries(folder):
-        if e.state not in doomed:
-            continue
-        try:
-            for p in e.paths:
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p)
-                else:
-                    p.unlink(missing_ok=True)
-            gone.append(e)
-        except OSError as err:  # another user's file in a shared folder, say
-            failed.append(f"{e.name}: {err.strerror or err}")
+    gone: list[Entry] = []
+    failed: list[str] = []
+    tried: set[str] = set()
+    for _ in range(2):
+        for e in entries(folder):
+            if e.state in doomed and e.name not in tried and _unchanged(folder, e):
+                tried.add(e.name)
+                try:
+                    for p in e.paths:
+                        if p.is_dir() and not p.is_symlink():
+                            shutil.rmtree(p)
+                        else:
+                            p.unlink(missing_ok=True)
+                    gone.append(e)
+                except OSError as err:  # another user's file in a shared folder, say
+                    failed.append(f"{e.name}: {err.strerror or err}")
     clear_stale_temporaries(folder)
     return gone, failed
 
 
-def _entry(folder: Path, stem: str) -> Entry | None:
+def _unchanged(folder: Path, e: Entry) -> bool:
+    """Whether an entry is as it was listed: a build may have completed it since (a listing
+    of many caches takes a while), and then it is not deleted."""
+    if not _KEY.match(e.name):
+        return True  # a demo set: its state depends on its name alone
+    now = _entry(folder, e.name, None)
+    return now is not None and (now.state, now.written) == (e.state, e.written)
+
+
+def _entry(folder: Path, stem: str, root: str | None) -> Entry | None:
     npy, meta = folder / f"{stem}.npy", folder / f"{stem}.json"
     try:
         files = [p for p in (npy, meta) if p.exists()]
@@ -97,51 +116,44 @@ def _entry(folder: Path, stem: str) -> Entry | None:
         paths, side = list(info["paths"]), int(info["size"])
         if not all(isinstance(p, str) for p in paths):
             raise TypeError("paths")
-    except (OSError, ValueError, KeyError, TypeError):  # no JSON yet, or not one of ours
-        young = time.time() - written < _BUILDING_S
-        return Entry(stem, files, size, 0, 0, "", "building" if young else "incomplete",
-                     written)
-    state = _state(folder, stem, paths, side, info)
-    return Entry(stem, files, size, len(paths), side, _common_root(paths), state, written)
+    except (OSError, ValueError, KeyError, TypeError, OverflowError):  # half a build, or
+        young = time.time() - written < _BUILDING_S                    # not one of ours
+        return None if root is not None else Entry(
+            stem, files, size, 0, 0, "", "building" if young else "incomplete", written)
+    common = common_root(paths)
+    if root is not None and common != root:
+        return None
+    try:
+        state = _state(folder, stem, paths, side, info)
+    except (ValueError, TypeError, UnicodeError):  # a path this system cannot even stat
+        state = "elsewhere"
+    return Entry(stem, files, size, len(paths), side, common, state, written)
 
 
 def _state(folder: Path, key: str, paths: list[str], side: int, info: dict) -> str:
-    from .synthetic import VERSION
-
-    # Files inside the cache folder are a demo set's: another version's, or gone, is stale.
-    demo = {_under(p, folder) for p in paths}
-    if paths and demo <= {f"synthetic-v{v}" for v in range(VERSION)}:
-        return "stale"
-    seen = [_stat(p) for p in paths]
-    if paths and None not in demo and all(s == "missing" for s in seen):
-        return "stale"  # a demo set's cache, its files gone: a new draw makes new files
-    if "unreadable" in seen or (paths and all(s == "missing" for s in seen)):
-        return "elsewhere"
-    if key_for(paths, side, FORMAT_VERSION, decoder_identity()) == key:
+    states = file_states(paths)  # one stat per file, for every key below
+    missing = [isinstance(st, FileNotFoundError) for _, st in states]
+    if any(isinstance(st, OSError) and not gone for (_, st), gone in zip(states, missing)):
+        return "elsewhere"  # permission denied, a hung mount: not ours to judge
+    if paths and all(missing):
+        inside = all(_inside(p, folder) for p in paths)  # a demo set's, gone: never again
+        return "stale" if inside else "elsewhere"
+    if key_for(states, side, FORMAT_VERSION, decoder_identity()) == key:
         return "current"
     version, decoder = info.get("version"), info.get("decoder")
     if version != FORMAT_VERSION or decoder is None:  # a key this sstl cannot recompute
         return "other sstl"
-    return "other sstl" if key_for(paths, side, version, decoder) == key else "stale"
+    if key_for(states, side, version, decoder) == key:
+        return "other sstl"
+    host = info.get("host")
+    return "elsewhere" if host and host != socket.gethostname() else "stale"
 
 
-def _stat(path: str) -> str:
+def _inside(path: str, folder: Path) -> bool:
     try:
-        os.stat(path)
-        return "ok"
-    except FileNotFoundError:
-        return "missing"
-    except OSError:  # permission denied, a hung mount: not ours to judge
-        return "unreadable"
-
-
-def _under(path: str, folder: Path) -> str | None:
-    """The first part of `path` inside `folder` ("" for the folder itself), or None."""
-    try:
-        rel = Path(os.path.abspath(path)).relative_to(os.path.abspath(folder))
-    except ValueError:
-        return None
-    return rel.parts[0] if rel.parts else ""
+        return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))
+    except (OSError, ValueError):
+        return False
 
 
 def _demo_sets(folder: Path) -> list[Entry]:
@@ -156,12 +168,12 @@ def _demo_sets(folder: Path) -> list[Entry]:
             written = d.stat().st_mtime
         except OSError:  # deleted while being listed
             continue
-        state = "current" if d.name == f"synthetic-v{VERSION}" else "stale"
+        state = "current" if d.name == f"synthetic-v{VERSION}" else "other sstl"
         out.append(Entry(d.name, [d], size, 0, 0, str(d), state, written))
     return out
 
 
-def _common_root(paths: list[str]) -> str:
+def common_root(paths: list[str]) -> str:
     if not paths:
         return ""
     try:

@@ -100,17 +100,20 @@ class Dataset:
                 "test_fingerprint": self.fingerprint(self.test_idx)}
 
 
-def _note_stale_caches(folder: Path, log: Callable[[str], None]) -> None:
-    from .cachedir import entries
+def _note_stale_caches(folder: Path, paths: list[str], log: Callable[[str], None]) -> None:
+    """Say when older caches of these files (edited since) lie in the folder: only those are
+    looked at, so a large shared folder costs little."""
+    from .cachedir import common_root, entries
 
     try:
-        stale = [e for e in entries(folder) if e.prunable]
-    except OSError:  # a note only: a shared folder's oddities must not stop the run
+        stale = [e for e in entries(folder, root=common_root(paths)) if e.state == "stale"]
+    except Exception:  # a note only: a shared folder's oddities must never stop the run
         return
     if stale:
         mb = sum(e.bytes for e in stale) / 2**20
         log(f"data: {folder} also holds {len(stale)} stale cache{'s' * (len(stale) != 1)} "
-            f"({mb:,.1f} MB) that no run can read; `sstl cache --prune` deletes them")
+            f"of these files ({mb:,.1f} MB) that no run can read; `sstl cache --prune` "
+            "deletes them")
 
 
 def first_problems(report: dict, n: int = 3) -> str:
@@ -139,7 +142,7 @@ def load_dataset(cfg: DataConfig, need_labels: bool = False,
     cache = load_or_build(candidates, cfg.cache_size, cfg.cache_dir, cfg.scan_workers, progress)
     report = scan_report(root, candidates, cache, found)
     if cache.built:  # a new cache: the one it replaces (edited files, new sstl) may linger
-        _note_stale_caches(cache.path.parent, log)
+        _note_stale_caches(cache.path.parent, [r.path for r in candidates], log)
     log(f"data: {report['usable']} usable images of {report['found']} found under {root}"
         + (f"; {report['unreadable']} skipped" if report["unreadable"] else "")
         + (f"; {report['left_out']} image files left out" if report["left_out"] else "")
