@@ -210,9 +210,11 @@ def test_gpu_check_recipe_sends_back_records_not_weights(tmp_path, monkeypatch):
     elsewhere and only their small files (config, timing, metrics) are copied into --out,
     beside recipe-partial.json with the machine's record."""
     import subprocess
+    import tempfile
 
     from sstl.benchmarks import gpu_check
 
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the run folders: not /tmp's
     real_run = subprocess.run
 
     def fake_run(argv, **kw):
@@ -243,10 +245,12 @@ def test_gpu_check_recipe_stops_at_its_deadline_and_after_a_failure(tmp_path, mo
     a command past the deadline is stopped (rc 124), a failed command ends the recipe, and
     a second pass that would not fit is skipped."""
     import subprocess
+    import tempfile
     import time
 
     from sstl.benchmarks import gpu_check
 
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the run folders: not /tmp's
     calls, plan = [], {}  # plan: a run's name -> "slow" (past the deadline) or its rc
 
     real_run = subprocess.run
