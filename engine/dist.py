@@ -110,6 +110,19 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(t).div_(world()) if initialized() else t
 
 
+def global_mean_var(x: torch.Tensor, dims: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (dim 1) mean and unbiased variance over `dims` of the global batch: one
+    all-reduce of the sum, sum of squares and count, in float64 (so a variance near 0, a
+    collapse, still reads as one; a single process's two-pass statistics agree to rounding).
+    No gradient flows back through the all-reduce."""
+    xd = x.double()
+    count = x.new_full((1,), x.numel() // x.shape[1], dtype=torch.float64)
+    s = all_reduce_sum(torch.cat([xd.sum(dims), (xd * xd).sum(dims), count]))
+    c, n = x.shape[1], s[-1]
+    mean = s[:c] / n
+    return mean, (s[c:2 * c] - n * mean * mean) / (n - 1)
+
+
 def any_rank(flag: bool, device) -> bool:
     """True on every rank when `flag` is true on any rank (a signal one rank received)."""
     if not initialized():

@@ -58,15 +58,9 @@ def spread(z: torch.Tensor) -> torch.Tensor:
     z = F.normalize(z.detach().float(), dim=1)
     if dist.world() == 1:
         return z.std(0).mean() * z.shape[1] ** 0.5
-    # Under torchrun, the std of the global batch (not a mean of the ranks' stds): from the
-    # per-dimension sums over every rank, in float64 so a collapse (variance near 0) still
-    # reads as one.
-    z = z.double()
-    sums = dist.all_reduce_sum(torch.stack([z.sum(0), (z * z).sum(0),
-                                            torch.full_like(z[0], z.shape[0])]))
-    s1, s2, n = sums.unbind(0)
-    var = ((s2 - s1 * s1 / n) / (n - 1)).clamp(min=0)
-    return (var.sqrt().mean() * z.shape[1] ** 0.5).float()
+    # Under torchrun, the std of the global batch (not a mean of the ranks' stds).
+    _, var = dist.global_mean_var(z, [0])
+    return (var.clamp(min=0).sqrt().mean() * z.shape[1] ** 0.5).float()
 
 
 def cosine_tau(base: float, step: int, total: int) -> float:

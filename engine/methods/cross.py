@@ -58,7 +58,7 @@ class MomentumBatchNorm(nn.modules.batchnorm._BatchNorm):
             with torch.no_grad():
                 dims = [0] + list(range(2, x.dim()))
                 if dist.world() > 1:
-                    mean, var = _global_stats(x, dims)
+                    mean, var = dist.global_mean_var(x, dims)
                 else:
                     xf = x.to(self.running_mean.dtype)  # statistics in the buffers' precision
                     mean, var = xf.mean(dims), xf.var(dims, unbiased=True)
@@ -70,19 +70,6 @@ class MomentumBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.num_batches_tracked.add_(1)
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                             False, 0.0, self.eps)
-
-
-def _global_stats(x: torch.Tensor, dims: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and unbiased variance over the global batch (torchrun): one all-reduce of the
-    per-channel sum, sum of squares and count, in float64 (a single process's two-pass
-    statistics agree to rounding)."""
-    xd = x.double()
-    count = x.new_full((1,), x.numel() // x.shape[1], dtype=torch.float64)
-    s = torch.cat([xd.sum(dims), (xd * xd).sum(dims), count])
-    torch.distributed.all_reduce(s)
-    c, n = x.shape[1], s[-1]
-    mean = s[:c] / n
-    return mean, (s[c:2 * c] - n * mean * mean) / (n - 1)
 
 
 def use_momentum_bn_(module: nn.Module, momentum: float) -> nn.Module:

@@ -65,8 +65,8 @@ def gather_views(z: torch.Tensor) -> torch.Tensor:
     import torch.distributed._functional_collectives as fc  # differentiable, compilable
 
     gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
-    world = torch.distributed.group.WORLD
-    halves = [part.chunk(2) for part in gather(z, 0, world).chunk(dist.world())]
+    group = torch.distributed.group.WORLD
+    halves = [part.chunk(2) for part in gather(z, 0, group).chunk(dist.world())]
     return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
 
 
