@@ -244,14 +244,20 @@ def clear_stale_temporaries(folder: Path) -> list[Path]:
         if not m or (m.group(2) or host) != host or _running(int(m.group(1))):
             continue
         try:
-            if f.is_dir() and not f.is_symlink():
-                shutil.rmtree(f)
-            else:
-                f.unlink()
+            remove(f)
             removed.append(f)
         except FileNotFoundError:  # another process cleared it first
             pass
     return removed
+
+
+def remove(path: Path) -> None:
+    """Delete a file, or a folder with all it holds (a link itself, never what it points to);
+    FileNotFoundError when it is gone already."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def _running(pid: int) -> bool:

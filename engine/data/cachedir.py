@@ -20,17 +20,17 @@ default folder is shared by every install on the machine.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import shutil
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .cache import (FORMAT_VERSION, clear_stale_temporaries, decoder_identity, file_states,
-                    key_for)
+                    key_for, remove)
 
 _KEY = re.compile(r"^[0-9a-f]{24}$")
 _BUILDING_S = 3600  # a younger orphan may be another process between its two renames
@@ -81,10 +81,8 @@ def prune(folder: Path, other_versions: bool = False) -> tuple[list[Entry], list
                 tried.add(e.name)
                 try:
                     for p in e.paths:
-                        if p.is_dir() and not p.is_symlink():
-                            shutil.rmtree(p)
-                        else:
-                            p.unlink(missing_ok=True)
+                        with contextlib.suppress(FileNotFoundError):  # gone already
+                            remove(p)
                     gone.append(e)
                 except OSError as err:  # another user's file in a shared folder, say
                     failed.append(f"{e.name}: {err.strerror or err}")
@@ -112,7 +110,7 @@ def _entry(folder: Path, stem: str, root: str | None) -> Entry | None:
         return None
     size, written = sum(s.st_size for s in stats), max(s.st_mtime for s in stats)
     try:
-        info = json.loads(meta.read_text()) if npy.exists() else None
+        info = json.loads(meta.read_text()) if npy in files else None
         paths, side = list(info["paths"]), int(info["size"])
         if not all(isinstance(p, str) for p in paths):
             raise TypeError("paths")
@@ -132,10 +130,11 @@ def _entry(folder: Path, stem: str, root: str | None) -> Entry | None:
 
 def _state(folder: Path, key: str, paths: list[str], side: int, info: dict) -> str:
     states = file_states(paths)  # one stat per file, for every key below
-    missing = [isinstance(st, FileNotFoundError) for _, st in states]
-    if any(isinstance(st, OSError) and not gone for (_, st), gone in zip(states, missing)):
+    errors = [st for _, st in states if isinstance(st, OSError)]
+    missing = sum(isinstance(e, FileNotFoundError) for e in errors)
+    if missing < len(errors):
         return "elsewhere"  # permission denied, a hung mount: not ours to judge
-    if paths and all(missing):
+    if paths and missing == len(paths):
         inside = all(_inside(p, folder) for p in paths)  # a demo set's, gone: never again
         return "stale" if inside else "elsewhere"
     if key_for(states, side, FORMAT_VERSION, decoder_identity()) == key:
