@@ -52,7 +52,6 @@ LABELS = {"ours": "Ours (Cross + Transfer)", "transfer": "Transfer", "cross": "C
           "pirl-rotation": "PIRL-Rotation", "scratch": "From Scratch"}
 
 
-
 def _paper_preset() -> dict:
     """The paper's settings (a GPU job): the commands' own defaults, read, not copied."""
     pre, fine = PretrainConfig(), FinetuneConfig()
