@@ -25,6 +25,7 @@ from .data.augment import (IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, FinetuneA
 from .data.backends import pick_backend
 from .io import save_json  # noqa: F401  (re-exported: commands write JSON through it)
 from .methods import METHODS, SettingError, method_settings
+from .models import imagenet_versions, is_start_file
 
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AugmentConfig", "FinetuneAugment", "ViewAugment",
@@ -205,18 +206,21 @@ def config_hash(cfg) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def resume_key(cfg, as_typed: bool = False, encoder_as_file: bool = False) -> str:
+def resume_key(cfg, as_typed: bool = False, encoder_as_file: bool = False,
+               precision_as_typed: bool = False) -> str:
     """What a checkpoint must match to be continued: the config minus how and where it runs,
     and minus what only changes the report (set to its default, so keys made before stay).
     Paths (--data, --encoder, --init PATH) count by the place they name, not by how they were
     typed: `cxr`, `./cxr` and /abs/cxr, from any folder, are one run, and so are an encoder's
     run directory and its encoder.safetensors. The keys of checkpoints written before, which
-    resume still accepts: `as_typed` (paths as typed), `encoder_as_file` (an encoder file
-    not yet counted as its directory)."""
-    return config_hash(_keyed(to_dict(cfg), cfg, as_typed, encoder_as_file))
+    resume still accepts, newest last: `precision_as_typed` (--precision bf16 on a GPU, or
+    fp32 on a CPU, not yet counted as auto), `encoder_as_file` (also an encoder file not yet
+    counted as its directory), `as_typed` (also paths as typed)."""
+    return config_hash(_keyed(to_dict(cfg), cfg, as_typed, encoder_as_file, precision_as_typed))
 
 
-def _keyed(d: dict, cfg, as_typed: bool = False, encoder_as_file: bool = False) -> dict:
+def _keyed(d: dict, cfg, as_typed: bool = False, encoder_as_file: bool = False,
+           precision_as_typed: bool = False) -> dict:
     """The part of a config's dict (a config.json's too) that the resume key counts."""
     d = json.loads(json.dumps(d, default=str))  # a copy, with tuples as lists (as in JSON)
     for f in dataclasses.fields(cfg):
@@ -224,6 +228,10 @@ def _keyed(d: dict, cfg, as_typed: bool = False, encoder_as_file: bool = False) 
             d[f.name] = f.default
     d["runtime"] = {k: v for k, v in d["runtime"].items() if k not in RESUMABLE_RUNTIME}
     d["data"] = {k: v for k, v in d["data"].items() if k not in ("cache_dir", "scan_workers")}
+    if not (as_typed or encoder_as_file or precision_as_typed):
+        # bf16 typed on a GPU, fp32 on a CPU: what auto chooses there, so the same run.
+        if d["runtime"].get("precision") == auto_precision(cfg.runtime.device):
+            d["runtime"]["precision"] = "auto"
     if not as_typed:
         if d["data"].get("path") is not None:
             d["data"]["path"] = _place(d["data"]["path"])
@@ -234,7 +242,7 @@ def _keyed(d: dict, cfg, as_typed: bool = False, encoder_as_file: bool = False) 
             else:
                 d["encoder"] = str(place.parent if place.name == "encoder.safetensors"
                                    else place)
-        if d.get("init") not in (None, "imagenet", "random"):
+        if is_start_file(d.get("init")):
             d["init"] = _place(d["init"])
     return d
 
@@ -266,7 +274,7 @@ def recorded_config(record) -> dict | None:
         return config
 
     def place(p):
-        return p if p in (None, "imagenet", "random") else os.path.join(cwd, os.path.expanduser(p))
+        return os.path.join(cwd, os.path.expanduser(p)) if is_start_file(p) else p
     data = config.get("data")
     return {**config, **({"data": {**data, "path": place(data.get("path"))}}
                          if isinstance(data, dict) else {}),
@@ -275,8 +283,9 @@ def recorded_config(record) -> dict | None:
 
 def resume_keys(cfg) -> tuple[str, ...]:
     """The keys a checkpoint of this config may carry: today's first, then earlier versions'
-    (paths as typed; an encoder file not counted as its directory), without repeats."""
-    return tuple(dict.fromkeys((resume_key(cfg), resume_key(cfg, as_typed=True),
+    (resume_key's flags), without repeats."""
+    return tuple(dict.fromkeys((resume_key(cfg), resume_key(cfg, precision_as_typed=True),
+                                resume_key(cfg, as_typed=True),
                                 resume_key(cfg, encoder_as_file=True))))
 
 
@@ -307,6 +316,11 @@ def check(cfg):
              f"--arch must be resnet18 or resnet50, not {cfg.arch!r}")
         need(cfg.imagenet_weights.upper() in ("V1", "V2"),
              f"--imagenet-weights must be V1 or V2, not {cfg.imagenet_weights!r}")
+        have = imagenet_versions(cfg.arch)
+        need(cfg.init != "imagenet" or getattr(cfg, "encoder", None) is not None
+             or cfg.imagenet_weights.upper() in have,
+             f"--arch {cfg.arch} has only {' and '.join(have)} ImageNet weights in torchvision; "
+             f"pass --imagenet-weights {have[-1]}")
     if isinstance(cfg, PretrainConfig):
         need(cfg.method in METHODS,
              f"--method must be one of {', '.join(METHODS)}, not {cfg.method!r}")
@@ -518,6 +532,11 @@ def dist_env() -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def auto_precision(device: str) -> str:
+    """What --precision auto means with this --device on this machine: bf16 on CUDA, else fp32."""
+    return "bf16" if device != "cpu" and torch.cuda.is_available() else "fp32"
+
+
 def resolve(rt: Runtime, batch_size: int) -> Resolved:
     """Turn the choices a runtime block leaves open ('auto') into values for this machine.
 
@@ -528,7 +547,7 @@ def resolve(rt: Runtime, batch_size: int) -> Resolved:
         raise ConfigError("--device cuda was asked for, but torch sees no CUDA device")
     on_gpu = rt.device != "cpu" and torch.cuda.is_available()
     device = f"cuda:{local_rank}" if on_gpu else "cpu"
-    precision = rt.precision if rt.precision != "auto" else ("bf16" if on_gpu else "fp32")
+    precision = rt.precision if rt.precision != "auto" else auto_precision(rt.device)
     if rt.cuda_graphs and not on_gpu:
         raise ConfigError("--cuda-graphs needs a CUDA device; this run is on the CPU")
     if batch_size % world:  # --batch-size is global: each of the processes takes a share

@@ -28,7 +28,7 @@ from .data.split import fraction_subset
 from .loop import Plan, Trainer, check_resumable, fit, run_name
 from .evaluation import bootstrap_ci, card_fields, curves_png, draw_figures, write_model_card
 from .metrics import METRICS, NAMES, best_epoch, classification_metrics, summarize
-from .models import imagenet_tag, sidecar, sstl_weights, weights_file
+from .models import imagenet_tag, is_start_file, sidecar, sstl_weights, weights_file
 from .runs import Run, log, run_inputs, save_weights
 from .classifier import check_start, classifier_trainer, eval_probs
 
@@ -105,7 +105,7 @@ def check_encoder(cfg: FinetuneConfig, ds: Dataset) -> Path | None:
 def _leak_fix(meta: dict, cfg: FinetuneConfig, ds: Dataset) -> str:
     """What to do about a start that learned from this run's test images, by how it came to."""
     start = meta.get("init")
-    inherited = start not in (None, "imagenet", "random")
+    inherited = is_start_file(start)
     split = (meta.get("split_seed"), meta.get("test_fraction"))
     same_split = split == (cfg.data.split_seed, cfg.data.test_fraction)
     if meta.get("data_fingerprint") != ds.fingerprint():

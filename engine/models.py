@@ -9,6 +9,12 @@ import torch.nn as nn
 import torchvision
 
 ARCHS = {"resnet18": 512, "resnet50": 2048}  # backbone -> feature dimension
+NAMED_STARTS = ("imagenet", "random")  # --init values that name no file
+
+
+def is_start_file(init: str | None) -> bool:
+    """Whether a start (--init, a recorded `init`) is a path: not None, imagenet or random."""
+    return init not in (None, *NAMED_STARTS)
 
 
 def mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
@@ -44,14 +50,19 @@ def backbone(arch: str, init: str = "random", weights: str | None = None,
     return net
 
 
+def imagenet_versions(arch: str) -> tuple[str, ...]:
+    """The --imagenet-weights values torchvision has for `arch`: ("V1",) for resnet18."""
+    return tuple(w.name.removeprefix("IMAGENET1K_")
+                 for w in torchvision.models.get_model_weights(arch))
+
+
 def imagenet_weights_enum(arch: str, version: str):
     """torchvision's IMAGENET1K_<version> weights entry for `arch`, or one line naming the flag."""
     enum = torchvision.models.get_model_weights(arch)
     name = f"IMAGENET1K_{version.upper()}"
     if not hasattr(enum, name):
-        have = [w.name.removeprefix("IMAGENET1K_") for w in enum]
         raise SystemExit(f"{arch} has no {name} weights in torchvision; pass --imagenet-weights "
-                         f"{' or '.join(have)}")
+                         f"{' or '.join(imagenet_versions(arch))}")
     return getattr(enum, name)
 
 
@@ -174,7 +185,7 @@ def sidecar(weights: Path) -> dict:
 def sstl_weights(init: str | None) -> Path | None:
     """The weights file of a start sstl wrote (a .safetensors beside its JSON sidecar, or its
     run directory), or None: imagenet, random and other files record nothing of what they saw."""
-    if init in (None, "imagenet", "random"):
+    if not is_start_file(init):
         return None
     f = weights_file(init, "encoder.safetensors")
     return f if f.suffix == ".safetensors" and f.with_suffix(".json").is_file() else None

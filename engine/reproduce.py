@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 
 from . import dist
 from .config import (AugmentConfig, DataConfig, EvaluateConfig, FinetuneAugment,
@@ -37,6 +36,7 @@ from .finetune import check_split_classes, finetune
 from .io import atomic_write, make_dir, save_json
 from .evaluation import new_figure
 from .metrics import METRICS
+from .models import imagenet_versions
 from .predict import evaluate
 from .pretrain import pretrain
 from .runs import file_identity, inputs_parts, log, same_data, start_identity
@@ -93,8 +93,7 @@ def _start(start: str, cfg: ReproduceConfig) -> tuple[str, str]:
     arch has them (resnet50), else V1 (resnet18 has no V2)."""
     if start == "random" or cfg.transfer != "imagenet":
         return (cfg.transfer if start == "transfer" else "random"), "V2"
-    versions = {w.name for w in torchvision.models.get_model_weights(PRESETS[cfg.preset]["arch"])}
-    return "imagenet", "V2" if "IMAGENET1K_V2" in versions else "V1"
+    return "imagenet", "V2" if "V2" in imagenet_versions(PRESETS[cfg.preset]["arch"]) else "V1"
 
 
 def _done(run: Path, weights: str, epochs: int) -> bool:

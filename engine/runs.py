@@ -49,6 +49,7 @@ from . import dist
 from .config import config_hash, to_dict
 from .data.cache import file_digest
 from .io import WriteError, atomic_write, make_dir, save_json
+from .models import is_start_file
 
 console = Console(stderr=True)
 SRC = Path(__file__).resolve().parent.parent
@@ -492,7 +493,7 @@ def start_identity(init: str | None) -> str:
     """What an --init PATH start holds: the digest of its bytes (the data cache's
     file_digest), computed once per file state in a process. '' for imagenet and random
     (their resume keys name them)."""
-    if init in (None, "imagenet", "random"):
+    if not is_start_file(init):
         return ""
     f = Path(init).expanduser().resolve()
     if not f.is_file():

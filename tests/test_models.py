@@ -10,6 +10,8 @@ from safetensors.torch import save_file
 
 from sstl.engine.models import backbone
 
+from .configs import finetune_cfg, pretrain_cfg
+
 
 def _random_sd(arch="resnet18"):
     torch.manual_seed(3)
@@ -43,6 +45,21 @@ def test_imagenet_offline_names_the_file(tmp_path, monkeypatch):
         backbone("resnet50", "imagenet", "V9")
     with pytest.raises(SystemExit, match="resnet18 has no IMAGENET1K_V2.*--imagenet-weights V1"):
         backbone("resnet18", "imagenet", "V2")
+
+
+def test_weights_an_arch_lacks_are_refused_by_check_before_any_work():
+    """resnet18 has only V1: the default V2 with --init imagenet is one line naming the flag,
+    from check(); a start that is not torchvision's (random, --encoder) needs no such weights."""
+    from sstl.engine.config import ConfigError, SupervisedConfig, check
+
+    for cfg in (finetune_cfg(init="imagenet"), pretrain_cfg(init="imagenet"),
+                SupervisedConfig(arch="resnet18", init="imagenet")):
+        with pytest.raises(ConfigError, match="resnet18 has only V1 .*--imagenet-weights V1"):
+            check(cfg)
+    check(finetune_cfg(init="imagenet", imagenet_weights="V1"))
+    check(finetune_cfg(init="random"))
+    check(finetune_cfg(init="imagenet", encoder="runs/pre"))
+    check(pretrain_cfg(init="imagenet", arch="resnet50"))  # resnet50 has V2
 
 
 class _Exploit:

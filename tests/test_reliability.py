@@ -486,6 +486,29 @@ def test_a_path_spelled_another_way_is_the_same_run(tmp_path, monkeypatch, capsy
     assert "has finished its 1 epoch" in capsys.readouterr().err
 
 
+def test_precision_typed_as_auto_chooses_is_the_same_run(tmp_path, capsys):
+    """--precision fp32 on a CPU is what auto means there: one resume key and one directory;
+    bf16 is another run. A checkpoint keyed as typed (earlier versions) still resumes."""
+    from sstl.engine.config import check, resume_key, resume_keys
+
+    def cfg(precision):
+        return check(pretrain_cfg(out=str(tmp_path / "runs"), precision=precision))
+
+    auto, fp32, bf16 = cfg("auto"), cfg("fp32"), cfg("bf16")
+    assert resume_keys(fp32)[0] == resume_keys(auto)[0] != resume_keys(bf16)[0]
+    run = pretrain(fp32)
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ck["resume_key"] == resume_keys(auto)[0]
+    ck["resume_key"] = resume_key(fp32, precision_as_typed=True)  # as a81f2ba wrote it
+    assert ck["resume_key"] != resume_keys(fp32)[0]
+    torch.save(ck, run / "checkpoint.pt")
+    old = run.with_name(f"pretrain-cross-resnet18-{ck['resume_key'][:8]}")
+    os.replace(run, old)
+    capsys.readouterr()
+    assert pretrain(fp32).resolve() == old.resolve()
+    assert "has finished its 1 epoch" in capsys.readouterr().err
+
+
 def test_an_encoder_given_as_its_run_directory_or_its_file_is_one_run(tmp_path, monkeypatch):
     """`--encoder runs/x` and `--encoder runs/x/encoder.safetensors` name one file: one resume
     key and one directory, from any folder. Another file there is another start."""
