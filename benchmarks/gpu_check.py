@@ -237,7 +237,6 @@ def recipe(out: Path, data: str | None, deadline: float, passes: int = 2,
     stopped and counted as rc 124. A command that fails ends the recipe (the next one needs
     its output), and the second pass is skipped when the first took longer than what is left;
     with less than `least_s` left, the recipe does not start."""
-    import subprocess
     import sys
 
     if not data or not Path(data).exists():  # failures() counts it: nothing was measured
@@ -263,14 +262,8 @@ def recipe(out: Path, data: str | None, deadline: float, passes: int = 2,
             argv = [sys.executable, "-m", "sstl.cli.main", cmd, "--data", data, "--out", str(runs),
                     "--name", name, "--no-resume", *extra]
             t0 = time.perf_counter()
-            try:
-                proc = subprocess.run(argv, capture_output=True, text=True,
-                                      timeout=max(1.0, deadline - t0))
-                rc, tail = proc.returncode, proc.stderr[-1500:]
-            except subprocess.TimeoutExpired as e:  # the child is killed; its files stay
-                err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else \
-                    (e.stderr or "")
-                rc, tail = 124, f"stopped at the deadline: {err[-1500:]}"
+            rc, err = run_bounded(argv, max(1.0, deadline - t0))
+            tail = (f"stopped at the deadline: {err[-1500:]}" if rc == 124 else err[-1500:])
             wall = time.perf_counter() - t0
             run = runs / name
             row[cmd] = {"wall_s": wall, "rc": rc, "tail": tail, **_run_facts(run)}
@@ -286,6 +279,36 @@ def recipe(out: Path, data: str | None, deadline: float, passes: int = 2,
         if rc != 0:  # the last command run failed: what follows would need its output
             break
     return {"rows": rows, "data": data}
+
+
+def run_bounded(argv: list[str], timeout: float, grace: float = 15.0) -> tuple[int, str]:
+    """(exit status, stderr) of a command given `timeout` seconds. Past it, its whole process
+    group (compile and data loader workers) gets SIGTERM, then SIGKILL after `grace` seconds,
+    and the status is 124: a killed child alone would leave its workers holding the GPU."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            errors="replace", start_new_session=True)
+    try:
+        err = proc.communicate(timeout=timeout)[1]
+        return proc.returncode, err or ""
+    except subprocess.TimeoutExpired:
+        pass
+    err = ""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError):  # the group is gone
+            os.killpg(proc.pid, sig)
+        try:
+            err = proc.communicate(timeout=wait)[1]
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    with contextlib.suppress(ProcessLookupError):  # workers that outlived a stopped command
+        os.killpg(proc.pid, signal.SIGKILL)
+    return 124, err or ""
 
 
 def _copy_small_files(run: Path, to: Path) -> None:

@@ -209,25 +209,21 @@ def test_gpu_check_recipe_sends_back_records_not_weights(tmp_path, monkeypatch):
     """A lent machine returns --out under a size limit: the recipe's run directories stay
     elsewhere and only their small files (config, timing, metrics) are copied into --out,
     beside recipe-partial.json with the machine's record."""
-    import subprocess
     import tempfile
 
     from sstl.benchmarks import gpu_check
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the run folders: not /tmp's
-    real_run = subprocess.run
 
-    def fake_run(argv, **kw):
-        if "--name" not in argv:  # git and uname, asked for the machine's record
-            return real_run(argv, **kw)
+    def fake_run(argv, timeout):
         run = Path(argv[argv.index("--out") + 1]) / argv[argv.index("--name") + 1]
         run.mkdir(parents=True)
         (run / "config.json").write_text("{}")
         (run / "timing.json").write_text('{"total": 1.0}')
         (run / "metrics.csv").write_text("epoch,images_per_s\n0,10\n1,20\n")
         (run / "checkpoint.pt").write_bytes(b"x" * 1000)
-        return subprocess.CompletedProcess(argv, 0, "", "")
-    monkeypatch.setattr(subprocess, "run", fake_run)
+        return 0, ""
+    monkeypatch.setattr(gpu_check, "run_bounded", fake_run)
     (tmp_path / "data").mkdir()
     result = gpu_check.recipe(tmp_path / "out", str(tmp_path / "data"), 1e9, passes=1)
     assert gpu_check.failures("recipe", {"result": result}) == []
@@ -244,7 +240,6 @@ def test_gpu_check_recipe_stops_at_its_deadline_and_after_a_failure(tmp_path, mo
     """The recipe must end before the lease's limit kills it (which would lose summary.json):
     a command past the deadline is stopped (rc 124), a failed command ends the recipe, and
     a second pass that would not fit is skipped."""
-    import subprocess
     import tempfile
     import time
 
@@ -253,18 +248,14 @@ def test_gpu_check_recipe_stops_at_its_deadline_and_after_a_failure(tmp_path, mo
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the run folders: not /tmp's
     calls, plan = [], {}  # plan: a run's name -> "slow" (past the deadline) or its rc
 
-    real_run = subprocess.run
-
-    def fake_run(argv, timeout=None, **kw):
-        if "--name" not in argv:  # git, asked for the machine's record
-            return real_run(argv, timeout=timeout, **kw)
+    def fake_run(argv, timeout):
         name = argv[argv.index("--name") + 1]
         calls.append((name, timeout))
         time.sleep(plan.get("sleep", 0))
         if plan.get(name) == "slow":
-            raise subprocess.TimeoutExpired(argv, timeout, stderr=b"epoch 3/40")
-        return subprocess.CompletedProcess(argv, plan.get(name, 0), "", "")
-    monkeypatch.setattr(subprocess, "run", fake_run)
+            return 124, "epoch 3/40"
+        return plan.get(name, 0), ""
+    monkeypatch.setattr(gpu_check, "run_bounded", fake_run)
     (tmp_path / "data").mkdir()
     data = str(tmp_path / "data")
 
@@ -272,6 +263,7 @@ def test_gpu_check_recipe_stops_at_its_deadline_and_after_a_failure(tmp_path, mo
     r = gpu_check.recipe(tmp_path / "a", data, deadline=time.perf_counter() + 100)
     assert [c[0] for c in calls] == ["pretrain-0"] and 0 < calls[0][1] <= 100
     assert r["rows"][0]["pretrain"]["rc"] == 124 and "finetune" not in r["rows"][0]
+    assert r["rows"][0]["pretrain"]["tail"] == "stopped at the deadline: epoch 3/40"
     assert gpu_check.failures("recipe", {"result": r}) == ["pass 1 pretrain exited 124"]
 
     calls.clear()
@@ -292,3 +284,34 @@ def test_gpu_check_recipe_stops_at_its_deadline_and_after_a_failure(tmp_path, mo
     r = gpu_check.recipe(tmp_path / "d", data, deadline=time.perf_counter() + 30)
     assert calls == [] and "too little for the recipe" in r["skipped"]
     assert gpu_check.failures("recipe", {"result": r}) == [f"skipped: {r['skipped']}"]
+
+
+def test_a_command_past_its_time_is_stopped_with_its_workers(tmp_path):
+    """run_bounded stops the whole process group at the deadline: a worker the command
+    started (as compile and loader workers are) does not outlive it; status 124, stderr
+    kept. A command that ends in time gives its own status."""
+    import os
+    import time
+
+    from sstl.benchmarks.gpu_check import run_bounded
+
+    pid_file = tmp_path / "worker.pid"
+    script = f"sleep 600 >/dev/null 2>&1 & echo $! > {pid_file}; echo started >&2; wait"
+    t0 = time.perf_counter()
+    rc, err = run_bounded(["sh", "-c", script], timeout=2, grace=2)
+    assert rc == 124 and "started" in err and time.perf_counter() - t0 < 20
+    worker = int(pid_file.read_text())
+    def alive(pid: int) -> bool:  # a zombie (killed, not yet reaped by init) is dead
+        try:
+            os.kill(pid, 0)
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        except (ProcessLookupError, FileNotFoundError):
+            return False
+
+    for _ in range(50):
+        if not alive(worker):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"worker {worker} outlived the stopped command")
+    assert run_bounded(["sh", "-c", "echo bad >&2; exit 3"], timeout=30) == (3, "bad\n")
