@@ -10,32 +10,37 @@ from rich.console import Console
 from rich.table import Table
 
 from sstl.cli.paths import path_value
+from sstl.engine.config import CacheConfig
 
 
 def cache(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Decode-once cache "
                                              "\\[default: $SSTL_CACHE or ~/.cache/sstl]",
                                              parser=path_value),
-    prune: bool = typer.Option(False, "--prune", help="Delete the stale and incomplete "
+    prune: bool = typer.Option(CacheConfig.prune, "--prune", help="Delete the stale and incomplete "
                                "entries (no sstl can read them); current ones, other sstl "
                                "versions' and those whose files are elsewhere stay"),
-    other_versions: bool = typer.Option(False, "--other-versions", help="With --prune, also "
+    other_versions: bool = typer.Option(CacheConfig.other_versions, "--other-versions", help="With --prune, also "
                                         "delete the caches another sstl version or decoder "
                                         "made (an install sharing this folder would decode "
                                         "again)"),
 ):
     """List the decoded-image caches: size, files, state; --prune deletes the stale ones."""
+    from sstl.engine.config import check
+
+    run(check(CacheConfig(cache_dir=str(cache_dir) if cache_dir else None, prune=prune,
+                          other_versions=other_versions)))
+
+
+def run(cfg: CacheConfig) -> None:
+    """The table of cfg's cache folder, after pruning it when asked."""
     from sstl.engine.data.cache import default_cache_dir
     from sstl.engine.data.cachedir import entries, prune as prune_folder
 
-    folder = cache_dir or default_cache_dir()
-    if cache_dir is not None and not cache_dir.is_dir():
-        raise SystemExit(f"--cache-dir {cache_dir} is not a folder")
-    if other_versions and not prune:
-        raise SystemExit("--other-versions goes with --prune")
+    folder = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     console = Console()
-    if prune:
-        gone, failed = prune_folder(folder, other_versions)
+    if cfg.prune:
+        gone, failed = prune_folder(folder, cfg.other_versions)
         console.print(f"deleted {_count(gone)} of {folder}, {_mb(sum(e.bytes for e in gone))}",
                       markup=False)
         for why in failed:

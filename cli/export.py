@@ -8,31 +8,26 @@ import typer
 from rich.console import Console
 
 from sstl.cli.paths import path_value
-from sstl.engine.export import TOLERANCE
+from sstl.engine.config import ExportConfig
 
 
 def export(
     model: Path = typer.Option(..., "--model", help="Run directory of `sstl finetune` "
                                "(or its model.safetensors)", parser=path_value),
-    format: str = typer.Option("onnx", "--format", help="onnx (the only format so far)"),
+    format: str = typer.Option(ExportConfig.format, "--format", help="onnx (the only format so far)"),
     out: Optional[Path] = typer.Option(None, "--out", help="Output file \\[default: model.onnx "
                                        "in the run directory]", parser=path_value),
     images: Optional[list[Path]] = typer.Option(None, "--images", help="Images or folders to "
                                                 "check the export on \\[default: a few of the "
                                                 "run's training data, else synthetic ones]",
                                                 parser=path_value),
-    tolerance: float = typer.Option(TOLERANCE, help="Largest accepted |onnx - torch| probability"),
+    tolerance: float = typer.Option(ExportConfig.tolerance, help="Largest accepted |onnx - torch| probability"),
 ):
     """Export the classifier (opset 17, any batch size) and check it against torch."""
-    if format != "onnx":
-        raise SystemExit(f"--format must be onnx, not {format!r}")
-    if not tolerance >= 0:  # NaN included
-        raise SystemExit(f"--tolerance must be >= 0, not {tolerance}")
-    if out is not None and (out.is_dir() or not out.name):
-        raise SystemExit(f"--out {out} is a folder; name the .onnx file to write")
-    from sstl.engine.export import export_onnx
+    from sstl.engine.export import export as run
 
-    r = export_onnx(model, out, tuple(str(p) for p in images or ()), tolerance)
+    r = run(ExportConfig(model=str(model), format=format, out=str(out) if out else None,
+                         images=tuple(str(p) for p in images or ()), tolerance=tolerance))
     Console().print(f"wrote {r['onnx']} (opset {r['opset']}) and {r['sidecar']}\n"
                     f"checked on {r['images_checked']} {r['check_source']}: onnxruntime vs torch "
                     f"max |diff| of probabilities {r['max_abs_diff_probs']:.2e} "

@@ -170,7 +170,8 @@ def pretrain(
         data=data_config(data, cache_dir, cache_size, split_seed, test_fraction, workers),
         runtime=runtime(device, precision, compile, backend, seed, out, name, log_every,
                         checkpoint_every, checkpoint_minutes, resume, cuda_graphs),
-        method=method, settings=method_options(tau, temperature, target_bn, proj_dim, method_option),
+        method=method,  # no overrides: None, the method's defaults (as the config's default)
+        settings=method_options(tau, temperature, target_bn, proj_dim, method_option) or None,
         arch=arch, init=init, imagenet_weights=imagenet_weights, epochs=epochs,
         batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
         augment=dataclasses.replace(default(P, "augment"), size=view_size), split=split))

@@ -195,6 +195,41 @@ class EvaluateConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
 
 
+@dataclass(frozen=True)
+class ExportConfig:
+    """`sstl export`: a fine-tuned model as ONNX, checked against torch on real images."""
+
+    model: str  # run directory of `sstl finetune`, or its model.safetensors
+    format: str = "onnx"  # onnx (the only format so far)
+    out: str | None = None  # the .onnx file to write; None = model.onnx in the run directory
+    images: tuple[str, ...] = ()  # files or folders to check on; () = the run's data, else synthetic
+    tolerance: float = 1e-4  # largest accepted |onnx - torch| probability
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """`sstl bench`: the step, data and kernel benchmarks (see benchmarks/), side by side."""
+
+    what: str = "step"  # step | data | kernels | all
+    data: str | None = None  # images for step and data; None = the embedded synthetic set
+    device: str = "auto"  # auto | cuda | cpu
+    arch: str = PretrainConfig.arch  # the step's and kernels' backbone
+    batch_size: int | None = None  # None: 256 on a GPU; on a CPU 32 for step, 64 for data
+    view_size: int = AugmentConfig.size  # side of each of the two views
+    steps: int | None = None  # timed steps per repeat; None: step 20 GPU / 2 CPU, data 30 / 8
+    cpu_all: bool = False  # on a CPU, also the bf16 and compile rungs (slow; off by default)
+    json: str | None = None  # a file for all results; None = none
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """`sstl cache`: the decode-once caches, listed, and pruned of what no sstl can read."""
+
+    cache_dir: str | None = None  # None: $SSTL_CACHE or ~/.cache/sstl
+    prune: bool = False  # delete stale and incomplete entries
+    other_versions: bool = False  # with prune: also other sstl versions' (and decoders') caches
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -382,6 +417,39 @@ def check(cfg):
             _check_data(dataclasses.replace(cfg.data, cache_size=given or 224), need)
             need(given is None or given >= 32, f"--cache-size must be at least 32, not {given}")
             need(cfg.split in ("all", "test"), f"--split must be all or test, not {cfg.split!r}")
+        return cfg
+    if isinstance(cfg, ExportConfig):
+        need(cfg.format == "onnx", f"--format must be onnx, not {cfg.format!r}")
+        need(cfg.tolerance >= 0, f"--tolerance must be >= 0, not {cfg.tolerance}")  # NaN too
+        out = None if cfg.out is None else Path(cfg.out).expanduser()
+        need(out is None or (out.name and not out.is_dir()),
+             f"--out {cfg.out} is a folder; name the .onnx file to write")
+        # model.json is one wrong word away: the export never writes over other files.
+        need(out is None or out.suffix.lower() == ".onnx", f"--out {cfg.out}: name a .onnx file "
+             "(the export never writes over other files, such as the run's weights or sidecar)")
+        return cfg
+    if isinstance(cfg, BenchConfig):
+        need(cfg.what in ("step", "data", "kernels", "all"),
+             f"--what must be step, data, kernels or all, not {cfg.what!r}")
+        need(cfg.device in ("auto", "cuda", "cpu"),
+             f"--device must be auto, cuda or cpu, not {cfg.device!r}")
+        need(cfg.device != "cuda" or torch.cuda.is_available(),
+             "--device cuda was asked for, but torch sees no CUDA device")
+        need(cfg.arch in ("resnet18", "resnet50"),
+             f"--arch must be resnet18 or resnet50, not {cfg.arch!r}")
+        need(cfg.batch_size is None or cfg.batch_size >= 2, f"--batch-size must be at least 2 "
+             f"(BatchNorm trains on two images or more), not {cfg.batch_size}")
+        need(cfg.view_size >= 32, f"--view-size must be at least 32, not {cfg.view_size}")
+        need(cfg.steps is None or cfg.steps >= 1, f"--steps must be at least 1, not {cfg.steps}")
+        need(cfg.json is None or not Path(cfg.json).expanduser().is_dir(),
+             f"--json {cfg.json} is a folder; name a file, e.g. {Path(cfg.json or '.') / 'bench.json'}")
+        need(cfg.json is None or _folder_ok(str(Path(cfg.json).expanduser().parent)),
+             f"--json {cfg.json}: a file is in the way of its folder")
+        return cfg
+    if isinstance(cfg, CacheConfig):
+        need(cfg.cache_dir is None or Path(cfg.cache_dir).expanduser().is_dir(),
+             f"--cache-dir {cfg.cache_dir} is not a folder")
+        need(cfg.prune or not cfg.other_versions, "--other-versions goes with --prune")
         return cfg
     raise TypeError(f"no checks for {type(cfg).__name__}")
 

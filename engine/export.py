@@ -17,14 +17,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .config import IMAGENET_MEAN, IMAGENET_STD
+from .config import IMAGENET_MEAN, IMAGENET_STD, ExportConfig, check
 from .data.index import decode_square, find_records
 from .data.views import eval_view
 from .io import atomic_write
 from .models import load_classifier, weights_file, without_image_list
 
 OPSET = 17
-TOLERANCE = 1e-4  # largest |onnx - torch| probability accepted
+TOLERANCE = ExportConfig.tolerance  # largest |onnx - torch| probability accepted
 CHECK_IMAGES = 8  # images the check runs when none are given
 
 
@@ -77,16 +77,20 @@ def preprocessing(meta: dict) -> dict:
     }
 
 
+def export(cfg: ExportConfig) -> dict:
+    """`sstl export`: the checked config's export (export_onnx), and its report."""
+    cfg = check(cfg)
+    return export_onnx(cfg.model, cfg.out, cfg.images, cfg.tolerance)
+
+
 def export_onnx(model_path, out=None, images=(), tolerance: float = TOLERANCE) -> dict:
     """Write the ONNX graph and its sidecar; verify on `images` (or real ones); return a report.
 
-    out: the .onnx file [default: model.onnx beside model.safetensors]. images: files or
-    folders to verify on; without them, the run's own training data when it is still there,
-    else synthetic radiograph-like images. SystemExit when the outputs differ by > tolerance.
+    out: the .onnx file [default: model.onnx beside model.safetensors]; check(ExportConfig)
+    has refused any other name. images: files or folders to verify on; without them, the
+    run's own training data when it is still there, else synthetic radiograph-like images.
+    SystemExit when the outputs differ by > tolerance.
     """
-    if out is not None and Path(out).suffix.lower() != ".onnx":  # model.json is one wrong word away
-        raise SystemExit(f"--out {out}: name a .onnx file (the export never writes over other "
-                         "files, such as the run's weights or sidecar)")
     ort = require_onnx()
     model, meta = load_classifier(model_path, "cpu")
     weights = weights_file(model_path, "model.safetensors")

@@ -1,6 +1,7 @@
 """Exit codes a script can trust: `sstl predict` with nothing readable, `sstl evaluate` without
 data; and evaluate's --out folder with the figures."""
 import csv
+import dataclasses
 
 import pytest
 from typer.testing import CliRunner
@@ -111,3 +112,42 @@ def test_supervised_takes_every_optimiser_setting_its_config_has(tmp_path, monke
     (cfg,) = got
     assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.label_smoothing, cfg.schedule) == (
         0.05, 0.8, 0.001, 0.1, "constant")
+
+
+# Each command with only its required values, and the config it must hand to the engine:
+# the dataclasses are the one place defaults live, so the CLI's must be theirs exactly.
+def _defaults_cases():
+    from sstl.engine.config import (BenchConfig, CacheConfig, EvaluateConfig,
+                                    ExportConfig, FinetuneConfig, PredictConfig, PretrainConfig,
+                                    ReproduceConfig, SupervisedConfig)
+    return [
+        (["pretrain"], "sstl.engine.pretrain:pretrain", PretrainConfig()),
+        (["finetune"], "sstl.engine.finetune:finetune", FinetuneConfig()),
+        (["supervised", "--data", "d"], "sstl.engine.supervised:supervised",
+         SupervisedConfig(data=dataclasses.replace(SupervisedConfig().data, path="d"))),
+        (["reproduce"], "sstl.engine.reproduce:reproduce", ReproduceConfig()),
+        (["predict", "--model", "m", "x.png"], "sstl.engine.predict:predict",
+         PredictConfig(model="m", inputs=("x.png",))),
+        (["evaluate", "--model", "m", "--data", "d"], "sstl.engine.predict:evaluate",
+         EvaluateConfig(model="m", data=dataclasses.replace(EvaluateConfig.data, path="d"))),
+        (["bench"], "sstl.cli.bench:run", BenchConfig()),
+        (["export", "--model", "m"], "sstl.engine.export:export", ExportConfig(model="m")),
+        (["cache"], "sstl.cli.cache:run", CacheConfig()),
+    ]
+
+
+@pytest.mark.parametrize("case", range(9))
+def test_every_commands_defaults_are_its_configs(case, monkeypatch):
+    import importlib
+
+    args, target, want = _defaults_cases()[case]
+    module, name = target.split(":")
+    got = []
+
+    def engine(cfg):  # records what it was handed; the command then ends there
+        got.append(cfg)
+        raise SystemExit(0)
+    monkeypatch.setattr(importlib.import_module(module), name, engine)
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert got == [want]

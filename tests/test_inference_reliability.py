@@ -273,14 +273,16 @@ def test_evaluate_out_beside_a_manifest_is_allowed(tmp_path):
 
 def test_export_out_must_be_an_onnx_file(tmp_path):
     pytest.importorskip("onnxruntime")
-    from sstl.engine.export import export_onnx
+    from sstl.engine.config import ExportConfig
+    from sstl.engine.export import export
 
     run = make_run(tmp_path / "run")
     before = (run / "model.json").read_bytes()
     for name in ("model.json", "model.safetensors"):
         with pytest.raises(SystemExit, match="name a .onnx file"):
-            export_onnx(run, out=run / name)
+            export(ExportConfig(model=str(run), out=str(run / name)))
     assert (run / "model.json").read_bytes() == before
+    assert export(ExportConfig(model=str(run), out=str(tmp_path / "m.ONNX")))["ok"]
 
 
 @pytest.mark.parametrize("damage", ["cut", "no_image_size", "no_cache_size"])

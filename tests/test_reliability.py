@@ -70,6 +70,42 @@ def test_bad_values_exit_nonzero_with_one_line(command, args, message, tmp_path)
     assert list(tmp_path.iterdir()) == []  # refused before anything was written
 
 
+BAD_TOOLS = [
+    (["bench", "--batch-size", "0"], "--batch-size must be at least 2"),  # was: the default
+    (["bench", "--steps", "0"], "--steps must be at least 1"),  # was: the default
+    (["bench", "--what", "speed"], "--what must be step, data, kernels or all"),
+    (["bench", "--view-size", "8"], "--view-size must be at least 32"),
+    (["bench", "--arch", "resnet9"], "--arch must be resnet18 or resnet50"),
+    (["bench", "--json", "{tmp}"], "is a folder; name a file"),
+    (["export", "--model", "{tmp}/run", "--out", "{tmp}/model.json"], "name a .onnx file"),
+    (["export", "--model", "{tmp}/run", "--out", "{tmp}"], "is a folder"),
+    (["export", "--model", "{tmp}/run", "--format", "tflite"], "--format must be onnx"),
+    (["export", "--model", "{tmp}/run", "--tolerance", "nan"], "--tolerance must be >= 0"),
+    (["cache", "--other-versions"], "--other-versions goes with --prune"),
+    (["cache", "--cache-dir", "{tmp}/none"], "is not a folder"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_TOOLS, ids=[" ".join(a) for a, _ in BAD_TOOLS])
+def test_bad_values_of_bench_export_and_cache_are_refused_before_any_work(
+        args, message, tmp_path, monkeypatch):
+    """The tools' configs go through config.check() too: one line, before any benchmark,
+    export or cache listing starts (each is replaced here by a call that fails the test)."""
+    from sstl.benchmarks import data as data_bench, kernels, step
+    from sstl.engine import export
+    from sstl.engine.data import cachedir
+
+    def started(*a, **k):
+        raise AssertionError("work began before the values were checked")
+    for module, name in ((step, "run"), (data_bench, "run"), (kernels, "run"),
+                         (export, "export_onnx"), (cachedir, "entries"), (cachedir, "prune")):
+        monkeypatch.setattr(module, name, started)
+    r = CliRunner().invoke(app, [a.format(tmp=tmp_path) for a in args])
+    assert isinstance(r.exception, SystemExit) and r.exit_code not in (0, None), r.output
+    assert message in r.output, r.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_one_class_data_is_refused_for_finetuning(tmp_path):
     from .tiny_run import write_pngs
 
