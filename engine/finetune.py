@@ -19,13 +19,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import dist
+from .command import begin, data_record, load_data, run_name
 from .config import (IMAGENET_MEAN, IMAGENET_STD, FinetuneConfig, Resolved, check, config_hash,
-                     resolve, save_json, size_warning)
+                     resolve, save_json)
 from .data.backends import labelled_source
-from .data.dataset import Dataset, load_dataset, save_data_files
+from .data.dataset import Dataset
 from .data.index import DataError
 from .data.split import fraction_subset
-from .loop import Plan, Trainer, check_resumable, fit, run_name
+from .loop import Plan, Trainer, fit
 from .evaluation import bootstrap_ci, card_fields, curves_png, draw_figures, write_model_card
 from .metrics import METRICS, NAMES, best_epoch, classification_metrics, summarize
 from .models import imagenet_tag, is_start_file, sidecar, sstl_weights, weights_file
@@ -145,10 +146,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
 
 def _finetune(cfg: FinetuneConfig, res: Resolved) -> Path:
     t_data = time.perf_counter()
-    with dist.main_first():  # rank 0 decodes the cache; the others then map it
-        ds = load_dataset(cfg.data, need_labels=True, log=log)
-        if warning := size_warning(cfg):
-            log(warning)
+    ds = load_data(cfg, need_labels=True)
     check_split_classes(ds, cfg.positive_class)
     origin = check_encoder(cfg, ds)  # refusals come before the run directory exists
     encoder = origin if cfg.encoder is not None else None
@@ -157,9 +155,7 @@ def _finetune(cfg: FinetuneConfig, res: Resolved) -> Path:
                   res.is_main) as run:
         run.add_time("data", time.perf_counter() - t_data)  # scan and cache
         inputs = run_inputs(ds.identity(), encoder, None if encoder else cfg.init)
-        check_resumable(run, cfg, inputs)
-        if res.is_main:
-            save_data_files(ds, run.path)
+        begin(run, cfg, ds, inputs)
         t_build = time.perf_counter()
         subset = choose_subset(cfg, ds, run.path, res.is_main)
         train = labelled_source(np.asarray(ds.images[subset]), ds.targets[subset], cfg, res, True)
@@ -173,9 +169,7 @@ def _finetune(cfg: FinetuneConfig, res: Resolved) -> Path:
                                     "n_test": len(test.images),
                                     "steps_per_epoch": train.steps_per_epoch,
                                     "class_names": ds.class_names,
-                                    "data": {"synthetic": ds.synthetic, "root": str(ds.root),
-                                             "fingerprint": ds.fingerprint()},
-                                    "inputs": inputs})
+                                    "data": data_record(ds), "inputs": inputs})
         y_test = ds.targets[ds.test_idx]
         scored = {}  # epoch -> test probabilities of the latest evaluation (the figures reuse it)
 

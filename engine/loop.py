@@ -16,20 +16,18 @@ A command builds a `Trainer` (what to run) and a source (batches on the device),
 """
 from __future__ import annotations
 
-import json
 import math
 import signal
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .. import kernels
 from . import accel, dist
-from .config import changed_settings, recorded_config, resume_keys
+from .config import resume_keys
 from .runs import CHECKPOINT_FORMAT, MetricsCSV, Reporter, Run, log
 
 
@@ -148,7 +146,8 @@ class StopRequest:
         if self.requested:  # a second Ctrl-C: the user means it
             raise KeyboardInterrupt
         self.requested = True
-        log("stopping: finishing this step and writing a checkpoint (Ctrl-C again to abort)")
+        log("stopping: finishing this step and writing a checkpoint (Ctrl-C again to abort: "
+            "what was trained since the last checkpoint is then lost)")
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -184,39 +183,6 @@ class Plan:
         return cls(epochs=cfg.epochs, key=key, accepts=tuple(earlier), log_every=rt.log_every,
                    checkpoint_every=rt.checkpoint_every,
                    checkpoint_minutes=rt.checkpoint_minutes, resume=rt.resume, **kw)
-
-
-def run_name(cfg, prefix: str) -> str:
-    """A run's directory when --name is not given: `prefix` and its resume key, so the same
-    command (its paths spelled any way) finds the same directory and resumes. A directory
-    named by an earlier version's key (resume_keys) is kept when it is the one there."""
-    key, *earlier = resume_keys(cfg)
-    out = Path(cfg.runtime.out).expanduser()
-    new = f"{prefix}-{key[:8]}"
-    if (out / new).exists():
-        return new
-    return next((f"{prefix}-{k[:8]}" for k in earlier if (out / f"{prefix}-{k[:8]}").is_dir()),
-                new)
-
-
-def check_resumable(run: Run, cfg, inputs: str) -> None:
-    """Before a command writes into its run directory: refuse, as fit would, a checkpoint of
-    other settings or other inputs, so a refused rerun leaves the run's files as they were;
-    with --no-resume, clear the old run out."""
-    if cfg.runtime.resume:
-        run.resume(resume_keys(cfg), inputs, mmap=True, changes=lambda: _changes(run, cfg))
-    else:  # starting over: nothing of the old run may pass for this one's
-        run.start_over()
-
-
-def _changes(run: Run, cfg) -> str:
-    """' (epochs: 4 -> 5; ...)': the settings in which the run's config.json differs."""
-    try:
-        recorded = recorded_config(json.loads((run.path / "config.json").read_text()))
-    except (OSError, ValueError):
-        return ""
-    changed = changed_settings(recorded, cfg) if recorded is not None else []
-    return f" ({'; '.join(changed[:6])}{'; ...' if len(changed) > 6 else ''})" if changed else ""
 
 
 def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from . import accel, dist
-from .config import PretrainConfig, Resolved, check, resolve, size_warning
+from .command import begin, data_record, load_data, run_name
+from .config import PretrainConfig, Resolved, check, resolve
 from .data.backends import ssl_source
-from .data.dataset import load_dataset, save_data_files
-from .loop import EMA, Plan, Trainer, check_resumable, fit, run_name, sgd
+from .loop import EMA, Plan, Trainer, fit, sgd
 from .methods import METHODS, Method, build
 from .models import ARCHS, backbone
 from .runs import Run, encoder_sidecar, log, run_inputs, save_weights
@@ -73,14 +73,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
             Run.open(cfg.runtime.out, cfg.runtime.name or default_name(cfg), res.is_main) as run:
         run.add_time("build", build_s)
         t0 = time.perf_counter()
-        with dist.main_first():  # rank 0 decodes the cache; the others then map it
-            ds = load_dataset(cfg.data, log=log)
-            if warning := size_warning(cfg):
-                log(warning)
+        ds = load_data(cfg)
         inputs = run_inputs(ds.identity(), init=cfg.init)  # its resume check and config
-        check_resumable(run, cfg, inputs)
-        if res.is_main:
-            save_data_files(ds, run.path)
+        begin(run, cfg, ds, inputs)
         images = ds.images[ds.train_idx] if cfg.split == "train" else ds.images
         source = ssl_source(method.views, np.asarray(images), cfg, res)
         method.attach(len(images), cfg.runtime.seed)
@@ -91,9 +86,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         run.add_time("build", time.perf_counter() - t0)
         run.write_config(cfg, res, {"backend": res.backend, "n_train": len(images),
                                     "steps_per_epoch": source.steps_per_epoch,
-                                    "data": {"synthetic": ds.synthetic, "root": str(ds.root),
-                                             "fingerprint": ds.fingerprint()},
-                                    "inputs": inputs})
+                                    "data": data_record(ds), "inputs": inputs})
         rows = fit(run, t, source, Plan.of(cfg, desc=f"pretrain {cfg.method} {cfg.arch}",
                                            images_per_step=cfg.batch_size, live=res.is_main,
                                            inputs=inputs))

@@ -16,10 +16,10 @@ import numpy as np
 
 from . import dist
 from .classifier import check_start, classifier_trainer, eval_probs
-from .config import Resolved, SupervisedConfig, check, resolve, size_warning
+from .command import begin, data_record, load_data, run_name
+from .config import Resolved, SupervisedConfig, check, resolve
 from .data.backends import labelled_source
-from .data.dataset import load_dataset, save_data_files
-from .loop import Plan, check_resumable, fit, run_name
+from .loop import Plan, fit
 from .runs import Run, encoder_sidecar, log, run_inputs, save_weights
 
 
@@ -38,16 +38,11 @@ def supervised(cfg: SupervisedConfig) -> Path:
 
 def _supervised(cfg: SupervisedConfig, res: Resolved) -> Path:
     t_data = time.perf_counter()
-    with dist.main_first():  # rank 0 decodes the cache; the others then map it
-        ds = load_dataset(cfg.data, need_labels=True, log=log)
-        if warning := size_warning(cfg):
-            log(warning)
+    ds = load_data(cfg, need_labels=True)
     with Run.open(cfg.runtime.out, cfg.runtime.name or default_name(cfg), res.is_main) as run:
         run.add_time("data", time.perf_counter() - t_data)  # scan and cache
         inputs = run_inputs(ds.identity(), init=cfg.init)  # its resume check and config
-        check_resumable(run, cfg, inputs)
-        if res.is_main:
-            save_data_files(ds, run.path)
+        begin(run, cfg, ds, inputs)
         train = labelled_source(np.asarray(ds.images[ds.train_idx]), ds.targets[ds.train_idx],
                                 cfg, res, True)
         # Every rank scores the whole held-out split (the same number on each).
@@ -60,9 +55,7 @@ def _supervised(cfg: SupervisedConfig, res: Resolved) -> Path:
                                total_steps=cfg.epochs * train.steps_per_epoch)
         run.write_config(cfg, res, {"n_train": len(ds.train_idx), "n_test": len(ds.test_idx),
                                     "class_names": ds.class_names,
-                                    "data": {"root": str(ds.root), "synthetic": ds.synthetic,
-                                             "fingerprint": ds.fingerprint()},
-                                    "inputs": inputs})
+                                    "data": data_record(ds), "inputs": inputs})
         y_test = ds.targets[ds.test_idx]
 
         def evaluate(epoch: int) -> dict:

@@ -111,7 +111,7 @@ def test_local_state_dict_failures(tmp_path):
 
 def test_finetune_refuses_missing_weights_before_scanning_the_data(tmp_path, monkeypatch):
     """A missing ImageNet file or --encoder fails at once, not after a long first scan."""
-    import sstl.engine.finetune as finetune_mod
+    import sstl.engine.command as command_mod
     from sstl.engine.finetune import finetune
 
     from .configs import finetune_cfg
@@ -119,7 +119,7 @@ def test_finetune_refuses_missing_weights_before_scanning_the_data(tmp_path, mon
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file",
                         lambda *a, **k: (_ for _ in ()).throw(OSError("network unreachable")))
-    monkeypatch.setattr(finetune_mod, "load_dataset",
+    monkeypatch.setattr(command_mod, "load_dataset",
                         lambda *a, **k: pytest.fail("the data was scanned first"))
     with pytest.raises(SystemExit, match="resnet18-f37072fd.pth"):
         finetune(finetune_cfg(init="imagenet", imagenet_weights="V1", out=str(tmp_path)))

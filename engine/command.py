@@ -1,0 +1,71 @@
+"""What every training command (pretrain, supervised, finetune) does around `fit`.
+
+Its data, decoded once (rank 0 first); its run directory, named by the resume key so the same
+command finds the same run; the resume check before anything is written there; and the data
+facts its config.json records.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import dist
+from .config import changed_settings, recorded_config, resume_keys, size_warning
+from .data.dataset import Dataset, load_dataset, save_data_files
+from .runs import Run, log
+
+
+def load_data(cfg, need_labels: bool = False) -> Dataset:
+    """The command's data set: rank 0 scans and decodes the cache, the others then map it;
+    inputs larger than the cache are said."""
+    with dist.main_first():
+        ds = load_dataset(cfg.data, need_labels=need_labels, log=log)
+        if warning := size_warning(cfg):
+            log(warning)
+    return ds
+
+
+def begin(run: Run, cfg, ds: Dataset, inputs: str) -> None:
+    """A run's first writes, once its checkpoint may be continued (check_resumable): the list
+    of its data files (rank 0)."""
+    check_resumable(run, cfg, inputs)
+    if run.is_main:
+        save_data_files(ds, run.path)
+
+
+def data_record(ds: Dataset) -> dict:
+    """config.json's `data`: where the images came from, and which they were."""
+    return {"synthetic": ds.synthetic, "root": str(ds.root), "fingerprint": ds.fingerprint()}
+
+
+def run_name(cfg, prefix: str) -> str:
+    """A run's directory when --name is not given: `prefix` and its resume key, so the same
+    command (its paths spelled any way) finds the same directory and resumes. A directory
+    named by an earlier version's key (resume_keys) is kept when it is the one there."""
+    key, *earlier = resume_keys(cfg)
+    out = Path(cfg.runtime.out).expanduser()
+    new = f"{prefix}-{key[:8]}"
+    if (out / new).exists():
+        return new
+    return next((f"{prefix}-{k[:8]}" for k in earlier if (out / f"{prefix}-{k[:8]}").is_dir()),
+                new)
+
+
+def check_resumable(run: Run, cfg, inputs: str) -> None:
+    """Before a command writes into its run directory: refuse, as fit would, a checkpoint of
+    other settings or other inputs, so a refused rerun leaves the run's files as they were;
+    with --no-resume, clear the old run out."""
+    if cfg.runtime.resume:
+        run.resume(resume_keys(cfg), inputs, mmap=True, changes=lambda: _changes(run, cfg))
+    else:  # starting over: nothing of the old run may pass for this one's
+        run.start_over()
+
+
+def _changes(run: Run, cfg) -> str:
+    """' (epochs: 4 -> 5; ...)': the settings in which the run's config.json differs."""
+    try:
+        recorded = recorded_config(json.loads((run.path / "config.json").read_text()))
+    except (OSError, ValueError):
+        return ""
+    changed = changed_settings(recorded, cfg) if recorded is not None else []
+    return f" ({'; '.join(changed[:6])}{'; ...' if len(changed) > 6 else ''})" if changed else ""
