@@ -37,13 +37,28 @@ def main(version: bool = typer.Option(False, "--version", is_eager=True, callbac
 
 
 def cli() -> None:
-    """The `sstl` entry point: Ctrl-C outside the training loop ends without a traceback."""
+    """The `sstl` entry point: Ctrl-C outside the training loop ends with one line, exit 130."""
     warnings.showwarning = _show_warning
     try:
         app()
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise SystemExit(130) from None
+    except SystemExit as e:  # typer turns Ctrl-C in a command into a silent exit 130
+        if e.code == 130 and _from_ctrl_c(e):
+            typer.echo("interrupted", err=True)
+        raise
+
+
+def _from_ctrl_c(e: BaseException | None) -> bool:
+    """Whether an exception was raised while handling a KeyboardInterrupt (typer's Exit(130))."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

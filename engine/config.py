@@ -23,6 +23,7 @@ import torch
 from .data.augment import (IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, FinetuneAugment,  # noqa: F401
                            ViewAugment)
 from .data.backends import pick_backend
+from .data.cache import default_cache_dir
 from .io import save_json  # noqa: F401  (re-exported: commands write JSON through it)
 from .methods import METHODS, SettingError, method_settings
 from .models import imagenet_versions, is_start_file
@@ -479,6 +480,12 @@ def _check_outputs(cfg, need) -> None:
              f"{Path(cfg.out_csv) / 'predictions.csv'}")
         need(_folder_ok(str(Path(cfg.out_csv).expanduser().parent)),
              f"--out-csv {cfg.out_csv}: a file is in the way of its folder")
+        need(_writable(str(Path(cfg.out_csv).expanduser().parent)),
+             f"--out-csv {cfg.out_csv}: its folder is not writable; name another place")
+        # An X-ray, a DICOM, model.json or metrics.csv would be replaced by the table.
+        need(_replaceable_csv(Path(cfg.out_csv).expanduser()),
+             f"--out-csv {cfg.out_csv} exists and is not an earlier predictions file (its first "
+             "line is not a `path,...` header): it would be replaced; name a new file")
         need(_folder_ok(cfg.cam), f"--cam {cfg.cam} is a file (or under one); name a folder "
              "for the overlays")
         if cfg.cam:
@@ -493,6 +500,8 @@ def _check_outputs(cfg, need) -> None:
     elif cfg.out:  # evaluate
         need(_folder_ok(cfg.out), f"--out {cfg.out} is a file (or under one); name a folder "
              "for the evaluation's files")
+        need(_writable(cfg.out), f"--out {cfg.out}: that place is not writable (found now, "
+             "not after the inference); name another folder")
         for f in ("model.json", "encoder.json", "config.json", "checkpoint.pt"):
             need(not (Path(cfg.out).expanduser() / f).exists(),
                  f"--out {cfg.out} is a run directory (it holds {f}): the evaluation would "
@@ -518,6 +527,27 @@ def _under(path, folder) -> bool:
     return f.is_dir() and (p == f or f in p.parents)
 
 
+def _replaceable_csv(path: Path) -> bool:
+    """Whether predictions may be written at `path`: nothing is there, or an earlier
+    predict's or evaluate's table (its header starts with the `path` column)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(5) == b"path,"
+    except FileNotFoundError:
+        return True
+    except OSError:  # unreadable: the write will say why, with nothing replaced
+        return True
+
+
+def _writable(path: str) -> bool:
+    """Whether a folder can be written at `path`: its nearest existing folder is writable
+    (os.access: a read-only mount too)."""
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return os.access(p, os.W_OK)
+
+
 def _folder_ok(path: str | None) -> bool:
     """Whether a folder can be (or is) at `path`: not a file, and under no file."""
     if path is None:
@@ -533,6 +563,9 @@ def _check_data(d: DataConfig, need) -> None:
     need(d.scan_workers >= 0, f"--workers must be >= 0 (0 = all CPUs), not {d.scan_workers}")
     need(_folder_ok(d.cache_dir), f"--cache-dir {d.cache_dir}: a file is in the way of that "
          "folder; name a folder")
+    need(d.cache_dir is not None or _folder_ok(str(default_cache_dir())),
+         f"$SSTL_CACHE {default_cache_dir()}: a file is in the way of that folder; set it to "
+         "a folder, or pass --cache-dir")
 
 
 def size_warning(cfg) -> str | None:

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .config import IMAGENET_MEAN, IMAGENET_STD, ExportConfig, check
+from .config import IMAGENET_MEAN, IMAGENET_STD, ExportConfig, check, recorded_config
 from .data.index import decode_square, find_records
 from .data.views import eval_view
-from .io import atomic_write
+from .io import atomic_write, make_dir, write_error
 from .models import load_classifier, weights_file, without_image_list
 
 OPSET = 17
@@ -95,7 +95,7 @@ def export_onnx(model_path, out=None, images=(), tolerance: float = TOLERANCE) -
     model, meta = load_classifier(model_path, "cpu")
     weights = weights_file(model_path, "model.safetensors")
     out = Path(out) if out else weights.with_name("model.onnx")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(out.parent)
     s = int(meta["image_size"])
     wrapped = WithProbs(model).eval()
     grey, source = check_images(model_path, meta, images)  # before writing anything
@@ -130,6 +130,8 @@ def export_onnx(model_path, out=None, images=(), tolerance: float = TOLERANCE) -
                           indent=2, default=str)
         atomic_write(sidecar, lambda f: f.write_text(text))
         os.replace(tmp, out)
+    except OSError as e:  # the graph's own file (the sidecar's errors are already one line)
+        raise write_error(out, e) from None
     finally:
         tmp.unlink(missing_ok=True)
     report["sidecar"] = str(sidecar)
@@ -163,7 +165,8 @@ def _training_images(model_path) -> list[str]:
     """A spread of CHECK_IMAGES files from the data named in the run's config.json, if any."""
     run = weights_file(model_path, "model.safetensors").parent
     try:
-        data = json.loads((run / "config.json").read_text())["config"]["data"]["path"]
+        # recorded_config: a relative --data read from the folder the run was started in
+        data = recorded_config(json.loads((run / "config.json").read_text()))["data"]["path"]
         _, records = find_records(data)
     except (OSError, KeyError, TypeError, ValueError, SystemExit):
         return []

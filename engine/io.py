@@ -8,6 +8,7 @@ are read by other users and tools alike), and only then replace the real name. A
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -19,8 +20,10 @@ class WriteError(SystemExit):
     """A file could not be written (disk full, read-only folder...): one line, exit 1."""
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call write(tmp) to fill a temporary file, then move it over `path` in one rename."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None],
+                 flag: str = "--out") -> Path:
+    """Call write(tmp) to fill a temporary file, then move it over `path` in one rename.
+    `flag`: the option that chose the place, named in the error."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -31,8 +34,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise WriteError(f"could not write {path}: {e.strerror or e} "
-                         "(free some space or choose another --out)") from None
+        raise write_error(path, e, flag) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -58,14 +60,27 @@ def _finite(obj):
     return obj
 
 
-def make_dir(path: str | os.PathLike) -> Path:
-    """mkdir -p with a one-line answer when the place is not writable."""
+def make_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """mkdir -p with a one-line answer when the place is not writable (`flag` chose it)."""
     path = Path(path).expanduser()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise WriteError(f"could not create {path}: {e.strerror or e} "
-                         "(choose another --out)") from None
+        raise WriteError(f"could not create {path}: {e.strerror or e}{_advice(e, flag)}") from None
     if not os.access(path, os.W_OK):
-        raise WriteError(f"{path} is not writable (choose another --out)")
+        raise WriteError(f"{path} is not writable (choose another {flag})")
     return path
+
+
+def write_error(path: str | os.PathLike, e: OSError, flag: str = "--out") -> WriteError:
+    """The one line for a file that could not be written, with what to do about it."""
+    return WriteError(f"could not write {path}: {e.strerror or e}{_advice(e, flag)}")
+
+
+def _advice(e: OSError, flag: str) -> str:
+    """What to do about a failed write, by its cause."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f" (free some space or choose another {flag})"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f" (choose another {flag}: this place is not writable)"
+    return f" (choose another {flag})"

@@ -210,6 +210,9 @@ def load_classifier(path: str | os.PathLike, device="cpu",
     from safetensors.torch import load_file
 
     f = weights_file(path, "model.safetensors")
+    if f.suffix != ".safetensors":  # model.json, say: its weights are beside it
+        raise SystemExit(f"{path}: not a .safetensors file; give the run directory of "
+                         "`sstl finetune` or its model.safetensors")
     meta = sidecar(f)
     if meta.get("kind") != "sstl-classifier":
         raise SystemExit(f"{f} is not a fine-tuned classifier (kind {meta.get('kind')!r}); "
@@ -225,7 +228,13 @@ def load_classifier(path: str | os.PathLike, device="cpu",
                          f"(known: {', '.join(ARCHS)})")
     model = Classifier(backbone(meta["arch"]), ARCHS[meta["arch"]], len(meta["class_names"]))
     try:
-        model.load_state_dict(load_file(str(f)))
+        state = load_file(str(f))
+    except Exception as e:  # safetensors' own error type: cut short, or not safetensors at all
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise SystemExit(f"{f}: not a readable weights file ({first}); a damaged or incomplete "
+                         "copy? copy it again with its .json from the run") from None
+    try:
+        model.load_state_dict(state)
     except RuntimeError as e:  # shapes or names differ: the pair was mixed up or edited
         first = str(e).strip().splitlines()[-1].strip()
         raise SystemExit(f"{f} does not match its sidecar {f.with_suffix('.json').name} "

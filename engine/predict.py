@@ -92,7 +92,7 @@ def predict(cfg: PredictConfig) -> list[dict]:
             rows.append(_row(path, names, None if img is None else next(probs), err))
             if cfg.cam:  # which overlay shows this image ("" where there is none)
                 rows[-1]["cam"] = "" if img is None else str(next(cams))
-    write_predictions(rows, names, Path(cfg.out_csv))
+    write_predictions(rows, names, Path(cfg.out_csv), "--out-csv")
     Console().print(predictions_table(rows, names, cfg.out_csv))
     if cfg.cam:
         Console().print(f"Grad-CAM overlays of the predicted class in {cfg.cam}", markup=False)
@@ -134,10 +134,11 @@ def _row(path: str, names: list[str], p: np.ndarray | None, error: str | None) -
             **{n: float(v) for n, v in zip(names, p)}, "error": ""}
 
 
-def write_predictions(rows: list[dict], names: list[str], path: Path) -> None:
+def write_predictions(rows: list[dict], names: list[str], path: Path,
+                      flag: str = "--out") -> None:
     """CSV: path, [label,] prediction, confidence, one probability column per class, error
-    [, cam: the Grad-CAM overlay's file]."""
-    make_dir(path.parent)
+    [, cam: the Grad-CAM overlay's file]. `flag`: the option naming the place."""
+    make_dir(path.parent, flag)
     fields = list(rows[0]) if rows else ["path", "prediction", "confidence", *names, "error"]
 
     def write(tmp: Path) -> None:
@@ -149,7 +150,7 @@ def write_predictions(rows: list[dict], names: list[str], path: Path) -> None:
             w.writerows({k: f"{v:.9g}" if isinstance(v, float) else v for k, v in r.items()}
                         for r in rows)
 
-    atomic_write(path, write)
+    atomic_write(path, write, flag)
 
 
 def predictions_table(rows: list[dict], names: list[str], csv_path) -> Table:
@@ -246,11 +247,15 @@ def test_split(ds, meta: dict, data: DataConfig) -> np.ndarray:
                          f"--test-fraction {data.test_fraction} gives another test split than "
                          f"training held out; pass --split-seed {meta.get('split_seed')} "
                          f"--test-fraction {meta.get('test_fraction')}")
+    if len(ds.test_idx) == 0:  # a few images: the stratified split held none of them out
+        raise SystemExit(f"--split test: the test split of these {len(ds.records)} images is "
+                         f"empty (--test-fraction {data.test_fraction}); evaluate with --split "
+                         "all, or on more images")
     return ds.test_idx
 
 
 def write_evaluation(out: Path, m: dict, ds, idx, targets, probs, meta, learned: int = 0) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     # Files that could not be scored are counted here and listed, with why, in data_report.json.
     rep = ds.report
     save_json({"metrics": m, "n": len(idx), "data": str(ds.root),

@@ -115,14 +115,23 @@ class Run:
             yield run
             run.add_time("total", time.perf_counter() - opened)
             run.write_timing()
-        except BaseException:
-            run.flush(raise_errors=False)
-            if created and not run.checkpoint.exists() and not run.previous.exists():
+        except BaseException as e:
+            failed = run.flush(raise_errors=False)  # a checkpoint being written is finished
+            kept = run.checkpoint.exists() or run.previous.exists()
+            if created and not kept:
                 shutil.rmtree(path, ignore_errors=True)  # nothing worth keeping was made
             elif run.training:  # an interrupted session's wall time counts in the total too
                 run.add_time("total", time.perf_counter() - opened)
                 with contextlib.suppress(Exception):
                     run.write_timing()
+            if isinstance(e, KeyboardInterrupt):  # Ctrl-C twice: say what the abort kept
+                log(f"aborted: {path} keeps its last checkpoint; the same command resumes from "
+                    "it" if kept else "aborted before the first checkpoint: nothing was kept"
+                    + (f" ({path} removed)" if created else ""))
+            if failed is not None and isinstance(e, WriteError):
+                # A full disk: the large checkpoint filled it, not the small file that failed
+                # after it; naming only the latter would send the user the wrong way.
+                raise WriteError(f"{failed}; then {e}") from None
             raise
         finally:
             run.flush(raise_errors=False)
@@ -192,16 +201,20 @@ class Run:
         except BaseException as e:  # re-raised in the main thread by flush()
             self._error = e
 
-    def flush(self, raise_errors: bool = True) -> None:
-        """Wait for the checkpoint being written; raise its error (disk full...) here."""
+    def flush(self, raise_errors: bool = True) -> SystemExit | None:
+        """Wait for the checkpoint being written; raise its error (disk full...) here, or
+        with raise_errors=False return it (as a one-line SystemExit), or None."""
         if self._writer is not None:
             self._writer.join()
             self._writer = None
         err, self._error = self._error, None
-        if err is not None and raise_errors:
-            if isinstance(err, SystemExit):
-                raise err
-            raise WriteError(f"could not write {self.checkpoint}: {err}") from None
+        if err is None:
+            return None
+        if not isinstance(err, SystemExit):
+            err = WriteError(f"could not write {self.checkpoint}: {err}")
+        if raise_errors:
+            raise err from None
+        return err
 
     def resume(self, key: str | tuple[str, ...], inputs: str = "", mmap: bool = False,
                changes: Callable[[], str] = lambda: "") -> dict | None:

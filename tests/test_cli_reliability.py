@@ -151,3 +151,26 @@ def test_every_commands_defaults_are_its_configs(case, monkeypatch):
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert got == [want]
+
+
+def test_ctrl_c_in_a_command_is_one_line_and_exit_130(monkeypatch, capsys):
+    """typer turns a KeyboardInterrupt in a command into a silent exit 130: the entry point
+    says why it stopped. A command's own exit 130 (the loop's checkpointed stop) adds nothing."""
+    import sys
+
+    from sstl.cli import cache, main
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cache, "run", interrupted)
+    monkeypatch.setattr(sys, "argv", ["sstl", "cache"])
+    with pytest.raises(SystemExit) as e:
+        main.cli()
+    assert e.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+    def stopped(cfg):
+        raise SystemExit(130)
+    monkeypatch.setattr(cache, "run", stopped)
+    with pytest.raises(SystemExit) as e:
+        main.cli()
+    assert e.value.code == 130 and capsys.readouterr().err == ""

@@ -187,6 +187,17 @@ def test_huge_image_is_reported_as_too_large(tmp_path):
     assert img is None and why == f"too large (16000 x 12000 pixels, limit {limit} pixels)"
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_an_image_pillow_only_warns_about_is_refused_too(tmp_path):
+    """Between Pillow's pixel limit and twice it, Pillow only warns, then decodes (hundreds of
+    MB per scan thread): load_gray refuses it as too large, naming that limit."""
+    limit = Image.MAX_IMAGE_PIXELS
+    side = int(limit ** 0.5) + 100  # just over the limit, well under twice it
+    f = _huge_png(tmp_path / "big.png", side, side)
+    with pytest.raises(ValueError, match=rf"^too large \({side} x {side} pixels, limit {limit} "):
+        load_gray(f)
+
+
 # 3. Partly labelled manifests --------------------------------------------------------------
 
 def test_manifest_with_some_empty_labels(tmp_path):
@@ -248,6 +259,44 @@ def _records(tmp_path, n=24):
     for i in range(n):
         _png(tmp_path / "u" / f"{i:02d}.png")
     return scan(tmp_path / "u").records
+
+
+def test_a_cache_folder_that_cannot_take_a_build_is_one_line(tmp_path, monkeypatch):
+    """A read-only cache folder (shared caches are read from such) that lacks this data's
+    cache: one line naming the folder and the way out, not a traceback from the clean-up
+    (whose own unlink fails there too). A place no folder can be made: one line as well."""
+    import errno
+
+    from sstl.engine.config import ConfigError, check
+    from sstl.engine.data import cache
+
+    from .configs import pretrain_cfg
+
+    for i in range(2):
+        _png(tmp_path / "d" / f"{i}.png")
+    records = scan(tmp_path / "d").records
+    real_unlink = Path.unlink
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    def unlink(self, *a, **k):
+        if ".tmp" in self.name:
+            read_only()
+        return real_unlink(self, *a, **k)
+    monkeypatch.setattr(cache.np.lib.format, "open_memmap", read_only)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(DataError, match=r"could not build the decode cache in .*/c: Read-only "
+                                        r"file system; choose another --cache-dir"):
+        load_or_build(records, 32, tmp_path / "c")
+    monkeypatch.undo()
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(DataError, match=r"cache folder .*a_file/c: .*choose another --cache-dir"):
+        load_or_build(records, 32, tmp_path / "a_file" / "c")
+    monkeypatch.setenv("SSTL_CACHE", str(tmp_path / "a_file"))
+    with pytest.raises(ConfigError, match=r"\$SSTL_CACHE .*a_file: a file is in the way"):
+        check(pretrain_cfg())
+    check(pretrain_cfg(cache_dir=str(tmp_path / "c")))  # --cache-dir overrides it
 
 
 def test_interrupted_cache_build_leaves_no_temporaries(tmp_path):
@@ -371,6 +420,34 @@ def test_top_level_masks_and_linked_folders_are_not_classes(tmp_path):
     assert len(s.records) == 4
     assert {(e["path"], e["reason"], e["files"]) for e in s.left_out} == {
         ("masks", "segmentation mask folder", 2), ("Normal_link", "link to a folder (not followed)", 2)}
+
+
+def test_unreadable_folders_are_reported_not_skipped(tmp_path, monkeypatch):
+    """A folder that cannot be listed (permissions, a lost mount) is a left-out entry with
+    its reason, in a training scan and in predict's rows; a whole class too. (Root reads
+    through chmod 000, so the refusal is made by os.scandir here.)"""
+    from sstl.engine.predict import image_files
+
+    root = tmp_path / "data"
+    for c in ("COVID", "Normal", "Lung_Opacity"):
+        _png(root / c / "0.png")
+    _png(root / "COVID" / "more" / "1.png")
+    real = os.scandir
+
+    def scandir(path="."):
+        if isinstance(path, (str, os.PathLike)) and Path(path).name in ("more", "Lung_Opacity"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    s = scan(root)
+    assert sorted(r.rel for r in s.records) == ["COVID/0.png", "Normal/0.png"]
+    assert {(e["path"], e["reason"]) for e in s.left_out} == {
+        ("COVID/more", "unreadable folder (Permission denied)"),
+        ("Lung_Opacity", "unreadable folder (Permission denied)")}
+    assert not any("Lung_Opacity" in n for n in s.notes)  # not also "holds no image file"
+    rows = dict(image_files([str(root / "COVID")]))
+    assert rows == {str(root / "COVID" / "0.png"): None, str(root / "COVID" / "more"):
+                    "left out: unreadable folder (Permission denied)"}
 
 
 @pytest.mark.parametrize("second", ["./x/1.png", "x//1.png", "x\\1.png", "ABS", "../d/x/1.png",

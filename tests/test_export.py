@@ -88,3 +88,16 @@ def test_missing_onnxruntime_is_a_clear_refusal(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import now raises ImportError
     with pytest.raises(SystemExit, match="onnxruntime.*pip install"):
         export_onnx(make_run(tmp_path / "run"))
+
+
+def test_the_check_finds_a_relative_data_path_from_where_the_run_ran(tmp_path, monkeypatch):
+    """config.json keeps --data as typed: a relative path is read from the run's own folder
+    (its recorded cwd), not from wherever export is called."""
+    run = make_run(tmp_path / "run")
+    write_pngs(tmp_path / "work" / "data" / "COVID", n=2)
+    write_pngs(tmp_path / "work" / "data" / "Normal", n=2, seed=1)
+    (run / "config.json").write_text(json.dumps({"config": {"data": {"path": "data"}},
+                                                 "cwd": str(tmp_path / "work")}))
+    monkeypatch.chdir(tmp_path)  # here "data" names nothing
+    r = export_onnx(run)
+    assert r["ok"] and r["images_checked"] == 4 and "synthetic" not in r["check_source"]

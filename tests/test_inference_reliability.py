@@ -115,6 +115,60 @@ def test_weights_that_do_not_match_their_sidecar_are_one_clear_line(tmp_path):
                               out_csv=str(tmp_path / "p.csv"), device="cpu"))
 
 
+def test_damaged_weights_or_the_sidecar_named_as_the_model_are_one_line(tmp_path):
+    """A model.safetensors cut short (a copy interrupted) is one line naming the file in
+    predict, evaluate and export alike; so is --model naming the .json sidecar."""
+    from sstl.engine.models import load_classifier
+
+    run = make_run(tmp_path / "run")
+    with pytest.raises(SystemExit, match="model.json: not a .safetensors file"):
+        load_classifier(run / "model.json")
+    f = run / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100_000])
+    with pytest.raises(SystemExit, match="model.safetensors: not a readable weights file .*"
+                                         "damaged or incomplete copy"):
+        load_classifier(run)
+    with pytest.raises(SystemExit, match="not a readable weights file"):
+        predict(PredictConfig(model=str(run), inputs=(str(write_pngs(tmp_path / "i", 1)[0]),),
+                              out_csv=str(tmp_path / "p.csv"), device="cpu"))
+
+
+def test_evaluating_an_empty_test_split_says_so(tmp_path):
+    """Two images a class hold none out at --test-fraction 0.2: --split test says the split
+    is empty, not that every image was used to train the model."""
+    run = make_run(tmp_path / "run")
+    for c in ("COVID", "Normal"):
+        write_pngs(tmp_path / "d" / c, n=2, seed=len(c))
+    with pytest.raises(SystemExit, match="the test split of these 4 images is empty "
+                                         r"\(--test-fraction 0.2\)"):
+        evaluate(EvaluateConfig(model=str(run), split="test", device="cpu",
+                                data=DataConfig(path=str(tmp_path / "d"),
+                                                cache_dir=str(tmp_path / "c"))))
+
+
+@pytest.mark.parametrize("code,advice", [
+    ("ENOSPC", "(free some space or choose another --out-csv)"),
+    ("EROFS", "(choose another --out-csv: this place is not writable)")])
+def test_a_failed_write_names_the_option_and_the_cause(tmp_path, monkeypatch, code, advice):
+    """predict's table is placed by --out-csv, not --out; a read-only place is not a full
+    disk. Nothing is left behind."""
+    import errno
+    import os
+
+    run = make_run(tmp_path / "run")
+    imgs = write_pngs(tmp_path / "i", 1)
+
+    def failed(*a):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+    monkeypatch.setattr(os, "replace", failed)
+    with pytest.raises(SystemExit) as e:
+        predict(PredictConfig(model=str(run), inputs=(str(imgs[0]),),
+                              out_csv=str(tmp_path / "o" / "p.csv"), device="cpu"))
+    assert str(e.value) == (f"could not write {tmp_path / 'o' / 'p.csv'}: "
+                            f"{os.strerror(getattr(errno, code))} {advice}")
+    assert list((tmp_path / "o").iterdir()) == []
+
+
 def test_json_files_are_strict_an_undefined_number_is_null(tmp_path):
     save_json({"auc": float("nan"), "x": [1.0, float("inf")], "n": np.float32("nan"), "ok": 0.5},
               tmp_path / "m.json")
@@ -139,6 +193,45 @@ def test_output_paths_of_the_wrong_kind_are_refused_before_inference(tmp_path):
         evaluate(EvaluateConfig(model=str(run), data=DataConfig(path=str(tmp_path / "imgs")),
                                 out=str(tmp_path / "a_file")))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "a_folder", "imgs", "run"]
+
+
+def test_predict_never_writes_its_table_over_another_file(tmp_path):
+    """--out-csv naming an input X-ray, the model's sidecar or the run's metrics.csv is
+    refused before inference, the file untouched; an earlier predictions table is replaced."""
+    run = make_run(tmp_path / "run")
+    imgs = write_pngs(tmp_path / "imgs", n=2)
+    (run / "metrics.csv").write_text("epoch,loss\n0,1.5\n")
+    victims = [imgs[0], run / "model.json", run / "metrics.csv"]
+    before = {v: v.read_bytes() for v in victims}
+    for v in victims:
+        with pytest.raises(SystemExit, match="exists and is not an earlier predictions file"):
+            predict(PredictConfig(model=str(run), inputs=(str(tmp_path / "imgs"),),
+                                  out_csv=str(v), device="cpu"))
+    assert {v: v.read_bytes() for v in victims} == before
+    out = tmp_path / "p.csv"
+    for _ in range(2):  # the second run replaces the first's table
+        predict(PredictConfig(model=str(run), inputs=(str(tmp_path / "imgs"),),
+                              out_csv=str(out), device="cpu"))
+        assert out.read_text().startswith("path,") and len(out.read_text().splitlines()) == 3
+
+
+def test_an_unwritable_output_place_is_refused_before_inference(tmp_path, monkeypatch):
+    """A read-only --out or --out-csv folder (os.access says so, as on a read-only mount)
+    is found before the model runs, not after, when the results would be lost."""
+    import os
+
+    run = make_run(tmp_path / "run")
+    write_pngs(tmp_path / "imgs", n=2)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: Path(p) != ro and real(p, mode, **k))
+    with pytest.raises(SystemExit, match="--out .*ro/ev: that place is not writable"):
+        evaluate(EvaluateConfig(model=str(run), data=DataConfig(path=str(tmp_path / "imgs")),
+                                out=str(ro / "ev")))
+    with pytest.raises(SystemExit, match="--out-csv .*ro/p.csv: its folder is not writable"):
+        predict(PredictConfig(model=str(run), inputs=(str(tmp_path / "imgs"),),
+                              out_csv=str(ro / "p.csv")))
 
 
 def test_predict_and_evaluate_take_a_precision(tmp_path):

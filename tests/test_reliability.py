@@ -116,6 +116,44 @@ def test_one_class_data_is_refused_for_finetuning(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_an_abort_says_what_it_kept(tmp_path, capsys):
+    """Ctrl-C twice raises KeyboardInterrupt: before the first checkpoint the new run's
+    folder goes, with one line saying so; after one, the folder and checkpoint stay."""
+    with pytest.raises(KeyboardInterrupt):
+        with Run.open(str(tmp_path), "r"):
+            raise KeyboardInterrupt
+    assert not (tmp_path / "r").exists()
+    assert "aborted before the first checkpoint: nothing was kept" in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+        with Run.open(str(tmp_path), "r") as run:
+            run.save({"step": 1})  # written on a thread: the abort waits for it
+            raise KeyboardInterrupt
+    assert (tmp_path / "r" / "checkpoint.pt").exists()
+    assert "keeps its last checkpoint" in capsys.readouterr().err
+
+
+def test_a_full_disk_names_the_checkpoint_that_filled_it(tmp_path, monkeypatch):
+    """The checkpoint (hundreds of MB, written on a thread) fills the disk; a small file the
+    main thread writes next fails too. The error names the checkpoint first."""
+    import errno
+
+    from sstl.engine import runs
+    from sstl.engine.io import WriteError, save_json
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(runs.torch, "save", full)
+    with pytest.raises(WriteError) as e:
+        with Run.open(str(tmp_path), "r") as run:
+            run.save({"step": 1})
+            run._writer.join()  # the checkpoint has failed before the next write
+            monkeypatch.setattr(runs.os, "replace", full)
+            save_json({}, run.path / "timing.json")
+    msg = str(e.value)
+    assert msg.startswith(f"could not write {tmp_path / 'r' / 'checkpoint.next.pt'}: No space")
+    assert "; then could not write" in msg and msg.index("checkpoint") < msg.index("timing.json")
+
+
 def test_a_run_directory_is_locked(tmp_path):
     with Run.open(str(tmp_path), "r"):
         with pytest.raises(SystemExit, match=f"in use by another sstl process \\(pid {os.getpid()}"):

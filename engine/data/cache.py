@@ -20,6 +20,7 @@ hosts sharing the folder are left alone, since their pids mean nothing here.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -34,7 +35,7 @@ from typing import Callable
 
 import numpy as np
 
-from .index import Record, decode_square
+from .index import DataError, Record, decode_square
 
 FORMAT_VERSION = 3  # 2: content digests; 3: the decoder's identity in the key
 
@@ -138,7 +139,11 @@ def load_or_build(records: list[Record], size: int, cache_dir: str | os.PathLike
                   workers: int = 0, progress: Callable[[int, int], None] | None = None) -> Cache:
     """Map the cache for these records, building it first (in parallel) when it is missing."""
     folder = Path(cache_dir) if cache_dir else default_cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cache folder {folder}: {e.strerror or e}; choose another "
+                        "--cache-dir (or $SSTL_CACHE)") from None
     key = cache_key(records, size)
     npy, meta = folder / f"{key}.npy", folder / f"{key}.json"
     built = not (npy.exists() and meta.exists())
@@ -202,9 +207,14 @@ def _build(records, size, npy: Path, meta: Path, workers: int, progress) -> None
                                         "digests": digests}))
         os.replace(tmp_npy, npy)
         os.replace(tmp_meta, meta)
+    except OSError as e:  # a read-only or full cache folder: its caches are read, not built
+        raise DataError(f"could not build the decode cache in {npy.parent}: "
+                        f"{e.strerror or e}; choose another --cache-dir (or $SSTL_CACHE), "
+                        "or free some space there") from None
     finally:  # after success both are renamed away; after any failure nothing half-made stays
-        tmp_npy.unlink(missing_ok=True)
-        tmp_meta.unlink(missing_ok=True)
+        for tmp in (tmp_npy, tmp_meta):
+            with contextlib.suppress(OSError):  # (read-only: never made; its error is above)
+                tmp.unlink(missing_ok=True)
 
 
 def _decode_all(records, size, tmp_npy: Path, workers: int, progress):

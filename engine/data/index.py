@@ -32,6 +32,7 @@ import io
 import difflib
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .dicom import DICOM_SUFFIXES, is_dicom, load_dicom_gray
+
+# Pillow only warns between MAX_IMAGE_PIXELS and twice that, and then decodes: load_gray refuses
+# those images itself ("too large", one reason in data_report.json), so the warning, two raw
+# lines per file, says nothing more. (A filter, not catch_warnings: the scan decodes on threads.)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 # Every suffix PIL or pydicom reads radiographs under (JPEG's .jfif/.jpe, the Netpbm family,
 # JPEG 2000); a file listed here that will not decode is reported, never silently ignored.
@@ -103,6 +109,8 @@ def scan(path: str | os.PathLike) -> Scan:
     labelled = [(d, files) for d, files in labelled if files]
     if labelled:
         for d in empty:  # a class whose files were all of an unknown kind must not vanish unsaid
+            if any(e["path"] == _rel(d, root) for e in out.left_out):
+                continue  # unreadable: left_out says so
             other = sorted(f.name for f in d.rglob("*") if f.is_file())
             if not other:  # nothing at all: a class that failed to copy, most likely
                 out.empty_folders.append(d.name)
@@ -284,10 +292,15 @@ def _folder_left_out(d: Path) -> str | None:
 
 
 def images_under(folder: Path, root: Path, left_out: list[dict]) -> list[Path]:
-    """Images below `folder`, sorted; masks, hidden and linked folders and hidden files go to
-    `left_out` with their reason instead."""
+    """Images below `folder`, sorted; masks, hidden, linked and unreadable folders and hidden
+    files go to `left_out` with their reason instead."""
     out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+
+    def unreadable(e: OSError) -> None:  # os.walk would skip the folder without a word
+        where = Path(e.filename) if e.filename else folder
+        left_out.append({"path": _rel(where, root),
+                         "reason": f"unreadable folder ({e.strerror or type(e).__name__})"})
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable):
         here, keep = Path(dirpath), []
         for d in sorted(dirnames):
             why = _folder_left_out(here / d)
@@ -325,6 +338,8 @@ def load_gray(path: str | os.PathLike) -> np.ndarray:
         return _checked(load_dicom_gray(path))
     try:
         with Image.open(path) as im:
+            if im.width * im.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
+                raise Image.DecompressionBombWarning("over the pixel limit")  # said just below
             if _deep_colour(im):
                 raise ValueError(f"16 bits per channel in {im.mode} (Pillow keeps only the high "
                                  "byte, which would turn a 12-bit radiograph black); save it as "
