@@ -156,9 +156,17 @@ def test_every_commands_defaults_are_its_configs(case, monkeypatch):
 def test_ctrl_c_in_a_command_is_one_line_and_exit_130(monkeypatch, capsys):
     """typer turns a KeyboardInterrupt in a command into a silent exit 130: the entry point
     says why it stopped. A command's own exit 130 (the loop's checkpointed stop) adds nothing."""
+    import os
     import sys
 
     from sstl.cli import cache, main
+
+    exits = []
+
+    def exit_now(code):  # os._exit would end pytest too
+        exits.append(code)
+        raise SystemExit(code)
+    monkeypatch.setattr(os, "_exit", exit_now)
 
     def interrupted(cfg):
         raise KeyboardInterrupt
@@ -167,10 +175,11 @@ def test_ctrl_c_in_a_command_is_one_line_and_exit_130(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         main.cli()
     assert e.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+    assert exits == [130]  # at once, not through the interpreter's teardown
 
     def stopped(cfg):
         raise SystemExit(130)
     monkeypatch.setattr(cache, "run", stopped)
     with pytest.raises(SystemExit) as e:
         main.cli()
-    assert e.value.code == 130 and capsys.readouterr().err == ""
+    assert e.value.code == 130 and capsys.readouterr().err == "" and exits == [130]
