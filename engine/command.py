@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from . import dist
-from .config import changed_settings, recorded_config, resume_keys, size_warning
+from .config import changed_settings, only_moved, recorded_config, resume_keys, size_warning
 from .data.dataset import Dataset, load_dataset, save_data_files
 from .runs import Run, log
 
@@ -56,16 +56,27 @@ def check_resumable(run: Run, cfg, inputs: str) -> None:
     other settings or other inputs, so a refused rerun leaves the run's files as they were;
     with --no-resume, clear the old run out."""
     if cfg.runtime.resume:
-        run.resume(resume_keys(cfg), inputs, mmap=True, changes=lambda: _changes(run, cfg))
+        run.resume(resume_keys(cfg), inputs, mmap=True, changes=lambda: _changes(run, cfg),
+                   moved=lambda: _only_moved(run, cfg))
     else:  # starting over: nothing of the old run may pass for this one's
         run.start_over()
 
 
+def _recorded(run: Run) -> dict | None:
+    """The config the run's config.json holds (recorded_config), or None."""
+    try:
+        return recorded_config(json.loads((run.path / "config.json").read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def _only_moved(run: Run, cfg) -> bool:
+    recorded = _recorded(run)
+    return recorded is not None and only_moved(recorded, cfg)
+
+
 def _changes(run: Run, cfg) -> str:
     """' (epochs: 4 -> 5; ...)': the settings in which the run's config.json differs."""
-    try:
-        recorded = recorded_config(json.loads((run.path / "config.json").read_text()))
-    except (OSError, ValueError):
-        return ""
+    recorded = _recorded(run)
     changed = changed_settings(recorded, cfg) if recorded is not None else []
     return f" ({'; '.join(changed[:6])}{'; ...' if len(changed) > 6 else ''})" if changed else ""

@@ -286,6 +286,22 @@ def _keyed(d: dict, cfg, as_typed: bool = False, encoder_as_file: bool = False,
 def changed_settings(recorded: dict, cfg) -> list[str]:
     """'name: old -> new' for each setting the resume key counts in which a run's recorded
     config (its config.json) differs from `cfg`: what a refused resume tells the user."""
+    return [f"{k}: {old} -> {new}" for k, (old, new) in _differences(recorded, cfg).items()]
+
+
+PLACES = ("data.path", "encoder", "init")  # settings that say where inputs are, not what
+
+
+def only_moved(recorded: dict, cfg) -> bool:
+    """Whether a run's recorded config differs from `cfg` only in where its inputs are (the
+    data folder or a weights file moved, or mounted elsewhere): the inputs' own identity
+    (data contents, weights) then decides whether the run may continue."""
+    diff = _differences(recorded, cfg)
+    return bool(diff) and all(k in PLACES for k in diff)
+
+
+def _differences(recorded: dict, cfg) -> dict[str, tuple]:
+    """{setting: (recorded, now)} for the settings the resume key counts that differ."""
     def flat(d: dict, prefix: str = "") -> dict:
         out = {}
         for k, v in d.items():
@@ -295,9 +311,9 @@ def changed_settings(recorded: dict, cfg) -> list[str]:
     try:
         old, new = flat(_keyed(recorded, cfg)), flat(_keyed(to_dict(cfg), cfg))
     except (KeyError, TypeError, AttributeError):  # a config.json of another shape
-        return []
-    return [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)]
+        return {}
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)}
 
 
 def recorded_config(record) -> dict | None:

@@ -74,6 +74,7 @@ class Run:
         # Set by fit once the checkpoint was accepted: before that, a failure (a refused
         # rerun) leaves the run's files as they were, timing.json included.
         self.training = False
+        self.moved_from: str | None = None  # the key of a run continued from moved inputs
         self._before: dict[str, list[dict]] = {}  # earlier invocations' records (_earlier)
 
     @classmethod
@@ -217,11 +218,14 @@ class Run:
         return err
 
     def resume(self, key: str | tuple[str, ...], inputs: str = "", mmap: bool = False,
-               changes: Callable[[], str] = lambda: "") -> dict | None:
+               changes: Callable[[], str] = lambda: "",
+               moved: Callable[[], bool] = lambda: False) -> dict | None:
         """The newest readable checkpoint of this run, or None; refuses another run's (a key
         not among `key`), and one trained on other inputs (fit's Plan.inputs; older
         checkpoints carry none). mmap: map the tensors instead of reading them (a cheap look
-        before anything is written). `changes()` says which settings differ, for the refusal."""
+        before anything is written). `changes()` says which settings differ, for the refusal.
+        `moved()`: they differ only in where the inputs are; a checkpoint of the same images
+        and weights (by content) is then continued, and stays accepted by this Run."""
         keys = (key,) if isinstance(key, str) else tuple(key)
         tried = []
         for f in (self.checkpoint, self.previous):
@@ -239,10 +243,14 @@ class Run:
             if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
                 raise SystemExit(f"{f} is not an sstl checkpoint of this version; use another "
                                  "--name (or --no-resume to start over here)")
-            if ck.get("resume_key") not in keys:
-                raise SystemExit(f"{f} was written by a run with different settings"
-                                 f"{changes()}; use another --name (or --no-resume to start "
-                                 "over here)")
+            if ck.get("resume_key") not in (*keys, self.moved_from):
+                if not (_same_inputs(ck.get("inputs"), inputs) and moved()):
+                    raise SystemExit(f"{f} was written by a run with different settings"
+                                     f"{changes()}; use another --name (or --no-resume to "
+                                     "start over here)")
+                self.moved_from = ck.get("resume_key")
+                log(f"continuing {f}: its inputs are elsewhere now{changes()}, the same "
+                    "images and weights")
             changed = _changed(ck.get("inputs"), inputs) if inputs else []
             if changed:
                 raise SystemExit(f"{f} was trained on other inputs than this command's: the "
@@ -341,6 +349,13 @@ def _changed(old, new: str) -> list[str]:
                                       ("--encoder file", encoder != encoder2),
                                       ("--init file", start is not None and start != start2))
             if differ]
+
+
+def _same_inputs(old, new: str) -> bool:
+    """Whether a checkpoint's recorded inputs are this command's by content: its data with
+    the images' digests (older identities hold paths only), and the same weights files."""
+    return (isinstance(old, str) and bool(new) and "+" in inputs_parts(old)[0]
+            and not _changed(old, new))
 
 
 def same_data(old: str, new: str) -> bool:

@@ -583,6 +583,37 @@ def test_precision_typed_as_auto_chooses_is_the_same_run(tmp_path, capsys):
     assert "has finished its 1 epoch" in capsys.readouterr().err
 
 
+def test_a_run_continues_from_its_data_moved_elsewhere(tmp_path, capsys):
+    """The data folder moved (or mounted elsewhere): the same images by content continue the
+    run named by --name; a moved folder whose images changed, or another setting changed
+    with the move, is still refused."""
+    import shutil
+
+    from sstl.engine.data.synthetic import ensure_synthetic
+
+    src = tmp_path / "a" / "cxr"
+    shutil.copytree(ensure_synthetic(), src)
+    run = pretrain(pretrain_cfg(out=str(tmp_path / "runs"), name="r", path=str(src)))
+    weights = load_file(run / "encoder.safetensors")
+    moved = tmp_path / "b" / "cxr"
+    shutil.move(str(src), str(moved))
+    capsys.readouterr()
+    assert pretrain(pretrain_cfg(out=str(tmp_path / "runs"), name="r", path=str(moved))) == run
+    err = capsys.readouterr().err
+    assert "its inputs are elsewhere now (data.path:" in err and "has finished its 1 epoch" in err
+    assert all(torch.equal(v, load_file(run / "encoder.safetensors")[k])
+               for k, v in weights.items())
+    shutil.copytree(moved, tmp_path / "c" / "cxr")
+    with pytest.raises(SystemExit, match="different settings .*data.path.*epochs: 1 -> 2"):
+        pretrain(pretrain_cfg(out=str(tmp_path / "runs"), name="r",
+                              path=str(tmp_path / "c" / "cxr"), epochs=2))
+    first, second = sorted((tmp_path / "c" / "cxr").rglob("*.png"))[:2]
+    first.write_bytes(second.read_bytes())  # one image edited in the copy
+    with pytest.raises(SystemExit, match="different settings .*data.path"):
+        pretrain(pretrain_cfg(out=str(tmp_path / "runs"), name="r",
+                              path=str(tmp_path / "c" / "cxr")))
+
+
 def test_an_encoder_given_as_its_run_directory_or_its_file_is_one_run(tmp_path, monkeypatch):
     """`--encoder runs/x` and `--encoder runs/x/encoder.safetensors` name one file: one resume
     key and one directory, from any folder. Another file there is another start."""
