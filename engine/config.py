@@ -598,7 +598,8 @@ def size_warning(cfg) -> str | None:
 
 
 def _check_settings(s, need) -> None:
-    """Method settings: dimensions positive, rates in range (the names are the CLI's)."""
+    """Method settings: dimensions positive (a field's metadata "min" may allow 0, where the
+    method gives 0 a meaning), rates in range (the names are the CLI's)."""
     for f in dataclasses.fields(s):
         v = getattr(s, f.name)
         if f.name == "tau":
@@ -612,8 +613,9 @@ def _check_settings(s, need) -> None:
         elif f.name == "lam":
             need(0 <= v <= 1, f"lam (PIRL's lambda) must be in [0, 1], not {v}")
         elif isinstance(v, int):
-            need(v >= (0 if f.name == "proj_hidden" else 1),
-                 f"{f.name.replace('_', '-')} must be positive, not {v}")
+            low = f.metadata.get("min", 1)
+            need(v >= low, f"{f.name.replace('_', '-')} must be "
+                 f"{'positive' if low == 1 else f'at least {low}'}, not {v}")
 
 
 # -------------------------------------------------------- values derived from the machine

@@ -29,7 +29,8 @@ from .data.split import fraction_subset
 from .loop import Plan, Trainer, fit
 from .evaluation import bootstrap_ci, card_fields, curves_png, draw_figures, write_model_card
 from .metrics import METRICS, NAMES, best_epoch, classification_metrics, summarize
-from .models import imagenet_tag, is_start_file, sidecar, sstl_weights, weights_file
+from .models import (imagenet_tag, is_start_file, learned_images, saw_all_unlabelled, sidecar,
+                     sstl_weights, weights_file)
 from .runs import Run, log, run_inputs, save_weights
 from .classifier import check_start, classifier_trainer, eval_probs
 
@@ -78,7 +79,7 @@ def check_encoder(cfg: FinetuneConfig, ds: Dataset) -> Path | None:
         log(f"{flag} {f}: a stage-1 encoder (supervised on {meta.get('data_root')})")
     if meta.get("stage") == "supervised" and "trained_on" not in meta:
         pass  # written before stage 1 listed its images: natural images, as intended
-    elif meta.get("pretrain_split") != "all" and "trained_on" in meta:  # the exact check
+    elif not saw_all_unlabelled(meta) and "trained_on" in meta:  # the exact check
         seen = int(ds.learned(meta["trained_on"], ds.test_idx).sum())
         if seen:
             raise SystemExit(f"{flag} {f} was pretrained on {seen} of this run's "
@@ -97,7 +98,7 @@ def check_encoder(cfg: FinetuneConfig, ds: Dataset) -> Path | None:
             f"{cfg.data.test_fraction}): the encoder has seen images this split would test on. "
             f"Rerun with --split-seed {meta.get('split_seed')} --test-fraction "
             f"{meta.get('test_fraction')}.")
-    elif meta.get("pretrain_split") == "all":
+    elif saw_all_unlabelled(meta):
         log(f"warning: {flag} {f} was pretrained with --split all: it has seen the test "
             "images (without labels); the test split is not unseen")
     return f
@@ -260,8 +261,7 @@ def save_model(run: Path, cfg: FinetuneConfig, model, ds: Dataset, epoch: int,
     about), so `sstl evaluate` leaves exactly those out."""
     learned = set(ds.image_ids(subset)) if subset is not None else set()
     if encoder is not None:  # the start file (start_file): its images, and its starts'
-        enc = sidecar(encoder)
-        learned |= set(enc.get("trained_on", [])) if enc.get("pretrain_split") != "all" else set()
+        learned |= learned_images(sidecar(encoder))
     save_weights(model.state_dict(), run / "model.safetensors", {
         "kind": "sstl-classifier", "arch": cfg.arch, "class_names": ds.class_names,
         "positive_class": cfg.positive_class, "image_size": cfg.augment.size,

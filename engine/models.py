@@ -192,11 +192,23 @@ def sstl_weights(init: str | None) -> Path | None:
 
 
 def inherited_images(init: str | None) -> set[str]:
-    """The images a start (--init PATH, --encoder) learned from, by its sidecar's
-    `trained_on`: a run's own sidecar lists them with its own, so the leak checks follow
-    weights through every stage. Nothing for imagenet, random, or files sstl did not write."""
+    """The images a start (--init PATH, --encoder) learned from (learned_images of its
+    sidecar): a run's own sidecar lists them with its own, so the leak checks follow weights
+    through every stage. Nothing for imagenet, random, or files sstl did not write."""
     f = sstl_weights(init)
-    return set(sidecar(f).get("trained_on", [])) if f is not None else set()
+    return learned_images(sidecar(f)) if f is not None else set()
+
+
+def learned_images(meta: dict) -> set[str]:
+    """The images a sidecar's weights count as trained on, for the leak checks: `trained_on`,
+    but none for a --split all pretraining (every image, unlabelled), which finetune warns
+    about instead of refusing; that warning follows the weights (saw_all_unlabelled)."""
+    return set() if saw_all_unlabelled(meta) else set(meta.get("trained_on", []))
+
+
+def saw_all_unlabelled(meta: dict) -> bool:
+    """Whether these weights, or a start they came from, pretrained with --split all."""
+    return meta.get("pretrain_split") == "all"
 
 
 def without_image_list(meta: dict) -> dict:

@@ -49,7 +49,8 @@ from . import dist
 from .config import config_hash, to_dict
 from .data.cache import file_digest
 from .io import WriteError, atomic_write, make_dir, save_json
-from .models import is_start_file
+from .models import (ARCHS, imagenet_tag, inherited_images, is_start_file, saw_all_unlabelled,
+                     sidecar, sstl_weights)
 
 console = Console(stderr=True)
 SRC = Path(__file__).resolve().parent.parent
@@ -395,8 +396,9 @@ def encoder_sidecar(cfg, ds, trained_idx, epoch: int, **extra) -> dict:
     """What an encoder.safetensors says of itself (pretrain's and stage 1's alike): its
     start, its data and split, and the images it learned from (`trained_idx`, plus those of
     its --init file), which finetune's leak check follows through every stage."""
-    from .models import ARCHS, imagenet_tag, inherited_images
-
+    start = sstl_weights(cfg.init)
+    if start is not None and saw_all_unlabelled(sidecar(start)):  # the warning follows it
+        extra["pretrain_split"] = "all"
     return {"kind": "sstl-encoder", "arch": cfg.arch, "init": cfg.init,
             "imagenet_weights": imagenet_tag(cfg.init, cfg.imagenet_weights), "epoch": epoch,
             "feat_dim": ARCHS[cfg.arch], "config_hash": config_hash(cfg),

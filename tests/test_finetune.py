@@ -337,3 +337,21 @@ def test_what_a_start_learned_follows_it_through_every_stage(tmp_path, capsys):
     with pytest.raises(SystemExit, match="pretrained on .* test images. The weights it "
                                          "started from .*s1/encoder.safetensors"):
         finetune(_ft(tmp_path, "ft-p", cache_size=64, encoder=str(p)))
+
+
+def test_a_split_all_start_is_a_warning_through_every_stage(tmp_path, capsys):
+    """An encoder pretrained with --split all has seen the test images without labels:
+    finetune warns (it does not refuse) and leaves them out of the model's `trained_on`.
+    An encoder that started from it (--init) carries the same warning, not a refusal."""
+    a = pretrain(_pt(tmp_path, "a", split="all"))
+    assert json.loads((a / "encoder.json").read_text())["pretrain_split"] == "all"
+    b = pretrain(_pt(tmp_path, "b", init=str(a / "encoder.safetensors")))
+    assert json.loads((b / "encoder.json").read_text())["pretrain_split"] == "all"
+    for enc, name in ((a, "fa"), (b, "fb")):
+        capsys.readouterr()
+        run = finetune(_ft(tmp_path, name, encoder=str(enc)))
+        assert "pretrained with --split all" in capsys.readouterr().err
+        meta, config = _json(run / "model.json"), _json(run / "config.json")
+        # Its labelled images only: the test images the encoder saw unlabelled are not listed
+        # (sstl evaluate --split test would otherwise have nothing left to score).
+        assert len(meta["trained_on"]) == config["n_train"] and config["n_test"] > 0

@@ -45,6 +45,10 @@ BAD = [
     ("pretrain", ["--method", "moco"], "--method must be one of"),
     ("pretrain", ["--method", "simclr", "--temperature", "0"], "--temperature must be positive"),
     ("pretrain", ["--method-option", "nonsense=1"], "has no setting 'nonsense'"),
+    # 0 means "the feature dimension" for SimCLR only; Cross's MLP crashed on it mid-run
+    ("pretrain", ["--method-option", "proj_hidden=0"], "proj-hidden must be positive, not 0"),
+    ("pretrain", ["--method", "simclr", "--method-option", "proj_hidden=-1"],
+     "proj-hidden must be at least 0, not -1"),
     ("pretrain", ["--name", "../escape"], "--name '../escape'"),
     ("pretrain", ["--test-fraction", "0"], "--test-fraction must be between 0 and 1"),
     ("finetune", ["--test-fraction", "1"], "--test-fraction must be between 0 and 1"),

@@ -6,7 +6,7 @@ entropy of finding the positive among all others by cosine similarity / temperat
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -19,7 +19,8 @@ from .base import Method, spread
 
 @dataclass(frozen=True)
 class SimCLRConfig:
-    proj_hidden: int = 0  # SimCLR: projection feat -> feat -> 128; 0 = the feature dimension
+    # SimCLR: projection feat -> feat -> 128; 0 = the feature dimension (config.check allows 0)
+    proj_hidden: int = field(default=0, metadata={"min": 0})
     proj_dim: int = 128  # SimCLR: 128
     temperature: float = 0.1  # SimCLR: 0.1 (its batch-256 setting)
 
