@@ -1,12 +1,13 @@
 """What every benchmark shares: honest timing, the machine's record, FLOP counting, JSON."""
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from sstl.engine.io import make_dir, save_json
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, for MFU.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
@@ -70,6 +71,8 @@ def forward_flops(fn, *args) -> int:
 
 
 def write_json(result: dict, path) -> None:
+    """A benchmark's results as the engine writes JSON (io.save_json): atomic, and strict (an
+    undefined number is null, not a bare NaN that other readers reject)."""
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        make_dir(Path(path).expanduser().parent, "--json")
+        save_json(result, Path(path).expanduser())

@@ -23,16 +23,18 @@ import torch
 from .data.augment import (IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, FinetuneAugment,  # noqa: F401
                            ViewAugment)
 from .data.backends import pick_backend
+from .dist import env as dist_env
 from .data.cache import default_cache_dir
 from .io import save_json  # noqa: F401  (re-exported: commands write JSON through it)
 from .methods import METHODS, SettingError, method_settings
-from .models import imagenet_versions, is_start_file
+from .models import ARCHS, imagenet_versions, is_start_file
 
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AugmentConfig", "FinetuneAugment", "ViewAugment",
            "DataConfig", "Runtime", "PretrainConfig", "FinetuneConfig", "PredictConfig",
-           "EvaluateConfig", "SupervisedConfig", "ReproduceConfig", "ConfigError", "check",
-           "resolve", "resume_key", "resume_keys", "save_json"]
+           "EvaluateConfig", "SupervisedConfig", "ReproduceConfig", "ExportConfig",
+           "BenchConfig", "CacheConfig", "ROWS", "ConfigError", "Resolved", "check", "resolve",
+           "inference_runtime", "resume_key", "resume_keys", "save_json"]
 
 
 class ConfigError(SystemExit):
@@ -147,6 +149,14 @@ class SupervisedConfig:
     augment: FinetuneAugment = FinetuneAugment(size=32, train=ViewAugment(
         crop_scale=(0.08, 1.0), flip_p=0.5, blur_p=0.0, jitter_p=0.8, brightness=0.4,
         contrast=0.4))  # the input side (--image-size) and ImageNet-style crops
+
+
+# Table 2's rows in the paper's order: (name, pretraining method or None, start).
+ROWS = [("ours", "cross", "transfer"), ("transfer", None, "transfer"),
+        ("cross", "cross", "random"), ("byol", "byol", "random"),
+        ("simsiam", "simsiam", "random"), ("simclr", "simclr", "random"),
+        ("pirl-jigsaw", "pirl-jigsaw", "random"), ("pirl-rotation", "pirl-rotation", "random"),
+        ("scratch", None, "random")]
 
 
 @dataclass(frozen=True)
@@ -364,8 +374,7 @@ def check(cfg):
         need(cfg.lr > 0, f"--lr must be positive, not {cfg.lr}")
         need(0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), not {cfg.momentum}")
         need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, not {cfg.weight_decay}")
-        need(cfg.arch in ("resnet18", "resnet50"),
-             f"--arch must be resnet18 or resnet50, not {cfg.arch!r}")
+        need(cfg.arch in ARCHS, f"--arch must be {' or '.join(ARCHS)}, not {cfg.arch!r}")
         need(cfg.imagenet_weights.upper() in ("V1", "V2"),
              f"--imagenet-weights must be V1 or V2, not {cfg.imagenet_weights!r}")
         have = imagenet_versions(cfg.arch)
@@ -414,6 +423,9 @@ def check(cfg):
         _check_data(cfg.data, need)
         need(cfg.preset in ("paper", "quick"), f"--preset must be paper or quick, not {cfg.preset!r}")
         need(cfg.seeds >= 1, f"--seeds must be at least 1, not {cfg.seeds}")
+        names = [n for n, _, _ in ROWS]
+        unknown = [r for r in cfg.rows if r not in names]
+        need(not unknown, f"--row: unknown {', '.join(unknown)}; rows are {', '.join(names)}")
         need(cfg.runtime.seed + cfg.seeds <= 2 ** 63,
              f"--seed {cfg.runtime.seed} + --seeds {cfg.seeds} passes 2**63")
         need(len(cfg.fractions) > 0 and all(0 < f <= 1 for f in cfg.fractions),
@@ -452,8 +464,7 @@ def check(cfg):
              f"--device must be auto, cuda or cpu, not {cfg.device!r}")
         need(cfg.device != "cuda" or torch.cuda.is_available(),
              "--device cuda was asked for, but torch sees no CUDA device")
-        need(cfg.arch in ("resnet18", "resnet50"),
-             f"--arch must be resnet18 or resnet50, not {cfg.arch!r}")
+        need(cfg.arch in ARCHS, f"--arch must be {' or '.join(ARCHS)}, not {cfg.arch!r}")
         need(cfg.batch_size is None or cfg.batch_size >= 2, f"--batch-size must be at least 2 "
              f"(BatchNorm trains on two images or more), not {cfg.batch_size}")
         need(cfg.view_size >= 32, f"--view-size must be at least 32, not {cfg.view_size}")
@@ -643,12 +654,6 @@ class Resolved:
         if self.dtype == "float32":
             return contextlib.nullcontext()
         return torch.autocast(self.device.split(":")[0], dtype=getattr(torch, self.dtype))
-
-
-def dist_env() -> tuple[int, int, int]:
-    """Rank, world size and local rank: the one place they come from (torchrun's variables)."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def auto_precision(device: str) -> str:

@@ -32,8 +32,14 @@ def initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def env() -> tuple[int, int, int]:
+    """Rank, world size and local rank: the one place they come from (torchrun's variables)."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
 def rank() -> int:
-    return dist.get_rank() if initialized() else int(os.environ.get("RANK", 0))
+    return dist.get_rank() if initialized() else env()[0]
 
 
 def world() -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .io import atomic_write
-from .metrics import METRICS, NAMES, confusion
+from .metrics import METRICS, NAMES, confusion, display_name
 
 CITATION = ('G. Li, R. Togo, T. Ogawa, M. Haseyama, "Self-supervised transfer learning for '
             'COVID-19 detection from chest X-ray images"')
@@ -331,7 +331,7 @@ def write_model_card(folder, info: dict) -> Path:
               f"{100 * info.get('ci_level', 0.95):.0f}% CI |",
               "|---|---:|---:|---:|"]
     for k, m in f["metrics"].items():
-        name = NAMES.get(k, k.replace("recall/", "recall "))
+        name = display_name(k)
         ms = f"{m['mean']:.4f} ± {m['std']:.4f}" if "mean" in m else "-"
         fin = f"{m['final']:.4f}" if "final" in m else "-"
         ci = f"[{m['ci'][0]:.4f}, {m['ci'][1]:.4f}]" if "ci" in m else "-"

@@ -28,7 +28,7 @@ from .data.index import DataError
 from .data.split import fraction_subset
 from .loop import Plan, Trainer, fit
 from .evaluation import bootstrap_ci, card_fields, curves_png, draw_figures, write_model_card
-from .metrics import METRICS, NAMES, best_epoch, classification_metrics, summarize
+from .metrics import METRICS, best_epoch, classification_metrics, display_name, summarize
 from .models import (imagenet_tag, is_start_file, learned_images, saw_all_unlabelled, sidecar,
                      sstl_weights, weights_file)
 from .runs import Run, log, run_inputs, save_weights
@@ -314,7 +314,7 @@ def summary_table(summary: dict, title: str) -> Table:
     t.add_column(f"best epoch ({best['epoch'] + 1}; {best['epoch']} in metrics.csv), by "
                  f"{best['by'].upper()}", justify="right")
     for k in last:
-        name = NAMES.get(k, k.replace("recall/", "recall "))
+        name = display_name(k)
         t.add_row(escape(name), f"{last[k]['mean']:.4f} ± {last[k]['std']:.4f}", f"{best[k]:.4f}")
     return t
 

@@ -22,6 +22,11 @@ METRICS = ("sen", "spe", "hm", "auc", "acc")  # the columns of Table 2, in its o
 NAMES = {"sen": "Sensitivity", "spe": "Specificity", "hm": "HM", "auc": "AUC", "acc": "Accuracy"}
 
 
+def display_name(key: str) -> str:
+    """A metric's name in tables and cards: the paper's, or 'recall COVID' for recall/COVID."""
+    return NAMES.get(key, key.replace("recall/", "recall "))
+
+
 class MetricWarning(UserWarning):
     """A metric is undefined for this test set (NaN is reported instead)."""
 

@@ -27,7 +27,7 @@ from .data.views import eval_view
 from .evaluation import draw_figures
 from .io import atomic_write, make_dir
 from .classifier import class_probs
-from .metrics import METRICS, NAMES, classification_metrics
+from .metrics import METRICS, classification_metrics, display_name
 from .models import load_classifier, without_image_list
 from .runs import log
 
@@ -277,5 +277,5 @@ def metrics_table(m: dict, title: str) -> Table:
     t.add_column("metric")
     t.add_column("value", justify="right")
     for k in (*METRICS, *(k for k in m if k.startswith("recall/"))):
-        t.add_row(escape(NAMES.get(k, k.replace("recall/", "recall "))), f"{m[k]:.4f}")
+        t.add_row(escape(display_name(k)), f"{m[k]:.4f}")
     return t

@@ -1,8 +1,8 @@
 """`sstl reproduce`: the paper's Table 2 and Fig. 3 as a grid of ordinary runs, collected.
 
 Rows (Table 2): Ours = Cross pretrained from the transfer start; Transfer = fine-tuning from
-the transfer start; Cross, BYOL, SimSiam, SimCLR (and PIRL-Jigsaw/-Rotation when registered)
-pretrained from random weights; From Scratch = fine-tuning from random weights. Columns
+the transfer start; Cross, BYOL, SimSiam, SimCLR, PIRL-Jigsaw and PIRL-Rotation pretrained
+from random weights (config.ROWS); From Scratch = fine-tuning from random weights. Columns
 (Fig. 3): label fractions. Each pretraining runs once per seed and serves every fraction.
 Every cell is a run directory under <out>/<name>/, named by row, fraction and seed; a cell
 whose outputs are complete is read, not rerun, and an interrupted cell resumes from its
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import dist
-from .config import (AugmentConfig, DataConfig, EvaluateConfig, FinetuneAugment,
+from .config import (ROWS, AugmentConfig, DataConfig, EvaluateConfig, FinetuneAugment,
                      FinetuneConfig, PretrainConfig, ReproduceConfig, changed_settings, check,
                      recorded_config, resume_keys)
 from .classifier import check_start
@@ -41,12 +41,6 @@ from .predict import evaluate
 from .pretrain import pretrain
 from .runs import file_identity, inputs_parts, log, same_data, start_identity
 
-# Table 2's rows in the paper's order: (name, pretraining method or None, start).
-ROWS = [("ours", "cross", "transfer"), ("transfer", None, "transfer"),
-        ("cross", "cross", "random"), ("byol", "byol", "random"),
-        ("simsiam", "simsiam", "random"), ("simclr", "simclr", "random"),
-        ("pirl-jigsaw", "pirl-jigsaw", "random"), ("pirl-rotation", "pirl-rotation", "random"),
-        ("scratch", None, "random")]
 LABELS = {"ours": "Ours (Cross + Transfer)", "transfer": "Transfer", "cross": "Cross",
           "byol": "BYOL", "simsiam": "SimSiam", "simclr": "SimCLR", "pirl-jigsaw": "PIRL-Jigsaw",
           "pirl-rotation": "PIRL-Rotation", "scratch": "From Scratch"}
@@ -79,13 +73,8 @@ PAPER_REFERENCE = ("The paper's claim: Ours > Transfer > Cross > the other self-
 
 
 def available_rows(cfg: ReproduceConfig) -> list[tuple[str, str | None, str]]:
-    if not cfg.rows:
-        return list(ROWS)
-    unknown = [r for r in cfg.rows if r not in {n for n, _, _ in ROWS}]
-    if unknown:
-        raise SystemExit(f"--row: unknown {', '.join(unknown)}; rows are "
-                         f"{', '.join(n for n, _, _ in ROWS)}")
-    return [r for r in ROWS if r[0] in cfg.rows]
+    """The rows --row names (check() has refused unknown ones), in the paper's order."""
+    return [r for r in ROWS if not cfg.rows or r[0] in cfg.rows]
 
 
 def _start(start: str, cfg: ReproduceConfig) -> tuple[str, str]:

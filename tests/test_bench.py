@@ -315,3 +315,14 @@ def test_a_command_past_its_time_is_stopped_with_its_workers(tmp_path):
     else:
         raise AssertionError(f"worker {worker} outlived the stopped command")
     assert run_bounded(["sh", "-c", "echo bad >&2; exit 3"], timeout=30) == (3, "bad\n")
+
+
+def test_benchmark_json_is_strict(tmp_path):
+    """A benchmark's undefined number (an MFU without a known peak) is null, as in every JSON
+    the engine writes: a bare NaN breaks jq, JavaScript and databases reading the results."""
+    from sstl.benchmarks.common import write_json
+
+    write_json({"mfu": float("nan"), "rows": [{"ms": 1.5}]}, tmp_path / "a" / "r.json")
+    text = (tmp_path / "a" / "r.json").read_text()
+    assert "NaN" not in text and json.loads(text) == {
+        "mfu": None, "rows": [{"ms": 1.5}]}

@@ -14,8 +14,10 @@ array (its row in PIRL's memory bank).
     tone; the 9 tiles are put in a random order per image. x_t is (9B, 3, tile, tile): slot j
     of image b holds the tile of cell perm[b, j].
   * rotation: the crop at the view size, turned by k * 90 degrees, k uniform in {0,1,2,3}.
-Everything random comes from one generator seeded from (seed, epoch, step, rank), as in
-loader.py: stateless, so a resumed run sees the same batches.
+Everything random comes from one generator seeded from (seed, epoch, step, rank): stateless,
+so a resumed run sees the same batches. (loader.py seeds without the rank, so every torchrun
+process draws the global batch's numbers; PIRL runs in one process, its memory bank being
+unshared, so rank is 0 here.)
 """
 from __future__ import annotations
 
@@ -82,7 +84,8 @@ def rotate(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 class PretextSource(TwoViewSource):
-    """Yields (x, x_t, idx) per step; order, sharding and seeding are TwoViewSource's."""
+    """Yields (x, x_t, idx) per step; order and sharding are TwoViewSource's, the seed per
+    step is this module's (see its docstring)."""
 
     def __init__(self, images, aug, batch_size, seed, device, rank=0, world_size=1,
                  dtype=torch.float32, channels_last=False, pretext: str = "jigsaw",
