@@ -28,7 +28,7 @@ import torch
 from . import dist
 from .config import (ROWS, AugmentConfig, DataConfig, EvaluateConfig, FinetuneAugment,
                      FinetuneConfig, PretrainConfig, ReproduceConfig, changed_settings, check,
-                     recorded_config, resume_keys)
+                     only_moved, recorded_config, resume_keys)
 from .classifier import check_start
 from .data.dataset import load_dataset
 from .data.index import DataError
@@ -100,9 +100,21 @@ def _made_otherwise(run: Path, cfg, data: str) -> bool:
     ck = _checkpoint(run)
     if ck is None:
         return _recorded_otherwise(run, cfg, data)
-    if not isinstance(ck, dict) or ck.get("resume_key") not in resume_keys(cfg):
+    if not isinstance(ck, dict):
+        return True
+    if ck.get("resume_key") not in resume_keys(cfg) and not _moved(run, cfg):
         return True
     return _other_inputs(ck.get("inputs"), cfg, data)
+
+
+def _moved(run: Path, cfg) -> bool:
+    """Whether the cell's config.json differs from `cfg` only in where its inputs are (the
+    data or the transfer file moved): its inputs' contents then decide, as Run.resume does."""
+    try:
+        recorded = recorded_config(json.loads((run / "config.json").read_text()))
+    except (OSError, ValueError):
+        return False
+    return recorded is not None and only_moved(recorded, cfg)
 
 
 def _recorded_otherwise(run: Path, cfg, data: str) -> bool:
@@ -114,7 +126,7 @@ def _recorded_otherwise(run: Path, cfg, data: str) -> bool:
     recorded = recorded_config(record)
     if recorded is None:
         return False
-    if changed_settings(recorded, cfg):
+    if changed_settings(recorded, cfg) and not only_moved(recorded, cfg):
         return True
     return _other_inputs(record.get("inputs"), cfg, data)
 

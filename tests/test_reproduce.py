@@ -137,6 +137,11 @@ def test_tiny_grid_end_to_end_and_a_rerun_redoes_nothing(tmp_path, monkeypatch):
     start.write_bytes(original)
     reproduce_mod.reproduce(cfg)  # the grid's own settings: every cell read, none retrained
     assert stamps == {p: p.stat().st_mtime_ns for p in grid.glob("*/*.safetensors")}
+    # The --transfer file moved (the same bytes elsewhere): the grid is still this grid.
+    shutil.copytree(s1, tmp_path / "moved" / "s1")
+    reproduce_mod.reproduce(dataclasses.replace(
+        cfg, transfer=str(tmp_path / "moved" / "s1" / "encoder.safetensors")))
+    assert stamps == {p: p.stat().st_mtime_ns for p in grid.glob("*/*.safetensors")}
 
 
 def test_a_positive_class_missing_from_the_data_is_refused_before_any_training(tmp_path):
