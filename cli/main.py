@@ -16,7 +16,8 @@ from sstl.engine.config import (DataConfig, EvaluateConfig, FinetuneConfig, Pred
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Self-supervised transfer learning for chest X-rays (Li et al.): "
-                       "pretrain, finetune, evaluate, predict, bench, export, cache.")
+                       "supervised (stage 1), pretrain, finetune, reproduce (Table 2, Fig. 3), "
+                       "evaluate, predict, export, bench, cache.")
 
 
 
@@ -102,8 +103,9 @@ WORKERS = typer.Option(D.scan_workers, "--workers", show_default=False,
                        help="Decoder threads for the first scan \\[default: 0, all CPUs]")
 # The runtime block, shared by the training commands.
 OUT = typer.Option(Path(R.out), "--out", help="Parent folder of run directories", parser=path_value)
-NAME = typer.Option(None, "--name", help="Run directory name \\[default: from the command, method, "
-                    "arch and settings, so the same command resumes the same run]")
+NAME = typer.Option(None, "--name", help="Run directory name \\[default: the command, arch (and "
+                    "method, or start and fraction) and a digest of the settings, so the same "
+                    "command resumes the same run]")
 DEVICE = typer.Option(R.device, "--device", help="auto | cuda | cpu")
 BACKEND = typer.Option(R.backend, "--backend", help="Data path: auto (DALI on a GPU if installed) | dali | torch")
 COMPILE = typer.Option(None, "--compile/--no-compile", help="torch.compile \\[default: on for CUDA]")
@@ -173,7 +175,8 @@ def pretrain(
     imagenet_weights: str = imagenet_weights_option(P),
     tau: Optional[float] = typer.Option(None, help="Target EMA rate (cross: 0.996 constant, the "
                                         "paper; byol: base of its cosine schedule, 0.996)"),
-    temperature: Optional[float] = typer.Option(None, help="simclr: NT-Xent temperature (0.1)"),
+    temperature: Optional[float] = typer.Option(None, help="simclr: NT-Xent temperature (0.1) | "
+                                                "pirl-*: NCE temperature (0.07)"),
     target_bn: Optional[str] = typer.Option(None, help="cross: target BN statistics, momentum | batch"),
     proj_dim: Optional[int] = typer.Option(None, help="Projector output size (method's default)"),
     method_option: list[str] = typer.Option([], "--method-option",
@@ -309,9 +312,15 @@ def reproduce(
                                                parser=path_value),
     positive_class: str = typer.Option(default(F, "positive_class"),
                                        help="Positive class of Sen/Spe/HM/AUC"),
-    out: Path = OUT, name: Optional[str] = NAME, device: str = DEVICE, backend: str = BACKEND,
+    out: Path = OUT,
+    name: Optional[str] = typer.Option(None, "--name", help="Grid folder under --out \\[default: "
+                                       "reproduce-<preset>]; a grid made with other settings "
+                                       "is refused, not mixed in"),
+    device: str = DEVICE, backend: str = BACKEND,
     compile: Optional[bool] = COMPILE, cuda_graphs: Optional[bool] = GRAPHS,
-    precision: str = PRECISION, seed: int = SEED,
+    precision: str = PRECISION,
+    seed: int = typer.Option(R.seed, "--seed", help="The first seed; --seeds N runs seed, "
+                             "seed+1, ... (init, order, augmentation, label subset)"),
     log_every: int = LOG_EVERY, cache_dir: Optional[Path] = CACHE_DIR,
     split_seed: int = SPLIT_SEED, test_fraction: float = TEST_FRACTION, workers: int = WORKERS,
 ):
@@ -371,7 +380,8 @@ def evaluate(
     cache_size: Optional[int] = typer.Option(
         None, "--cache-size", help="Side images are decoded to; default: the model's own "
         "(model.json), as training and `sstl predict` decode them"),
-    split_seed: int = SPLIT_SEED,
+    split_seed: int = typer.Option(D.split_seed, "--split-seed", help="With --split test: the "
+                                   "seed the model's training split used (model.json)"),
     test_fraction: float = TEST_FRACTION,
     workers: int = WORKERS,
 ):

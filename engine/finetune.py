@@ -271,7 +271,10 @@ def save_model(run: Path, cfg: FinetuneConfig, model, ds: Dataset, epoch: int,
         "split_seed": cfg.data.split_seed, "test_fraction": cfg.data.test_fraction,
         "data_fingerprint": ds.fingerprint(), "test_fingerprint": ds.fingerprint(ds.test_idx),
         "synthetic_data": ds.synthetic, "trained_on": sorted(learned),
-        "imagenet_weights": imagenet_tag(start, cfg.imagenet_weights)})
+        "imagenet_weights": imagenet_tag(start, cfg.imagenet_weights),
+        # evaluate's warning: the encoder's images are not in trained_on (learned_images)
+        **({"pretrain_split": "all"} if encoder is not None and saw_all_unlabelled(
+            sidecar(encoder)) else {})})
 
 
 def finish(run: Path, cfg: FinetuneConfig, ds: Dataset, rows: list[dict], probs,

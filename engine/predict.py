@@ -28,7 +28,7 @@ from .evaluation import draw_figures
 from .io import atomic_write, make_dir
 from .classifier import class_probs
 from .metrics import METRICS, classification_metrics, display_name
-from .models import load_classifier, without_image_list
+from .models import load_classifier, saw_all_unlabelled, without_image_list
 from .runs import log
 
 SHOWN_ROWS = 50  # the printed table stops here; the CSV has every row
@@ -225,6 +225,9 @@ def unseen(ds, idx: np.ndarray, meta: dict, split: str = "test") -> tuple[np.nda
     """The images of `idx` the model never learned from (its sidecar's `trained_on`: the
     fine-tuning subset and its encoder's pretraining images), and how many were left out.
     Scores of images a model trained on are optimistic, so they are never mixed in."""
+    if saw_all_unlabelled(meta):  # its encoder's images are not listed (finetune warned too)
+        log("warning: this model's encoder was pretrained with --split all: it has seen every "
+            "image of its pretraining data (without labels), and those are not left out here")
     if not meta.get("trained_on"):  # a model saved before sidecars listed them
         return idx, 0
     keep = ~ds.learned(meta["trained_on"], idx)

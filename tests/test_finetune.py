@@ -353,5 +353,9 @@ def test_a_split_all_start_is_a_warning_through_every_stage(tmp_path, capsys):
         assert "pretrained with --split all" in capsys.readouterr().err
         meta, config = _json(run / "model.json"), _json(run / "config.json")
         # Its labelled images only: the test images the encoder saw unlabelled are not listed
-        # (sstl evaluate --split test would otherwise have nothing left to score).
+        # (sstl evaluate --split test would otherwise have nothing left to score)...
         assert len(meta["trained_on"]) == config["n_train"] and config["n_test"] > 0
+        # ... so evaluate says what it cannot leave out.
+        capsys.readouterr()
+        evaluate(EvaluateConfig(model=str(run), device="cpu"))
+        assert "encoder was pretrained with --split all" in capsys.readouterr().err
