@@ -129,6 +129,9 @@ def export_onnx(model_path, out=None, images=(), tolerance: float = TOLERANCE) -
                            "preprocessing": preprocessing(meta), "verification": report},
                           indent=2, default=str)
         atomic_write(sidecar, lambda f: f.write_text(text))
+        with open(tmp, "rb+") as fh:  # as atomic_write finishes its files: on disk, 0644
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     except OSError as e:  # the graph's own file (the sidecar's errors are already one line)
         raise write_error(out, e) from None

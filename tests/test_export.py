@@ -45,10 +45,18 @@ def test_export_matches_torch_on_synthetic_images(tmp_path):
 
 
 def test_export_without_images_falls_back_to_synthetic(tmp_path):
+    import os
+
     run = make_run(tmp_path / "run")
-    r = export_onnx(run, out=tmp_path / "x" / "m.onnx")
+    old = os.umask(0o077)  # a private umask: the files must still come out 0644
+    try:
+        r = export_onnx(run, out=tmp_path / "x" / "m.onnx")
+    finally:
+        os.umask(old)
     assert r["ok"] and r["images_checked"] == 8 and "synthetic" in r["check_source"]
     assert (tmp_path / "x" / "m.onnx.json").is_file()
+    # Readable by the other users and tools a deployment runs as, like every file sstl writes.
+    assert {(tmp_path / "x" / f).stat().st_mode & 0o777 for f in ("m.onnx", "m.onnx.json")} == {0o644}
 
 
 @needs_shared
