@@ -360,126 +360,155 @@ def check(cfg):
     """Refuse values that cannot mean anything (one line, non-zero exit); fill method settings.
 
     Returns the checked config (a PretrainConfig comes back with its method's settings).
+    Every command's config is checked here, by its own function below.
     """
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
+    checks = {PretrainConfig: _check_pretrain, FinetuneConfig: _check_classifier,
+              SupervisedConfig: _check_classifier, ReproduceConfig: _check_reproduce,
+              PredictConfig: _check_inference, EvaluateConfig: _check_inference,
+              ExportConfig: _check_export, BenchConfig: _check_bench, CacheConfig: _check_cache}
+    if type(cfg) not in checks:
+        raise TypeError(f"no checks for {type(cfg).__name__}")
+    return checks[type(cfg)](cfg, _need)
 
-    if isinstance(cfg, (PretrainConfig, FinetuneConfig, SupervisedConfig)):
-        _check_runtime(cfg.runtime, need)
-        _check_data(cfg.data, need)
-        need(cfg.epochs >= 1, f"--epochs must be at least 1, not {cfg.epochs}")
-        need(cfg.batch_size >= 2, f"--batch-size must be at least 2 (BatchNorm trains on two "
-             f"images or more), not {cfg.batch_size}")
-        need(cfg.lr > 0, f"--lr must be positive, not {cfg.lr}")
-        need(0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), not {cfg.momentum}")
-        need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, not {cfg.weight_decay}")
-        need(cfg.arch in ARCHS, f"--arch must be {' or '.join(ARCHS)}, not {cfg.arch!r}")
-        need(cfg.imagenet_weights.upper() in ("V1", "V2"),
-             f"--imagenet-weights must be V1 or V2, not {cfg.imagenet_weights!r}")
-        have = imagenet_versions(cfg.arch)
-        need(cfg.init != "imagenet" or getattr(cfg, "encoder", None) is not None
-             or cfg.imagenet_weights.upper() in have,
-             f"--arch {cfg.arch} has only {' and '.join(have)} ImageNet weights in torchvision; "
-             f"pass --imagenet-weights {have[-1]}")
-    if isinstance(cfg, PretrainConfig):
-        need(cfg.method in METHODS,
-             f"--method must be one of {', '.join(METHODS)}, not {cfg.method!r}")
-        need(cfg.augment.size >= 32, f"--view-size must be at least 32, not {cfg.augment.size}")
-        need(cfg.split in ("train", "all"), f"--split must be train or all, not {cfg.split!r}")
-        try:
-            given = cfg.settings
-            if given is None or isinstance(given, dict):
-                settings = method_settings(cfg.method, given)
-            else:
-                settings = given
-                need(type(settings) is METHODS[cfg.method].config,
-                     f"settings {type(settings).__name__} do not belong to --method {cfg.method}")
-        except SettingError as e:
-            raise ConfigError(str(e)) from None
-        _check_settings(settings, need)
-        need(cfg.runtime.backend != "dali" or METHODS[cfg.method].cls.views == "two_crops",
-             f"--backend dali cannot make {cfg.method}'s pretext views; use --backend torch "
-             "or auto")
-        # Each process would update only its own images' memory-bank rows, so the banks
-        # would drift apart and half of every rank's negatives would stay at their start.
-        need(dist_env()[1] == 1 or METHODS[cfg.method].cls.views == "two_crops",
-             f"--method {cfg.method} runs in one process only: its memory bank is not shared "
-             "across torchrun's processes; run it without torchrun")
-        return dataclasses.replace(cfg, settings=settings)
-    if isinstance(cfg, (FinetuneConfig, SupervisedConfig)):  # the supervised step's settings
-        need(cfg.schedule in ("cosine", "constant"),
-             f"--schedule must be cosine or constant, not {cfg.schedule!r}")
-        need(cfg.augment.size >= 32, f"--image-size must be at least 32, not {cfg.augment.size}")
-        need(0 <= cfg.label_smoothing < 1,
-             f"--label-smoothing must be in [0, 1), not {cfg.label_smoothing}")
-        if isinstance(cfg, FinetuneConfig):
-            need(0 < cfg.fraction <= 1, f"--fraction must be in (0, 1], not {cfg.fraction}")
-            need(cfg.summary_last >= 1,
-                 f"--summary-last must be at least 1, not {cfg.summary_last}")
-        return cfg
-    if isinstance(cfg, ReproduceConfig):
-        _check_runtime(cfg.runtime, need)
-        _check_data(cfg.data, need)
-        need(cfg.preset in ("paper", "quick"), f"--preset must be paper or quick, not {cfg.preset!r}")
-        need(cfg.seeds >= 1, f"--seeds must be at least 1, not {cfg.seeds}")
-        names = [n for n, _, _ in ROWS]
-        unknown = [r for r in cfg.rows if r not in names]
-        need(not unknown, f"--row: unknown {', '.join(unknown)}; rows are {', '.join(names)}")
-        need(cfg.runtime.seed + cfg.seeds <= 2 ** 63,
-             f"--seed {cfg.runtime.seed} + --seeds {cfg.seeds} passes 2**63")
-        need(len(cfg.fractions) > 0 and all(0 < f <= 1 for f in cfg.fractions),
-             f"--fraction values must be in (0, 1], not {cfg.fractions}")
-        # A repeat would count as a seed; fractions that print alike would share a run name.
-        need(len({f"{f:g}" for f in cfg.fractions}) == len(cfg.fractions),
-             f"--fraction values repeat: {cfg.fractions}")
-        return cfg
-    if isinstance(cfg, (PredictConfig, EvaluateConfig)):
-        need(cfg.batch_size >= 1, f"--batch-size must be at least 1, not {cfg.batch_size}")
-        need(cfg.device in ("auto", "cuda", "cpu"),
-             f"--device must be auto, cuda or cpu, not {cfg.device!r}")
-        need(cfg.precision in ("auto", "bf16", "fp32"),
-             f"--precision must be auto, bf16 or fp32, not {cfg.precision!r}")
-        _check_outputs(cfg, need)  # now: found wrong after inference, results would be lost
-        if isinstance(cfg, EvaluateConfig):
-            given = cfg.data.cache_size
-            _check_data(dataclasses.replace(cfg.data, cache_size=given or 224), need)
-            need(given is None or given >= 32, f"--cache-size must be at least 32, not {given}")
-            need(cfg.split in ("all", "test"), f"--split must be all or test, not {cfg.split!r}")
-        return cfg
-    if isinstance(cfg, ExportConfig):
-        need(cfg.format == "onnx", f"--format must be onnx, not {cfg.format!r}")
-        need(cfg.tolerance >= 0, f"--tolerance must be >= 0, not {cfg.tolerance}")  # NaN too
-        out = None if cfg.out is None else Path(cfg.out).expanduser()
-        need(out is None or (out.name and not out.is_dir()),
-             f"--out {cfg.out} is a folder; name the .onnx file to write")
-        # model.json is one wrong word away: the export never writes over other files.
-        need(out is None or out.suffix.lower() == ".onnx", f"--out {cfg.out}: name a .onnx file "
-             "(the export never writes over other files, such as the run's weights or sidecar)")
-        return cfg
-    if isinstance(cfg, BenchConfig):
-        need(cfg.what in ("step", "data", "kernels", "all"),
-             f"--what must be step, data, kernels or all, not {cfg.what!r}")
-        need(cfg.device in ("auto", "cuda", "cpu"),
-             f"--device must be auto, cuda or cpu, not {cfg.device!r}")
-        need(cfg.device != "cuda" or torch.cuda.is_available(),
-             "--device cuda was asked for, but torch sees no CUDA device")
-        need(cfg.arch in ARCHS, f"--arch must be {' or '.join(ARCHS)}, not {cfg.arch!r}")
-        need(cfg.batch_size is None or cfg.batch_size >= 2, f"--batch-size must be at least 2 "
-             f"(BatchNorm trains on two images or more), not {cfg.batch_size}")
-        need(cfg.view_size >= 32, f"--view-size must be at least 32, not {cfg.view_size}")
-        need(cfg.steps is None or cfg.steps >= 1, f"--steps must be at least 1, not {cfg.steps}")
-        need(cfg.json is None or not Path(cfg.json).expanduser().is_dir(),
-             f"--json {cfg.json} is a folder; name a file, e.g. {Path(cfg.json or '.') / 'bench.json'}")
-        need(cfg.json is None or _folder_ok(str(Path(cfg.json).expanduser().parent)),
-             f"--json {cfg.json}: a file is in the way of its folder")
-        return cfg
-    if isinstance(cfg, CacheConfig):
-        need(cfg.cache_dir is None or Path(cfg.cache_dir).expanduser().is_dir(),
-             f"--cache-dir {cfg.cache_dir} is not a folder")
-        need(cfg.prune or not cfg.other_versions, "--other-versions goes with --prune")
-        return cfg
-    raise TypeError(f"no checks for {type(cfg).__name__}")
+
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _check_training(cfg, need) -> None:
+    """What pretrain, finetune and supervised share: runtime, data, SGD, backbone and start."""
+    _check_runtime(cfg.runtime, need)
+    _check_data(cfg.data, need)
+    need(cfg.epochs >= 1, f"--epochs must be at least 1, not {cfg.epochs}")
+    need(cfg.batch_size >= 2, f"--batch-size must be at least 2 (BatchNorm trains on two "
+         f"images or more), not {cfg.batch_size}")
+    need(cfg.lr > 0, f"--lr must be positive, not {cfg.lr}")
+    need(0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), not {cfg.momentum}")
+    need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, not {cfg.weight_decay}")
+    need(cfg.arch in ARCHS, f"--arch must be {' or '.join(ARCHS)}, not {cfg.arch!r}")
+    need(cfg.imagenet_weights.upper() in ("V1", "V2"),
+         f"--imagenet-weights must be V1 or V2, not {cfg.imagenet_weights!r}")
+    have = imagenet_versions(cfg.arch)
+    need(cfg.init != "imagenet" or getattr(cfg, "encoder", None) is not None
+         or cfg.imagenet_weights.upper() in have,
+         f"--arch {cfg.arch} has only {' and '.join(have)} ImageNet weights in torchvision; "
+         f"pass --imagenet-weights {have[-1]}")
+
+
+def _check_pretrain(cfg: PretrainConfig, need) -> PretrainConfig:
+    _check_training(cfg, need)
+    need(cfg.method in METHODS,
+         f"--method must be one of {', '.join(METHODS)}, not {cfg.method!r}")
+    need(cfg.augment.size >= 32, f"--view-size must be at least 32, not {cfg.augment.size}")
+    need(cfg.split in ("train", "all"), f"--split must be train or all, not {cfg.split!r}")
+    try:
+        given = cfg.settings
+        if given is None or isinstance(given, dict):
+            settings = method_settings(cfg.method, given)
+        else:
+            settings = given
+            need(type(settings) is METHODS[cfg.method].config,
+                 f"settings {type(settings).__name__} do not belong to --method {cfg.method}")
+    except SettingError as e:
+        raise ConfigError(str(e)) from None
+    _check_settings(settings, need)
+    need(cfg.runtime.backend != "dali" or METHODS[cfg.method].cls.views == "two_crops",
+         f"--backend dali cannot make {cfg.method}'s pretext views; use --backend torch "
+         "or auto")
+    # Each process would update only its own images' memory-bank rows, so the banks
+    # would drift apart and half of every rank's negatives would stay at their start.
+    need(dist_env()[1] == 1 or METHODS[cfg.method].cls.views == "two_crops",
+         f"--method {cfg.method} runs in one process only: its memory bank is not shared "
+         "across torchrun's processes; run it without torchrun")
+    return dataclasses.replace(cfg, settings=settings)
+
+
+def _check_classifier(cfg, need):
+    """finetune and supervised: the supervised step's settings."""
+    _check_training(cfg, need)
+    need(cfg.schedule in ("cosine", "constant"),
+         f"--schedule must be cosine or constant, not {cfg.schedule!r}")
+    need(cfg.augment.size >= 32, f"--image-size must be at least 32, not {cfg.augment.size}")
+    need(0 <= cfg.label_smoothing < 1,
+         f"--label-smoothing must be in [0, 1), not {cfg.label_smoothing}")
+    if isinstance(cfg, FinetuneConfig):
+        need(0 < cfg.fraction <= 1, f"--fraction must be in (0, 1], not {cfg.fraction}")
+        need(cfg.summary_last >= 1,
+             f"--summary-last must be at least 1, not {cfg.summary_last}")
+    return cfg
+
+
+def _check_reproduce(cfg: ReproduceConfig, need) -> ReproduceConfig:
+    _check_runtime(cfg.runtime, need)
+    _check_data(cfg.data, need)
+    need(cfg.preset in ("paper", "quick"), f"--preset must be paper or quick, not {cfg.preset!r}")
+    need(cfg.seeds >= 1, f"--seeds must be at least 1, not {cfg.seeds}")
+    names = [n for n, _, _ in ROWS]
+    unknown = [r for r in cfg.rows if r not in names]
+    need(not unknown, f"--row: unknown {', '.join(unknown)}; rows are {', '.join(names)}")
+    need(cfg.runtime.seed + cfg.seeds <= 2 ** 63,
+         f"--seed {cfg.runtime.seed} + --seeds {cfg.seeds} passes 2**63")
+    need(len(cfg.fractions) > 0 and all(0 < f <= 1 for f in cfg.fractions),
+         f"--fraction values must be in (0, 1], not {cfg.fractions}")
+    # A repeat would count as a seed; fractions that print alike would share a run name.
+    need(len({f"{f:g}" for f in cfg.fractions}) == len(cfg.fractions),
+         f"--fraction values repeat: {cfg.fractions}")
+    return cfg
+
+
+def _check_inference(cfg, need):
+    """predict and evaluate."""
+    need(cfg.batch_size >= 1, f"--batch-size must be at least 1, not {cfg.batch_size}")
+    need(cfg.device in ("auto", "cuda", "cpu"),
+         f"--device must be auto, cuda or cpu, not {cfg.device!r}")
+    need(cfg.precision in ("auto", "bf16", "fp32"),
+         f"--precision must be auto, bf16 or fp32, not {cfg.precision!r}")
+    _check_outputs(cfg, need)  # now: found wrong after inference, results would be lost
+    if isinstance(cfg, EvaluateConfig):
+        given = cfg.data.cache_size
+        _check_data(dataclasses.replace(cfg.data, cache_size=given or 224), need)
+        need(given is None or given >= 32, f"--cache-size must be at least 32, not {given}")
+        need(cfg.split in ("all", "test"), f"--split must be all or test, not {cfg.split!r}")
+    return cfg
+
+
+def _check_export(cfg: ExportConfig, need) -> ExportConfig:
+    need(cfg.format == "onnx", f"--format must be onnx, not {cfg.format!r}")
+    need(cfg.tolerance >= 0, f"--tolerance must be >= 0, not {cfg.tolerance}")  # NaN too
+    out = None if cfg.out is None else Path(cfg.out).expanduser()
+    need(out is None or (out.name and not out.is_dir()),
+         f"--out {cfg.out} is a folder; name the .onnx file to write")
+    # model.json is one wrong word away: the export never writes over other files.
+    need(out is None or out.suffix.lower() == ".onnx", f"--out {cfg.out}: name a .onnx file "
+         "(the export never writes over other files, such as the run's weights or sidecar)")
+    return cfg
+
+
+def _check_bench(cfg: BenchConfig, need) -> BenchConfig:
+    need(cfg.what in ("step", "data", "kernels", "all"),
+         f"--what must be step, data, kernels or all, not {cfg.what!r}")
+    need(cfg.device in ("auto", "cuda", "cpu"),
+         f"--device must be auto, cuda or cpu, not {cfg.device!r}")
+    need(cfg.device != "cuda" or torch.cuda.is_available(),
+         "--device cuda was asked for, but torch sees no CUDA device")
+    need(cfg.arch in ARCHS, f"--arch must be {' or '.join(ARCHS)}, not {cfg.arch!r}")
+    need(cfg.batch_size is None or cfg.batch_size >= 2, f"--batch-size must be at least 2 "
+         f"(BatchNorm trains on two images or more), not {cfg.batch_size}")
+    need(cfg.view_size >= 32, f"--view-size must be at least 32, not {cfg.view_size}")
+    need(cfg.steps is None or cfg.steps >= 1, f"--steps must be at least 1, not {cfg.steps}")
+    need(cfg.json is None or not Path(cfg.json).expanduser().is_dir(),
+         f"--json {cfg.json} is a folder; name a file, e.g. {Path(cfg.json or '.') / 'bench.json'}")
+    need(cfg.json is None or _folder_ok(str(Path(cfg.json).expanduser().parent)),
+         f"--json {cfg.json}: a file is in the way of its folder")
+    return cfg
+
+
+def _check_cache(cfg: CacheConfig, need) -> CacheConfig:
+    need(cfg.cache_dir is None or Path(cfg.cache_dir).expanduser().is_dir(),
+         f"--cache-dir {cfg.cache_dir} is not a folder")
+    need(cfg.prune or not cfg.other_versions, "--other-versions goes with --prune")
+    return cfg
 
 
 def _check_runtime(rt: Runtime, need) -> None:
