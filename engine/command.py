@@ -10,8 +10,9 @@ import json
 from pathlib import Path
 
 from . import dist
-from .config import changed_settings, only_moved, recorded_config, resume_keys, size_warning
+from .config import size_warning
 from .data.dataset import Dataset, load_dataset, save_data_files
+from .keys import changed_settings, only_moved, recorded_config, resume_keys
 from .runs import Run, log
 
 

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .config import IMAGENET_MEAN, IMAGENET_STD, ExportConfig, check, recorded_config
+from .config import IMAGENET_MEAN, IMAGENET_STD, ExportConfig, check
 from .data.index import decode_square, find_records
 from .data.views import eval_view
 from .io import atomic_write, make_dir, write_error
+from .keys import recorded_config
 from .models import load_classifier, weights_file, without_image_list
 
 OPSET = 17

@@ -20,13 +20,14 @@ from rich.table import Table
 
 from . import dist
 from .command import begin, data_record, load_data, run_name
-from .config import (IMAGENET_MEAN, IMAGENET_STD, FinetuneConfig, Resolved, check, config_hash,
-                     resolve, save_json)
+from .config import (IMAGENET_MEAN, IMAGENET_STD, FinetuneConfig, Resolved, check, resolve,
+                     save_json)
 from .data.backends import labelled_source
 from .data.dataset import Dataset
 from .data.index import DataError
 from .data.split import fraction_subset
 from .loop import Plan, Trainer, fit
+from .keys import config_hash
 from .evaluation import bootstrap_ci, card_fields, curves_png, draw_figures, write_model_card
 from .metrics import METRICS, best_epoch, classification_metrics, display_name, summarize
 from .models import (imagenet_tag, is_start_file, learned_images, saw_all_unlabelled, sidecar,

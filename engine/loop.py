@@ -27,7 +27,7 @@ import torch
 
 from .. import kernels
 from . import accel, dist
-from .config import resume_keys
+from .keys import resume_keys
 from .runs import CHECKPOINT_FORMAT, MetricsCSV, Reporter, Run, log
 
 

@@ -27,13 +27,13 @@ import torch
 
 from . import dist
 from .config import (ROWS, AugmentConfig, DataConfig, EvaluateConfig, FinetuneAugment,
-                     FinetuneConfig, PretrainConfig, ReproduceConfig, changed_settings, check,
-                     only_moved, recorded_config, resume_keys)
+                     FinetuneConfig, PretrainConfig, ReproduceConfig, check)
 from .classifier import check_start
 from .data.dataset import load_dataset
 from .data.index import DataError
 from .finetune import check_split_classes, finetune
 from .io import atomic_write, make_dir, save_json
+from .keys import changed_settings, only_moved, recorded_config, resume_keys
 from .evaluation import new_figure
 from .metrics import METRICS
 from .models import imagenet_versions

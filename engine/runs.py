@@ -46,9 +46,10 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
 from . import dist
-from .config import config_hash, to_dict
+from .config import to_dict
 from .data.cache import file_digest
 from .io import WriteError, atomic_write, make_dir, save_json
+from .keys import config_hash
 from .models import (ARCHS, imagenet_tag, inherited_images, is_start_file, saw_all_unlabelled,
                      sidecar, sstl_weights)
 

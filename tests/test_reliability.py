@@ -530,7 +530,7 @@ def test_a_resumed_run_keeps_every_invocations_time_and_command(tmp_path, capsys
 def test_a_reporting_option_does_not_change_which_run_resumes():
     """--summary-last only changes summary.json: the same training resumes (and the key of a
     default config is the one runs made before this rule have)."""
-    from sstl.engine.config import resume_key
+    from sstl.engine.keys import resume_key
 
     base = finetune_cfg()
     assert resume_key(dataclasses.replace(base, summary_last=3)) == resume_key(base)
@@ -540,7 +540,8 @@ def test_a_reporting_option_does_not_change_which_run_resumes():
 def test_a_path_spelled_another_way_is_the_same_run(tmp_path, monkeypatch, capsys):
     """--data and --out typed relative, from another folder, name the same run directory and
     resume it; a checkpoint (and a directory name) of the earlier as-typed key still does."""
-    from sstl.engine.config import check, resume_key
+    from sstl.engine.config import check
+    from sstl.engine.keys import resume_key
     from sstl.engine.data.synthetic import ensure_synthetic
     from sstl.engine.pretrain import default_name
 
@@ -567,7 +568,8 @@ def test_a_path_spelled_another_way_is_the_same_run(tmp_path, monkeypatch, capsy
 def test_precision_typed_as_auto_chooses_is_the_same_run(tmp_path, capsys):
     """--precision fp32 on a CPU is what auto means there: one resume key and one directory;
     bf16 is another run. A checkpoint keyed as typed (earlier versions) still resumes."""
-    from sstl.engine.config import check, resume_key, resume_keys
+    from sstl.engine.config import check
+    from sstl.engine.keys import resume_key, resume_keys
 
     def cfg(precision):
         return check(pretrain_cfg(out=str(tmp_path / "runs"), precision=precision))
@@ -621,7 +623,7 @@ def test_a_run_continues_from_its_data_moved_elsewhere(tmp_path, capsys):
 def test_an_encoder_given_as_its_run_directory_or_its_file_is_one_run(tmp_path, monkeypatch):
     """`--encoder runs/x` and `--encoder runs/x/encoder.safetensors` name one file: one resume
     key and one directory, from any folder. Another file there is another start."""
-    from sstl.engine.config import resume_keys
+    from sstl.engine.keys import resume_keys
 
     run = tmp_path / "runs" / "pre"
     run.mkdir(parents=True)
@@ -632,7 +634,7 @@ def test_an_encoder_given_as_its_run_directory_or_its_file_is_one_run(tmp_path, 
     assert len(keys) == 1
     assert resume_keys(finetune_cfg(encoder=str(run / "other.safetensors")))[0] not in keys
     # Checkpoints of earlier versions keyed the file itself: still accepted, never the first.
-    from sstl.engine.config import resume_key
+    from sstl.engine.keys import resume_key
 
     (tmp_path / "runs" / "pre.v2").mkdir()  # --name allows dots
     for folder in ("pre", "pre.v2"):
