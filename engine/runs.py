@@ -245,7 +245,8 @@ class Run:
             if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
                 raise SystemExit(f"{f} is not an sstl checkpoint of this version; use another "
                                  "--name (or --no-resume to start over here)")
-            if ck.get("resume_key") not in (*keys, self.moved_from):
+            accepted = (*keys, self.moved_from) if self.moved_from else keys
+            if ck.get("resume_key") not in accepted:
                 if not (_same_inputs(ck.get("inputs"), inputs) and moved()):
                     raise SystemExit(f"{f} was written by a run with different settings"
                                      f"{changes()}; use another --name (or --no-resume to "

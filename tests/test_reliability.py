@@ -158,6 +158,17 @@ def test_a_full_disk_names_the_checkpoint_that_filled_it(tmp_path, monkeypatch):
     assert "; then could not write" in msg and msg.index("checkpoint") < msg.index("timing.json")
 
 
+def test_a_checkpoint_without_a_resume_key_is_refused(tmp_path):
+    """A checkpoint that names no settings (cut by hand, or another tool's) is never taken
+    for this run's, also after nothing was moved (Run.moved_from unset)."""
+    from sstl.engine.runs import CHECKPOINT_FORMAT
+
+    with Run.open(str(tmp_path), "r") as run:
+        torch.save({"format": CHECKPOINT_FORMAT, "epoch": 1}, run.checkpoint)
+        with pytest.raises(SystemExit, match="different settings"):
+            run.resume(("a-key",), "")
+
+
 def test_a_run_directory_is_locked(tmp_path):
     with Run.open(str(tmp_path), "r"):
         with pytest.raises(SystemExit, match=f"in use by another sstl process \\(pid {os.getpid()}"):
