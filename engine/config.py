@@ -348,10 +348,7 @@ def _check_reproduce(cfg: ReproduceConfig, need) -> ReproduceConfig:
 def _check_inference(cfg, need):
     """predict and evaluate."""
     need(cfg.batch_size >= 1, f"--batch-size must be at least 1, not {cfg.batch_size}")
-    need(cfg.device in ("auto", "cuda", "cpu"),
-         f"--device must be auto, cuda or cpu, not {cfg.device!r}")
-    need(cfg.precision in ("auto", "bf16", "fp32"),
-         f"--precision must be auto, bf16 or fp32, not {cfg.precision!r}")
+    _check_device(cfg.device, cfg.precision, need)
     _check_outputs(cfg, need)  # now: found wrong after inference, results would be lost
     if isinstance(cfg, EvaluateConfig):
         given = cfg.data.cache_size
@@ -376,8 +373,7 @@ def _check_export(cfg: ExportConfig, need) -> ExportConfig:
 def _check_bench(cfg: BenchConfig, need) -> BenchConfig:
     need(cfg.what in ("step", "data", "kernels", "all"),
          f"--what must be step, data, kernels or all, not {cfg.what!r}")
-    need(cfg.device in ("auto", "cuda", "cpu"),
-         f"--device must be auto, cuda or cpu, not {cfg.device!r}")
+    _check_device(cfg.device, "auto", need)  # the benchmarks pick their own precisions
     need(cfg.device != "cuda" or torch.cuda.is_available(),
          "--device cuda was asked for, but torch sees no CUDA device")
     need(cfg.arch in ARCHS, f"--arch must be {' or '.join(ARCHS)}, not {cfg.arch!r}")
@@ -385,10 +381,7 @@ def _check_bench(cfg: BenchConfig, need) -> BenchConfig:
          f"(BatchNorm trains on two images or more), not {cfg.batch_size}")
     need(cfg.view_size >= 32, f"--view-size must be at least 32, not {cfg.view_size}")
     need(cfg.steps is None or cfg.steps >= 1, f"--steps must be at least 1, not {cfg.steps}")
-    need(cfg.json is None or not Path(cfg.json).expanduser().is_dir(),
-         f"--json {cfg.json} is a folder; name a file, e.g. {Path(cfg.json or '.') / 'bench.json'}")
-    need(cfg.json is None or _folder_ok(str(Path(cfg.json).expanduser().parent)),
-         f"--json {cfg.json}: a file is in the way of its folder")
+    _check_out_file(cfg.json, "--json", "bench.json", need)
     return cfg
 
 
@@ -399,10 +392,25 @@ def _check_cache(cfg: CacheConfig, need) -> CacheConfig:
     return cfg
 
 
+def _check_device(device: str, precision: str, need) -> None:
+    """--device and --precision: every command that runs a model takes both."""
+    need(device in ("auto", "cuda", "cpu"), f"--device must be auto, cuda or cpu, not {device!r}")
+    need(precision in ("auto", "bf16", "fp32"),
+         f"--precision must be auto, bf16 or fp32, not {precision!r}")
+
+
+def _check_out_file(path: str | None, flag: str, example: str, need) -> None:
+    """A file a command writes (--out-csv, --json): not a folder, and under no file."""
+    if path is None:
+        return
+    need(not Path(path).expanduser().is_dir(),
+         f"{flag} {path} is a folder; name a file, e.g. {Path(path) / example}")
+    need(_folder_ok(str(Path(path).expanduser().parent)),
+         f"{flag} {path}: a file is in the way of its folder")
+
+
 def _check_runtime(rt: Runtime, need) -> None:
-    need(rt.device in ("auto", "cuda", "cpu"), f"--device must be auto, cuda or cpu, not {rt.device!r}")
-    need(rt.precision in ("auto", "bf16", "fp32"),
-         f"--precision must be auto, bf16 or fp32, not {rt.precision!r}")
+    _check_device(rt.device, rt.precision, need)
     need(rt.backend in ("auto", "dali", "torch"),
          f"--backend must be auto, dali or torch, not {rt.backend!r}")
     need(0 <= rt.seed < 2 ** 63, f"--seed must be in [0, 2**63), not {rt.seed}")
@@ -419,11 +427,7 @@ def _check_runtime(rt: Runtime, need) -> None:
 def _check_outputs(cfg, need) -> None:
     """predict's and evaluate's output paths: writable, and where they destroy nothing."""
     if isinstance(cfg, PredictConfig):
-        need(not Path(cfg.out_csv).expanduser().is_dir(),
-             f"--out-csv {cfg.out_csv} is a folder; name a file, e.g. "
-             f"{Path(cfg.out_csv) / 'predictions.csv'}")
-        need(_folder_ok(str(Path(cfg.out_csv).expanduser().parent)),
-             f"--out-csv {cfg.out_csv}: a file is in the way of its folder")
+        _check_out_file(cfg.out_csv, "--out-csv", "predictions.csv", need)
         need(_writable(str(Path(cfg.out_csv).expanduser().parent)),
              f"--out-csv {cfg.out_csv}: its folder is not writable; name another place")
         # An X-ray, a DICOM, model.json or metrics.csv would be replaced by the table.
@@ -477,9 +481,7 @@ def _replaceable_csv(path: Path) -> bool:
     try:
         with open(path, "rb") as fh:
             return fh.read(5) == b"path,"
-    except FileNotFoundError:
-        return True
-    except OSError:  # unreadable: the write will say why, with nothing replaced
+    except OSError:  # nothing there; or unreadable: the write will say why, replacing nothing
         return True
 
 

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .io import first_line
+
 TIMEOUT = timedelta(minutes=10)  # a training collective waits this long for a peer
 WAIT = timedelta(hours=3)  # the others wait this long for rank 0's work alone (data cache...)
 _wait_group = None
@@ -65,13 +67,13 @@ def group(res, timeout: timedelta = TIMEOUT):
         _wait_group = dist.new_group(backend="gloo", timeout=max(timeout, WAIT))
     except (dist.DistError, RuntimeError, ValueError) as e:
         raise SystemExit(f"rank {res.rank}: could not join the other {res.world_size - 1} "
-                         f"processes within {timeout} ({_first_line(e)}); start every process "
+                         f"processes within {timeout} ({first_line(e)}); start every process "
                          "with torchrun and the same --rdzv-endpoint") from None
     try:
         yield
     except dist.DistError as e:  # a peer died (gloo: connection closed) or timed out (NCCL)
         raise SystemExit(f"rank {res.rank}: another process of this run stopped or did not "
-                         f"answer within {timeout} ({_first_line(e)}); see the first error "
+                         f"answer within {timeout} ({first_line(e)}); see the first error "
                          "above; the same command resumes from the last checkpoint") from None
     finally:
         destroy()
@@ -82,10 +84,6 @@ def destroy() -> None:
     if initialized():
         dist.destroy_process_group()
     _wait_group = None
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def barrier() -> None:

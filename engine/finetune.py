@@ -261,8 +261,8 @@ def save_model(run: Path, cfg: FinetuneConfig, model, ds: Dataset, epoch: int,
     images its encoder was pretrained on (unless that was --split all, which finetune warned
     about), so `sstl evaluate` leaves exactly those out."""
     learned = set(ds.image_ids(subset)) if subset is not None else set()
-    if encoder is not None:  # the start file (start_file): its images, and its starts'
-        learned |= learned_images(sidecar(encoder))
+    enc = sidecar(encoder) if encoder is not None else {}  # the start file (start_file)
+    learned |= learned_images(enc)  # its images, and its starts'
     save_weights(model.state_dict(), run / "model.safetensors", {
         "kind": "sstl-classifier", "arch": cfg.arch, "class_names": ds.class_names,
         "positive_class": cfg.positive_class, "image_size": cfg.augment.size,
@@ -274,8 +274,7 @@ def save_model(run: Path, cfg: FinetuneConfig, model, ds: Dataset, epoch: int,
         "synthetic_data": ds.synthetic, "trained_on": sorted(learned),
         "imagenet_weights": imagenet_tag(start, cfg.imagenet_weights),
         # evaluate's warning: the encoder's images are not in trained_on (learned_images)
-        **({"pretrain_split": "all"} if encoder is not None and saw_all_unlabelled(
-            sidecar(encoder)) else {})})
+        **({"pretrain_split": "all"} if saw_all_unlabelled(enc) else {})})
 
 
 def finish(run: Path, cfg: FinetuneConfig, ds: Dataset, rows: list[dict], probs,

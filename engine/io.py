@@ -41,6 +41,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None],
     return path
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """An error's first line (its type's name when it says nothing), cut to `limit`: what a
+    one-line message quotes of a library's multi-line error."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
+
+
 def save_json(obj, path: str | os.PathLike) -> Path:
     """Strict JSON: an undefined number (the AUC of a set without one class) is written as
     null, since Python's bare NaN is rejected by other readers (JavaScript, jq, databases)."""

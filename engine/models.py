@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from .io import first_line
+
 ARCHS = {"resnet18": 512, "resnet50": 2048}  # backbone -> feature dimension
 NAMED_STARTS = ("imagenet", "random")  # --init values that name no file
 
@@ -124,8 +126,7 @@ def load_backbone_file(net: nn.Module, path: str, flag: str = "--init") -> None:
             sd = torch.load(p, map_location="cpu", weights_only=True)
             sd = sd.get("state_dict", sd.get("model", sd)) if isinstance(sd, dict) else sd
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise SystemExit(f"{flag} {path}: not a readable state dict ({first})") from None
+        raise SystemExit(f"{flag} {path}: not a readable state dict ({first_line(e)})") from None
     if not isinstance(sd, dict):
         raise SystemExit(f"{flag} {path}: holds a {type(sd).__name__}, not a state dict")
     sd = {_strip(k): v for k, v in sd.items() if not _strip(k).startswith(("fc.", "head."))}
@@ -191,12 +192,12 @@ def sstl_weights(init: str | None) -> Path | None:
     return f if f.suffix == ".safetensors" and f.with_suffix(".json").is_file() else None
 
 
-def inherited_images(init: str | None) -> set[str]:
-    """The images a start (--init PATH, --encoder) learned from (learned_images of its
-    sidecar): a run's own sidecar lists them with its own, so the leak checks follow weights
-    through every stage. Nothing for imagenet, random, or files sstl did not write."""
+def start_sidecar(init: str | None) -> dict:
+    """The sidecar of a start sstl wrote (--init PATH): what it learned from (learned_images)
+    goes into the new weights' own sidecar, so the leak checks follow weights through every
+    stage. {} for imagenet, random, or files sstl did not write."""
     f = sstl_weights(init)
-    return learned_images(sidecar(f)) if f is not None else set()
+    return sidecar(f) if f is not None else {}
 
 
 def learned_images(meta: dict) -> set[str]:
@@ -242,9 +243,8 @@ def load_classifier(path: str | os.PathLike, device="cpu",
     try:
         state = load_file(str(f))
     except Exception as e:  # safetensors' own error type: cut short, or not safetensors at all
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise SystemExit(f"{f}: not a readable weights file ({first}); a damaged or incomplete "
-                         "copy? copy it again with its .json from the run") from None
+        raise SystemExit(f"{f}: not a readable weights file ({first_line(e)}); a damaged or "
+                         "incomplete copy? copy it again with its .json from the run") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as e:  # shapes or names differ: the pair was mixed up or edited

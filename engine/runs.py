@@ -48,10 +48,10 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 from . import dist
 from .config import to_dict
 from .data.cache import file_digest
-from .io import WriteError, atomic_write, make_dir, save_json
+from .io import WriteError, atomic_write, first_line, make_dir, save_json
 from .keys import config_hash
-from .models import (ARCHS, imagenet_tag, inherited_images, is_start_file, saw_all_unlabelled,
-                     sidecar, sstl_weights)
+from .models import (ARCHS, imagenet_tag, is_start_file, learned_images, saw_all_unlabelled,
+                     start_sidecar)
 
 console = Console(stderr=True)
 SRC = Path(__file__).resolve().parent.parent
@@ -238,8 +238,8 @@ class Run:
                     _check_crcs(f)
                 ck = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
             except Exception as e:  # truncated, corrupt, or not a plain-data checkpoint
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-                log(f"warning: {f} cannot be read ({first}); trying the previous checkpoint")
+                log(f"warning: {f} cannot be read ({first_line(e, 160)}); trying the previous "
+                    "checkpoint")
                 tried.append(f.name)
                 continue
             if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
@@ -398,8 +398,8 @@ def encoder_sidecar(cfg, ds, trained_idx, epoch: int, **extra) -> dict:
     """What an encoder.safetensors says of itself (pretrain's and stage 1's alike): its
     start, its data and split, and the images it learned from (`trained_idx`, plus those of
     its --init file), which finetune's leak check follows through every stage."""
-    start = sstl_weights(cfg.init)
-    if start is not None and saw_all_unlabelled(sidecar(start)):  # the warning follows it
+    start = start_sidecar(cfg.init)
+    if saw_all_unlabelled(start):  # the warning follows the weights
         extra["pretrain_split"] = "all"
     return {"kind": "sstl-encoder", "arch": cfg.arch, "init": cfg.init,
             "imagenet_weights": imagenet_tag(cfg.init, cfg.imagenet_weights), "epoch": epoch,
@@ -407,7 +407,7 @@ def encoder_sidecar(cfg, ds, trained_idx, epoch: int, **extra) -> dict:
             "split_seed": cfg.data.split_seed, "test_fraction": cfg.data.test_fraction,
             "data_fingerprint": ds.fingerprint(), "test_fingerprint": ds.fingerprint(ds.test_idx),
             "synthetic_data": ds.synthetic, "data_root": str(ds.root),
-            "trained_on": sorted(set(ds.image_ids(trained_idx)) | inherited_images(cfg.init)),
+            "trained_on": sorted(set(ds.image_ids(trained_idx)) | learned_images(start)),
             **extra}
 
 
