@@ -123,7 +123,8 @@ RESUME = typer.Option(R.resume, "--resume/--no-resume", help="Continue from the 
 
 def imagenet_weights_option(cls):
     return typer.Option(default(cls, "imagenet_weights"), "--imagenet-weights",
-                        help="torchvision IMAGENET1K_V2, or V1 (the paper's era)")
+                        help="torchvision IMAGENET1K_ V1 (the paper's era) | V2 | auto: "
+                        "the newest the arch has (resnet50 V2, resnet18 V1)")
 
 
 def data_config(data, cache_dir, cache_size, split_seed, test_fraction, workers) -> DataConfig:
@@ -261,7 +262,8 @@ def supervised(
     arch: str = typer.Option(default(S, "arch"), help="resnet50 (paper) | resnet18"),
     init: str = typer.Option(default(S, "init"), help="random | imagenet | PATH"),
     imagenet_weights: str = typer.Option(default(S, "imagenet_weights"), "--imagenet-weights",
-                                         help="V2 | V1 (resnet18 has only V1)"),
+                                         help="V1 | V2 | auto: the newest the arch has "
+                                         "(resnet50 V2, resnet18 V1)"),
     epochs: int = typer.Option(default(S, "epochs"), help="Epochs (ImageNet recipe: 90)"),
     batch_size: int = typer.Option(default(S, "batch_size"), help="Batch size"),
     image_size: int = typer.Option(default(S, "augment").size, help="Side of the input (CIFAR-10: 32)"),

@@ -87,7 +87,7 @@ class PretrainConfig:
     settings: Any = None  # the method's settings dataclass; None = its defaults (filled by check)
     arch: str = "resnet50"  # resnet50 (paper) | resnet18 (small runs)
     init: str = "imagenet"  # imagenet | random | PATH to a state dict (.pth/.safetensors)
-    imagenet_weights: str = "V2"  # torchvision IMAGENET1K_V2 (default) or V1 (the paper's era)
+    imagenet_weights: str = "auto"  # torchvision IMAGENET1K_ V1 (the paper's era) | V2 | auto
     epochs: int = 40  # paper: 40
     batch_size: int = 256  # paper: 256 (global, across all processes)
     lr: float = 0.03  # paper: SGD lr 0.03 (constant)
@@ -110,7 +110,7 @@ class FinetuneConfig:
     arch: str = "resnet50"  # must match the encoder's arch when --encoder is given
     encoder: str | None = None  # encoder.safetensors from `sstl pretrain` (or its run dir)
     init: str = "imagenet"  # without --encoder: imagenet ("Transfer") | random ("From Scratch")
-    imagenet_weights: str = "V2"  # torchvision IMAGENET1K_V2 or V1
+    imagenet_weights: str = "auto"  # torchvision IMAGENET1K_ V1 | V2 | auto (as in pretrain)
     fraction: float = 1.0  # share of the training split's labels used (paper: 0.01/0.1/0.5/1)
     epochs: int = 30  # paper: 30, evaluated on the test split after every epoch
     batch_size: int = 64  # not stated by the paper; see README
@@ -136,7 +136,7 @@ class SupervisedConfig:
     runtime: Runtime = Runtime()  # device, precision, run directory, checkpoints, seed
     arch: str = "resnet50"  # the backbone the later stages use
     init: str = "random"  # random | imagenet | PATH: where stage 1 itself starts
-    imagenet_weights: str = "V2"  # with --init imagenet: torchvision IMAGENET1K_V2 or V1
+    imagenet_weights: str = "auto"  # with --init imagenet: IMAGENET1K_ V1 | V2 | auto
     epochs: int = 90  # the ImageNet recipe; the CIFAR-10 stand-in needs far fewer
     batch_size: int = 256  # global, across all processes
     lr: float = 0.1  # SGD peak learning rate (0.1 at batch 256)
@@ -264,8 +264,9 @@ def _need(ok: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def _check_training(cfg, need) -> None:
-    """What pretrain, finetune and supervised share: runtime, data, SGD, backbone and start."""
+def _check_training(cfg, need):
+    """What pretrain, finetune and supervised share: runtime, data, SGD, backbone and start.
+    Returns `cfg` with --imagenet-weights auto made the version it means (imagenet_version)."""
     _check_runtime(cfg.runtime, need)
     _check_data(cfg.data, need)
     need(cfg.epochs >= 1, f"--epochs must be at least 1, not {cfg.epochs}")
@@ -275,17 +276,28 @@ def _check_training(cfg, need) -> None:
     need(0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), not {cfg.momentum}")
     need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, not {cfg.weight_decay}")
     need(cfg.arch in ARCHS, f"--arch must be {' or '.join(ARCHS)}, not {cfg.arch!r}")
-    need(cfg.imagenet_weights.upper() in ("V1", "V2"),
-         f"--imagenet-weights must be V1 or V2, not {cfg.imagenet_weights!r}")
+    need(cfg.imagenet_weights.upper() in ("V1", "V2", "AUTO"),
+         f"--imagenet-weights must be V1, V2 or auto, not {cfg.imagenet_weights!r}")
+    uses = cfg.init == "imagenet" and getattr(cfg, "encoder", None) is None
+    version = imagenet_version(cfg.arch, cfg.imagenet_weights, uses)
     have = imagenet_versions(cfg.arch)
-    need(cfg.init != "imagenet" or getattr(cfg, "encoder", None) is not None
-         or cfg.imagenet_weights.upper() in have,
+    need(not uses or version.upper() in have,
          f"--arch {cfg.arch} has only {' and '.join(have)} ImageNet weights in torchvision; "
-         f"pass --imagenet-weights {have[-1]}")
+         f"pass --imagenet-weights {have[-1]} (or auto)")
+    return dataclasses.replace(cfg, imagenet_weights=version)
+
+
+def imagenet_version(arch: str, given: str, used: bool = True) -> str:
+    """What --imagenet-weights means: a version as given; auto is the newest the arch has in
+    torchvision (V2 for resnet50, V1 for resnet18), and V2 where no ImageNet start is used
+    (the value earlier versions recorded there, so their runs keep their resume keys)."""
+    if given.upper() != "AUTO":
+        return given
+    return imagenet_versions(arch)[-1] if used and arch in ARCHS else "V2"
 
 
 def _check_pretrain(cfg: PretrainConfig, need) -> PretrainConfig:
-    _check_training(cfg, need)
+    cfg = _check_training(cfg, need)
     need(cfg.method in METHODS,
          f"--method must be one of {', '.join(METHODS)}, not {cfg.method!r}")
     need(cfg.augment.size >= 32, f"--view-size must be at least 32, not {cfg.augment.size}")
@@ -314,7 +326,7 @@ def _check_pretrain(cfg: PretrainConfig, need) -> PretrainConfig:
 
 def _check_classifier(cfg, need):
     """finetune and supervised: the supervised step's settings."""
-    _check_training(cfg, need)
+    cfg = _check_training(cfg, need)
     need(cfg.schedule in ("cosine", "constant"),
          f"--schedule must be cosine or constant, not {cfg.schedule!r}")
     need(cfg.augment.size >= 32, f"--image-size must be at least 32, not {cfg.augment.size}")

@@ -27,7 +27,8 @@ import torch
 
 from . import dist
 from .config import (ROWS, AugmentConfig, DataConfig, EvaluateConfig, FinetuneAugment,
-                     FinetuneConfig, PretrainConfig, ReproduceConfig, check)
+                     FinetuneConfig, PretrainConfig, ReproduceConfig, check,
+                     imagenet_version)
 from .classifier import check_start
 from .data.dataset import load_dataset
 from .data.index import DataError
@@ -36,7 +37,6 @@ from .io import atomic_write, make_dir, save_json
 from .keys import changed_settings, only_moved, recorded_config, resume_keys
 from .evaluation import new_figure
 from .metrics import METRICS
-from .models import imagenet_versions
 from .predict import evaluate
 from .pretrain import pretrain
 from .runs import file_identity, inputs_parts, log, same_data, start_identity
@@ -78,11 +78,11 @@ def available_rows(cfg: ReproduceConfig) -> list[tuple[str, str | None, str]]:
 
 
 def _start(start: str, cfg: ReproduceConfig) -> tuple[str, str]:
-    """(init, imagenet_weights) of a row's start: torchvision's V2 weights where the preset's
-    arch has them (resnet50), else V1 (resnet18 has no V2)."""
+    """(init, imagenet_weights) of a row's start: the newest torchvision weights the preset's
+    arch has (V2 for resnet50, V1 for resnet18), also in its fine-tuning cells."""
     if start == "random" or cfg.transfer != "imagenet":
         return (cfg.transfer if start == "transfer" else "random"), "V2"
-    return "imagenet", "V2" if "V2" in imagenet_versions(PRESETS[cfg.preset]["arch"]) else "V1"
+    return "imagenet", imagenet_version(PRESETS[cfg.preset]["arch"], "auto")
 
 
 def _done(run: Path, weights: str, epochs: int) -> bool:

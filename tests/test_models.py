@@ -1,6 +1,7 @@
 """Backbone initialisation: the real ImageNet path (offline), local files, clear failures."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -47,19 +48,33 @@ def test_imagenet_offline_names_the_file(tmp_path, monkeypatch):
         backbone("resnet18", "imagenet", "V2")
 
 
-def test_weights_an_arch_lacks_are_refused_by_check_before_any_work():
-    """resnet18 has only V1: the default V2 with --init imagenet is one line naming the flag,
-    from check(); a start that is not torchvision's (random, --encoder) needs no such weights."""
+def test_imagenet_weights_auto_is_the_newest_an_arch_has_and_v2_is_refused_for_resnet18():
+    """--imagenet-weights auto (the default) is V1 for resnet18 (it has no V2) and V2 for
+    resnet50; V2 typed for resnet18 is one line naming the flag, from check(). A start that is
+    not torchvision's (random, --encoder) keeps V2, the value earlier versions keyed."""
     from sstl.engine.config import ConfigError, SupervisedConfig, check
+    from sstl.engine.keys import resume_key
 
-    for cfg in (finetune_cfg(init="imagenet"), pretrain_cfg(init="imagenet"),
-                SupervisedConfig(arch="resnet18", init="imagenet")):
+    for cfg in (finetune_cfg(init="imagenet", imagenet_weights="V2"),
+                pretrain_cfg(init="imagenet", imagenet_weights="V2"),
+                SupervisedConfig(arch="resnet18", init="imagenet", imagenet_weights="V2")):
         with pytest.raises(ConfigError, match="resnet18 has only V1 .*--imagenet-weights V1"):
             check(cfg)
-    check(finetune_cfg(init="imagenet", imagenet_weights="V1"))
-    check(finetune_cfg(init="random"))
-    check(finetune_cfg(init="imagenet", encoder="runs/pre"))
-    check(pretrain_cfg(init="imagenet", arch="resnet50"))  # resnet50 has V2
+    for cfg in (finetune_cfg(init="imagenet"), pretrain_cfg(init="imagenet"),
+                SupervisedConfig(arch="resnet18", init="imagenet")):
+        assert cfg.imagenet_weights == "auto" and check(cfg).imagenet_weights == "V1"
+    assert check(pretrain_cfg(init="imagenet", arch="resnet50")).imagenet_weights == "V2"
+    assert check(pretrain_cfg(init="imagenet", arch="resnet50",
+                              imagenet_weights="V1")).imagenet_weights == "V1"
+    for cfg in (finetune_cfg(init="random"), finetune_cfg(init="imagenet", encoder="runs/pre"),
+                pretrain_cfg(init="random")):
+        checked = check(cfg)
+        assert checked.imagenet_weights == "V2"
+        # The key a run of the earlier default (V2, typed or not) was saved under.
+        assert resume_key(checked) == resume_key(check(
+            dataclasses.replace(cfg, imagenet_weights="V2")))
+    with pytest.raises(ConfigError, match="V1, V2 or auto"):
+        check(finetune_cfg(imagenet_weights="V3"))
 
 
 class _Exploit:
