@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sstl.engine.config import AugmentConfig, DataConfig, save_json
+from sstl.engine.config import AugmentConfig, DataConfig, auto_precision, pick_device, save_json
 from sstl.engine.data import dali
 from sstl.engine.data.dataset import load_dataset
 from sstl.engine.data.loader import TwoViewSource
@@ -85,13 +85,13 @@ def run(data: str | None = None, device: str = "auto", batch_size: int | None = 
         view_size: int = 112, steps: int | None = None, json_path: str | None = None,
         repeats: int = 5, warmup: int = 2, log=print) -> dict:
     """Measure every row; batch_size/steps default to 256/30 on a GPU, 64/8 on a CPU."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
-                       else "cpu" if device == "auto" else device)
+    dev = torch.device(pick_device(device))  # as training runs decide it
     gpu = dev.type == "cuda"
     info = machine(dev)  # before the rows: the load average is then other work's, not ours
     batch, steps = batch_size or (256 if gpu else 64), steps or (30 if gpu else 8)
-    # As training runs: bf16 on a GPU, fp32 on a CPU; channels_last on both (Resolved).
-    dtype, channels_last = (torch.bfloat16 if gpu else torch.float32), True
+    # As training runs: --precision auto's dtype; channels_last on both devices (Resolved).
+    dtype = torch.bfloat16 if auto_precision(str(dev)) == "bf16" else torch.float32
+    channels_last = True
     aug = AugmentConfig(size=view_size)
     ds = load_dataset(DataConfig(path=data), log=lambda m: None)
     copies = math.ceil((warmup + repeats * steps) * batch / len(ds.records))

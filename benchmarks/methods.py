@@ -15,7 +15,8 @@ import time
 import numpy as np
 import torch
 
-from sstl.engine.config import AugmentConfig, PretrainConfig, Runtime, check, resolve
+from sstl.engine.config import (AugmentConfig, PretrainConfig, Runtime, check, pick_device,
+                                 resolve)
 from sstl.engine.data.backends import ssl_source
 from sstl.engine.data.dataset import load_dataset
 from sstl.engine import accel
@@ -70,7 +71,7 @@ def run(device: str = "auto", arch: str = "resnet50", batch: int | None = None, 
         steps: int | None = None, warmup: int | None = None, repeats: int = 3,
         json_path=None, methods=None, graphs=(None,)) -> dict:
     """`graphs`: the --cuda-graphs settings to measure each method with (None: the default)."""
-    on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    on_gpu = pick_device(device) != "cpu"
     batch = batch or (256 if on_gpu else 32)
     steps, warmup = steps or (20 if on_gpu else 2), warmup or (5 if on_gpu else 1)
     images = demo_images(batch)

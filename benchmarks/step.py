@@ -24,12 +24,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sstl.engine.config import AugmentConfig, DataConfig, PretrainConfig, Runtime, check, resolve
-from sstl.engine.data.backends import pick_backend, ssl_source
+from sstl.engine.config import (AugmentConfig, DataConfig, PretrainConfig, Runtime, check,
+                               pick_device, resolve)
+from sstl.engine.data.backends import ssl_source
 from sstl.engine.data.dataset import load_dataset
 from sstl.engine import accel
 from sstl.engine.loop import stepper
+from sstl.engine.methods import METHODS
 from sstl.engine.pretrain import build_method, build_trainer
+
+from sstl.kernels import use_triton
 
 from .common import forward_flops, machine, median_seconds, peak_flops, sync, write_json
 from .peer import MODELS as PEER_MODELS
@@ -45,16 +49,15 @@ class Rung:
     bf16: bool = False
     compile: bool = False
     graphs: bool = False  # the whole step replayed as a CUDA graph (engine/accel.py)
+    # Every choice left to `auto`, resolved as `sstl pretrain` resolves it (the fields above
+    # are then filled from what it chose): the step a user gets.
+    as_pretrain: bool = False
 
 
-def rungs(device: str) -> list[Rung]:
-    on_gpu = device.startswith("cuda")
-    # channels_last on every device, as config.resolve picks it.
-    sstl = Rung("sstl", fused=on_gpu, channels_last=True, bf16=on_gpu, compile=on_gpu,
-                graphs=on_gpu)
-    return [Rung("peer", peer=True), Rung("peer+bf16", peer=True, bf16=True), Rung("eager"), Rung("+fused", fused=True),
-            Rung("+channels_last", channels_last=True), Rung("+bf16", bf16=True),
-            Rung("+compile", compile=True), sstl]
+RUNGS = [Rung("peer", peer=True), Rung("peer+bf16", peer=True, bf16=True), Rung("eager"),
+         Rung("+fused", fused=True), Rung("+channels_last", channels_last=True),
+         Rung("+bf16", bf16=True), Rung("+compile", compile=True),
+         Rung("sstl", as_pretrain=True)]
 
 
 def skip_reason(r: Rung, device: str, cpu_all: bool) -> str | None:
@@ -83,18 +86,20 @@ def ssl_flops_per_image(method, size: int, device) -> float:
     return 3 * 2 * f_online + f_target
 
 
-def rung_config(cfg: PretrainConfig, rung: Rung) -> PretrainConfig:
+def rung_setup(cfg: PretrainConfig, rung: Rung):
+    """(config, resolved runtime, kernels mode) of a rung: its own choices, or pretrain's."""
+    if rung.as_pretrain:
+        cfg = dataclasses.replace(cfg, runtime=Runtime(device=cfg.runtime.device))
+        return cfg, resolve(cfg.runtime, cfg.batch_size, METHODS[cfg.method].cls.views), "auto"
     rt = dataclasses.replace(cfg.runtime, compile=rung.compile, cuda_graphs=rung.graphs,
-                             precision="bf16" if rung.bf16 else "fp32")
-    return dataclasses.replace(cfg, runtime=rt)
+                             precision="bf16" if rung.bf16 else "fp32", backend="torch")
+    res = dataclasses.replace(resolve(rt, cfg.batch_size), channels_last=rung.channels_last)
+    return dataclasses.replace(cfg, runtime=rt), res, "auto" if rung.fused else "reference"
 
 
 def measure(rung: Rung, cfg: PretrainConfig, images, paths, steps, warmup, repeats) -> dict:
     torch._dynamo.reset()
-    os.environ["SSTL_KERNELS"] = "auto" if rung.fused else "reference"
-    cfg = rung_config(cfg, rung)
-    res = dataclasses.replace(resolve(cfg.runtime, cfg.batch_size),
-                              channels_last=rung.channels_last)
+    cfg, res, os.environ["SSTL_KERNELS"] = rung_setup(cfg, rung)
     method = build_method(cfg, res)
     t = build_trainer(cfg, res, method, total_steps=10 ** 6)
     if rung.peer:
@@ -108,8 +113,6 @@ def measure(rung: Rung, cfg: PretrainConfig, images, paths, steps, warmup, repea
                       v2.to(res.device, non_blocking=True), cfg.settings.tau,
                       autocast=res.autocast if rung.bf16 else None)
     else:
-        if rung.name == "sstl":  # the data path `sstl pretrain` would pick (DALI where present)
-            res = dataclasses.replace(res, backend=pick_backend("auto", res.device))
         source = ssl_source(method.views, images, cfg, res)
         method.attach(len(images), cfg.runtime.seed)
         batches = itertools.chain.from_iterable(source.epoch(e) for e in itertools.count())
@@ -128,6 +131,10 @@ def measure(rung: Rung, cfg: PretrainConfig, images, paths, steps, warmup, repea
         batches.close()
         if loader._iterator is not None:
             loader._iterator._shutdown_workers()
+    if rung.as_pretrain:  # what pretrain chose, in the other rungs' columns
+        rung = dataclasses.replace(rung, fused=use_triton(res.device), bf16=res.dtype != "float32",
+                                   channels_last=res.channels_last, compile=res.compile,
+                                   graphs=t.graphs)
     os.environ.pop("SSTL_KERNELS", None)
     return {"rung": rung.name, **dataclasses.asdict(rung), "backend": res.backend,
             "models": PEER_MODELS if rung.peer else "sstl's own step",
@@ -140,7 +147,7 @@ def run(data: str | None = None, device: str = "auto", arch: str = "resnet50",
         batch_size: int | None = None, view_size: int = 112, steps: int | None = None,
         warmup: int | None = None, repeats: int = 3, cpu_all: bool = False,
         json_path=None, only: list[str] | None = None) -> dict:
-    on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    on_gpu = pick_device(device) != "cpu"
     batch_size = batch_size or (256 if on_gpu else 32)
     steps, warmup = steps or (20 if on_gpu else 2), warmup or (5 if on_gpu else 1)
     cfg = check(PretrainConfig(data=DataConfig(path=data), runtime=Runtime(device=device,
@@ -158,7 +165,7 @@ def run(data: str | None = None, device: str = "auto", arch: str = "resnet50",
     flops = ssl_flops_per_image(build_method(cfg, res), view_size, dev)
     peak, peak_src = peak_flops(dev)
     rows = []
-    for r in rungs(dev):
+    for r in RUNGS:
         if only and r.name not in only:
             continue
         why = skip_reason(r, dev, cpu_all)

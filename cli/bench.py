@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sstl.cli.paths import path_value
-from sstl.engine.config import BenchConfig
+from sstl.engine.config import BenchConfig, pick_device
 
 
 def _fmt(v) -> str:
@@ -85,12 +85,6 @@ def run(cfg: BenchConfig) -> None:
     if cfg.what in ("kernels", "all"):
         from sstl.benchmarks import kernels
 
-        out["kernels"] = kernels.run(device=_device(cfg.device), arch=cfg.arch)
+        out["kernels"] = kernels.run(device=pick_device(cfg.device).split(":")[0], arch=cfg.arch)
         kernels.print_report(out["kernels"])
     write_json(out, cfg.json)
-
-
-def _device(device: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device

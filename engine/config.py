@@ -32,7 +32,7 @@ __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AugmentConfig", "FinetuneAugment", 
            "DataConfig", "Runtime", "PretrainConfig", "FinetuneConfig", "PredictConfig",
            "EvaluateConfig", "SupervisedConfig", "ReproduceConfig", "ExportConfig",
            "BenchConfig", "CacheConfig", "ROWS", "ConfigError", "Resolved", "check", "resolve",
-           "inference_runtime", "save_json"]
+           "inference_runtime", "pick_device", "auto_precision", "save_json"]
 
 
 class ConfigError(SystemExit):
@@ -587,21 +587,28 @@ class Resolved:
         return torch.autocast(self.device.split(":")[0], dtype=getattr(torch, self.dtype))
 
 
+def pick_device(device: str, local_rank: int = 0) -> str:
+    """What --device means on this machine: cuda:LOCAL_RANK where asked for (or auto) and
+    torch sees CUDA, else cpu; --device cuda without CUDA is refused."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but torch sees no CUDA device")
+    return f"cuda:{local_rank}" if device != "cpu" and torch.cuda.is_available() else "cpu"
+
+
 def auto_precision(device: str) -> str:
     """What --precision auto means with this --device on this machine: bf16 on CUDA, else fp32."""
     return "bf16" if device != "cpu" and torch.cuda.is_available() else "fp32"
 
 
-def resolve(rt: Runtime, batch_size: int) -> Resolved:
-    """Turn the choices a runtime block leaves open ('auto') into values for this machine.
+def resolve(rt: Runtime, batch_size: int, views: str = "two_crops") -> Resolved:
+    """Turn the choices a runtime block leaves open ('auto') into values for this machine
+    (and, for the data path, for the views a pretraining method asks for: Method.views).
 
     Under torchrun (WORLD_SIZE > 1) the batch stays the user's global one: per_rank_batch is
     its share, and the device is cuda:LOCAL_RANK."""
     rank, world, local_rank = dist_env()
-    if rt.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but torch sees no CUDA device")
-    on_gpu = rt.device != "cpu" and torch.cuda.is_available()
-    device = f"cuda:{local_rank}" if on_gpu else "cpu"
+    device = pick_device(rt.device, local_rank)
+    on_gpu = device != "cpu"
     precision = rt.precision if rt.precision != "auto" else auto_precision(rt.device)
     if rt.cuda_graphs and not on_gpu:
         raise ConfigError("--cuda-graphs needs a CUDA device; this run is on the CPU")
@@ -610,7 +617,7 @@ def resolve(rt: Runtime, batch_size: int) -> Resolved:
                           f"of this run (WORLD_SIZE); use a multiple of {world}")
     return Resolved(device=device, dtype="bfloat16" if precision == "bf16" else "float32",
                     compile=on_gpu if rt.compile is None else bool(rt.compile),
-                    backend=pick_backend(rt.backend, device), rank=rank, world_size=world,
+                    backend=pick_backend(rt.backend, device, views), rank=rank, world_size=world,
                     local_rank=local_rank, per_rank_batch=batch_size // world,
                     # Also on the CPU: oneDNN's NHWC convolutions trained the resnet50 step
                     # at 112 px 1.37x faster, resnet18 at 64 px 1.10x (README, "The fast path").

@@ -6,7 +6,6 @@ always written from the final checkpoint's state (also when a finished run is re
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -62,10 +61,7 @@ def default_name(cfg: PretrainConfig) -> str:
 
 def pretrain(cfg: PretrainConfig) -> Path:
     cfg = check(cfg)
-    res = resolve(cfg.runtime, cfg.batch_size)
-    if res.backend == "dali" and METHODS[cfg.method].cls.views != "two_crops":  # auto chose it
-        log(f"--method {cfg.method}: DALI cannot make its pretext views; using --backend torch")
-        res = dataclasses.replace(res, backend="torch")
+    res = resolve(cfg.runtime, cfg.batch_size, METHODS[cfg.method].cls.views)
     t0 = time.perf_counter()
     method = build_method(cfg, res)  # first: missing weights fail before a long first scan
     build_s = time.perf_counter() - t0

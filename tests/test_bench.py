@@ -65,18 +65,25 @@ def test_short_cpu_bench_writes_every_rung(tmp_path):
              repeats=1, json_path=path)
     result = json.loads(path.read_text())
     names = [r["rung"] for r in result["rows"]]
-    assert names == [r.name for r in step.rungs("cpu")]
+    assert names == [r.name for r in step.RUNGS]
     # Skipped exactly where a CPU cannot run the rung (bf16, compile, Triton); measured elsewhere.
-    measured = {r.name for r in step.rungs("cpu") if step.skip_reason(r, "cpu", False) is None}
+    measured = {r.name for r in step.RUNGS if step.skip_reason(r, "cpu", False) is None}
     assert measured >= {"peer", "eager", "+channels_last", "sstl"}
     for r in result["rows"]:
         if r["rung"] in measured:
             assert not r.get("skipped") and r["images_per_s"] > 0 and 0 < r["mfu"] < 1.5, r
         else:
-            assert r["skipped"] == step.skip_reason(step.rungs("cpu")[names.index(r["rung"])],
+            assert r["skipped"] == step.skip_reason(step.RUNGS[names.index(r["rung"])],
                                                     "cpu", False), r
     assert result["machine"]["torch"] == torch.__version__
     assert result["flops_per_image"] > 0 and result["peak_flops"] > 0
+    # The sstl rung is what `sstl pretrain` resolves on this device, reported in its columns.
+    from sstl.engine.config import Runtime, resolve
+
+    res, sstl = resolve(Runtime(device="cpu"), 4), result["rows"][names.index("sstl")]
+    assert {k: sstl[k] for k in ("bf16", "compile", "graphs", "channels_last", "backend")} == {
+        "bf16": res.dtype == "bfloat16", "compile": res.compile, "graphs": res.graphs,
+        "channels_last": res.channels_last, "backend": res.backend}
 
 
 def test_short_cpu_data_bench_reports_every_path(tmp_path):

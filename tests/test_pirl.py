@@ -248,15 +248,21 @@ def test_settings_are_checked():
     assert check(pretrain_cfg("pirl-rotation", settings={"lam": 1.0})).settings.lam == 1.0
 
 
-def test_auto_backend_falls_back_to_torch_for_pirl(tmp_path, monkeypatch, capsys):
-    import dataclasses
+def test_auto_backend_picks_torch_for_pirl(tmp_path, monkeypatch):
+    """--backend auto takes DALI on a GPU with DALI installed, but not for PIRL's pretext views
+    (only the torch path makes them); pretrain hands resolve() its method's views."""
+    from sstl.engine.data import backends
 
-    real = pretrain_mod.resolve
-    monkeypatch.setattr(pretrain_mod, "resolve",  # as on a GPU machine with DALI installed
-                        lambda rt, bs: dataclasses.replace(real(rt, bs), backend="dali"))
+    monkeypatch.setattr(backends, "dali_available", lambda: True)  # as on a GPU machine
+    assert backends.pick_backend("auto", "cuda:0") == "dali"
+    assert backends.pick_backend("auto", "cuda:0", "pirl-rotation") == "torch"
+    assert backends.pick_backend("auto", "cpu") == "torch"
+    real, asked = pretrain_mod.resolve, []
+    monkeypatch.setattr(pretrain_mod, "resolve",
+                        lambda rt, bs, views: asked.append(views) or real(rt, bs, views))
     run = pretrain_mod.pretrain(pretrain_cfg("pirl-rotation", out=str(tmp_path), name="r",
                                              batch_size=8, test_fraction=0.8))
-    assert "DALI cannot make its pretext views" in capsys.readouterr().err
+    assert asked == ["pirl-rotation"]
     assert json.loads((run / "config.json").read_text())["resolved"]["backend"] == "torch"
 
 

@@ -15,7 +15,10 @@ def dali_available() -> bool:
         return False
 
 
-def pick_backend(name: str, device: str) -> str:
+def pick_backend(name: str, device: str, views: str = "two_crops") -> str:
+    """The data path for --backend `name` on `device`, for a method's `views` (Method.views):
+    auto takes DALI on a GPU where it is installed, and torch for PIRL's pretext views, which
+    only the torch path makes (config.check refuses --backend dali for them)."""
     if name == "torch":
         return "torch"
     if name == "dali":
@@ -25,13 +28,14 @@ def pick_backend(name: str, device: str) -> str:
         return "dali"
     if name != "auto":
         raise SystemExit(f"--backend must be auto, dali or torch, not {name!r}")
-    return "dali" if device.startswith("cuda") and dali_available() else "torch"
+    return ("dali" if device.startswith("cuda") and views == "two_crops" and dali_available()
+            else "torch")
 
 
 def ssl_source(views: str, images, cfg, res):
     """The pretraining source that makes the views a method asks for (`Method.views`):
     "two_crops", or "pirl-<pretext>" (an augmented view, its pretext transform and the images'
-    indices, pretext.py; torch path only: pretrain.py routes `--backend auto` there)."""
+    indices, pretext.py; torch path only: pick_backend routes `--backend auto` there)."""
     import torch
 
     if views.startswith("pirl-"):
