@@ -9,7 +9,6 @@ is then run with onnxruntime on real images and compared with torch on the same 
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch.nn as nn
 from .config import IMAGENET_MEAN, IMAGENET_STD, ExportConfig, check
 from .data.index import decode_square, find_records
 from .data.views import eval_view
-from .io import atomic_write, make_dir, write_error
+from .io import atomic_write, make_dir
 from .keys import recorded_config
 from .models import load_classifier, weights_file, without_image_list
 
@@ -100,44 +99,40 @@ def export_onnx(model_path, out=None, images=(), tolerance: float = TOLERANCE) -
     s = int(meta["image_size"])
     wrapped = WithProbs(model).eval()
     grey, source = check_images(model_path, meta, images)  # before writing anything
-    # Written under a temporary name and moved into place only once verified: a failed
-    # export never leaves a file, nor replaces a verified model.onnx.
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
+    x = eval_view(torch.from_numpy(grey), s)
+    with torch.no_grad():
+        want = wrapped(x)[1].numpy()
+    sidecar = out.with_name(out.name + ".json")  # model.onnx.json: model.json is the weights'!
+    report = {}
+
+    def write_verified(tmp: Path) -> None:
+        """The graph at `tmp`, checked by onnxruntime against torch, and then its sidecar: a
+        failed export never leaves a file, nor replaces a verified model.onnx."""
         with warnings.catch_warnings():  # the TorchScript exporter: no onnxscript dependency
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(wrapped, torch.zeros(2, 3, s, s), str(tmp), opset_version=OPSET,
                               input_names=["input"], output_names=["logits", "probs"],
                               dynamic_axes={n: {0: "batch"} for n in ("input", "logits", "probs")},
                               dynamo=False)
-        x = eval_view(torch.from_numpy(grey), s)
-        with torch.no_grad():
-            want = wrapped(x)[1].numpy()
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         got = session.run(["probs"], {"input": x.numpy()})[0]
         diff = float(np.abs(got - want).max())
-        report = {"onnx": str(out), "opset": OPSET, "images_checked": len(grey),
-                  "check_source": source, "max_abs_diff_probs": diff, "tolerance": tolerance,
-                  "same_argmax": bool((got.argmax(1) == want.argmax(1)).all()),
-                  "ok": diff <= tolerance}
+        report.update({"onnx": str(out), "opset": OPSET, "images_checked": len(grey),
+                       "check_source": source, "max_abs_diff_probs": diff,
+                       "tolerance": tolerance,
+                       "same_argmax": bool((got.argmax(1) == want.argmax(1)).all()),
+                       "ok": diff <= tolerance})
         if not report["ok"]:
             raise SystemExit(f"{out}: onnxruntime's probabilities differ from torch's by "
                              f"{diff:.2e} (> {tolerance:g}) on {len(grey)} images; the export "
                              "is not faithful, nothing was written")
-        sidecar = out.with_name(out.name + ".json")  # model.onnx.json: model.json is the weights'!
         text = json.dumps({"format": "onnx", "opset": OPSET,
                            "source_model": without_image_list(meta),
                            "preprocessing": preprocessing(meta), "verification": report},
                           indent=2, default=str)
         atomic_write(sidecar, lambda f: f.write_text(text))
-        with open(tmp, "rb+") as fh:  # as atomic_write finishes its files: on disk, 0644
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except OSError as e:  # the graph's own file (the sidecar's errors are already one line)
-        raise write_error(out, e) from None
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(out, write_verified)  # then on disk (fsync), 0644, renamed into place
     report["sidecar"] = str(sidecar)
     return report
 

@@ -1,8 +1,8 @@
 """Writing files so that a crash, a kill or a full disk never leaves half a file behind.
 
 Every file the engine writes goes through `atomic_write` (the benchmarks' JSON reports are
-written directly): the bytes go to a temporary name in the
-same folder, are flushed to the disk, get the usual permissions (0644: sidecars and weights
+written directly): the bytes go to a temporary name in the same folder (`temp_path`: one
+naming for every temporary sstl makes, so whoever sweeps a folder recognises them), are flushed to the disk, get the usual permissions (0644: sidecars and weights
 are read by other users and tools alike), and only then replace the real name. A failure
 (disk full, read-only folder) removes the temporary and becomes one clear `WriteError`.
 """
@@ -12,6 +12,8 @@ import errno
 import json
 import math
 import os
+import re
+import socket
 from pathlib import Path
 from typing import Callable
 
@@ -20,12 +22,23 @@ class WriteError(SystemExit):
     """A file could not be written (disk full, read-only folder...): one line, exit 1."""
 
 
+# A temporary's writer: its pid and host (files of earlier versions: pid only, or not hidden).
+TEMP = re.compile(r"\.tmp(\d+)(?:@(.+))?$")
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    """The hidden name `path` is written under before it is renamed into place:
+    `.<name>.tmp<pid>@<host>`. Unique per process, also in a folder several hosts share (a
+    cache), and a sweep can tell whether its writer is gone (data/cache.py)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}@{socket.gethostname()}")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None],
                  flag: str = "--out") -> Path:
     """Call write(tmp) to fill a temporary file, then move it over `path` in one rename.
     `flag`: the option that chose the place, named in the error."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    path, tmp = Path(path), temp_path(path)
     try:
         write(tmp)
         with open(tmp, "rb+") as fh:

@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import platform
-import re
 import shutil
 import socket
 import subprocess
@@ -48,7 +47,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 from . import dist
 from .config import to_dict
 from .data.cache import file_digest
-from .io import WriteError, atomic_write, first_line, make_dir, save_json
+from .io import TEMP, WriteError, atomic_write, first_line, make_dir, save_json
 from .keys import config_hash
 from .models import (ARCHS, imagenet_tag, is_start_file, learned_images, saw_all_unlabelled,
                      start_sidecar)
@@ -144,12 +143,12 @@ class Run:
     # ------------------------------------------------------------------- checkpoints
     def _recover(self) -> None:
         """Under the lock, before anything reads the directory: finish what a killed writer
-        left. Temporaries (`.<name>.tmp<pid>`, up to a whole checkpoint each) are deleted,
+        left. Temporaries (io.temp_path's, up to a whole checkpoint each) are deleted,
         since no other process writes here; a checkpoint.next.pt is complete (it is renamed
         into place only once written), so a rotation cut between its two renames is finished
         and the newest checkpoint is the one resumed."""
         for tmp in self.path.glob(".*.tmp*"):
-            if re.search(r"\.tmp\d+$", tmp.name) and tmp.is_file():  # atomic_write's names
+            if TEMP.search(tmp.name) and tmp.is_file():
                 with contextlib.suppress(OSError):
                     tmp.unlink()
         nxt = self.path / "checkpoint.next.pt"

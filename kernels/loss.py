@@ -17,7 +17,8 @@
 # Derivation (what autograd of F.normalize gives). With r = |a|, s = max(r, eps) and
 # c = <a, b> / (s_a s_b):   dc/da = b / (s_a s_b) - [r_a >= eps] * c * a / s_a^2.
 # Below eps the clamp makes the norm a constant, so only the first term survives; a zero
-# row therefore has a finite loss (2 per term) and a zero gradient.
+# row therefore has a finite loss (2 per term) and a finite but large gradient, b / (eps s_b),
+# as autograd of F.normalize gives it.
 
 import torch
 import torch.nn.functional as F

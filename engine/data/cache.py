@@ -25,7 +25,6 @@ import functools
 import hashlib
 import json
 import os
-import re
 import shutil
 import socket
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +34,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..io import TEMP, temp_path
 from .index import DataError, Record, decode_square
 
 FORMAT_VERSION = 3  # 2: content digests; 3: the decoder's identity in the key
@@ -177,7 +177,7 @@ def _retry_failures(records, size, npy: Path, meta: Path, info: dict, workers: i
     new = {**info, "reasons": list(info["reasons"]), "digests": list(info["digests"])}
     for i, (img, why, digest) in zip(failed, decoded):
         new["reasons"][i], new["digests"][i] = why, digest
-    tmp = meta.with_name(meta.name + f".tmp{os.getpid()}@{socket.gethostname()}")
+    tmp = temp_path(meta)
     try:
         rows = np.load(npy, mmap_mode="r+")
         for i, img in fixed:  # rows of failed files: no reader uses them (ok is False)
@@ -196,8 +196,7 @@ def _build(records, size, npy: Path, meta: Path, workers: int, progress) -> None
     # Unique temporary names: several processes (e.g. torchrun ranks) may build at once,
     # and whichever renames last wins with identical content.
     clear_stale_temporaries(npy.parent)
-    tag = f".tmp{os.getpid()}@{socket.gethostname()}"
-    tmp_npy, tmp_meta = npy.with_name(npy.name + tag), meta.with_name(meta.name + tag)
+    tmp_npy, tmp_meta = temp_path(npy), temp_path(meta)
     try:
         reasons, digests = _decode_all(records, size, tmp_npy, workers, progress)
         tmp_meta.write_text(json.dumps({"version": FORMAT_VERSION, "size": size,
@@ -240,9 +239,6 @@ def _decode_all(records, size, tmp_npy: Path, workers: int, progress):
     return reasons, digests
 
 
-_TMP = re.compile(r"\.tmp(\d+)(?:@(.+))?$")
-
-
 def clear_stale_temporaries(folder: Path) -> list[Path]:
     """Remove build temporaries whose process is gone (same host, or no host in the name:
     the older format); return what was removed. A temporary is a file (a cache being
@@ -250,7 +246,7 @@ def clear_stale_temporaries(folder: Path) -> list[Path]:
     removed = []
     host = socket.gethostname()
     for f in folder.glob("*.tmp*"):
-        m = _TMP.search(f.name)
+        m = TEMP.search(f.name)
         if not m or (m.group(2) or host) != host or _running(int(m.group(1))):
             continue
         try:

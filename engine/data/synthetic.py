@@ -15,12 +15,12 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ..io import temp_path
 from .cache import default_cache_dir
 
 CLASSES = ("Normal", "COVID", "Viral Pneumonia", "Bacterial Pneumonia")
@@ -75,7 +75,7 @@ def ensure_synthetic(folder: str | os.PathLike | None = None, per_class: int = P
     if (target / "manifest.csv").exists():
         return target
     # The cache's temporary naming (pid@host): a shared cache's sweep spares other hosts' draws.
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}@{socket.gethostname()}")
+    tmp = temp_path(target)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _draw_into(tmp, per_class)
