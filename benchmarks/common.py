@@ -36,7 +36,7 @@ def median_seconds(fn, device, steps: int, repeats: int) -> tuple[float, list[fl
 
 
 def machine() -> dict:
-    from sstl.engine.runs import environment
+    from sstl.engine.record import environment
 
     env = environment()
     env["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -32,7 +32,9 @@ from .evaluation import bootstrap_ci, card_fields, curves_png, draw_figures, wri
 from .metrics import METRICS, best_epoch, classification_metrics, display_name, summarize
 from .models import (imagenet_tag, is_start_file, learned_images, saw_all_unlabelled, sidecar,
                      sstl_weights, weights_file)
-from .runs import Run, log, run_inputs, save_weights
+from .inputs import run_inputs
+from .record import save_weights
+from .runs import Run, log
 from .classifier import check_start, classifier_trainer, eval_probs
 
 FEW_IMAGES = 5  # a class with fewer training images than this gets a warning (noisy results)

@@ -28,7 +28,8 @@ import torch
 from .. import kernels
 from . import accel, dist
 from .keys import resume_keys
-from .runs import CHECKPOINT_FORMAT, MetricsCSV, Reporter, Run, log
+from .record import MetricsCSV
+from .runs import CHECKPOINT_FORMAT, Reporter, Run, log
 
 
 class EMA:

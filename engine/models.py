@@ -166,7 +166,7 @@ def weights_file(path: str | os.PathLike, default_name: str) -> Path:
 
 
 def sidecar(weights: Path) -> dict:
-    """The JSON written beside a .safetensors file by engine.runs.save_weights."""
+    """The JSON written beside a .safetensors file by engine.record.save_weights."""
     import json
 
     meta = weights.with_suffix(".json")

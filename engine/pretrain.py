@@ -19,7 +19,9 @@ from .data.backends import ssl_source
 from .loop import EMA, Plan, Trainer, fit, sgd
 from .methods import METHODS, Method, build
 from .models import ARCHS, backbone
-from .runs import Run, encoder_sidecar, log, run_inputs, save_weights
+from .inputs import run_inputs
+from .record import encoder_sidecar, save_weights
+from .runs import Run, log
 
 COLLAPSED = 0.02  # spread below this: outputs have (nearly) become one vector
 

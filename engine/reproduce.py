@@ -39,7 +39,8 @@ from .evaluation import new_figure
 from .metrics import METRICS
 from .predict import evaluate
 from .pretrain import pretrain
-from .runs import file_identity, inputs_parts, log, same_data, start_identity
+from .inputs import file_identity, inputs_parts, same_data, start_identity
+from .runs import log
 
 LABELS = {"ours": "Ours (Cross + Transfer)", "transfer": "Transfer", "cross": "Cross",
           "byol": "BYOL", "simsiam": "SimSiam", "simclr": "SimCLR", "pirl-jigsaw": "PIRL-Jigsaw",
@@ -248,7 +249,7 @@ def check_evaluate_on(path: str, classes: list[str], data: DataConfig) -> None:
 
 def _from_another_encoder(run: Path, encoder: Path) -> bool:
     """Whether a fine-tuning cell's checkpoint was trained from another encoder file than the
-    one its pretraining cell holds now (the encoder's file_identity in runs.run_inputs)."""
+    one its pretraining cell holds now (the encoder's file_identity in inputs.run_inputs)."""
     ck = _checkpoint(run)
     inputs = ck.get("inputs") if isinstance(ck, dict) else None
     made_from = inputs_parts(inputs)[1] if isinstance(inputs, str) else None

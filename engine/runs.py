@@ -20,22 +20,15 @@ next run rotates into place). Resume checks every record's CRC before loading.
 from __future__ import annotations
 
 import contextlib
-import csv
 import fcntl
-import functools
-import hashlib
 import json
 import os
-import platform
 import shutil
-import socket
-import subprocess
 import sys
 import threading
 import time
 import zipfile
 from dataclasses import asdict
-from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
@@ -46,14 +39,12 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 
 from . import dist
 from .config import to_dict
-from .data.cache import file_digest
+from .inputs import changed_inputs, same_inputs
 from .io import TEMP, WriteError, atomic_write, first_line, make_dir, save_json
 from .keys import config_hash
-from .models import (ARCHS, imagenet_tag, is_start_file, learned_images, saw_all_unlabelled,
-                     start_sidecar)
+from .record import environment
 
 console = Console(stderr=True)
-SRC = Path(__file__).resolve().parent.parent
 CHECKPOINT_FORMAT = 2  # 2: one checkpoint layout for every command (the shared loop)
 
 
@@ -246,14 +237,14 @@ class Run:
                                  "--name (or --no-resume to start over here)")
             accepted = (*keys, self.moved_from) if self.moved_from else keys
             if ck.get("resume_key") not in accepted:
-                if not (_same_inputs(ck.get("inputs"), inputs) and moved()):
+                if not (same_inputs(ck.get("inputs"), inputs) and moved()):
                     raise SystemExit(f"{f} was written by a run with different settings"
                                      f"{changes()}; use another --name (or --no-resume to "
                                      "start over here)")
                 self.moved_from = ck.get("resume_key")
                 log(f"continuing {f}: its inputs are elsewhere now{changes()}, the same "
                     "images and weights")
-            changed = _changed(ck.get("inputs"), inputs) if inputs else []
+            changed = changed_inputs(ck.get("inputs"), inputs) if inputs else []
             if changed:
                 raise SystemExit(f"{f} was trained on other inputs than this command's: the "
                                  f"{' and the '.join(changed)} changed since. Resuming would "
@@ -338,36 +329,6 @@ def _startup_seconds() -> float | None:
         return None
 
 
-def _changed(old, new: str) -> list[str]:
-    """Which of a run's inputs differ between a checkpoint's and this command's, as the flags
-    that give them; [] when none does (or the checkpoint predates recording its inputs)."""
-    if old is None:
-        return []
-    if not isinstance(old, str):
-        return ["--data images"]
-    (data, encoder, start), (data2, encoder2, start2) = inputs_parts(old), inputs_parts(new)
-    # A checkpoint without a start digest predates them: its start is not known to differ.
-    return [name for name, differ in (("--data images", not same_data(data, data2)),
-                                      ("--encoder file", encoder != encoder2),
-                                      ("--init file", start is not None and start != start2))
-            if differ]
-
-
-def _same_inputs(old, new: str) -> bool:
-    """Whether a checkpoint's recorded inputs are this command's by content: its data with
-    the images' digests (older identities hold paths only), and the same weights files."""
-    return (isinstance(old, str) and bool(new) and "+" in inputs_parts(old)[0]
-            and not _changed(old, new))
-
-
-def same_data(old: str, new: str) -> bool:
-    """Whether two Dataset.identity() values name the same images. One recorded before
-    identities held the images' contents (no '+') is compared by its paths alone."""
-    paths, _, content = old.partition("+")
-    paths2, _, content2 = new.partition("+")
-    return paths == paths2 and (not content or not content2 or content == content2)
-
-
 def _check_crcs(f: Path) -> None:
     """Raise if any record of a checkpoint (a zip archive) fails its CRC-32."""
     with zipfile.ZipFile(f) as z:
@@ -391,106 +352,6 @@ def _to_host(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_host(v) for v in obj)
     return obj
-
-
-def encoder_sidecar(cfg, ds, trained_idx, epoch: int, **extra) -> dict:
-    """What an encoder.safetensors says of itself (pretrain's and stage 1's alike): its
-    start, its data and split, and the images it learned from (`trained_idx`, plus those of
-    its --init file), which finetune's leak check follows through every stage."""
-    start = start_sidecar(cfg.init)
-    if saw_all_unlabelled(start):  # the warning follows the weights
-        extra["pretrain_split"] = "all"
-    return {"kind": "sstl-encoder", "arch": cfg.arch, "init": cfg.init,
-            "imagenet_weights": imagenet_tag(cfg.init, cfg.imagenet_weights), "epoch": epoch,
-            "feat_dim": ARCHS[cfg.arch], "config_hash": config_hash(cfg),
-            "split_seed": cfg.data.split_seed, "test_fraction": cfg.data.test_fraction,
-            "data_fingerprint": ds.fingerprint(), "test_fingerprint": ds.fingerprint(ds.test_idx),
-            "synthetic_data": ds.synthetic, "data_root": str(ds.root),
-            "trained_on": sorted(set(ds.image_ids(trained_idx)) | learned_images(start)),
-            **extra}
-
-
-def save_weights(state: dict, path: Path, meta: dict) -> None:
-    """safetensors weights + a JSON sidecar (path.with_suffix('.json')), both atomic, 0644."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    # The header repeats the sidecar but its image list (up to a data set's size: JSON only).
-    header = {k: str(v) for k, v in meta.items() if k != "trained_on"}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
-    save_json(meta, path.with_suffix(".json"))
-
-
-def git_sha() -> str:
-    """The commit of the sstl source in use, with '+dirty' when it has local changes: read
-    when this module was imported, so a long process (a reproduce grid, a benchmark) names
-    the code it loaded, not a commit made while it ran."""
-    return _SHA_AT_IMPORT
-
-
-def _read_git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "-C", str(SRC), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(SRC), "status", "--porcelain",
-                                "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-_SHA_AT_IMPORT = _read_git_sha()
-
-
-def environment() -> dict:
-    def version(pkg):
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return None
-
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"sstl": version("sstl"), "git_sha": git_sha(), "python": platform.python_version(),
-            "torch": torch.__version__, "torchvision": version("torchvision"),
-            "triton": version("triton"), "dali": version("nvidia-dali-cuda120"),
-            "cuda": torch.version.cuda, "gpu": gpu, "cpu_count": os.cpu_count(),
-            "host": socket.gethostname(), "platform": platform.platform()}
-
-
-class MetricsCSV:
-    """Per-epoch metrics; a resumed run keeps the rows of the epochs its checkpoint holds."""
-
-    def __init__(self, path: Path, is_main: bool = True):
-        self.path, self.is_main = path, is_main
-
-    def rows(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        with open(self.path, newline="") as fh:
-            return list(csv.DictReader(fh))
-
-    def truncate(self, epochs: int) -> None:
-        """Keep rows of epochs < `epochs` (a resume redoes the others)."""
-        if self.is_main:
-            self._write([r for r in self.rows() if int(r["epoch"]) < epochs])
-
-    def append(self, row: dict) -> None:
-        if self.is_main:
-            self._write(self.rows() + [row])
-
-    def _write(self, rows: list[dict]) -> None:
-        if not rows:
-            self.path.unlink(missing_ok=True)
-            return
-        fields = list(dict.fromkeys(k for r in rows for k in r))
-
-        def write(tmp):
-            with open(tmp, "w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=fields)
-                w.writeheader()
-                w.writerows(rows)
-        atomic_write(self.path, write)
 
 
 class Reporter:
@@ -518,50 +379,3 @@ class Reporter:
         if self.live:
             self.progress.stop()
             self.live = False
-
-
-def start_identity(init: str | None) -> str:
-    """What an --init PATH start holds: the digest of its bytes (the data cache's
-    file_digest), computed once per file state in a process. '' for imagenet and random
-    (their resume keys name them)."""
-    if not is_start_file(init):
-        return ""
-    f = Path(init).expanduser().resolve()
-    if not f.is_file():
-        return "missing"  # the model builder has already refused a missing start
-    st = f.stat()
-    return _digest(str(f), st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=32)
-def _digest(path: str, inode: int, size: int, mtime_ns: int) -> str:
-    """file_digest, once per (path, inode, size, mtime): a file replaced there is read again."""
-    return file_digest(path)
-
-
-def run_inputs(data: str, encoder: Path | None = None, init: str | None = None) -> str:
-    """A checkpoint's `inputs`, what its run learns from: the data fingerprint, then ':' and
-    the encoder's file_identity (fine-tuning from one), then ' init=' and the --init file's
-    digest (a start from a file). Resume refuses a checkpoint of other inputs: a start file
-    replaced in place would otherwise be continued from as if it were the one trained from."""
-    s = data + (f":{file_identity(encoder)}" if encoder else "")
-    start = start_identity(init)
-    return s + (f" init={start}" if start else "")
-
-
-def inputs_parts(inputs: str) -> tuple[str, str | None, str | None]:
-    """(data fingerprint, encoder identity or None, start digest or None) of run_inputs' text."""
-    rest, _, start = inputs.partition(" init=")
-    data, _, encoder = rest.partition(":")
-    return data, encoder or None, start or None
-
-
-def file_identity(weights: Path) -> str:
-    """Which weights file this is, cheaply: its size and its sidecar's text (the config, epoch
-    and data fingerprints of the run that wrote it); a copy elsewhere is the same file."""
-    weights = Path(weights)
-    h = hashlib.sha256(str(weights.stat().st_size).encode())
-    side = weights.with_suffix(".json")
-    if side.exists():
-        h.update(side.read_bytes())
-    return h.hexdigest()[:16]

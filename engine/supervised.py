@@ -20,7 +20,9 @@ from .command import begin, data_record, load_data, run_name
 from .config import Resolved, SupervisedConfig, check, resolve
 from .data.backends import labelled_source
 from .loop import Plan, fit
-from .runs import Run, encoder_sidecar, log, run_inputs, save_weights
+from .inputs import run_inputs
+from .record import encoder_sidecar, save_weights
+from .runs import Run, log
 
 
 def default_name(cfg: SupervisedConfig) -> str:

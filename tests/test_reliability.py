@@ -658,16 +658,16 @@ def test_an_encoder_given_as_its_run_directory_or_its_file_is_one_run(tmp_path, 
 def test_the_git_sha_is_the_one_at_import(monkeypatch):
     """A long process (a reproduce grid) recorded, in each later run's config.json, commits
     made while it ran: the SHA is read once, when the code is loaded."""
-    from sstl.engine import runs
+    from sstl.engine import record
 
-    before, real = runs.git_sha(), runs.subprocess.run
+    before, real = record.git_sha(), record.subprocess.run
 
     def run(cmd, *a, **k):
         assert cmd[0] != "git", "git read again"
         return real(cmd, *a, **k)  # other programs (platform's) as before
 
-    monkeypatch.setattr(runs.subprocess, "run", run)
-    assert runs.git_sha() == before == runs.environment()["git_sha"]
+    monkeypatch.setattr(record.subprocess, "run", run)
+    assert record.git_sha() == before == record.environment()["git_sha"]
 
 
 def test_an_input_larger_than_the_cache_is_a_warning_naming_both_flags():
@@ -688,9 +688,9 @@ def test_an_input_larger_than_the_cache_is_a_warning_naming_both_flags():
 def test_a_checkpoint_recorded_before_content_identities_compares_by_paths():
     """Dataset.identity is 'paths+contents'; a checkpoint of an earlier version recorded the
     paths' fingerprint alone and still resumes on the same paths, not on other ones."""
-    from sstl.engine.runs import _changed, same_data
+    from sstl.engine.inputs import changed_inputs, same_data
 
     assert same_data("aaaa+1111", "aaaa+1111") and not same_data("aaaa+1111", "aaaa+2222")
     assert same_data("aaaa", "aaaa+2222") and not same_data("bbbb", "aaaa+2222")
-    assert _changed("aaaa:enc init=s", "aaaa+1:enc init=s") == []
-    assert _changed("aaaa+2:enc init=s", "aaaa+1:enc init=s") == ["--data images"]
+    assert changed_inputs("aaaa:enc init=s", "aaaa+1:enc init=s") == []
+    assert changed_inputs("aaaa+2:enc init=s", "aaaa+1:enc init=s") == ["--data images"]

@@ -7,7 +7,7 @@ from PIL import Image
 
 from sstl.engine.config import IMAGENET_MEAN, IMAGENET_STD
 from sstl.engine.models import ARCHS, Classifier, backbone
-from sstl.engine.runs import save_weights
+from sstl.engine.record import save_weights
 
 CLASSES = ["COVID", "Normal"]
 
