@@ -5,6 +5,7 @@ metrics, and the code and machine it ran on (git SHA, versions).
 from __future__ import annotations
 
 import csv
+import json
 import os
 import platform
 import socket
@@ -39,14 +40,28 @@ def encoder_sidecar(cfg, ds, trained_idx, epoch: int, **extra) -> dict:
 
 
 def save_weights(state: dict, path: Path, meta: dict) -> None:
-    """safetensors weights + a JSON sidecar (path.with_suffix('.json')), both atomic, 0644."""
-    from safetensors.torch import save_file
+    """safetensors weights + a JSON sidecar (path.with_suffix('.json')), both atomic, 0644.
+    The same state and meta give the same bytes (canonical_safetensors)."""
+    from safetensors.torch import save
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     # The header repeats the sidecar but its image list (up to a data set's size: JSON only).
     header = {k: str(v) for k, v in meta.items() if k != "trained_on"}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+    blob = canonical_safetensors(save(tensors, metadata=header))
+    atomic_write(path, lambda tmp: tmp.write_bytes(blob))
     save_json(meta, path.with_suffix(".json"))
+
+
+def canonical_safetensors(blob: bytes) -> bytes:
+    """A safetensors file with its JSON header's keys sorted. safetensors writes the header's
+    metadata in hash-map order, which changes from call to call: a finished run rerun would
+    rewrite its weights with other bytes, and whatever keys on them (an --init file's digest,
+    reproduce's --transfer check) would take identical weights for a replaced file."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(blob[8:8 + n]), sort_keys=True, separators=(",", ":"),
+                        ensure_ascii=False).encode()
+    header += b" " * (-len(header) % 8)  # the format's alignment of the data that follows
+    return len(header).to_bytes(8, "little") + header + blob[8 + n:]
 
 
 def git_sha() -> str:

@@ -216,6 +216,41 @@ def _same_weights(a, b):
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_weights_files_are_byte_for_byte_the_same_for_the_same_state(tmp_path):
+    """safetensors writes its header's metadata in hash-map order (a new order per call, the
+    precondition checked here); save_weights sorts it, and the file still reads back whole."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    from sstl.engine.record import save_weights
+
+    state = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3, dtype=torch.bfloat16)}
+    meta = {f"k{i}": i for i in range(12)} | {"trained_on": ["x"]}
+    header = {k: str(v) for k, v in meta.items() if k != "trained_on"}
+    assert len({save(state, metadata=header) for _ in range(6)}) > 1
+    blobs = set()
+    for i in range(6):
+        save_weights(state, tmp_path / f"w{i}.safetensors", meta)
+        blobs.add((tmp_path / f"w{i}.safetensors").read_bytes())
+    assert len(blobs) == 1
+    back = load_file(tmp_path / "w0.safetensors")
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+    with safe_open(tmp_path / "w0.safetensors", "pt") as f:
+        assert f.metadata() == header
+
+
+def test_a_rerun_finished_start_leaves_the_runs_made_from_it_resumable(tmp_path):
+    """A finished pretraining rerun rewrites encoder.safetensors: with the same bytes, so a
+    fine-tuning run that starts from that file (--init PATH, keyed by its digest) continues."""
+    pre = pretrain(pretrain_cfg(out=str(tmp_path), name="pre"))
+    before = (pre / "encoder.safetensors").read_bytes()
+    ft = finetune_cfg(out=str(tmp_path), name="ft", init=str(pre / "encoder.safetensors"))
+    finetune(ft)
+    pretrain(pretrain_cfg(out=str(tmp_path), name="pre"))  # finished: outputs written again
+    assert (pre / "encoder.safetensors").read_bytes() == before
+    finetune(ft)  # refused before: "the --init file changed since"
+
+
 def test_a_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
     full = pretrain(_two_epochs(tmp_path, "full"))
     run = pretrain(_two_epochs(tmp_path, "cut"))
