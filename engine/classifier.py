@@ -73,6 +73,6 @@ def check_start(arch: str, init: str, imagenet_weights: str, flag: str = "--init
     """Fail on missing or unfitting starting weights before a long first scan of the data, as
     pretrain does by building its model first (the weights are loaded again when built)."""
     if init == "imagenet":
-        imagenet_state_dict(arch, imagenet_weights)
+        imagenet_state_dict(arch, imagenet_weights, flag)
     elif init != "random":
         backbone(arch, init, imagenet_weights, flag)

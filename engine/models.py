@@ -80,7 +80,7 @@ def imagenet_file(arch: str, version: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
 
 
-def imagenet_state_dict(arch: str, version: str) -> dict:
+def imagenet_state_dict(arch: str, version: str, flag: str = "--init") -> dict:
     """torchvision's ImageNet weights, from its cache or a download, with a clear failure.
 
     Read with weights_only=True (torchvision's own loader unpickles freely, and the file's
@@ -92,11 +92,28 @@ def imagenet_state_dict(arch: str, version: str) -> dict:
                                                   map_location="cpu", weights_only=True)
     except Exception as e:  # offline, proxy, truncated download, not a plain state dict...
         raise SystemExit(
-            f"--init imagenet needs torchvision's {arch} {name} weights, file {fname}, and they "
+            f"{flag} imagenet needs torchvision's {arch} {name} weights, file {fname}, and they "
             f"could not be loaded ({type(e).__name__}: {e}).\n"
             f"On a machine without internet, download {w.url}\n"
-            f"and put it at {hub / fname} (or set TORCH_HOME), or pass --init PATH to a local "
-            f"state dict, or --init random.") from None
+            f"and put it at {hub / fname} (or set TORCH_HOME), or pass {flag} PATH to a local "
+            f"state dict" + (", or --init random." if flag == "--init" else ".")) from None
+
+
+def _why_unreadable(p: Path, e: Exception) -> str:
+    """Why a weights file failed to load, in words a user can act on (torch's own advice,
+    to load with weights_only=False, is the code-execution path sstl never takes)."""
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(4)
+    except OSError as err:
+        return first_line(err)
+    if p.suffix != ".safetensors" and head != b"PK\x03\x04" and head[:1] != b"\x80":
+        return "the file is neither torch.save's format (.pth/.pt) nor safetensors"
+    if str(e).startswith("Weights only load failed"):
+        return ("it holds Python objects beyond tensors and numbers, which sstl never "
+                "unpickles (a crafted file could run code); save the state_dict() alone "
+                "(torch.save) or as .safetensors")
+    return first_line(e)
 
 
 def _strip(key: str) -> str:
@@ -126,7 +143,8 @@ def load_backbone_file(net: nn.Module, path: str, flag: str = "--init") -> None:
             sd = torch.load(p, map_location="cpu", weights_only=True)
             sd = sd.get("state_dict", sd.get("model", sd)) if isinstance(sd, dict) else sd
     except Exception as e:
-        raise SystemExit(f"{flag} {path}: not a readable state dict ({first_line(e)})") from None
+        raise SystemExit(f"{flag} {path}: not a readable state dict: {_why_unreadable(p, e)}"
+                         ) from None
     if not isinstance(sd, dict):
         raise SystemExit(f"{flag} {path}: holds a {type(sd).__name__}, not a state dict")
     sd = {_strip(k): v for k, v in sd.items() if not _strip(k).startswith(("fc.", "head."))}

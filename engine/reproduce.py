@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -218,7 +219,50 @@ def reproduce(cfg: ReproduceConfig) -> Path:
         else:
             results.append(_finetune_cell(cfg, p, c))
         _release_memory()
-    return collect(cfg, grid, rows, results) if dist.is_main() else grid  # rank 0 writes
+    if not dist.is_main():
+        return grid  # rank 0 writes
+    results += earlier_cells(cfg, grid, data, identity, results)
+    named = {c["row"] for c in results}
+    table_cfg = dataclasses.replace(  # the tables: every finished cell of this grid's settings
+        cfg, fractions=tuple(sorted({c["fraction"] for c in results})))
+    return collect(table_cfg, grid, [r for r in ROWS if r[0] in named], results)
+
+
+CELL = re.compile(r"finetune-(?P<row>[a-z-]+)-f(?P<fraction>[0-9.e+-]+)-s(?P<seed>[0-9]+)")
+
+
+def earlier_cells(cfg: ReproduceConfig, grid: Path, data: DataConfig, identity: str,
+                  have: list[dict]) -> list[dict]:
+    """The grid's finished fine-tuning cells that this command did not plan (other --row,
+    --fraction or seeds, run by earlier commands), read so the tables hold every finished
+    cell: a grid built row by row keeps its earlier rows. A cell made with other settings,
+    images or encoder than this command would make it is left out of the tables, and said."""
+    p, planned = PRESETS[cfg.preset], {(c["row"], c["fraction"], c["seed"]) for c in have}
+    out = []
+    for d in sorted(grid.glob("finetune-*")):
+        m = CELL.fullmatch(d.name)
+        if m is None or m["row"] not in LABELS:
+            continue
+        try:
+            row, fraction, seed = m["row"], float(m["fraction"]), int(m["seed"])
+        except ValueError:  # not a name plan() gives
+            continue
+        if (row, fraction, seed) in planned or not (0 < fraction <= 1) or \
+                not (d / "summary.json").exists() or \
+                not _done(d, "model.safetensors", p["finetune_epochs"]):
+            continue
+        one = dataclasses.replace(cfg, rows=(row,), fractions=(fraction,), seeds=1,
+                                  runtime=dataclasses.replace(cfg.runtime, seed=seed))
+        cell = next(c for c in plan(one, grid, data, available_rows(one))
+                    if c["kind"] == "finetune")
+        encoder = cell["cfg"].encoder
+        if cell["run"] != d or _made_otherwise(d, cell["cfg"], identity) or (
+                encoder and _from_another_encoder(d, Path(encoder) / "encoder.safetensors")):
+            log(f"reproduce: {d.name} is not in the tables: it was made with other settings, "
+                "images or encoder than this command's")
+            continue
+        out.append(_finetune_cell(one, p, cell))
+    return out
 
 
 def _release_memory() -> None:
@@ -307,6 +351,9 @@ def aggregate(cells: list[dict], rows, fractions) -> dict:
 def collect(cfg: ReproduceConfig, grid: Path, rows, cells: list[dict]) -> Path:
     table = aggregate(cells, rows, cfg.fractions)
     full = 1.0 if 1.0 in cfg.fractions else max(cfg.fractions)
+    cfg = dataclasses.replace(cfg, seeds=max(  # the most seeds a row and fraction has
+        len({c["seed"] for c in cells if (c["row"], c["fraction"]) == rf})
+        for rf in {(c["row"], c["fraction"]) for c in cells}))
     keys = [*METRICS, *([f"other/{k}" for k in METRICS] if cfg.evaluate_on else [])]
     lines = [f"# Table 2 ({cfg.preset} preset, {100 * full:g}% of the labels, "
              f"{cfg.seeds} seed(s))", "", spread_note(cfg) + f" Sen, Spe, HM and AUC: "

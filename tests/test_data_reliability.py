@@ -167,6 +167,12 @@ def test_manifest_reports_images_it_does_not_list(tmp_path):
     assert s.left_out == [{"path": "A", "reason": "not listed in the manifest", "files": 2}]
 
 
+def test_a_manifest_listing_no_images_says_so(tmp_path):
+    (tmp_path / "manifest.csv").write_text("path,label\n")
+    with pytest.raises(DataError, match="manifest.csv: lists no images"):
+        scan(tmp_path)
+
+
 @needs_shared
 def test_cxr_small_scans_clean():
     s = scan(CXR_SMALL)

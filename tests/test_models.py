@@ -42,6 +42,15 @@ def test_imagenet_offline_names_the_file(tmp_path, monkeypatch):
         backbone("resnet50", "imagenet", "V2")
     msg = str(e.value)
     assert "resnet50-11ad3fa6.pth" in msg and str(tmp_path / "hub" / "checkpoints") in msg
+    assert "--init random" in msg
+    # reproduce's transfer start: its own flag, which has no `random` (a row picks that).
+    from sstl.engine.classifier import check_start
+
+    with pytest.raises(SystemExit) as e:
+        check_start("resnet50", "imagenet", "V2", flag="--transfer")
+    msg = str(e.value)
+    assert msg.startswith("--transfer imagenet needs") and "--transfer PATH" in msg
+    assert "--init" not in msg
     with pytest.raises(SystemExit, match="has no IMAGENET1K_V9"):
         backbone("resnet50", "imagenet", "V9")
     with pytest.raises(SystemExit, match="resnet18 has no IMAGENET1K_V2.*--imagenet-weights V1"):
@@ -158,3 +167,28 @@ def test_the_sidecars_and_card_name_the_imagenet_weights(tmp_path, monkeypatch):
                                 name="ft", image_size=32, cache_size=64))
     assert json.loads((run / "model.json").read_text())["imagenet_weights"] == "IMAGENET1K_V1"
     assert "imagenet (IMAGENET1K_V1)" in (run / "MODEL_CARD.md").read_text()
+
+
+def test_a_start_file_that_is_not_weights_says_what_it_is(tmp_path):
+    """An image or a text file given as weights, and a pickle holding more than tensors: each
+    a line the user can act on, never torch's advice to load with weights_only=False."""
+    import pickle
+
+    (tmp_path / "notes.txt").write_text("hello\n")
+    (tmp_path / "xray.pth").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    for f in ("notes.txt", "xray.pth"):
+        with pytest.raises(SystemExit, match="not a readable state dict: the file is neither "
+                                             "torch.save's format"):
+            backbone("resnet18", str(tmp_path / f))
+    torch.save({"conv1.weight": torch.zeros(1), "opt": _Object()}, tmp_path / "obj.pth")
+    with open(tmp_path / "pickled.pt", "wb") as fh:  # the older, non-zip torch.save format
+        pickle.dump({"w": _Object()}, fh, protocol=2)
+    for f in ("obj.pth", "pickled.pt"):
+        with pytest.raises(SystemExit) as e:
+            backbone("resnet18", str(tmp_path / f))
+        assert "Python objects beyond tensors" in str(e.value)
+        assert "weights_only" not in str(e.value)
+
+
+class _Object:
+    pass

@@ -142,6 +142,19 @@ def test_tiny_grid_end_to_end_and_a_rerun_redoes_nothing(tmp_path, monkeypatch):
     reproduce_mod.reproduce(dataclasses.replace(
         cfg, transfer=str(tmp_path / "moved" / "s1" / "encoder.safetensors")))
     assert stamps == {p: p.stat().st_mtime_ns for p in grid.glob("*/*.safetensors")}
+    # A grid built row by row: its tables hold every finished cell of its settings, not only
+    # the rows the last command named (they used to drop the earlier commands' rows).
+    reproduce_mod.reproduce(dataclasses.replace(cfg, rows=("scratch",)))
+    for last in ("scratch", "transfer"):
+        if last == "transfer":
+            reproduce_mod.reproduce(dataclasses.replace(cfg, rows=("transfer",)))
+        with open(grid / "table2.csv") as fh:
+            assert [r["row"] for r in csv.DictReader(fh)] == ["ours", "transfer", "scratch"]
+        cells = json.loads((grid / "results.json").read_text())["cells"]
+        assert sorted(c["run"] for c in cells) == [
+            "finetune-ours-f1-s0", "finetune-scratch-f1-s0", "finetune-transfer-f1-s0"]
+    assert stamps == {p: p.stat().st_mtime_ns for p in grid.glob("*/*.safetensors")
+                      if "scratch" not in p.parent.name}
 
 
 def test_a_positive_class_missing_from_the_data_is_refused_before_any_training(tmp_path):

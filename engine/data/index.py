@@ -194,6 +194,9 @@ def _scan_manifest(manifest: Path) -> Scan:
             raise DataError(f"{manifest}: split must be train or test, found {split!r} for {rel}")
         records.append(Record(str(root / rel), rel, get(row, "label") or None,
                               get(row, "group") or rel, split))
+    if not records:  # else "none of the 0 files could be read", which misleads
+        raise DataError(f"{manifest}: lists no images (a header and no rows); add one row per "
+                        "image: path,label")
     out = Scan(root, records)
     if extra:
         out.notes.append(f"{manifest.name}: columns not used: {', '.join(extra)}")
