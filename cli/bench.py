@@ -64,7 +64,9 @@ def bench(
 def run(cfg: BenchConfig) -> None:
     """The benchmarks `cfg.what` names, each printed as a table, then all in one JSON."""
     from sstl.benchmarks.common import write_json
+    from sstl.engine.accel import compile_cache_dir
 
+    compile_cache_dir()  # compiled rungs and kernels cached where the training commands' are
     out = {}
     if cfg.what in ("step", "all"):
         from sstl.benchmarks import step

@@ -161,11 +161,16 @@ class Run:
         summary and card would otherwise stand beside this run's config until this one
         finished (an interrupted start-over left a stale encoder that finetune took), and its
         invocations would be counted as this run's in timing.json and config.json."""
+        old = [f.name for f in (self.checkpoint, *(self.path / n for n in OUTPUTS))
+               if f.exists()]
         self.discard_checkpoints()
         if self.is_main:
             for name in OUTPUTS:
                 (self.path / name).unlink(missing_ok=True)
             self._before = {"timing.json": [], "config.json": []}
+        if old:  # the user asked for it, but work is deleted: say what went
+            log(f"--no-resume: starting {self.path} over; the earlier run's "
+                f"{', '.join(old[:4])}{' ...' if len(old) > 4 else ''} removed")
 
     def save(self, state: dict) -> None:
         """Snapshot `state` to host memory now; write and rotate it on a background thread."""

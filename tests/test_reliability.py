@@ -301,11 +301,15 @@ def test_no_resume_discards_the_old_checkpoints_at_once(tmp_path, monkeypatch, c
     def stopped(self, state):
         raise KeyboardInterrupt
 
+    capsys.readouterr()
     with monkeypatch.context() as m:
         m.setattr(Run, "save", stopped)
         with pytest.raises(KeyboardInterrupt):
             pretrain(dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime,
                                                                           resume=False)))
+    said = capsys.readouterr().err  # work is deleted: the user is told what went
+    assert f"--no-resume: starting {run} over; the earlier run's checkpoint.pt, " \
+           "encoder.safetensors, encoder.json, metrics.csv removed" in said, said
     assert not list(run.glob("checkpoint*"))
     # Nor may the old run's weights or history pass for this one's: finetune would take the
     # encoder, and timing.json would add the old sessions to this run's time.
