@@ -256,3 +256,17 @@ def test_a_long_decoder_error_is_cut_to_a_table_cell(tmp_path, monkeypatch):
     (tmp_path / "a.png").write_bytes(b"x")
     _, why = index.decode_square(tmp_path / "a.png", 32)
     assert why.startswith("could not convert") and len(why) <= 300 and "chars)" in why
+
+
+def test_a_decoder_error_reads_the_same_in_every_run(tmp_path, monkeypatch):
+    """pydicom names its handlers as objects (`<function f at 0x7f...>`): the reason a
+    report and predictions.csv give carries no memory address."""
+    import pydicom.dataset
+
+    def failing(self):
+        raise RuntimeError("no handler: <function decode at 0x7f3a2b1c9d80> gave up")
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(failing))
+    write_dcm(tmp_path / "a.dcm", pixels(8))
+    with pytest.raises(ValueError) as e:
+        load_dicom_gray(tmp_path / "a.dcm")
+    assert str(e.value).endswith("RuntimeError: no handler: <function decode> gave up")

@@ -14,6 +14,7 @@ naming the syntax and what to install, which the scan reports for that file alon
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
@@ -60,8 +61,11 @@ def load_dicom_gray(path: str | os.PathLike) -> np.ndarray:
     try:
         arr = ds.pixel_array
     except Exception as e:  # a truncated or malformed pixel stream (or, in pydicom 2, no decoder)
+        # Without memory addresses (pydicom names its handlers as objects): a report lists
+        # many such files, and the same failure should read the same in every run.
         raise ValueError(f"DICOM pixel data ({uid.name}) cannot be decoded: "
-                         f"{type(e).__name__}: {e}") from None
+                         f"{type(e).__name__}: {re.sub(r' at 0x[0-9a-fA-F]+', '', str(e))}"
+                         ) from None
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         arr = arr[0]  # a radiograph series: its first frame
     if int(ds.get("SamplesPerPixel", 1)) == 3:  # secondary captures: pydicom gives RGB
