@@ -587,7 +587,9 @@ def test_a_16_bit_colour_png_is_a_reason_not_a_black_image(tmp_path):
                          + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
         return path
     _, why = decode_square(png(tmp_path / "rgb16.png", np.dstack([g, g, g]), 2, 3), 48)
-    assert why.startswith("16 bits per channel in RGB")
+    assert why.startswith("16 bits per channel in a colour image (RGB;16B;")
+    _, why = decode_square(png(tmp_path / "la16.png", np.dstack([g, g]), 4, 2), 48)
+    assert why.startswith("16 bits per channel in a grey+alpha image (LA;16B;"), why
     grey = load_gray(png(tmp_path / "grey16.png", g, 0, 1))
     want = np.rint((g - g.min()) * 255.0 / (g.max() - g.min())).astype(np.uint8)
     np.testing.assert_array_equal(grey, want)

@@ -343,10 +343,11 @@ def load_gray(path: str | os.PathLike) -> np.ndarray:
         with Image.open(path) as im:
             if im.width * im.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
                 raise Image.DecompressionBombWarning("over the pixel limit")  # said just below
-            if _deep_colour(im):
-                raise ValueError(f"16 bits per channel in {im.mode} (Pillow keeps only the high "
-                                 "byte, which would turn a 12-bit radiograph black); save it as "
-                                 "16-bit greyscale")
+            if raw := _deep_colour(im):  # Pillow calls grey+alpha at 16 bits RGBA: say which
+                kind = "grey+alpha" if raw.startswith("LA") else "colour"
+                raise ValueError(f"16 bits per channel in a {kind} image ({raw}; Pillow keeps "
+                                 "only the high byte, which would turn a 12-bit radiograph "
+                                 "black); save it as 16-bit greyscale")
             im = ImageOps.exif_transpose(im)
             im.load()
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
@@ -368,16 +369,17 @@ def load_gray(path: str | os.PathLike) -> np.ndarray:
     return _checked(gray)
 
 
-def _deep_colour(im: Image.Image) -> bool:
-    """A colour or grey+alpha file of 16 bits per channel (its tiles' raw mode, read before
-    decoding): Pillow decodes it to 8 bits by dropping each value's low byte."""
+def _deep_colour(im: Image.Image) -> str | None:
+    """The raw mode (`LA;16B`, `RGB;16B`...) of a colour or grey+alpha file of 16 bits per
+    channel (its tiles', read before decoding), else None: Pillow decodes such a file to 8
+    bits by dropping each value's low byte."""
     if im.mode not in ("RGB", "RGBA", "LA", "RGBX"):
-        return False
+        return None
     for tile in im.tile:
         raw = tile[3][0] if isinstance(tile[3], tuple) else tile[3]
         if isinstance(raw, str) and re.search(r";16[BLN]$", raw):  # not BMP's BGR;16 (RGB565)
-            return True
-    return False
+            return raw
+    return None
 
 
 def _checked(gray: np.ndarray) -> np.ndarray:
