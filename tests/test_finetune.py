@@ -138,6 +138,10 @@ def test_encoder_from_another_split_is_refused(syn_encoder, tmp_path):
     assert not (tmp_path / "x").exists()  # refused before anything was written
     with pytest.raises(SystemExit, match="resnet18 backbone but --arch is resnet50"):
         finetune(_ft(tmp_path, "y", encoder=str(syn_encoder), arch="resnet50"))
+    (tmp_path / "xray.png").write_bytes(b"\x89PNG")  # not weights: said as such
+    with pytest.raises(SystemExit, match="xray.png: not a .safetensors file; give the "
+                                         "encoder.safetensors"):
+        finetune(_ft(tmp_path, "z", encoder=str(tmp_path / "xray.png")))
 
 
 def test_encoder_from_other_data_warns_and_trains(syn_encoder, tmp_path, capsys):
