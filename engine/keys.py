@@ -79,7 +79,10 @@ def only_moved(recorded: dict, cfg) -> bool:
     data folder or a weights file moved, or mounted elsewhere): the inputs' own identity
     (data contents, weights) then decides whether the run may continue."""
     diff = _differences(recorded, cfg)
-    return bool(diff) and all(k in PLACES for k in diff)
+    # A path on both sides: imagenet or random becoming a file (or the synthetic set a folder)
+    # is another start, not the same one elsewhere.
+    return bool(diff) and all(k in PLACES and all(map(is_start_file, pair))
+                              for k, pair in diff.items())
 
 
 def _differences(recorded: dict, cfg) -> dict[str, tuple]:

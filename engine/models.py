@@ -104,10 +104,12 @@ def _why_unreadable(p: Path, e: Exception) -> str:
     to load with weights_only=False, is the code-execution path sstl never takes)."""
     try:
         with open(p, "rb") as fh:
-            head = fh.read(4)
+            head = fh.read(9)
     except OSError as err:
         return first_line(err)
-    if p.suffix != ".safetensors" and head != b"PK\x03\x04" and head[:1] != b"\x80":
+    if p.suffix != ".safetensors" and head[8:9] == b"{":  # an 8-byte length, then JSON
+        return "it looks like a safetensors file: name it .safetensors"
+    if p.suffix != ".safetensors" and head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":
         return "the file is neither torch.save's format (.pth/.pt) nor safetensors"
     if str(e).startswith("Weights only load failed"):
         return ("it holds Python objects beyond tensors and numbers, which sstl never "

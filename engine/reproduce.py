@@ -153,37 +153,39 @@ def _checkpoint(run: Path):
 
 def plan(cfg: ReproduceConfig, grid: Path, data: DataConfig, rows) -> list[dict]:
     """Every cell of the grid in the order it runs: its run directory and its checked config."""
-    p = PRESETS[cfg.preset]
     cells = []
     for seed in range(cfg.runtime.seed, cfg.runtime.seed + cfg.seeds):
-        for row, method, start in rows:  # pretraining once per row and seed
-            if method is None:
-                continue
-            init, weights = _start(start, cfg)
-            rt = dataclasses.replace(cfg.runtime, out=str(grid), name=f"pretrain-{row}-s{seed}",
-                                     seed=seed)
-            cells.append({"kind": "pretrain", "row": row, "seed": seed, "run": grid / rt.name,
-                          "cfg": check(PretrainConfig(
-                              data=data, runtime=rt, method=method, arch=p["arch"], init=init,
-                              imagenet_weights=weights, epochs=p["pretrain_epochs"],
-                              batch_size=p["pretrain_batch"],
-                              augment=AugmentConfig(size=p["view_size"])))})
-        for row, method, start in rows:
-            init, weights = _start(start, cfg)
-            for fraction in cfg.fractions:
-                name = f"finetune-{row}-f{fraction:g}-s{seed}"
-                rt = dataclasses.replace(cfg.runtime, out=str(grid), name=name, seed=seed)
-                encoder = str(grid / f"pretrain-{row}-s{seed}") if method else None
-                cells.append({"kind": "finetune", "row": row, "seed": seed,
-                              "fraction": fraction, "run": grid / name,
-                              "cfg": check(FinetuneConfig(
-                                  data=data, runtime=rt, arch=p["arch"], encoder=encoder,
-                                  init=init, imagenet_weights=weights, fraction=fraction,
-                                  epochs=p["finetune_epochs"], batch_size=p["finetune_batch"],
-                                  augment=FinetuneAugment(size=p["image_size"]),
-                                  positive_class=cfg.positive_class,
-                                  summary_last=p["summary_last"]))})
+        cells += [pretrain_cell(cfg, grid, data, row, method, start, seed)
+                  for row, method, start in rows if method]  # once per row and seed
+        cells += [finetune_cell(cfg, grid, data, row, method, start, seed, fraction)
+                  for row, method, start in rows for fraction in cfg.fractions]
     return cells
+
+
+def pretrain_cell(cfg: ReproduceConfig, grid: Path, data: DataConfig, row: str, method: str,
+                  start: str, seed: int) -> dict:
+    p, (init, weights) = PRESETS[cfg.preset], _start(start, cfg)
+    rt = dataclasses.replace(cfg.runtime, out=str(grid), name=f"pretrain-{row}-s{seed}",
+                             seed=seed)
+    return {"kind": "pretrain", "row": row, "seed": seed, "run": grid / rt.name,
+            "cfg": check(PretrainConfig(
+                data=data, runtime=rt, method=method, arch=p["arch"], init=init,
+                imagenet_weights=weights, epochs=p["pretrain_epochs"],
+                batch_size=p["pretrain_batch"], augment=AugmentConfig(size=p["view_size"])))}
+
+
+def finetune_cell(cfg: ReproduceConfig, grid: Path, data: DataConfig, row: str,
+                  method: str | None, start: str, seed: int, fraction: float) -> dict:
+    p, (init, weights) = PRESETS[cfg.preset], _start(start, cfg)
+    name = f"finetune-{row}-f{fraction:g}-s{seed}"
+    rt = dataclasses.replace(cfg.runtime, out=str(grid), name=name, seed=seed)
+    encoder = str(grid / f"pretrain-{row}-s{seed}") if method else None
+    return {"kind": "finetune", "row": row, "seed": seed, "fraction": fraction, "run": grid / name,
+            "cfg": check(FinetuneConfig(
+                data=data, runtime=rt, arch=p["arch"], encoder=encoder, init=init,
+                imagenet_weights=weights, fraction=fraction, epochs=p["finetune_epochs"],
+                batch_size=p["finetune_batch"], augment=FinetuneAugment(size=p["image_size"]),
+                positive_class=cfg.positive_class, summary_last=p["summary_last"]))}
 
 
 def reproduce(cfg: ReproduceConfig) -> Path:
@@ -217,7 +219,7 @@ def reproduce(cfg: ReproduceConfig) -> Path:
                 log(f"reproduce: pretraining {LABELS[c['row']]} (seed {c['seed']})")
                 pretrain(c["cfg"])
         else:
-            results.append(_finetune_cell(cfg, p, c))
+            results.append(_run_finetune_cell(cfg, p, c))
         _release_memory()
     if not dist.is_main():
         return grid  # rank 0 writes
@@ -237,31 +239,27 @@ def earlier_cells(cfg: ReproduceConfig, grid: Path, data: DataConfig, identity: 
     --fraction or seeds, run by earlier commands), read so the tables hold every finished
     cell: a grid built row by row keeps its earlier rows. A cell made with other settings,
     images or encoder than this command would make it is left out of the tables, and said."""
-    p, planned = PRESETS[cfg.preset], {(c["row"], c["fraction"], c["seed"]) for c in have}
+    p, planned = PRESETS[cfg.preset], {c["run"] for c in have}
+    rows = {row: (method, start) for row, method, start in ROWS}
     out = []
     for d in sorted(grid.glob("finetune-*")):
         m = CELL.fullmatch(d.name)
-        if m is None or m["row"] not in LABELS:
-            continue
-        try:
-            row, fraction, seed = m["row"], float(m["fraction"]), int(m["seed"])
-        except ValueError:  # not a name plan() gives
-            continue
-        if (row, fraction, seed) in planned or not (0 < fraction <= 1) or \
+        if d.name in planned or m is None or m["row"] not in rows or \
                 not (d / "summary.json").exists() or \
                 not _done(d, "model.safetensors", p["finetune_epochs"]):
             continue
-        one = dataclasses.replace(cfg, rows=(row,), fractions=(fraction,), seeds=1,
-                                  runtime=dataclasses.replace(cfg.runtime, seed=seed))
-        cell = next(c for c in plan(one, grid, data, available_rows(one))
-                    if c["kind"] == "finetune")
-        encoder = cell["cfg"].encoder
+        try:
+            cell = finetune_cell(cfg, grid, data, m["row"], *rows[m["row"]], int(m["seed"]),
+                                 float(m["fraction"]))
+        except (ValueError, SystemExit):  # not a name finetune_cell gives (f > 1, say)
+            continue
+        encoder = cell["cfg"].encoder and Path(cell["cfg"].encoder) / "encoder.safetensors"
         if cell["run"] != d or _made_otherwise(d, cell["cfg"], identity) or (
-                encoder and _from_another_encoder(d, Path(encoder) / "encoder.safetensors")):
+                encoder and _from_another_encoder(d, encoder)):
             log(f"reproduce: {d.name} is not in the tables: it was made with other settings, "
                 "images or encoder than this command's")
             continue
-        out.append(_finetune_cell(one, p, cell))
+        out.append(_run_finetune_cell(cfg, p, cell))
     return out
 
 
@@ -293,14 +291,17 @@ def check_evaluate_on(path: str, classes: list[str], data: DataConfig) -> None:
 
 def _from_another_encoder(run: Path, encoder: Path) -> bool:
     """Whether a fine-tuning cell's checkpoint was trained from another encoder file than the
-    one its pretraining cell holds now (the encoder's file_identity in inputs.run_inputs)."""
+    one its pretraining cell holds now (the encoder's file_identity in inputs.run_inputs).
+    An encoder file deleted since (to save space, after its fine-tunings) says nothing."""
+    if not encoder.is_file():
+        return False
     ck = _checkpoint(run)
     inputs = ck.get("inputs") if isinstance(ck, dict) else None
     made_from = inputs_parts(inputs)[1] if isinstance(inputs, str) else None
     return made_from is not None and made_from != file_identity(encoder)
 
 
-def _finetune_cell(cfg: ReproduceConfig, p: dict, c: dict) -> dict:
+def _run_finetune_cell(cfg: ReproduceConfig, p: dict, c: dict) -> dict:
     run, row, fraction, seed = c["run"], c["row"], c["fraction"], c["seed"]
     encoder = Path(c["cfg"].encoder) / "encoder.safetensors" if c["cfg"].encoder else None
     if encoder is not None and _from_another_encoder(run, encoder):
@@ -351,12 +352,13 @@ def aggregate(cells: list[dict], rows, fractions) -> dict:
 def collect(cfg: ReproduceConfig, grid: Path, rows, cells: list[dict]) -> Path:
     table = aggregate(cells, rows, cfg.fractions)
     full = 1.0 if 1.0 in cfg.fractions else max(cfg.fractions)
-    cfg = dataclasses.replace(cfg, seeds=max(  # the most seeds a row and fraction has
-        len({c["seed"] for c in cells if (c["row"], c["fraction"]) == rf})
-        for rf in {(c["row"], c["fraction"]) for c in cells}))
+    # Seeds per row and fraction: cells earlier commands ran may have other counts.
+    counts = {len({c["seed"] for c in cells if (c["row"], c["fraction"]) == rf})
+              for rf in {(c["row"], c["fraction"]) for c in cells}}
+    seeds = f"{min(counts)}-{max(counts)}" if len(counts) > 1 else f"{max(counts)}"
     keys = [*METRICS, *([f"other/{k}" for k in METRICS] if cfg.evaluate_on else [])]
     lines = [f"# Table 2 ({cfg.preset} preset, {100 * full:g}% of the labels, "
-             f"{cfg.seeds} seed(s))", "", spread_note(cfg) + f" Sen, Spe, HM and AUC: "
+             f"{seeds} seed(s))", "", spread_note(cfg, counts) + f" Sen, Spe, HM and AUC: "
              f"{cfg.positive_class} against the other classes.", "",
              "| " + " | ".join(["method", *[k.replace("other/", "other ") for k in keys]]) + " |",
              "|---|" + "---:|" * len(keys)]
@@ -408,15 +410,20 @@ def _pm(stat: dict) -> str:
     return f"{stat['mean']:.3f}" + ("" if std is None or np.isnan(std) else f" ± {std:.3f}")
 
 
-def spread_note(cfg: ReproduceConfig) -> str:
-    last = PRESETS[cfg.preset]["summary_last"]
+def spread_note(cfg: ReproduceConfig, counts: set[int] | None = None) -> str:
+    """What a table's ± means, for the seed counts its rows have (`counts`; cfg.seeds's)."""
+    last, counts = PRESETS[cfg.preset]["summary_last"], counts or {cfg.seeds}
+    one = f"± is the std of those {last} epochs (population, one seed)."
+    several = "± is the std of the seeds' values (population)."
     note = (f"Each value is a run's test score averaged over its last {last} fine-tuning epochs; "
-            + (f"± is the std of those {last} epochs (population, one seed)." if cfg.seeds == 1
-               else f"then averaged over {cfg.seeds} seeds; ± is the std of the seeds' values "
-                    "(population)."))
+            + (one if counts == {1} else
+               f"then averaged over {max(counts)} seeds; " + several if len(counts) == 1 else
+               "where a row has several seeds (the `seeds` column of table2.csv), then averaged "
+               f"over them, and {several[:-1]}; where it has one, {one}"))
     if cfg.evaluate_on:
         note += (" The `other` columns score each run's final model on --evaluate-on" +
-                 (" (± over seeds)." if cfg.seeds > 1 else "."))
+                 ("." if counts == {1} else " (± over seeds, where a row has several)."
+                  if len(counts) > 1 else " (± over seeds)."))
     return note
 
 

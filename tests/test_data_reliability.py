@@ -328,16 +328,21 @@ def test_stale_temporaries_of_dead_processes_are_cleared(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # its pid now names no process (reuse within the test is vanishingly rare)
     host = socket.gethostname()
-    stale = [f"k1.npy.tmp{dead.pid}", f"k1.json.tmp{dead.pid}@{host}"]
+    stale = [f"k1.npy.tmp{dead.pid}", f"k1.json.tmp{dead.pid}@{host}",  # earlier versions'
+             f".k4.npy.tmp{dead.pid}@{host}"]  # today's (io.temp_path): hidden
     kept = [f"k2.npy.tmp{os.getppid()}@{host}",  # a live process: maybe building right now
+            f".k2.json.tmp{os.getppid()}@{host}",
             f"k3.npy.tmp{dead.pid}@another-host",  # a shared folder: pids of elsewhere
-            "notes.tmpfile"]
+            f".k3.json.tmp{dead.pid}@another-host", "notes.tmpfile"]
     for name in stale + kept:
         (cache_dir / name).write_bytes(b"x")
     drawing = cache_dir / f"synthetic-v1.tmp{dead.pid}"  # the demo set's folder, cut short
     (drawing / "COVID").mkdir(parents=True)
     (drawing / "COVID" / "synthetic_000.png").write_bytes(b"x")
     stale.append(drawing.name)
+    hidden = cache_dir / f".synthetic-v2.tmp{dead.pid}@{host}"  # today's drawing folder
+    (hidden / "COVID").mkdir(parents=True)
+    stale.append(hidden.name)
     load_or_build(_records(tmp_path, 2), 32, cache_dir)
     assert all((cache_dir / k).exists() for k in kept)
     assert not any((cache_dir / s).exists() for s in stale)

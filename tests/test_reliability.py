@@ -670,6 +670,21 @@ def test_a_run_continues_from_its_data_moved_elsewhere(tmp_path, capsys):
                               path=str(tmp_path / "c" / "cxr")))
 
 
+def test_a_start_that_became_a_file_is_not_a_move(tmp_path):
+    """only_moved: a path on both sides. imagenet or random recorded and a file now (or the
+    synthetic set and a folder) is another start, which the inputs' check would not catch
+    (a start named by word records no digest)."""
+    from sstl.engine.config import to_dict
+    from sstl.engine.keys import only_moved
+
+    a, b = str(tmp_path / "a.pth"), str(tmp_path / "b.pth")
+    assert only_moved(to_dict(finetune_cfg(init=a)), finetune_cfg(init=b))
+    for old, new in (("random", a), (a, "random"), ("imagenet", a)):
+        assert not only_moved(to_dict(finetune_cfg(init=old)), finetune_cfg(init=new)), (old, new)
+    assert only_moved(to_dict(finetune_cfg(path=a)), finetune_cfg(path=b))
+    assert not only_moved(to_dict(finetune_cfg()), finetune_cfg(path=b))  # synthetic -> a folder
+
+
 def test_an_encoder_given_as_its_run_directory_or_its_file_is_one_run(tmp_path, monkeypatch):
     """`--encoder runs/x` and `--encoder runs/x/encoder.safetensors` name one file: one resume
     key and one directory, from any folder. Another file there is another start."""

@@ -155,6 +155,21 @@ def test_tiny_grid_end_to_end_and_a_rerun_redoes_nothing(tmp_path, monkeypatch):
             "finetune-ours-f1-s0", "finetune-scratch-f1-s0", "finetune-transfer-f1-s0"]
     assert stamps == {p: p.stat().st_mtime_ns for p in grid.glob("*/*.safetensors")
                       if "scratch" not in p.parent.name}
+    # Folders that are no cell of this grid are passed over; a cell whose pretraining folder
+    # was deleted since (to save space) still counts; a second seed of one row makes the note
+    # say what ± means for each kind of row.
+    for odd in ("finetune-scratch-f1.5-s0", "finetune-moco-f1-s0"):
+        (grid / odd).mkdir()
+        for f, text in (("summary.json", "{}"), ("model.json", '{"epoch": 1}')):
+            (grid / odd / f).write_text(text)
+    shutil.rmtree(grid / "pretrain-ours-s0")
+    reproduce_mod.reproduce(dataclasses.replace(cfg, rows=("scratch",), seeds=2))
+    with open(grid / "table2.csv") as fh:
+        assert {r["row"]: r["seeds"] for r in csv.DictReader(fh)} == {
+            "ours": "1", "transfer": "1", "scratch": "2"}
+    md = (grid / "table2.md").read_text()
+    assert md.startswith("# Table 2 (quick preset, 100% of the labels, 1-2 seed(s))")
+    assert "where a row has several seeds" in md and "where it has one" in md
 
 
 def test_a_positive_class_missing_from_the_data_is_refused_before_any_training(tmp_path):

@@ -13,7 +13,8 @@ decoding functions' source and the Pillow and pydicom versions. An edited or add
 or a changed decoder, makes a new cache: pixels decoded otherwise are never served. (No
 inode: network file systems may number files anew at each mount.)
 
-A build writes `<key>.npy.tmp<pid>@<host>` temporaries first. They are removed when the build
+A build writes `.<key>.npy.tmp<pid>@<host>` temporaries first (io.temp_path; earlier versions'
+names had no leading dot). They are removed when the build
 fails or is interrupted (Ctrl-C included), and a build clears those left by a process that
 died harder (SIGKILL, power loss): same host, pid no longer running. Temporaries of other
 hosts sharing the folder are left alone, since their pids mean nothing here.
