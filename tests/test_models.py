@@ -86,6 +86,20 @@ def test_imagenet_weights_auto_is_the_newest_an_arch_has_and_v2_is_refused_for_r
         check(finetune_cfg(imagenet_weights="V3"))
 
 
+def test_the_default_configs_keep_the_resume_keys_of_the_version_before_auto():
+    """The keys runs of f035189 (before --imagenet-weights auto) were saved under, computed
+    there: with auto as the default each command still finds and resumes those runs."""
+    from sstl.engine.config import FinetuneConfig, PretrainConfig, SupervisedConfig, check
+    from sstl.engine.keys import resume_key
+
+    keys = {PretrainConfig(): "54701a6e7377d73a",
+            PretrainConfig(arch="resnet18", init="random"): "cf3f3e9c0216b2f9",
+            # resnet18 from ImageNet needed --imagenet-weights V1 typed then
+            FinetuneConfig(arch="resnet18", init="imagenet"): "d829ae823592f9b7",
+            FinetuneConfig(): "42164d5a24f65b37", SupervisedConfig(): "0bce0c215ea196ce"}
+    assert [resume_key(check(c)) for c in keys] == list(keys.values())
+
+
 class _Exploit:
     def __reduce__(self):
         return (os.system, (f"touch {_MARK}",))
