@@ -48,8 +48,25 @@ def run_name(cfg, prefix: str) -> str:
     new = f"{prefix}-{key[:8]}"
     if (out / new).exists():
         return new
-    return next((f"{prefix}-{k[:8]}" for k in earlier if (out / f"{prefix}-{k[:8]}").is_dir()),
+    name = next((f"{prefix}-{k[:8]}" for k in earlier if (out / f"{prefix}-{k[:8]}").is_dir()),
                 new)
+    if name == new and cfg.runtime.resume:
+        for moved in _moved_runs(out, prefix, cfg):  # the same run with its inputs elsewhere
+            log(f"note: {out / moved} is a run of these settings whose inputs were elsewhere "
+                f"(moved since?); this starts a new run. To continue that one instead, pass "
+                f"--name {moved}")
+    return name
+
+
+def _moved_runs(out: Path, prefix: str, cfg) -> list[str]:
+    """Run directories named like this command's whose recorded config differs from `cfg`
+    only in where the inputs are (keys.only_moved): the run it made before they moved."""
+    try:
+        found = sorted(d for d in out.glob(f"{prefix}-*") if d.is_dir())
+    except OSError:
+        return []
+    return [d.name for d in found if (rec := _recorded_at(d)) is not None
+            and only_moved(rec, cfg)]
 
 
 def check_resumable(run: Run, cfg, inputs: str) -> None:
@@ -65,8 +82,12 @@ def check_resumable(run: Run, cfg, inputs: str) -> None:
 
 def _recorded(run: Run) -> dict | None:
     """The config the run's config.json holds (recorded_config), or None."""
+    return _recorded_at(run.path)
+
+
+def _recorded_at(path: Path) -> dict | None:
     try:
-        return recorded_config(json.loads((run.path / "config.json").read_text()))
+        return recorded_config(json.loads((path / "config.json").read_text()))
     except (OSError, ValueError):
         return None
 

@@ -670,6 +670,27 @@ def test_a_run_continues_from_its_data_moved_elsewhere(tmp_path, capsys):
                               path=str(tmp_path / "c" / "cxr")))
 
 
+def test_a_default_named_run_whose_data_moved_is_pointed_to(tmp_path, capsys):
+    """The default run name follows the data's place: after a move the same command starts a
+    new run, and says which run it could continue with --name instead."""
+    import shutil
+
+    from sstl.engine.data.synthetic import ensure_synthetic
+
+    src, moved = tmp_path / "a" / "cxr", tmp_path / "b" / "cxr"
+    shutil.copytree(ensure_synthetic(), src)
+    first = pretrain(pretrain_cfg(out=str(tmp_path / "runs"), path=str(src)))
+    pretrain(pretrain_cfg(out=str(tmp_path / "runs"), path=str(src)))  # not moved: no note
+    assert "note:" not in capsys.readouterr().err
+    shutil.move(str(src), str(moved))
+    second = pretrain(pretrain_cfg(out=str(tmp_path / "runs"), path=str(moved)))
+    err = capsys.readouterr().err
+    assert second != first and f"pass --name {first.name}" in err, err
+    assert f"note: {first} is a run of these settings whose inputs were elsewhere" in err
+    pretrain(pretrain_cfg(out=str(tmp_path / "runs"), path=str(moved), epochs=2))  # other run
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_a_start_that_became_a_file_is_not_a_move(tmp_path):
     """only_moved: a path on both sides. imagenet or random recorded and a file now (or the
     synthetic set and a folder) is another start, which the inputs' check would not catch
