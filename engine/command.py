@@ -12,7 +12,7 @@ from pathlib import Path
 from . import dist
 from .config import size_warning
 from .data.dataset import Dataset, load_dataset, save_data_files
-from .keys import changed_settings, only_moved, recorded_config, resume_keys
+from .keys import changed_settings, moved_away, only_moved, recorded_config, resume_keys
 from .runs import Run, log
 
 
@@ -60,13 +60,14 @@ def run_name(cfg, prefix: str) -> str:
 
 def _moved_runs(out: Path, prefix: str, cfg) -> list[str]:
     """Run directories named like this command's whose recorded config differs from `cfg`
-    only in where the inputs are (keys.only_moved): the run it made before they moved."""
+    only in where the inputs are, the places it recorded being gone (keys.moved_away): the
+    run it made before they moved."""
     try:
         found = sorted(d for d in out.glob(f"{prefix}-*") if d.is_dir())
     except OSError:
         return []
     return [d.name for d in found if (rec := _recorded_at(d)) is not None
-            and only_moved(rec, cfg)]
+            and moved_away(rec, cfg)]
 
 
 def check_resumable(run: Run, cfg, inputs: str) -> None:
@@ -88,7 +89,7 @@ def _recorded(run: Run) -> dict | None:
 def _recorded_at(path: Path) -> dict | None:
     try:
         return recorded_config(json.loads((path / "config.json").read_text()))
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError, AttributeError):  # gone, or of another shape
         return None
 
 

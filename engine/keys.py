@@ -85,6 +85,13 @@ def only_moved(recorded: dict, cfg) -> bool:
                               for k, pair in diff.items())
 
 
+def moved_away(recorded: dict, cfg) -> bool:
+    """only_moved, and every input place the run recorded is gone: its inputs moved, rather
+    than `cfg` naming other inputs (a second data folder) with the same settings."""
+    return only_moved(recorded, cfg) and not any(
+        Path(old).exists() for old, _ in _differences(recorded, cfg).values())
+
+
 def _differences(recorded: dict, cfg) -> dict[str, tuple]:
     """{setting: (recorded, now)} for the settings the resume key counts that differ."""
     def flat(d: dict, prefix: str = "") -> dict:

@@ -107,7 +107,8 @@ def _why_unreadable(p: Path, e: Exception) -> str:
             head = fh.read(9)
     except OSError as err:
         return first_line(err)
-    if p.suffix != ".safetensors" and head[8:9] == b"{":  # an 8-byte length, then JSON
+    n = int.from_bytes(head[:8], "little")  # safetensors: the header's length, then its JSON
+    if p.suffix != ".safetensors" and head[8:9] == b"{" and 0 < n <= p.stat().st_size - 8:
         return "it looks like a safetensors file: name it .safetensors"
     if p.suffix != ".safetensors" and head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":
         return "the file is neither torch.save's format (.pth/.pt) nor safetensors"

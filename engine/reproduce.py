@@ -352,10 +352,12 @@ def aggregate(cells: list[dict], rows, fractions) -> dict:
 def collect(cfg: ReproduceConfig, grid: Path, rows, cells: list[dict]) -> Path:
     table = aggregate(cells, rows, cfg.fractions)
     full = 1.0 if 1.0 in cfg.fractions else max(cfg.fractions)
-    # Seeds per row and fraction: cells earlier commands ran may have other counts.
-    counts = {len({c["seed"] for c in cells if (c["row"], c["fraction"]) == rf})
-              for rf in {(c["row"], c["fraction"]) for c in cells}}
-    seeds = f"{min(counts)}-{max(counts)}" if len(counts) > 1 else f"{max(counts)}"
+    # Seeds per row and fraction: cells earlier commands ran may have other counts. The
+    # heading counts Table 2's column; the note says what ± means in every table below it.
+    count = {rf: len({c["seed"] for c in cells if (c["row"], c["fraction"]) == rf})
+             for rf in {(c["row"], c["fraction"]) for c in cells}}
+    counts, at_full = set(count.values()), {n for (_, f), n in count.items() if f == full}
+    seeds = f"{min(at_full)}-{max(at_full)}" if len(at_full) > 1 else f"{max(at_full, default=0)}"
     keys = [*METRICS, *([f"other/{k}" for k in METRICS] if cfg.evaluate_on else [])]
     lines = [f"# Table 2 ({cfg.preset} preset, {100 * full:g}% of the labels, "
              f"{seeds} seed(s))", "", spread_note(cfg, counts) + f" Sen, Spe, HM and AUC: "
@@ -415,15 +417,22 @@ def spread_note(cfg: ReproduceConfig, counts: set[int] | None = None) -> str:
     last, counts = PRESETS[cfg.preset]["summary_last"], counts or {cfg.seeds}
     one = f"± is the std of those {last} epochs (population, one seed)."
     several = "± is the std of the seeds' values (population)."
-    note = (f"Each value is a run's test score averaged over its last {last} fine-tuning epochs; "
-            + (one if counts == {1} else
-               f"then averaged over {max(counts)} seeds; " + several if len(counts) == 1 else
-               "where a row has several seeds (the `seeds` column of table2.csv), then averaged "
-               f"over them, and {several[:-1]}; where it has one, {one}"))
+    where = "the `seeds` column of table2.csv and fig3.csv"
+    if counts == {1}:
+        note = one
+    elif len(counts) == 1:
+        note = f"then averaged over {max(counts)} seeds; {several}"
+    elif 1 not in counts:
+        note = f"then averaged over its seeds ({where}); {several}"
+    else:
+        note = (f"where a row has several seeds ({where}), then averaged over them, and "
+                f"{several[:-1]}; where it has one, {one}")
+    note = f"Each value is a run's test score averaged over its last {last} fine-tuning " \
+           f"epochs; {note}"
     if cfg.evaluate_on:
         note += (" The `other` columns score each run's final model on --evaluate-on" +
                  ("." if counts == {1} else " (± over seeds, where a row has several)."
-                  if len(counts) > 1 else " (± over seeds)."))
+                  if 1 in counts else " (± over seeds)."))
     return note
 
 

@@ -198,6 +198,9 @@ def test_a_start_file_that_is_not_weights_says_what_it_is(tmp_path):
     with pytest.raises(SystemExit, match="w.bin: not a readable state dict: it looks like a "
                                          "safetensors file: name it .safetensors"):
         backbone("resnet18", str(tmp_path / "w.bin"))
+    (tmp_path / "cfg.pth").write_text('{"net": {"w": 1}}' + " " * 64)  # JSON, byte 9 a "{"
+    with pytest.raises(SystemExit, match="neither torch.save's format"):
+        backbone("resnet18", str(tmp_path / "cfg.pth"))
     torch.save({"conv1.weight": torch.zeros(1), "opt": _Object()}, tmp_path / "obj.pth")
     with open(tmp_path / "pickled.pt", "wb") as fh:  # the older, non-zip torch.save format
         pickle.dump({"w": _Object()}, fh, protocol=2)

@@ -681,6 +681,13 @@ def test_a_default_named_run_whose_data_moved_is_pointed_to(tmp_path, capsys):
     shutil.copytree(ensure_synthetic(), src)
     first = pretrain(pretrain_cfg(out=str(tmp_path / "runs"), path=str(src)))
     pretrain(pretrain_cfg(out=str(tmp_path / "runs"), path=str(src)))  # not moved: no note
+    # A second data folder beside the first (both there) is other data, not a move; a
+    # config.json of another shape among the runs is passed over.
+    junk = tmp_path / "runs" / "pretrain-cross-resnet18-junk"
+    junk.mkdir()
+    (junk / "config.json").write_text('{"config": {"data": {"path": 5}}, "cwd": 5}')
+    shutil.copytree(src, tmp_path / "c" / "cxr")
+    pretrain(pretrain_cfg(out=str(tmp_path / "runs"), path=str(tmp_path / "c" / "cxr")))
     assert "note:" not in capsys.readouterr().err
     shutil.move(str(src), str(moved))
     second = pretrain(pretrain_cfg(out=str(tmp_path / "runs"), path=str(moved)))

@@ -256,3 +256,12 @@ def test_csv_files_hold_each_row_and_fraction_across_seeds(tmp_path):
             assert float(got[f"{k}_mean"]) == pytest.approx(means.mean(), rel=1e-12)
             assert float(got[f"{k}_std"]) == pytest.approx(means.std(), rel=1e-12)
     assert read("table2.csv") == [p for p in fig3 if p[1] == 1.0]
+
+
+def test_the_spread_note_says_what_plus_minus_means_for_the_seed_counts_present():
+    cfg = ReproduceConfig(preset="quick")
+    note = {tuple(c): reproduce_mod.spread_note(cfg, set(c)) for c in ((1,), (3,), (1, 3), (2, 3))}
+    assert "(population, one seed)" in note[(1,)] and "seeds' values" not in note[(1,)]
+    assert "averaged over 3 seeds" in note[(3,)] and "one seed" not in note[(3,)]
+    assert "where a row has several seeds" in note[(1, 3)] and "where it has one" in note[(1, 3)]
+    assert "averaged over its seeds" in note[(2, 3)] and "one seed" not in note[(2, 3)]
