@@ -6,13 +6,12 @@ facts its config.json records.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from . import dist
 from .config import size_warning
 from .data.dataset import Dataset, load_dataset, save_data_files
-from .keys import changed_settings, moved_away, only_moved, recorded_config, resume_keys
+from .keys import changed_settings, moved_away, only_moved, recorded_at, resume_keys
 from .runs import Run, log
 
 
@@ -66,7 +65,7 @@ def _moved_runs(out: Path, prefix: str, cfg) -> list[str]:
         found = sorted(d for d in out.glob(f"{prefix}-*") if d.is_dir())
     except OSError:
         return []
-    return [d.name for d in found if (rec := _recorded_at(d)) is not None
+    return [d.name for d in found if (rec := recorded_at(d)) is not None
             and moved_away(rec, cfg)]
 
 
@@ -81,25 +80,13 @@ def check_resumable(run: Run, cfg, inputs: str) -> None:
         run.start_over()
 
 
-def _recorded(run: Run) -> dict | None:
-    """The config the run's config.json holds (recorded_config), or None."""
-    return _recorded_at(run.path)
-
-
-def _recorded_at(path: Path) -> dict | None:
-    try:
-        return recorded_config(json.loads((path / "config.json").read_text()))
-    except (OSError, ValueError, TypeError, AttributeError):  # gone, or of another shape
-        return None
-
-
 def _only_moved(run: Run, cfg) -> bool:
-    recorded = _recorded(run)
+    recorded = recorded_at(run.path)
     return recorded is not None and only_moved(recorded, cfg)
 
 
 def _changes(run: Run, cfg) -> str:
     """' (epochs: 4 -> 5; ...)': the settings in which the run's config.json differs."""
-    recorded = _recorded(run)
+    recorded = recorded_at(run.path)
     changed = changed_settings(recorded, cfg) if recorded is not None else []
     return f" ({'; '.join(changed[:6])}{'; ...' if len(changed) > 6 else ''})" if changed else ""

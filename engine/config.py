@@ -386,8 +386,7 @@ def _check_bench(cfg: BenchConfig, need) -> BenchConfig:
     need(cfg.what in ("step", "data", "kernels", "all"),
          f"--what must be step, data, kernels or all, not {cfg.what!r}")
     _check_device(cfg.device, "auto", need)  # the benchmarks pick their own precisions
-    need(cfg.device != "cuda" or torch.cuda.is_available(),
-         "--device cuda was asked for, but torch sees no CUDA device")
+    pick_device(cfg.device)  # --device cuda without CUDA is refused there
     need(cfg.arch in ARCHS, f"--arch must be {' or '.join(ARCHS)}, not {cfg.arch!r}")
     need(cfg.batch_size is None or cfg.batch_size >= 2, f"--batch-size must be at least 2 "
          f"(BatchNorm trains on two images or more), not {cfg.batch_size}")

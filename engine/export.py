@@ -20,7 +20,7 @@ from .config import IMAGENET_MEAN, IMAGENET_STD, ExportConfig, check
 from .data.index import decode_square, find_records
 from .data.views import eval_view
 from .io import atomic_write, make_dir
-from .keys import recorded_config
+from .keys import recorded_at
 from .models import load_classifier, weights_file, without_image_list
 
 OPSET = 17
@@ -164,8 +164,8 @@ def _training_images(model_path) -> list[str]:
     """A spread of CHECK_IMAGES files from the data named in the run's config.json, if any."""
     run = weights_file(model_path, "model.safetensors").parent
     try:
-        # recorded_config: a relative --data read from the folder the run was started in
-        data = recorded_config(json.loads((run / "config.json").read_text()))["data"]["path"]
+        # recorded_at: a relative --data read from the folder the run was started in
+        data = recorded_at(run)["data"]["path"]
         _, records = find_records(data)
     except (OSError, KeyError, TypeError, ValueError, SystemExit):
         return []

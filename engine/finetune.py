@@ -53,11 +53,9 @@ def build_trainer(cfg: FinetuneConfig, res: Resolved, n_classes: int, encoder: P
 
 def encoder_file(cfg: FinetuneConfig) -> Path:
     """--encoder's weights file, after checking it exists, has its sidecar and fits --arch."""
-    f = weights_file(cfg.encoder, "encoder.safetensors")
-    if f.suffix != ".safetensors":  # an image or a .pth: "its sidecar is missing" misleads
-        raise SystemExit(f"--encoder {cfg.encoder}: not a .safetensors file; give the "
-                         "encoder.safetensors of `sstl pretrain` or `sstl supervised`, or its run "
-                         "directory (another tool's weights file goes to --init PATH)")
+    f = weights_file(cfg.encoder, "encoder.safetensors", flag="--encoder",
+                     give="the encoder.safetensors of `sstl pretrain` or `sstl supervised`, or "
+                     "its run directory (another tool's weights file goes to --init PATH)")
     meta = sidecar(f)
     if meta.get("arch") != cfg.arch:
         raise SystemExit(f"--encoder {f} holds a {meta.get('arch')} backbone but --arch is "

@@ -78,18 +78,21 @@ def only_moved(recorded: dict, cfg) -> bool:
     """Whether a run's recorded config differs from `cfg` only in where its inputs are (the
     data folder or a weights file moved, or mounted elsewhere): the inputs' own identity
     (data contents, weights) then decides whether the run may continue."""
-    diff = _differences(recorded, cfg)
-    # A path on both sides: imagenet or random becoming a file (or the synthetic set a folder)
-    # is another start, not the same one elsewhere.
-    return bool(diff) and all(k in PLACES and all(map(is_start_file, pair))
-                              for k, pair in diff.items())
+    return _places_only(_differences(recorded, cfg))
 
 
 def moved_away(recorded: dict, cfg) -> bool:
     """only_moved, and every input place the run recorded is gone: its inputs moved, rather
     than `cfg` naming other inputs (a second data folder) with the same settings."""
-    return only_moved(recorded, cfg) and not any(
-        Path(old).exists() for old, _ in _differences(recorded, cfg).values())
+    diff = _differences(recorded, cfg)
+    return _places_only(diff) and not any(Path(old).exists() for old, _ in diff.values())
+
+
+def _places_only(diff: dict[str, tuple]) -> bool:
+    """Whether differences are all in where inputs are, with a path on both sides: imagenet
+    or random becoming a file (or the synthetic set a folder) is another start, not a move."""
+    return bool(diff) and all(k in PLACES and all(map(is_start_file, pair))
+                              for k, pair in diff.items())
 
 
 def _differences(recorded: dict, cfg) -> dict[str, tuple]:
@@ -123,6 +126,15 @@ def recorded_config(record) -> dict | None:
     return {**config, **({"data": {**data, "path": place(data.get("path"))}}
                          if isinstance(data, dict) else {}),
             **{k: place(config[k]) for k in ("encoder", "init") if k in config}}
+
+
+def recorded_at(run: Path) -> dict | None:
+    """recorded_config of the config.json in run directory `run`; None where it is missing,
+    unreadable or of another shape."""
+    try:
+        return recorded_config(json.loads((Path(run) / "config.json").read_text()))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
 
 
 def resume_keys(cfg) -> tuple[str, ...]:

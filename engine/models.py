@@ -176,13 +176,19 @@ class Classifier(nn.Module):
         return self.head(self.encoder(x))
 
 
-def weights_file(path: str | os.PathLike, default_name: str) -> Path:
-    """A weights file named directly, or `default_name` inside the run directory named."""
+def weights_file(path: str | os.PathLike, default_name: str, give: str | None = None,
+                 flag: str = "") -> Path:
+    """A weights file named directly, or `default_name` inside the run directory named.
+    `give`: only sstl's .safetensors will do, and this says what to give instead (`flag`
+    names the option, in the message)."""
     p = Path(path).expanduser()
     if p.is_dir():
         p = p / default_name
     if not p.is_file():
         raise SystemExit(f"{path}: no {default_name} there (give the file or its run directory)")
+    if give is not None and p.suffix != ".safetensors":  # an image, a .pth, model.json...
+        raise SystemExit(f"{flag + ' ' if flag else ''}{path}: not a .safetensors file; "
+                         f"give {give}")
     return p
 
 
@@ -243,10 +249,8 @@ def load_classifier(path: str | os.PathLike, device="cpu",
     """A fine-tuned model (model.safetensors or its run directory) in eval mode, and its sidecar."""
     from safetensors.torch import load_file
 
-    f = weights_file(path, "model.safetensors")
-    if f.suffix != ".safetensors":  # model.json, say: its weights are beside it
-        raise SystemExit(f"{path}: not a .safetensors file; give the run directory of "
-                         "`sstl finetune` or its model.safetensors")
+    f = weights_file(path, "model.safetensors",
+                     give="the run directory of `sstl finetune` or its model.safetensors")
     meta = sidecar(f)
     if meta.get("kind") != "sstl-classifier":
         raise SystemExit(f"{f} is not a fine-tuned classifier (kind {meta.get('kind')!r}); "

@@ -35,7 +35,7 @@ from .data.dataset import load_dataset
 from .data.index import DataError
 from .finetune import check_split_classes, finetune
 from .io import atomic_write, make_dir, save_json
-from .keys import changed_settings, only_moved, recorded_config, resume_keys
+from .keys import changed_settings, only_moved, recorded_at, recorded_config, resume_keys
 from .evaluation import new_figure
 from .metrics import METRICS
 from .predict import evaluate
@@ -112,10 +112,7 @@ def _made_otherwise(run: Path, cfg, data: str) -> bool:
 def _moved(run: Path, cfg) -> bool:
     """Whether the cell's config.json differs from `cfg` only in where its inputs are (the
     data or the transfer file moved): its inputs' contents then decide, as Run.resume does."""
-    try:
-        recorded = recorded_config(json.loads((run / "config.json").read_text()))
-    except (OSError, ValueError):
-        return False
+    recorded = recorded_at(run)
     return recorded is not None and only_moved(recorded, cfg)
 
 
