@@ -70,12 +70,13 @@ def _moved_runs(out: Path, prefix: str, cfg) -> list[str]:
 
 
 def check_resumable(run: Run, cfg, inputs: str) -> None:
-    """Before a command writes into its run directory: refuse, as fit would, a checkpoint of
-    other settings or other inputs, so a refused rerun leaves the run's files as they were;
-    with --no-resume, clear the old run out."""
+    """Before a command writes into its run directory, decide where it starts: its checkpoint
+    (run.found, which fit loads), refused when of other settings or other inputs so that a
+    refused rerun leaves the run's files as they were; or, with --no-resume, the beginning,
+    the old run cleared out."""
     if cfg.runtime.resume:
-        run.resume(resume_keys(cfg), inputs, mmap=True, changes=lambda: _changes(run, cfg),
-                   moved=lambda: _only_moved(run, cfg))
+        run.found = run.resume(resume_keys(cfg), inputs, changes=lambda: _changes(run, cfg),
+                               moved=lambda: _only_moved(run, cfg))
     else:  # starting over: nothing of the old run may pass for this one's
         run.start_over()
 

@@ -160,13 +160,11 @@ class Plan:
     """How a command wants its loop run."""
 
     epochs: int
-    key: str  # resume key: a checkpoint continues only the run it came from
-    accepts: tuple[str, ...]  # keys of earlier versions that also continue it
+    key: str  # resume key, written into checkpoints: one continues only the run it came from
     # The runtime block's intervals (Plan.of copies them; their defaults live in Runtime).
     log_every: int  # steps between loss reads
     checkpoint_every: int  # steps; 0 = by time only
     checkpoint_minutes: float
-    resume: bool
     desc: str  # the progress line's label
     live: bool  # progress output (rank 0 only under DDP)
     # Identity of what the run learns from (its images, its encoder file). A checkpoint made
@@ -180,34 +178,20 @@ class Plan:
     def of(cls, cfg, **kw) -> "Plan":
         """A training command's plan: its epochs, resume key and runtime block's intervals."""
         rt = cfg.runtime
-        key, *earlier = resume_keys(cfg)
-        return cls(epochs=cfg.epochs, key=key, accepts=tuple(earlier), log_every=rt.log_every,
+        return cls(epochs=cfg.epochs, key=resume_keys(cfg)[0], log_every=rt.log_every,
                    checkpoint_every=rt.checkpoint_every,
-                   checkpoint_minutes=rt.checkpoint_minutes, resume=rt.resume, **kw)
+                   checkpoint_minutes=rt.checkpoint_minutes, **kw)
 
 
 def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
-    """Train to `plan.epochs`, resuming from the run's checkpoint; returns metrics.csv rows."""
+    """Train to `plan.epochs` from the checkpoint command.begin found (run.found), if any;
+    returns metrics.csv rows."""
     steps = source.steps_per_epoch
     epoch, start, partial = _start(run, t, plan)
     metrics = MetricsCSV(run.path / "metrics.csv", run.is_main)
     metrics.truncate(epoch)
     rep = Reporter(plan.epochs * steps, plan.desc, epoch * steps + start, live=plan.live)
-    last_save = time.monotonic()
-
-    def save(epoch_: int, step_: int, part: dict | None) -> None:
-        nonlocal last_save
-        run.save({"format": CHECKPOINT_FORMAT, "resume_key": plan.key, "inputs": plan.inputs,
-                  "epoch": epoch_, "step": step_, "partial": part, "world": dist.world(),
-                  "dtype": t.dtype, **t.state()})
-        last_save = time.monotonic()
-
-    def every(global_step: int) -> bool:  # --checkpoint-every counts steps across epochs
-        return bool(plan.checkpoint_every) and global_step % plan.checkpoint_every == 0
-
-    def due(global_step: int) -> bool:
-        return every(global_step) or time.monotonic() - last_save > 60 * plan.checkpoint_minutes
-
+    saves = Checkpoints(run, t, plan)
     t_train = time.perf_counter()
     world, stopping, step_fn, first = dist.world(), False, stepper(t), True
     cache_before = accel.compile_counters()  # process-wide: `reproduce` runs many fits
@@ -226,23 +210,21 @@ def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
                         first = _time_first_step(run, source.device, t_train)
                     seen += plan.images_per_step or batch[0].shape[0] * world
                     at_log = (i + 1) % plan.log_every == 0 or i + 1 == steps
-                    by_steps = every(epoch * steps + i + 1)
+                    by_steps = saves.every(epoch * steps + i + 1)
                     if world > 1 and not (at_log or by_steps):
                         continue  # ranks agree on stopping and saving at these steps only
                     # One all-reduce under torchrun: the global running sums, and whether any
                     # rank was signalled or is due a checkpoint, so all act at the same step.
-                    glob, stopping, saving = _agree(sums, stop.requested, due(epoch * steps + i + 1))
+                    glob, stopping, saving = _agree(sums, stop.requested,
+                                                    saves.due(epoch * steps + i + 1))
                     if at_log:
-                        means = (glob / (i + 1)).tolist()  # the only per-step host sync
-                        if not math.isfinite(means[0]):
-                            _diverged(run, means[0], epoch, i + 1)
-                        rep.update(epoch * steps + i + 1, _progress(epoch, plan.epochs, means,
-                                   t.stats, seen / (time.perf_counter() - t0)))
+                        _report(run, rep, plan, t.stats, glob, epoch, steps, i + 1,
+                                seen / (time.perf_counter() - t0))
                     if i + 1 < steps and (stopping or saving):
                         if not _finite(t.model, glob):  # never checkpoint a diverged state
                             _diverged(run, float(glob[0] / (i + 1)), epoch, i + 1)
-                        save(epoch, i + 1, {"sums": glob, "seen": seen,
-                                            "seconds": time.perf_counter() - t0})
+                        saves.save(epoch, i + 1, {"sums": glob, "seen": seen,
+                                                  "seconds": time.perf_counter() - t0})
                     if stopping:
                         break
                 if stopping and i + 1 < steps:
@@ -253,8 +235,8 @@ def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
                 stopping = dist.any_rank(stopping or stop.requested, source.device)
                 metrics.append(row)
                 start, partial = 0, None
-                if epoch + 1 == plan.epochs or stopping or due((epoch + 1) * steps):
-                    save(epoch + 1, 0, None)  # rank 0 writes; the others need not agree
+                if epoch + 1 == plan.epochs or stopping or saves.due((epoch + 1) * steps):
+                    saves.save(epoch + 1, 0, None)  # rank 0 writes; the others need not agree
                 if stopping:
                     break
             run.flush()
@@ -269,12 +251,46 @@ def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
     return metrics.rows()
 
 
+class Checkpoints:
+    """When fit writes a checkpoint (every --checkpoint-minutes, and every --checkpoint-every
+    steps when set), and what one holds."""
+
+    def __init__(self, run: Run, t: Trainer, plan: Plan):
+        self.run, self.t, self.plan, self.last = run, t, plan, time.monotonic()
+
+    def every(self, global_step: int) -> bool:  # --checkpoint-every counts steps across epochs
+        n = self.plan.checkpoint_every
+        return bool(n) and global_step % n == 0
+
+    def due(self, global_step: int) -> bool:
+        return (self.every(global_step)
+                or time.monotonic() - self.last > 60 * self.plan.checkpoint_minutes)
+
+    def save(self, epoch: int, step: int, partial: dict | None) -> None:
+        """The state after `step` steps of `epoch` (partial: the epoch's running sums)."""
+        self.run.save({"format": CHECKPOINT_FORMAT, "resume_key": self.plan.key,
+                       "inputs": self.plan.inputs, "epoch": epoch, "step": step,
+                       "partial": partial, "world": dist.world(), "dtype": self.t.dtype,
+                       **self.t.state()})
+        self.last = time.monotonic()
+
+
+def _report(run: Run, rep: Reporter, plan: Plan, names, sums: torch.Tensor, epoch: int,
+            steps: int, done: int, rate: float) -> None:
+    """The log-every read: the epoch's mean loss and stats over its first `done` steps on the
+    progress line; a loss that stopped being a number ends the run."""
+    means = (sums / done).tolist()  # the only per-step host sync
+    if not math.isfinite(means[0]):
+        _diverged(run, means[0], epoch, done)
+    stats = " ".join(f"{k} {v:.3f}" for k, v in zip(names, means[1:]))
+    rep.update(epoch * steps + done,
+               f"epoch {epoch + 1}/{plan.epochs} loss {means[0]:.4f} {stats} {rate:,.0f} img/s")
+
+
 def _start(run: Run, t: Trainer, plan: Plan) -> tuple[int, int, dict | None]:
-    """(epoch, step, partial epoch sums) to start from: the run's checkpoint, loaded into `t`,
-    or the beginning (with --no-resume, the old checkpoints go with the old metrics)."""
-    ck = run.resume((plan.key, *plan.accepts), plan.inputs) if plan.resume else None
-    if not plan.resume:
-        run.discard_checkpoints()
+    """(epoch, step, partial epoch sums) to start from: the checkpoint command.begin found
+    (run.found), loaded into `t`, or the beginning."""
+    ck, run.found = run.found, None  # loaded once; the memory goes with it
     run.training = True
     if ck is None:
         return 0, 0, None
@@ -367,8 +383,3 @@ def _agree(sums: torch.Tensor, stop: bool, due: bool) -> tuple[torch.Tensor, boo
     n = len(sums)
     flags = packed[n:].tolist()
     return packed[:n] / dist.world(), flags[0] > 0, flags[1] > 0
-
-
-def _progress(epoch: int, epochs: int, means: list[float], names, rate: float) -> str:
-    stats = " ".join(f"{k} {v:.3f}" for k, v in zip(names, means[1:]))
-    return f"epoch {epoch + 1}/{epochs} loss {means[0]:.4f} {stats} {rate:,.0f} img/s"

@@ -66,7 +66,9 @@ class Run:
         # Set by fit once the checkpoint was accepted: before that, a failure (a refused
         # rerun) leaves the run's files as they were, timing.json included.
         self.training = False
-        self.moved_from: str | None = None  # the key of a run continued from moved inputs
+        # The checkpoint this run continues, as command.begin found it (None: from the start);
+        # fit loads it. Decided once, before anything is written into the directory.
+        self.found: dict | None = None
         self._before: dict[str, list[dict]] = {}  # earlier invocations' records (_earlier)
 
     @classmethod
@@ -214,24 +216,22 @@ class Run:
             raise err from None
         return err
 
-    def resume(self, key: str | tuple[str, ...], inputs: str = "", mmap: bool = False,
+    def resume(self, key: str | tuple[str, ...], inputs: str = "",
                changes: Callable[[], str] = lambda: "",
                moved: Callable[[], bool] = lambda: False) -> dict | None:
         """The newest readable checkpoint of this run, or None; refuses another run's (a key
         not among `key`), and one trained on other inputs (fit's Plan.inputs; older
-        checkpoints carry none). mmap: map the tensors instead of reading them (a cheap look
-        before anything is written). `changes()` says which settings differ, for the refusal.
+        checkpoints carry none). `changes()` says which settings differ, for the refusal.
         `moved()`: they differ only in where the inputs are; a checkpoint of the same images
-        and weights (by content) is then continued, and stays accepted by this Run."""
+        and weights (by content) is then continued."""
         keys = (key,) if isinstance(key, str) else tuple(key)
         tried = []
         for f in (self.checkpoint, self.previous):
             if not f.exists():
                 continue
             try:
-                if not mmap:  # torch.load reads no checksum: a flipped bit would load silently
-                    _check_crcs(f)
-                ck = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
+                _check_crcs(f)  # torch.load reads no checksum: a flipped bit would load silently
+                ck = torch.load(f, map_location="cpu", weights_only=True)
             except Exception as e:  # truncated, corrupt, or not a plain-data checkpoint
                 log(f"warning: {f} cannot be read ({first_line(e, 160)}); trying the previous "
                     "checkpoint")
@@ -240,13 +240,11 @@ class Run:
             if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
                 raise SystemExit(f"{f} is not an sstl checkpoint of this version; use another "
                                  "--name (or --no-resume to start over here)")
-            accepted = (*keys, self.moved_from) if self.moved_from else keys
-            if ck.get("resume_key") not in accepted:
+            if ck.get("resume_key") not in keys:
                 if not (same_inputs(ck.get("inputs"), inputs) and moved()):
                     raise SystemExit(f"{f} was written by a run with different settings"
                                      f"{changes()}; use another --name (or --no-resume to "
                                      "start over here)")
-                self.moved_from = ck.get("resume_key")
                 log(f"continuing {f}: its inputs are elsewhere now{changes()}, the same "
                     "images and weights")
             changed = changed_inputs(ck.get("inputs"), inputs) if inputs else []

@@ -160,7 +160,7 @@ def test_a_full_disk_names_the_checkpoint_that_filled_it(tmp_path, monkeypatch):
 
 def test_a_checkpoint_without_a_resume_key_is_refused(tmp_path):
     """A checkpoint that names no settings (cut by hand, or another tool's) is never taken
-    for this run's, also after nothing was moved (Run.moved_from unset)."""
+    for this run's."""
     from sstl.engine.runs import CHECKPOINT_FORMAT
 
     with Run.open(str(tmp_path), "r") as run:
@@ -251,15 +251,24 @@ def test_a_rerun_finished_start_leaves_the_runs_made_from_it_resumable(tmp_path)
     finetune(ft)  # refused before: "the --init file changed since"
 
 
-def test_a_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+def test_a_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys, monkeypatch):
+    """Where the run starts is decided once, before anything is written: each checkpoint file
+    is read once, and the unreadable one is said once."""
+    from sstl.engine import runs
+
     full = pretrain(_two_epochs(tmp_path, "full"))
     run = pretrain(_two_epochs(tmp_path, "cut"))
     assert (run / "checkpoint.prev.pt").exists()
     data = (run / "checkpoint.pt").read_bytes()
     (run / "checkpoint.pt").write_bytes(data[: len(data) // 2])
     (run / "encoder.safetensors").unlink()
+    capsys.readouterr()
+    loads, load = [], runs.torch.load
+    monkeypatch.setattr(runs.torch, "load", lambda f, *a, **k: loads.append(f) or load(f, *a, **k))
     pretrain(_two_epochs(tmp_path, "cut"))
-    assert "resuming from checkpoint.prev.pt" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "resuming from checkpoint.prev.pt" in err and err.count("cannot be read") == 1
+    assert loads == [run / "checkpoint.prev.pt"]  # checkpoint.pt fails its CRCs before a load
     assert _same_weights(full, run)
 
 
