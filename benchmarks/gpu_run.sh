@@ -9,9 +9,12 @@
 # --no-build-isolation uses the machine's own), sstl runs from the checkout through a path
 # shim instead of losing the lease to an install error. The tests' output goes to
 # $OUT/tests.log and a failing test does not cancel the measurements; gpu_check's --budget
-# (480 s, or $BUDGET) counts from this script's start. Exit status: the tests' if they
-# failed, else gpu_check's.
+# (480 s, or $BUDGET) counts from this script's start. $OUT gets two files at most
+# (gpu-check.json, tests.log): a lent machine sends back 8. Python: $PYTHON, else python3
+# (the lent machines' interpreter with torch). Exit status: the tests' if they failed, else
+# gpu_check's.
 set -u
+py="${PYTHON:-python3}"
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-check}"
 mkdir -p "$out"
@@ -20,9 +23,10 @@ if [ "${1:-}" = "--tests" ]; then
     tests="${2:?--tests takes a quoted list of test files}"
     shift 2
 fi
-python -c "import setuptools, torch; print('setuptools', setuptools.__version__, '| torch', \
+"$py" -c "import setuptools, torch; print('setuptools', setuptools.__version__, '| torch', \
 torch.__version__, '| cuda', torch.cuda.is_available())"
-if ! python -m pip install -q --no-deps --no-build-isolation -e . ; then
+if ! "$py" -m pip install -q --no-deps --no-build-isolation --no-index \
+        --disable-pip-version-check -e . ; then
     shim=$(mktemp -d)
     ln -s "$PWD" "$shim/sstl"
     export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
@@ -31,11 +35,11 @@ fi
 test_rc=0
 if [ -n "$tests" ]; then
     # shellcheck disable=SC2086  # a list of test files, split on spaces
-    python -m pytest -q $tests 2>&1 | tee "$out/tests.log"
+    "$py" -m pytest -q $tests 2>&1 | tee "$out/tests.log"
     test_rc=${PIPESTATUS[0]}
 fi
 budget=$(( ${BUDGET:-480} - SECONDS ))  # a later --budget in the arguments wins
-python -m sstl.benchmarks.gpu_check --out "$out" --budget "$budget" "$@"
+"$py" -m sstl.benchmarks.gpu_check --out "$out" --budget "$budget" "$@"
 rc=$?
 [ "$test_rc" -ne 0 ] && exit "$test_rc"
 exit "$rc"

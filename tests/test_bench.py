@@ -140,7 +140,12 @@ def test_gpu_check_exits_non_zero_when_a_section_fails(tmp_path, monkeypatch):
     assert gpu_check.failures("recipe", {"result": {"rows": [
         {"pass": 1, "pretrain": {"rc": 0}, "finetune": {"rc": 1}}]}}) == [
         "pass 1 finetune exited 1"]
-    assert gpu_check.failures("recipe", {"result": gpu_check.recipe(tmp_path, None, 1e9)}) == [
+    # The first pass cut at the deadline measured nothing whole; a second one cut is recorded.
+    assert gpu_check.failures("recipe", {"result": {"rows": [
+        {"pass": 1, "pretrain": {"rc": 124}},
+        {"pass": 2, "pretrain": {"rc": 0}, "finetune": {"rc": 124}}]}}) == [
+        "pass 1 pretrain exited 124"]
+    assert gpu_check.failures("recipe", {"result": gpu_check.recipe(None, 1e9)}) == [
         "skipped: --data None not found (copy cxr-dev-gray224 into the checkout)"]  # no data
     assert gpu_check.failures("kernels", {"error": "RuntimeError: x"}) == ["RuntimeError: x"]
     assert gpu_check.failures("cuda", {"result": {"ema": {"ok": True, "rel_err": 0.0}}}) == []
@@ -150,7 +155,7 @@ def test_gpu_check_exits_non_zero_when_a_section_fails(tmp_path, monkeypatch):
                                       "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="1 section\\(s\\) failed: cuda"):
         gpu_check.main()
-    assert json.loads((tmp_path / "summary.json").read_text())["failed"] == {
+    assert json.loads((tmp_path / "gpu-check.json").read_text())["failed"] == {
         "cuda": ["check x failed (rel_err 1)"]}
     # The engine refuses with SystemExit (ConfigError, DataError): that section fails, the
     # next one still runs, and every JSON is written.
@@ -164,9 +169,10 @@ def test_gpu_check_exits_non_zero_when_a_section_fails(tmp_path, monkeypatch):
                                       "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="1 section\\(s\\) failed: cuda"):
         gpu_check.main()
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((tmp_path / "gpu-check.json").read_text())
     assert summary["cuda"]["error"] == "SystemExit: --batch-size must be at least 2"
-    assert summary["data"]["result"] == {"rows": {}} and (tmp_path / "data.json").exists()
+    assert summary["data"]["result"] == {"rows": {}}
+    assert [p.name for p in tmp_path.iterdir()] == ["gpu-check.json"]  # a lease returns 8
     # An interrupted run (SIGTERM as a lease ends: the loop exits 130) stops the script: no
     # later section starts.
     ran = []
@@ -178,7 +184,7 @@ def test_gpu_check_exits_non_zero_when_a_section_fails(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         gpu_check.main()
     assert e.value.code == 130 and ran == []
-    assert json.loads((tmp_path / "summary.json").read_text())["failed"] == {
+    assert json.loads((tmp_path / "gpu-check.json").read_text())["failed"] == {
         "cuda": ["interrupted (exit 130)"]}
     monkeypatch.setattr(sys, "argv", ["gpu_check", "--only", "recipes"])
     with pytest.raises(SystemExit) as e:
@@ -213,9 +219,11 @@ def test_a_loaded_checkpoint_gives_momentum_buffers_their_parameters_layout():
 
 
 def test_gpu_check_recipe_sends_back_records_not_weights(tmp_path, monkeypatch):
-    """A lent machine returns --out under a size limit: the recipe's run directories stay
-    elsewhere and only their small files (config, timing, metrics) are copied into --out,
-    beside recipe-partial.json with the machine's record."""
+    """A lent machine returns at most 8 files from --out, under a size limit: the recipe's
+    run directories stay elsewhere, and what they recorded (resolved config, timing,
+    metrics.csv's rows, summary) goes into the rows, handed to `partial` after every
+    command and written by main into the one gpu-check.json."""
+    import sys
     import tempfile
 
     from sstl.benchmarks import gpu_check
@@ -225,28 +233,41 @@ def test_gpu_check_recipe_sends_back_records_not_weights(tmp_path, monkeypatch):
     def fake_run(argv, timeout):
         run = Path(argv[argv.index("--out") + 1]) / argv[argv.index("--name") + 1]
         run.mkdir(parents=True)
-        (run / "config.json").write_text("{}")
+        (run / "config.json").write_text('{"resolved": {"dtype": "bfloat16"}}')
         (run / "timing.json").write_text('{"total": 1.0}')
         (run / "metrics.csv").write_text("epoch,images_per_s\n0,10\n1,20\n")
         (run / "checkpoint.pt").write_bytes(b"x" * 1000)
         return 0, ""
     monkeypatch.setattr(gpu_check, "run_bounded", fake_run)
     (tmp_path / "data").mkdir()
-    result = gpu_check.recipe(tmp_path / "out", str(tmp_path / "data"), 1e9, passes=1)
+    partial = []
+    result = gpu_check.recipe(str(tmp_path / "data"), 1e9, passes=1, partial=partial.append)
     assert gpu_check.failures("recipe", {"result": result}) == []
-    assert result["rows"][0]["pretrain"]["images_per_s_median_after_first"] == 20
-    kept = sorted(p.relative_to(tmp_path / "out").as_posix()
-                  for p in (tmp_path / "out").rglob("*") if p.is_file())
-    assert kept == ["recipe-partial.json", *(f"recipe-runs/{r}-0/{f}" for r in ("finetune",
-                    "pretrain") for f in ("config.json", "metrics.csv", "timing.json"))]
-    assert "git_sha" in json.loads((tmp_path / "out" / "recipe-partial.json").read_text())[
-        "machine"]
+    pre = result["rows"][0]["pretrain"]
+    assert pre["images_per_s_median_after_first"] == 20 and pre["timing"] == {"total": 1.0}
+    assert pre["resolved"] == {"dtype": "bfloat16"}
+    assert pre["metrics"] == [{"epoch": "0", "images_per_s": "10"},
+                              {"epoch": "1", "images_per_s": "20"}]
+    assert [len(p["rows"]) for p in partial] == [1, 1]  # after pretrain, after finetune
+    assert "finetune" in partial[1]["rows"][0]
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["gpu_check", "--only", "recipe", "--out", str(out),
+                                      "--data", str(tmp_path / "data")])
+    monkeypatch.setattr(gpu_check, "recipe", lambda data, deadline, partial: (
+        partial({"rows": ["half"]}),
+        {"written": json.loads((out / "gpu-check.json").read_text())["recipe"]})[1])
+    gpu_check.main()
+    assert [p.name for p in out.iterdir()] == ["gpu-check.json"]
+    done = json.loads((out / "gpu-check.json").read_text())
+    assert done["recipe"]["result"] == {"written": {"partial": {"rows": ["half"]}}}
+    assert "git_sha" in done["machine"] and done["failed"] == {}
 
 
 def test_gpu_check_recipe_stops_at_its_deadline_and_after_a_failure(tmp_path, monkeypatch):
-    """The recipe must end before the lease's limit kills it (which would lose summary.json):
-    a command past the deadline is stopped (rc 124), a failed command ends the recipe, and
-    a second pass that would not fit is skipped."""
+    """The recipe must end before the lease's limit kills it: a command past the deadline is
+    stopped (rc 124), a failed command ends the recipe, a pass starts only with `least_s`
+    left, and a second pass cut at the deadline keeps its row without failing the check."""
     import tempfile
     import time
 
@@ -267,7 +288,7 @@ def test_gpu_check_recipe_stops_at_its_deadline_and_after_a_failure(tmp_path, mo
     data = str(tmp_path / "data")
 
     plan.update({"pretrain-0": "slow"})
-    r = gpu_check.recipe(tmp_path / "a", data, deadline=time.perf_counter() + 100)
+    r = gpu_check.recipe(data, deadline=time.perf_counter() + 100)
     assert [c[0] for c in calls] == ["pretrain-0"] and 0 < calls[0][1] <= 100
     assert r["rows"][0]["pretrain"]["rc"] == 124 and "finetune" not in r["rows"][0]
     assert r["rows"][0]["pretrain"]["tail"] == "stopped at the deadline: epoch 3/40"
@@ -276,19 +297,27 @@ def test_gpu_check_recipe_stops_at_its_deadline_and_after_a_failure(tmp_path, mo
     calls.clear()
     plan.clear()
     plan.update({"pretrain-0": 1})
-    r = gpu_check.recipe(tmp_path / "b", data, deadline=time.perf_counter() + 100)
+    r = gpu_check.recipe(data, deadline=time.perf_counter() + 100)
     assert [c[0] for c in calls] == ["pretrain-0"] and len(r["rows"]) == 1
 
     calls.clear()
     plan.clear()
-    plan.update({"sleep": 0.3})  # pass 1 takes 0.6 s; 0.5 s are left for pass 2
-    r = gpu_check.recipe(tmp_path / "c", data, deadline=time.perf_counter() + 1.1, least_s=0)
+    plan.update({"finetune-1": "slow"})  # pass 2 reaches the deadline: kept, not a failure
+    r = gpu_check.recipe(data, deadline=time.perf_counter() + 100)
+    assert [c[0] for c in calls] == ["pretrain-0", "finetune-0", "pretrain-1", "finetune-1"]
+    assert r["rows"][1]["finetune"]["rc"] == 124
+    assert gpu_check.failures("recipe", {"result": r}) == []
+
+    calls.clear()
+    plan.clear()
+    plan.update({"sleep": 0.3})  # pass 1 takes 0.6 s; 0.5 s are left, less than least_s
+    r = gpu_check.recipe(data, deadline=time.perf_counter() + 1.1, least_s=0.8)
     assert [c[0] for c in calls] == ["pretrain-0", "finetune-0"]
-    assert r["rows"][1]["pass"] == 2 and "less than pass 1 took" in r["rows"][1]["skipped"]
+    assert r["rows"][1]["pass"] == 2 and "of --budget left" in r["rows"][1]["skipped"]
     assert gpu_check.failures("recipe", {"result": r}) == []
 
     calls.clear()  # too little time to finish pass 1: not started, and counted as a failure
-    r = gpu_check.recipe(tmp_path / "d", data, deadline=time.perf_counter() + 30)
+    r = gpu_check.recipe(data, deadline=time.perf_counter() + 30)
     assert calls == [] and "too little for the recipe" in r["skipped"]
     assert gpu_check.failures("recipe", {"result": r}) == [f"skipped: {r['skipped']}"]
 
