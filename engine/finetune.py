@@ -27,13 +27,12 @@ from .data.dataset import Dataset
 from .data.index import DataError
 from .data.split import fraction_subset
 from .loop import Plan, Trainer, fit
-from .keys import config_hash
 from .evaluation import bootstrap_ci, card_fields, curves_png, draw_figures, write_model_card
 from .metrics import METRICS, best_epoch, classification_metrics, display_name, summarize
 from .models import (imagenet_tag, is_start_file, learned_images, saw_all_unlabelled, sidecar,
                      sstl_weights, weights_file)
 from .inputs import run_inputs
-from .record import save_weights
+from .record import save_weights, settings_hash
 from .runs import Run, log
 from .classifier import check_start, classifier_trainer, eval_probs
 
@@ -272,7 +271,8 @@ def save_model(run: Path, cfg: FinetuneConfig, model, ds: Dataset, epoch: int,
         "positive_class": cfg.positive_class, "image_size": cfg.augment.size,
         "cache_size": cfg.data.cache_size, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
         "input": "grayscale replicated to 3 channels, resized square, ImageNet-normalised",
-        "epoch": epoch, "start": start, "fraction": cfg.fraction, "config_hash": config_hash(cfg),
+        "epoch": epoch, "start": start, "fraction": cfg.fraction,
+        "settings_hash": settings_hash(cfg),
         "split_seed": cfg.data.split_seed, "test_fraction": cfg.data.test_fraction,
         "data_fingerprint": ds.fingerprint(), "test_fingerprint": ds.fingerprint(ds.test_idx),
         "synthetic_data": ds.synthetic, "trained_on": sorted(learned),

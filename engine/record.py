@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .io import atomic_write, save_json
-from .keys import config_hash
+from .keys import resume_key
 from .models import ARCHS, imagenet_tag, learned_images, saw_all_unlabelled, start_sidecar
 
 SRC = Path(__file__).resolve().parent.parent
@@ -31,12 +31,20 @@ def encoder_sidecar(cfg, ds, trained_idx, epoch: int, **extra) -> dict:
         extra["pretrain_split"] = "all"
     return {"kind": "sstl-encoder", "arch": cfg.arch, "init": cfg.init,
             "imagenet_weights": imagenet_tag(cfg.init, cfg.imagenet_weights), "epoch": epoch,
-            "feat_dim": ARCHS[cfg.arch], "config_hash": config_hash(cfg),
+            "feat_dim": ARCHS[cfg.arch], "settings_hash": settings_hash(cfg),
             "split_seed": cfg.data.split_seed, "test_fraction": cfg.data.test_fraction,
             "data_fingerprint": ds.fingerprint(), "test_fingerprint": ds.fingerprint(ds.test_idx),
             "synthetic_data": ds.synthetic, "data_root": str(ds.root),
             "trained_on": sorted(set(ds.image_ids(trained_idx)) | learned_images(start)),
             **extra}
+
+
+def settings_hash(cfg) -> str:
+    """A weights file's record of the settings that made it: the run's resume key (its config
+    less how and where it ran). The whole config's hash changed with --log-every or --device,
+    so rerunning a finished run with one of those rewrote the file with other metadata, and
+    every run started from it (keyed by the file) was refused as made from another file."""
+    return resume_key(cfg)
 
 
 def save_weights(state: dict, path: Path, meta: dict) -> None:

@@ -136,6 +136,23 @@ def test_an_abort_says_what_it_kept(tmp_path, capsys):
     assert "keeps its last checkpoint" in capsys.readouterr().err
 
 
+def test_a_run_whose_log_reader_went_away_finishes(tmp_path):
+    """`sstl pretrain 2>&1 | head`: once head exits, every log line meets a closed pipe.
+    Rich's default answer is exit status 1, which lost the run (before its first checkpoint,
+    its folder too); the run now goes on unlogged and writes its outputs."""
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the first line
+    env = {**os.environ, "SSTL_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(
+        [sys.executable, "-m", "sstl.cli.main", "pretrain", "--arch", "resnet18", "--init",
+         "random", "--epochs", "1", "--batch-size", "64", "--view-size", "32", "--device",
+         "cpu", "--no-compile", "--out", str(tmp_path / "runs"), "--name", "piped"],
+        stdout=w, stderr=w, env=env, timeout=600)
+    os.close(w)
+    assert done.returncode == 0
+    assert (tmp_path / "runs" / "piped" / "encoder.safetensors").exists()
+
+
 def test_a_full_disk_names_the_checkpoint_that_filled_it(tmp_path, monkeypatch):
     """The checkpoint (hundreds of MB, written on a thread) fills the disk; a small file the
     main thread writes next fails too. The error names the checkpoint first."""
@@ -240,15 +257,20 @@ def test_weights_files_are_byte_for_byte_the_same_for_the_same_state(tmp_path):
 
 
 def test_a_rerun_finished_start_leaves_the_runs_made_from_it_resumable(tmp_path):
-    """A finished pretraining rerun rewrites encoder.safetensors: with the same bytes, so a
-    fine-tuning run that starts from that file (--init PATH, keyed by its digest) continues."""
+    """A finished pretraining rerun rewrites encoder.safetensors and its sidecar: with the
+    same bytes, also when only how it runs changed (--log-every, --checkpoint-minutes), so
+    fine-tuning runs made from that file (--init PATH, keyed by its digest; --encoder, keyed
+    by its sidecar) continue."""
     pre = pretrain(pretrain_cfg(out=str(tmp_path), name="pre"))
-    before = (pre / "encoder.safetensors").read_bytes()
+    before = [(pre / f).read_bytes() for f in ("encoder.safetensors", "encoder.json")]
     ft = finetune_cfg(out=str(tmp_path), name="ft", init=str(pre / "encoder.safetensors"))
+    fe = finetune_cfg(out=str(tmp_path), name="fe", encoder=str(pre))
     finetune(ft)
-    pretrain(pretrain_cfg(out=str(tmp_path), name="pre"))  # finished: outputs written again
-    assert (pre / "encoder.safetensors").read_bytes() == before
+    finetune(fe)
+    pretrain(pretrain_cfg(out=str(tmp_path), name="pre", log_every=3, checkpoint_minutes=7))
+    assert [(pre / f).read_bytes() for f in ("encoder.safetensors", "encoder.json")] == before
     finetune(ft)  # refused before: "the --init file changed since"
+    finetune(fe)  # refused before: "the --encoder file changed since"
 
 
 def test_a_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys, monkeypatch):
