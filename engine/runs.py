@@ -44,7 +44,18 @@ from .io import TEMP, WriteError, atomic_write, first_line, make_dir, save_json
 from .keys import config_hash
 from .record import environment
 
-console = Console(stderr=True)
+class _LogConsole(Console):
+    def on_broken_pipe(self) -> None:
+        """`sstl pretrain 2>&1 | head`: whoever read the log stopped reading. Rich would exit
+        (status 1), losing what the run trained since its last checkpoint, or all of it; the
+        run goes on unlogged instead."""
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stderr.fileno())  # Python's own writes, and its flush at exit
+        os.close(null)
+        self.quiet = True
+
+
+console = _LogConsole(stderr=True)
 CHECKPOINT_FORMAT = 2  # 2: one checkpoint layout for every command (the shared loop)
 
 
@@ -69,6 +80,8 @@ class Run:
         # The checkpoint this run continues, as command.begin found it (None: from the start);
         # fit loads it. Decided once, before anything is written into the directory.
         self.found: dict | None = None
+        # How the user continues this run after an interruption (check_resumable words it).
+        self.again = "the same command again"
         self._before: dict[str, list[dict]] = {}  # earlier invocations' records (_earlier)
 
     @classmethod
@@ -120,7 +133,7 @@ class Run:
                 with contextlib.suppress(Exception):
                     run.write_timing()
             if isinstance(e, KeyboardInterrupt):  # Ctrl-C twice: say what the abort kept
-                log(f"aborted: {path} keeps its last checkpoint; the same command resumes from "
+                log(f"aborted: {path} keeps its last checkpoint; {run.again} resumes from "
                     "it" if kept else "aborted before the first checkpoint: nothing was kept"
                     + (f" ({path} removed)" if created else ""))
             if failed is not None and isinstance(e, WriteError):
