@@ -9,6 +9,7 @@ Nothing here imports the commands: config sits below them.
 from __future__ import annotations
 
 import contextlib
+import json
 import dataclasses
 import os
 import re
@@ -444,7 +445,8 @@ def _check_outputs(cfg, need) -> None:
         # An X-ray, a DICOM, model.json or metrics.csv would be replaced by the table.
         need(_replaceable_csv(Path(cfg.out_csv).expanduser()),
              f"--out-csv {cfg.out_csv} exists and is not an earlier predictions file (its first "
-             "line is not a `path,...` header): it would be replaced; name a new file")
+             "line is not a `path,prediction,...` header): it would be replaced; name a new "
+             "file")
         need(_folder_ok(cfg.cam), f"--cam {cfg.cam} is a file (or under one); name a folder "
              "for the overlays")
         if cfg.cam:
@@ -465,6 +467,10 @@ def _check_outputs(cfg, need) -> None:
             need(not (Path(cfg.out).expanduser() / f).exists(),
                  f"--out {cfg.out} is a run directory (it holds {f}): the evaluation would "
                  "replace its files; name another folder")
+        other = _not_an_evaluation(Path(cfg.out).expanduser())
+        need(other is None, f"--out {cfg.out} holds {other}, which no earlier evaluation "
+             "wrote: the evaluation would replace it; name a new or empty folder, or an earlier "
+             "evaluation's")
         # A manifest reads only the files it lists; a folder reads every image below it.
         folder = cfg.data.path and Path(cfg.data.path).expanduser().is_dir()
         need(not (folder and _under(cfg.out, cfg.data.path)),
@@ -488,12 +494,35 @@ def _under(path, folder) -> bool:
 
 def _replaceable_csv(path: Path) -> bool:
     """Whether predictions may be written at `path`: nothing is there, or an earlier
-    predict's or evaluate's table (its header starts with the `path` column)."""
+    predict's or evaluate's table (its header starts `path,prediction,` or, evaluate's,
+    `path,label,prediction,`; a manifest's starts `path,label,` too)."""
     try:
         with open(path, "rb") as fh:
-            return fh.read(5) == b"path,"
+            return fh.readline(4096).startswith((b"path,prediction,", b"path,label,prediction,"))
     except OSError:  # nothing there; or unreadable: the write will say why, replacing nothing
         return True
+
+
+# What `sstl evaluate --out` writes (predict.write_evaluation, evaluation.draw_figures).
+EVALUATION_FILES = ("metrics.json", "data_report.json", "predictions.csv",
+                    "confusion_matrix.png", "roc.png")
+
+
+def _not_an_evaluation(folder: Path) -> str | None:
+    """The first file of EVALUATION_FILES in `folder` that an earlier evaluation did not
+    write (its metrics.json names the model and the metrics), or None where none is there or
+    all are an evaluation's."""
+    there = [f for f in EVALUATION_FILES if (folder / f).is_file()]
+    if not there:
+        return None
+    try:
+        record = json.loads((folder / "metrics.json").read_text())
+        earlier = isinstance(record, dict) and {"metrics", "model"} <= set(record)
+    except (OSError, ValueError):
+        earlier = False
+    if not earlier:
+        return there[0]
+    return "predictions.csv" if not _replaceable_csv(folder / "predictions.csv") else None
 
 
 def _writable(path: str) -> bool:

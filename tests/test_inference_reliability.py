@@ -3,6 +3,7 @@ without a trace, nothing half-written, strict JSON, file names shown as they are
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -16,7 +17,7 @@ from sstl.engine.config import DataConfig, EvaluateConfig, PredictConfig
 from sstl.engine.data.index import load_gray
 from sstl.engine.io import save_json
 from sstl.engine.predict import evaluate, predict, predictions_table
-from tests.tiny_run import make_run, write_pngs
+from tests.tiny_run import CLASSES, make_run, write_pngs
 
 
 def _labelled(root: Path) -> Path:
@@ -196,12 +197,14 @@ def test_output_paths_of_the_wrong_kind_are_refused_before_inference(tmp_path):
 
 
 def test_predict_never_writes_its_table_over_another_file(tmp_path):
-    """--out-csv naming an input X-ray, the model's sidecar or the run's metrics.csv is
-    refused before inference, the file untouched; an earlier predictions table is replaced."""
+    """--out-csv naming an input X-ray, the model's sidecar, the run's metrics.csv or a
+    manifest (its header starts `path,` too) is refused before inference, the file untouched;
+    an earlier predictions table is replaced."""
     run = make_run(tmp_path / "run")
     imgs = write_pngs(tmp_path / "imgs", n=2)
     (run / "metrics.csv").write_text("epoch,loss\n0,1.5\n")
-    victims = [imgs[0], run / "model.json", run / "metrics.csv"]
+    (tmp_path / "m.csv").write_text("path,label,group\na.png,COVID,p1\n")  # a manifest
+    victims = [imgs[0], run / "model.json", run / "metrics.csv", tmp_path / "m.csv"]
     before = {v: v.read_bytes() for v in victims}
     for v in victims:
         with pytest.raises(SystemExit, match="exists and is not an earlier predictions file"):
@@ -213,6 +216,30 @@ def test_predict_never_writes_its_table_over_another_file(tmp_path):
         predict(PredictConfig(model=str(run), inputs=(str(tmp_path / "imgs"),),
                               out_csv=str(out), device="cpu"))
         assert out.read_text().startswith("path,") and len(out.read_text().splitlines()) == 3
+
+
+def test_evaluate_replaces_an_earlier_evaluation_and_no_other_files(tmp_path):
+    """evaluate --out into a folder holding a file of its own names that no evaluation wrote
+    (a user's metrics.json, a manifest as predictions.csv) is refused before inference, the
+    files untouched; an earlier evaluation's folder is written again."""
+    run = make_run(tmp_path / "run")
+    for k, name in enumerate(CLASSES):
+        write_pngs(tmp_path / "imgs" / name, n=2, seed=k)
+    ev = EvaluateConfig(model=str(run), data=DataConfig(path=str(tmp_path / "imgs"),
+                                                        cache_size=48),
+                        out=str(tmp_path / "ev"), split="all", device="cpu")
+    evaluate(ev)
+    evaluate(ev)  # its own earlier files
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.json").write_text('{"my": 1}')
+    with pytest.raises(SystemExit, match="holds metrics.json, which no earlier evaluation"):
+        evaluate(dataclasses.replace(ev, out=str(mine)))
+    (tmp_path / "ev" / "predictions.csv").write_text("path,label\na.png,COVID\n")
+    with pytest.raises(SystemExit, match="holds predictions.csv, which no earlier evaluation"):
+        evaluate(ev)
+    assert (mine / "metrics.json").read_text() == '{"my": 1}'
+    assert (tmp_path / "ev" / "predictions.csv").read_text() == "path,label\na.png,COVID\n"
 
 
 def test_an_unwritable_output_place_is_refused_before_inference(tmp_path, monkeypatch):
