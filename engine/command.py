@@ -79,6 +79,7 @@ def check_resumable(run: Run, cfg, inputs: str) -> None:
                                moved=lambda: _only_moved(run, cfg))
     else:  # starting over: nothing of the old run may pass for this one's
         run.start_over()
+        run.again = "the same command again without --no-resume"  # with it, it would start over
 
 
 def _only_moved(run: Run, cfg) -> bool:

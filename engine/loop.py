@@ -242,8 +242,8 @@ def fit(run: Run, t: Trainer, source, plan: Plan) -> list[dict]:
             run.flush()
             if stopping:
                 rep.close()
-                log(f"interrupted: checkpoint written to {run.checkpoint}; run the same command "
-                    "again to continue")
+                log(f"interrupted: checkpoint written to {run.checkpoint}; run {run.again} "
+                    "to continue")
                 raise SystemExit(130)
     finally:
         rep.close()

@@ -119,6 +119,22 @@ def test_sigint_checkpoints_then_the_same_command_continues(tmp_path, monkeypatc
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_an_interrupted_no_resume_run_says_to_drop_the_flag(tmp_path, monkeypatch, capsys):
+    """Rerun as it was typed, a --no-resume run would start over and lose what the
+    interruption kept: the message says to drop the flag."""
+    real = loop.train_step
+
+    def ctrl_c(*a):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*a)
+    monkeypatch.setattr(loop, "train_step", ctrl_c)
+    with pytest.raises(SystemExit) as e:
+        pretrain_mod.pretrain(pretrain_cfg("cross", out=str(tmp_path), name="n", epochs=2,
+                                           resume=False))
+    assert e.value.code == 130
+    assert "run the same command again without --no-resume to continue" in capsys.readouterr().err
+
+
 def test_resume_refuses_other_settings_and_names_them(tmp_path):
     pretrain_mod.pretrain(pretrain_cfg(out=str(tmp_path), name="r"))
     with pytest.raises(SystemExit, match=r"different settings \(lr: 0.03 -> 0.1\); use"):
