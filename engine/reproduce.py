@@ -197,6 +197,11 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     # The scan every cell then maps; a split no cell could score fails before any training.
     ds = load_dataset(data, need_labels=True, log=log)
     check_split_classes(ds, cfg.positive_class)
+    batch = p["pretrain_batch"] * dist.world()
+    if any(method for _, method, _ in rows) and len(ds.train_idx) < batch:  # no --batch-size
+        raise SystemExit(f"--data {cfg.data.path}: {len(ds.train_idx)} training images are "
+                         f"fewer than one pretraining batch of the {cfg.preset} preset "
+                         f"({batch}); reproduce needs more images")
     if cfg.evaluate_on:  # read at the first cell's end: a bad set must fail before any training
         check_evaluate_on(cfg.evaluate_on, ds.class_names,
                           dataclasses.replace(data, path=cfg.evaluate_on))

@@ -181,6 +181,17 @@ def test_a_positive_class_missing_from_the_data_is_refused_before_any_training(t
     assert not (tmp_path / "grid").exists()
 
 
+def test_too_few_images_for_the_presets_batch_are_refused_before_any_training(tmp_path):
+    """reproduce has no --batch-size: the refusal says what to change (the data), not the
+    flag pretrain's own message names."""
+    cfg = ReproduceConfig(runtime=Runtime(device="cpu", out=str(tmp_path), name="grid"),
+                          preset="paper", rows=("cross",), fractions=(1.0,))  # the demo set
+    with pytest.raises(SystemExit, match=r"training images are fewer than one pretraining batch "
+                       r"of the paper preset \(256\); reproduce needs more images$"):
+        reproduce_mod.reproduce(cfg)
+    assert not (tmp_path / "grid").exists()
+
+
 def test_unknown_rows_are_refused(tmp_path):
     cfg = ReproduceConfig(runtime=Runtime(device="cpu", out=str(tmp_path)), rows=("moco",))
     with pytest.raises(SystemExit, match="--row: unknown moco"):
