@@ -35,14 +35,15 @@ def cache(
 def run(cfg: CacheConfig) -> None:
     """The table of cfg's cache folder, after pruning it when asked."""
     from sstl.engine.data.cache import default_cache_dir
-    from sstl.engine.data.cachedir import entries, prune as prune_folder
+    from sstl.engine.data.cachedir import entries, prune as prune_folder, temporaries_bytes
 
     folder = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     console = Console()
     if cfg.prune:
-        gone, failed = prune_folder(folder, cfg.other_versions)
-        console.print(f"deleted {_count(gone)} of {folder}, {_mb(sum(e.bytes for e in gone))}",
-                      markup=False)
+        gone, failed, temporaries = prune_folder(folder, cfg.other_versions)
+        console.print(f"deleted {_count(gone)} of {folder}, {_mb(sum(e.bytes for e in gone))}"
+                      + (f", and dead builds' temporaries, {_mb(temporaries)}" if temporaries
+                         else ""), markup=False)
         for why in failed:
             console.print(f"could not delete {why}", markup=False)
     found = entries(folder)
@@ -65,6 +66,10 @@ def run(cfg: CacheConfig) -> None:
         line += (f"; {len(other)} made by another sstl version or decoder "
                  f"({_mb(sum(e.bytes for e in other))}): `--prune --other-versions` deletes them "
                  "too")
+    temporaries = temporaries_bytes(folder) if folder.is_dir() else 0
+    if temporaries:
+        line += (f"; temporaries of builds that were killed ({_mb(temporaries)}): "
+                 "`sstl cache --prune` deletes them")
     console.print(line, markup=False)
 
 

@@ -33,7 +33,7 @@ def _states(cache: Path) -> dict[str, str]:
 
 
 def _names(gone_failed) -> list[str]:
-    gone, failed = gone_failed
+    gone, failed, _ = gone_failed
     assert failed == []
     return sorted(e.name for e in gone)
 
@@ -204,7 +204,7 @@ def test_a_file_prune_may_not_delete_is_reported_and_the_rest_go_on(tmp_path, mo
             raise PermissionError(1, "Operation not permitted", str(self))
         return real_unlink(self, *a, **kw)
     monkeypatch.setattr(Path, "unlink", unlink)
-    gone, failed = prune(tmp_path)
+    gone, failed, _ = prune(tmp_path)
     assert [e.name for e in gone] == [old.stem] and young.exists() and not old.exists()
     assert failed == [f"{young.stem}: Operation not permitted"]
 
@@ -215,15 +215,20 @@ def test_cli_lists_and_prunes(tmp_path):
     _load(data, cache)
     Image.new("L", (64, 64), 9).save(files[1])
     _load(data, cache)
+    import socket  # a build killed mid-write left its temporary (a whole cache, at worst)
+    dead = cache / f".{'c' * 24}.npy.tmp99999999@{socket.gethostname()}"
+    dead.write_bytes(b"x" * 2**21)
     runner = CliRunner()
     listed = runner.invoke(app, ["cache", "--cache-dir", str(cache)], env={"COLUMNS": "200"})
     assert listed.exit_code == 0, listed.output
     assert "stale" in listed.output and "current" in listed.output
     assert "1 stale or incomplete" in listed.output
+    assert "temporaries of builds that were killed (2.0 MB)" in listed.output
     pruned = runner.invoke(app, ["cache", "--cache-dir", str(cache), "--prune"],
                            env={"COLUMNS": "200"})
     assert pruned.exit_code == 0, pruned.output
-    assert "deleted 1 entry" in pruned.output
+    assert "deleted 1 entry" in pruned.output and "temporaries, 2.0 MB" in pruned.output
+    assert not dead.exists() and "temporaries" not in pruned.output.splitlines()[-1]
     assert list(_states(cache).values()) == ["current"]
     missing = runner.invoke(app, ["cache", "--cache-dir", str(tmp_path / "nope")])
     assert missing.exit_code != 0 and "is not a folder" in missing.output

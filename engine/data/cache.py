@@ -240,16 +240,20 @@ def _decode_all(records, size, tmp_npy: Path, workers: int, progress):
     return reasons, digests
 
 
-def clear_stale_temporaries(folder: Path) -> list[Path]:
-    """Remove build temporaries whose process is gone (same host, or no host in the name:
-    the older format); return what was removed. A temporary is a file (a cache being
-    written) or a folder (the demo set being drawn, cut short by Ctrl-C)."""
-    removed = []
+def stale_temporaries(folder: Path) -> list[Path]:
+    """Build temporaries whose process is gone (same host, or no host in the name: the older
+    format). A temporary is a file (a cache being written) or a folder (the demo set being
+    drawn, cut short by Ctrl-C)."""
     host = socket.gethostname()
-    for f in folder.glob("*.tmp*"):
-        m = TEMP.search(f.name)
-        if not m or (m.group(2) or host) != host or _running(int(m.group(1))):
-            continue
+    return [f for f in sorted(folder.glob("*.tmp*"))
+            if (m := TEMP.search(f.name)) and (m.group(2) or host) == host
+            and not _running(int(m.group(1)))]
+
+
+def clear_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove stale_temporaries(folder); return what was removed."""
+    removed = []
+    for f in stale_temporaries(folder):
         try:
             remove(f)
             removed.append(f)

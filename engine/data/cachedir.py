@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .cache import (FORMAT_VERSION, clear_stale_temporaries, decoder_identity, file_states,
-                    key_for, remove)
+                    key_for, remove, stale_temporaries)
 
 _KEY = re.compile(r"^[0-9a-f]{24}$")
 _BUILDING_S = 3600  # a younger orphan may be another process between its two renames
@@ -67,10 +67,11 @@ def entries(folder: Path, root: str | None = None) -> list[Entry]:
     return sorted(found, key=lambda e: e.written, reverse=True)
 
 
-def prune(folder: Path, other_versions: bool = False) -> tuple[list[Entry], list[str]]:
+def prune(folder: Path, other_versions: bool = False) -> tuple[list[Entry], list[str], int]:
     """Delete the stale and incomplete entries (and "other sstl" ones if asked) and dead
-    builds' temporaries; return (what was deleted, why some could not be). Two passes: a
-    demo set deleted in the first leaves its caches stale for the second."""
+    builds' temporaries; return (what was deleted, why some could not be, the temporaries'
+    bytes). Two passes: a demo set deleted in the first leaves its caches stale for the
+    second."""
     doomed = PRUNED + (("other sstl",) if other_versions else ())
     gone: list[Entry] = []
     failed: list[str] = []
@@ -86,8 +87,20 @@ def prune(folder: Path, other_versions: bool = False) -> tuple[list[Entry], list
                     gone.append(e)
                 except OSError as err:  # another user's file in a shared folder, say
                     failed.append(f"{e.name}: {err.strerror or err}")
+    temporaries = temporaries_bytes(folder)
     clear_stale_temporaries(folder)
-    return gone, failed
+    return gone, failed, temporaries
+
+
+def temporaries_bytes(folder: Path) -> int:
+    """Bytes held by dead builds' temporaries (a cache's .npy cut by a kill: up to the whole
+    cache) in `folder`."""
+    total = 0
+    for t in stale_temporaries(folder):
+        for f in (t.rglob("*") if t.is_dir() else (t,)):
+            with contextlib.suppress(OSError):
+                total += f.stat().st_size if f.is_file() else 0
+    return total
 
 
 def _unchanged(folder: Path, e: Entry) -> bool:
