@@ -182,6 +182,8 @@ def weights_file(path: str | os.PathLike, default_name: str, give: str | None = 
     `give`: only sstl's .safetensors will do, and this says what to give instead (`flag`
     names the option, in the message)."""
     p = Path(path).expanduser()
+    if not p.exists():
+        raise SystemExit(f"{flag + ' ' if flag else ''}{path}: no such file or folder")
     if p.is_dir():
         p = p / default_name
     if not p.is_file():

@@ -161,8 +161,11 @@ def test_finetune_refuses_missing_weights_before_scanning_the_data(tmp_path, mon
                         lambda *a, **k: pytest.fail("the data was scanned first"))
     with pytest.raises(SystemExit, match="resnet18-f37072fd.pth"):
         finetune(finetune_cfg(init="imagenet", imagenet_weights="V1", out=str(tmp_path)))
-    with pytest.raises(SystemExit, match="no encoder.safetensors there"):
+    with pytest.raises(SystemExit, match="--encoder .*nowhere: no such file or folder$"):
         finetune(finetune_cfg(encoder=str(tmp_path / "nowhere"), out=str(tmp_path)))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no encoder.safetensors there"):
+        finetune(finetune_cfg(encoder=str(tmp_path / "empty"), out=str(tmp_path)))
 
 
 def test_the_sidecars_and_card_name_the_imagenet_weights(tmp_path, monkeypatch):
