@@ -246,10 +246,16 @@ def test_split(ds, meta: dict, data: DataConfig) -> np.ndarray:
     """The test split of `data`; for the model's own data, it must be the one training held out."""
     if meta.get("data_fingerprint") == ds.fingerprint() and \
             meta.get("test_fingerprint") != ds.fingerprint(ds.test_idx):
+        given = (data.split_seed, data.test_fraction)
+        fix = (f"pass --split-seed {meta.get('split_seed')} --test-fraction "
+               f"{meta.get('test_fraction')}"
+               if given != (meta.get("split_seed"), meta.get("test_fraction")) else
+               # the same flags: training's split came from a manifest's split or group column
+               "training read its split from a manifest (its `split` or `group` column): give "
+               "that manifest as --data")
         raise SystemExit(f"this is the model's training data, but --split-seed {data.split_seed} "
                          f"--test-fraction {data.test_fraction} gives another test split than "
-                         f"training held out; pass --split-seed {meta.get('split_seed')} "
-                         f"--test-fraction {meta.get('test_fraction')}")
+                         f"training held out; {fix}")
     if len(ds.test_idx) == 0:  # a few images: the stratified split held none of them out
         raise SystemExit(f"--split test: the test split of these {len(ds.records)} images is "
                          f"empty (--test-fraction {data.test_fraction}); evaluate with --split "

@@ -242,6 +242,24 @@ def test_evaluate_replaces_an_earlier_evaluation_and_no_other_files(tmp_path):
     assert (tmp_path / "ev" / "predictions.csv").read_text() == "path,label\na.png,COVID\n"
 
 
+def test_another_test_split_of_the_training_data_says_where_training_took_its_own():
+    """The model's own images with a test split other than training's: other flags are
+    named; the same flags mean training read its split from a manifest's column."""
+    from sstl.engine.predict import test_split
+
+    class Images:  # the model's data (same fingerprint), another test split
+        test_idx, records = np.array([0]), [None, None]
+
+        def fingerprint(self, idx=None):
+            return "all" if idx is None else "other test"
+    meta = {"data_fingerprint": "all", "test_fingerprint": "its test", "split_seed": 0,
+            "test_fraction": 0.2}
+    with pytest.raises(SystemExit, match="pass --split-seed 0 --test-fraction 0.2$"):
+        test_split(Images(), meta, DataConfig(split_seed=3, test_fraction=0.2))
+    with pytest.raises(SystemExit, match="from a manifest .*give that manifest as --data$"):
+        test_split(Images(), meta, DataConfig(split_seed=0, test_fraction=0.2))
+
+
 def test_an_unwritable_output_place_is_refused_before_inference(tmp_path, monkeypatch):
     """A read-only --out or --out-csv folder (os.access says so, as on a read-only mount)
     is found before the model runs, not after, when the results would be lost."""
