@@ -394,7 +394,22 @@ def _check_bench(cfg: BenchConfig, need) -> BenchConfig:
     need(cfg.view_size >= 32, f"--view-size must be at least 32, not {cfg.view_size}")
     need(cfg.steps is None or cfg.steps >= 1, f"--steps must be at least 1, not {cfg.steps}")
     _check_out_file(cfg.json, "--json", "bench.json", need)
+    need(cfg.json is None or _earlier_bench(Path(cfg.json).expanduser()),
+         f"--json {cfg.json} exists and is not an earlier `sstl bench` result: it would be "
+         "replaced; name a new file")
     return cfg
+
+
+def _earlier_bench(path: Path) -> bool:
+    """Whether bench may write its JSON at `path`: nothing is there, or an earlier bench's
+    (an object of step, data and kernels results)."""
+    try:
+        found = json.loads(path.read_text())
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):  # unreadable, or not JSON: someone else's file
+        return False
+    return isinstance(found, dict) and set(found) <= {"step", "data", "kernels"}
 
 
 def _check_cache(cfg: CacheConfig, need) -> CacheConfig:

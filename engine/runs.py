@@ -185,7 +185,7 @@ class Run:
             self._before = {"timing.json": [], "config.json": []}
         if old:  # the user asked for it, but work is deleted: say what went
             log(f"--no-resume: starting {self.path} over; the earlier run's "
-                f"{', '.join(old[:4])}{' ...' if len(old) > 4 else ''} removed")
+                f"{', '.join(old)} removed")
 
     def save(self, state: dict) -> None:
         """Snapshot `state` to host memory now; write and rotate it on a background thread."""

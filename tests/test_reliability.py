@@ -110,6 +110,23 @@ def test_bad_values_of_bench_export_and_cache_are_refused_before_any_work(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_bench_json_replaces_only_an_earlier_bench_result(tmp_path, monkeypatch):
+    from sstl.benchmarks import kernels
+
+    monkeypatch.setattr(kernels, "run", lambda **kw: {"rows": []})
+    monkeypatch.setattr(kernels, "print_report", lambda r: None)
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"my": "notes"}')
+    r = CliRunner().invoke(app, ["bench", "--what", "kernels", "--json", str(mine)])
+    assert r.exit_code not in (0, None) and "is not an earlier `sstl bench` result" in r.output
+    assert mine.read_text() == '{"my": "notes"}'
+    ours = tmp_path / "bench.json"
+    for _ in range(2):  # written, then replaced
+        r = CliRunner().invoke(app, ["bench", "--what", "kernels", "--json", str(ours)])
+        assert r.exit_code == 0, r.output
+    assert json.loads(ours.read_text()) == {"kernels": {"rows": []}}
+
+
 def test_one_class_data_is_refused_for_finetuning(tmp_path):
     from .tiny_run import write_pngs
 
