@@ -50,8 +50,9 @@ CUDA-graph tests first (small nets, no compile: under a minute; graphed steps th
 numbers would not show in the recipe's timings), with a run timeout_s of about 540:
     bash benchmarks/gpu_run.sh --tests tests/test_graphs.py --only recipe \
         --data .data/cxr-dev-gray224
-(pass 1 of the recipe, cold compile included, took about 270 s on the H200; pass 2, warm,
-about 100 s: it runs while 60 s of the 480 s budget are left and is cut at the budget.)
+(On the H200, issue13-nvidia-h200.json, pass 1 took 204 s with its pretraining's compilation
+already cached by an earlier section, which costs about 65 s cold; pass 2 took 99 s. Pass 2
+starts while 60 s of the 480 s budget are left, and is cut at the budget.)
 """
 from __future__ import annotations
 
