@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
+from sstl.engine.runs import Output
 from rich.table import Table
 
 from sstl.cli.paths import path_value
@@ -32,7 +32,7 @@ def print_rows(title: str, rows: list[dict], columns: list[str]) -> None:
         table.add_column(HEADERS.get(c, c), justify="left" if c in ("rung", "target", "skipped") else "right")
     for r in rows:
         table.add_row(*(_fmt(r.get(c)) for c in columns))
-    Console().print(table)
+    Output().print(table)
 
 
 B = BenchConfig

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
+from sstl.engine.runs import Output
 from rich.table import Table
 
 from sstl.cli.paths import path_value
@@ -38,7 +38,7 @@ def run(cfg: CacheConfig) -> None:
     from sstl.engine.data.cachedir import entries, prune as prune_folder, temporaries_bytes
 
     folder = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    console = Console()
+    console = Output()
     if cfg.prune:
         gone, failed, temporaries = prune_folder(folder, cfg.other_versions)
         console.print(f"deleted {_count(gone)} of {folder}, {_mb(sum(e.bytes for e in gone))}"

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
+from sstl.engine.runs import Output
 
 from sstl.cli.paths import path_value
 from sstl.engine.config import ExportConfig
@@ -28,7 +28,7 @@ def export(
 
     r = run(ExportConfig(model=str(model), format=format, out=str(out) if out else None,
                          images=tuple(str(p) for p in images or ()), tolerance=tolerance))
-    Console().print(f"wrote {r['onnx']} (opset {r['opset']}) and {r['sidecar']}\n"
+    Output().print(f"wrote {r['onnx']} (opset {r['opset']}) and {r['sidecar']}\n"
                     f"checked on {r['images_checked']} {r['check_source']}: onnxruntime vs torch "
                     f"max |diff| of probabilities {r['max_abs_diff_probs']:.2e} "
                     f"(tolerance {r['tolerance']:g}), same predicted class: "

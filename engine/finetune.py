@@ -14,7 +14,6 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -33,7 +32,7 @@ from .models import (imagenet_tag, is_start_file, learned_images, saw_all_unlabe
                      sstl_weights, weights_file)
 from .inputs import run_inputs
 from .record import save_weights, settings_hash
-from .runs import Run, log
+from .runs import Output, Run, log
 from .classifier import check_start, classifier_trainer, eval_probs
 
 FEW_IMAGES = 5  # a class with fewer training images than this gets a warning (noisy results)
@@ -306,7 +305,7 @@ def finish(run: Path, cfg: FinetuneConfig, ds: Dataset, rows: list[dict], probs,
     draw_figures(run, y_test, probs, ds.class_names, cfg.positive_class, f"final epoch {len(rows)}")
     curves_png(rows, run / "curves.png")
     write_card(run, cfg, ds, rows, summary, probs, subset_counts)
-    Console().print(summary_table(summary, f"{cfg.arch} from {Path(start).name}, "
+    Output().print(summary_table(summary, f"{cfg.arch} from {Path(start).name}, "
                                            f"fraction {cfg.fraction}: {run}"))
     return summary
 

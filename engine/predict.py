@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
@@ -29,7 +28,7 @@ from .io import atomic_write, make_dir
 from .classifier import class_probs
 from .metrics import METRICS, classification_metrics, display_name
 from .models import load_classifier, saw_all_unlabelled, without_image_list
-from .runs import log
+from .runs import Output, log
 
 SHOWN_ROWS = 50  # the printed table stops here; the CSV has every row
 LEFT_OUT = "left out: "  # the error of a file a folder holds but predict does not read
@@ -93,9 +92,9 @@ def predict(cfg: PredictConfig) -> list[dict]:
             if cfg.cam:  # which overlay shows this image ("" where there is none)
                 rows[-1]["cam"] = "" if img is None else str(next(cams))
     write_predictions(rows, names, Path(cfg.out_csv), "--out-csv")
-    Console().print(predictions_table(rows, names, cfg.out_csv))
+    Output().print(predictions_table(rows, names, cfg.out_csv))
     if cfg.cam:
-        Console().print(f"Grad-CAM overlays of the predicted class in {cfg.cam}", markup=False)
+        Output().print(f"Grad-CAM overlays of the predicted class in {cfg.cam}", markup=False)
     if cam_failed:
         raise SystemExit(f"Grad-CAM failed for {sum(n for n, _ in cam_failed)} images (first: "
                          f"{cam_failed[0][1]}); every prediction is in {cfg.out_csv}")
@@ -206,7 +205,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                             channels_last=res.channels_last)
     probs = class_probs(model, (x for x, _ in source.epoch(0)), res.autocast).cpu().numpy()
     m = classification_metrics(targets[idx], probs.argmax(1), probs, names, meta["positive_class"])
-    Console().print(metrics_table(m, f"model {Path(cfg.model).name} on {ds.root.name}, "
+    Output().print(metrics_table(m, f"model {Path(cfg.model).name} on {ds.root.name}, "
                                      f"{cfg.split}: {len(idx)} images"))
     if cfg.out:
         write_evaluation(Path(cfg.out), m, ds, idx, targets, probs, meta, learned)
@@ -250,9 +249,10 @@ def test_split(ds, meta: dict, data: DataConfig) -> np.ndarray:
         fix = (f"pass --split-seed {meta.get('split_seed')} --test-fraction "
                f"{meta.get('test_fraction')}"
                if given != (meta.get("split_seed"), meta.get("test_fraction")) else
-               # the same flags: training's split came from a manifest's split or group column
-               "training read its split from a manifest (its `split` or `group` column): give "
-               "that manifest as --data")
+               # The same flags: the images are the same (by path), their split is not.
+               "with training's own flags the split still differs: a manifest's `split` or "
+               "`group` column (one side read a manifest, the other the folder), or labels "
+               "changed since; give --data as training read it")
         raise SystemExit(f"this is the model's training data, but --split-seed {data.split_seed} "
                          f"--test-fraction {data.test_fraction} gives another test split than "
                          f"training held out; {fix}")

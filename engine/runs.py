@@ -44,18 +44,20 @@ from .io import TEMP, WriteError, atomic_write, first_line, make_dir, save_json
 from .keys import config_hash
 from .record import environment
 
-class _LogConsole(Console):
+class Output(Console):
+    """A Rich console that outlives its reader: `sstl reproduce 2>&1 | head` closes the pipe
+    after a few lines. Rich would exit (status 1) at the next line, losing what a run trained
+    since its last checkpoint (or all of it, or a grid's later cells); the command goes on,
+    its output to /dev/null instead. Every console of sstl's commands is one."""
+
     def on_broken_pipe(self) -> None:
-        """`sstl pretrain 2>&1 | head`: whoever read the log stopped reading. Rich would exit
-        (status 1), losing what the run trained since its last checkpoint, or all of it; the
-        run goes on unlogged instead."""
         null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, sys.stderr.fileno())  # Python's own writes, and its flush at exit
+        os.dup2(null, self.file.fileno())  # Python's own writes, and its flush at exit
         os.close(null)
         self.quiet = True
 
 
-console = _LogConsole(stderr=True)
+console = Output(stderr=True)  # the log
 CHECKPOINT_FORMAT = 2  # 2: one checkpoint layout for every command (the shared loop)
 
 
