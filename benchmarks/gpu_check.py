@@ -431,10 +431,13 @@ def main() -> None:
             if isinstance(e, SystemExit) and not isinstance(e.code, str):
                 # An exit status (130: Ctrl-C, or the lease's SIGTERM): stop now, with what
                 # finished written down.
-                summary[name] = {"error": f"interrupted (exit {e.code})"}
+                summary[name] = {**summary.get(name, {}),
+                                 "error": f"interrupted (exit {e.code})"}
                 results.put("failed", {**failed, name: [summary[name]["error"]]})
                 raise
-            summary[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
+            # A recipe's finished commands (its partial rows) stay beside the error.
+            summary[name] = {**summary.get(name, {}), "error": f"{type(e).__name__}: {e}",
+                             "trace": traceback.format_exc()}
         summary[name]["seconds"] = time.perf_counter() - s0
         bad = failures(name, summary[name])
         if bad:

@@ -197,7 +197,7 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     # The scan every cell then maps; a split no cell could score fails before any training.
     ds = load_dataset(data, need_labels=True, log=log)
     check_split_classes(ds, cfg.positive_class)
-    batch = p["pretrain_batch"] * dist.world()
+    batch = p["pretrain_batch"]  # global: resolve() splits it across ranks
     if any(method for _, method, _ in rows) and len(ds.train_idx) < batch:  # no --batch-size
         raise SystemExit(f"--data {cfg.data.path}: {len(ds.train_idx)} training images are "
                          f"fewer than one pretraining batch of the {cfg.preset} preset "

@@ -226,6 +226,8 @@ def test_gpu_check_recipe_sends_back_records_not_weights(tmp_path, monkeypatch):
     import sys
     import tempfile
 
+    import pytest
+
     from sstl.benchmarks import gpu_check
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the run folders: not /tmp's
@@ -262,6 +264,15 @@ def test_gpu_check_recipe_sends_back_records_not_weights(tmp_path, monkeypatch):
     done = json.loads((out / "gpu-check.json").read_text())
     assert done["recipe"]["result"] == {"written": {"partial": {"rows": ["half"]}}}
     assert "git_sha" in done["machine"] and done["failed"] == {}
+
+    def broken(data, deadline, partial):  # the rows finished before a crash stay
+        partial({"rows": ["half"]})
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(gpu_check, "recipe", broken)
+    with pytest.raises(SystemExit, match="failed: recipe"):
+        gpu_check.main()
+    done = json.loads((out / "gpu-check.json").read_text())["recipe"]
+    assert done["partial"] == {"rows": ["half"]} and done["error"] == "RuntimeError: disk full"
 
 
 def test_gpu_check_recipe_stops_at_its_deadline_and_after_a_failure(tmp_path, monkeypatch):

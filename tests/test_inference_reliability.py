@@ -244,7 +244,7 @@ def test_evaluate_replaces_an_earlier_evaluation_and_no_other_files(tmp_path):
 
 def test_another_test_split_of_the_training_data_says_where_training_took_its_own():
     """The model's own images with a test split other than training's: other flags are
-    named; the same flags mean training read its split from a manifest's column."""
+    named; with the same flags, what else makes a split (a manifest's columns, labels)."""
     from sstl.engine.predict import test_split
 
     class Images:  # the model's data (same fingerprint), another test split
@@ -256,7 +256,7 @@ def test_another_test_split_of_the_training_data_says_where_training_took_its_ow
             "test_fraction": 0.2}
     with pytest.raises(SystemExit, match="pass --split-seed 0 --test-fraction 0.2$"):
         test_split(Images(), meta, DataConfig(split_seed=3, test_fraction=0.2))
-    with pytest.raises(SystemExit, match="from a manifest .*give that manifest as --data$"):
+    with pytest.raises(SystemExit, match="`group` column .*give --data as training read it$"):
         test_split(Images(), meta, DataConfig(split_seed=0, test_fraction=0.2))
 
 

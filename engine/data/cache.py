@@ -251,13 +251,14 @@ def stale_temporaries(folder: Path) -> list[Path]:
 
 
 def clear_stale_temporaries(folder: Path) -> list[Path]:
-    """Remove stale_temporaries(folder); return what was removed."""
+    """Remove stale_temporaries(folder) (housekeeping before a build: one that cannot be
+    removed, another user's in a shared folder, is left); return what was removed."""
     removed = []
     for f in stale_temporaries(folder):
         try:
             remove(f)
             removed.append(f)
-        except FileNotFoundError:  # another process cleared it first
+        except OSError:  # cleared by another process first, or not ours to delete
             pass
     return removed
 

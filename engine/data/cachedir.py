@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache import (FORMAT_VERSION, clear_stale_temporaries, decoder_identity, file_states,
-                    key_for, remove, stale_temporaries)
+from .cache import (FORMAT_VERSION, decoder_identity, file_states, key_for, remove,
+                    stale_temporaries)
 
 _KEY = re.compile(r"^[0-9a-f]{24}$")
 _BUILDING_S = 3600  # a younger orphan may be another process between its two renames
@@ -87,19 +87,31 @@ def prune(folder: Path, other_versions: bool = False) -> tuple[list[Entry], list
                     gone.append(e)
                 except OSError as err:  # another user's file in a shared folder, say
                     failed.append(f"{e.name}: {err.strerror or err}")
-    temporaries = temporaries_bytes(folder)
-    clear_stale_temporaries(folder)
-    return gone, failed, temporaries
+    freed = 0
+    for t in stale_temporaries(folder):
+        size = _bytes(t)
+        try:
+            remove(t)
+            freed += size
+        except FileNotFoundError:  # another process cleared it first
+            pass
+        except OSError as err:
+            failed.append(f"{t.name}: {err.strerror or err}")
+    return gone, failed, freed
 
 
 def temporaries_bytes(folder: Path) -> int:
     """Bytes held by dead builds' temporaries (a cache's .npy cut by a kill: up to the whole
     cache) in `folder`."""
+    return sum(_bytes(t) for t in stale_temporaries(folder))
+
+
+def _bytes(path: Path) -> int:
+    """A file's size, or a folder's files' (the demo set's temporary is a folder)."""
     total = 0
-    for t in stale_temporaries(folder):
-        for f in (t.rglob("*") if t.is_dir() else (t,)):
-            with contextlib.suppress(OSError):
-                total += f.stat().st_size if f.is_file() else 0
+    for f in (path.rglob("*") if path.is_dir() else (path,)):
+        with contextlib.suppress(OSError):
+            total += f.stat().st_size if f.is_file() else 0
     return total
 
 
