@@ -214,20 +214,18 @@ def test_a_dead_temporary_prune_may_not_delete_is_reported(tmp_path, monkeypatch
     (no traceback) and its bytes are not counted as freed; one that goes is counted."""
     import socket
 
-    from sstl.engine.data import cachedir
-
     host = socket.gethostname()
     theirs, ours = (tmp_path / f".{c * 24}.npy.tmp9999999{n}@{host}" for c, n in (("a", 8),
                                                                                   ("b", 9)))
     theirs.write_bytes(b"x" * 1000)
     ours.write_bytes(b"x" * 300)
-    real = cachedir.remove
+    real = cache_mod.remove  # what clears temporaries (clear_stale_temporaries)
 
     def remove(p):
         if p == theirs:
             raise PermissionError(1, "Operation not permitted", str(p))
         return real(p)
-    monkeypatch.setattr(cachedir, "remove", remove)
+    monkeypatch.setattr(cache_mod, "remove", remove)
     gone, failed, freed = prune(tmp_path)
     assert gone == [] and failed == [f"{theirs.name}: Operation not permitted"]
     assert freed == 300 and theirs.exists() and not ours.exists()

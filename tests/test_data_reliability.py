@@ -346,7 +346,7 @@ def test_stale_temporaries_of_dead_processes_are_cleared(tmp_path):
     load_or_build(_records(tmp_path, 2), 32, cache_dir)
     assert all((cache_dir / k).exists() for k in kept)
     assert not any((cache_dir / s).exists() for s in stale)
-    assert clear_stale_temporaries(cache_dir) == []
+    assert clear_stale_temporaries(cache_dir) == ([], [])
 
 
 def test_demo_set_interrupted_while_drawn_leaves_nothing(tmp_path, monkeypatch):

@@ -250,17 +250,19 @@ def stale_temporaries(folder: Path) -> list[Path]:
             and not _running(int(m.group(1)))]
 
 
-def clear_stale_temporaries(folder: Path) -> list[Path]:
-    """Remove stale_temporaries(folder) (housekeeping before a build: one that cannot be
-    removed, another user's in a shared folder, is left); return what was removed."""
-    removed = []
+def clear_stale_temporaries(folder: Path) -> tuple[list[Path], list[str]]:
+    """Remove stale_temporaries(folder); return (what was removed, why the others could not
+    be: another user's, in a shared folder). A build's housekeeping leaves those."""
+    removed, failed = [], []
     for f in stale_temporaries(folder):
         try:
             remove(f)
             removed.append(f)
-        except OSError:  # cleared by another process first, or not ours to delete
+        except FileNotFoundError:  # another process cleared it first
             pass
-    return removed
+        except OSError as err:
+            failed.append(f"{f.name}: {err.strerror or err}")
+    return removed, failed
 
 
 def remove(path: Path) -> None:

@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache import (FORMAT_VERSION, decoder_identity, file_states, key_for, remove,
-                    stale_temporaries)
+from .cache import (FORMAT_VERSION, clear_stale_temporaries, decoder_identity, file_states,
+                    key_for, remove, stale_temporaries)
 
 _KEY = re.compile(r"^[0-9a-f]{24}$")
 _BUILDING_S = 3600  # a younger orphan may be another process between its two renames
@@ -87,17 +87,9 @@ def prune(folder: Path, other_versions: bool = False) -> tuple[list[Entry], list
                     gone.append(e)
                 except OSError as err:  # another user's file in a shared folder, say
                     failed.append(f"{e.name}: {err.strerror or err}")
-    freed = 0
-    for t in stale_temporaries(folder):
-        size = _bytes(t)
-        try:
-            remove(t)
-            freed += size
-        except FileNotFoundError:  # another process cleared it first
-            pass
-        except OSError as err:
-            failed.append(f"{t.name}: {err.strerror or err}")
-    return gone, failed, freed
+    sizes = {t: _bytes(t) for t in stale_temporaries(folder)}  # measured before they go
+    removed, refused = clear_stale_temporaries(folder)
+    return gone, failed + refused, sum(sizes.get(t, 0) for t in removed)
 
 
 def temporaries_bytes(folder: Path) -> int:
