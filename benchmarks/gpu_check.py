@@ -1,9 +1,9 @@
 """Every check that needs a GPU, in one command that fits a lent machine's minutes.
 
     bash benchmarks/gpu_run.sh [ARGS]
-(gpu_run.sh: `python -m pip install --no-deps --no-build-isolation -e .`, or sstl from the
-checkout when the machine's setuptools cannot build it; then this script with ARGS, --out
-"$OUT". `python -m pip`: on the lent H200 a bare `pip` installs into another Python.)
+(gpu_run.sh: `python3 -m pip install --no-deps --no-build-isolation --no-index -e .`, or sstl
+from the checkout when the machine's setuptools cannot build it; then this script with ARGS,
+--out "$OUT". `python3 -m pip`: on the lent H200 a bare `pip` installs into another Python.)
 
 Sections, most important first, each written into --out/gpu-check.json as soon as it ends
 (one file, rewritten whole: a run cut short still returns what it finished, and a lent
@@ -66,7 +66,7 @@ from typing import Callable
 
 import torch
 
-from .common import machine
+from .common import machine, write_json
 
 
 def cuda_checks(device: str = "cuda", arch: str = "resnet50", batch: int = 64) -> dict:
@@ -362,18 +362,14 @@ def failures(name: str, section: dict) -> list[str]:
 
 class Results:
     """--out/gpu-check.json: the machine, every section so far and what failed, rewritten
-    whole (through a temporary and a rename) whenever a section or a recipe command ends."""
+    whole (write_json: atomic, strict) whenever a section or a recipe command ends."""
 
     def __init__(self, out: Path):
         self.path, self.data = out / "gpu-check.json", {"machine": machine()}
 
     def put(self, key: str, value) -> None:
-        import os
-
         self.data[key] = value
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str))
-        os.replace(tmp, self.path)
+        write_json(self.data, self.path)
 
 
 def main() -> None:
