@@ -5,11 +5,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from sstl.engine.runs import Output
 from rich.table import Table
 
 from sstl.cli.paths import path_value
 from sstl.engine.config import BenchConfig, pick_device
+from sstl.engine.runs import Output
 
 
 def _fmt(v) -> str:

@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from sstl.engine.runs import Output
 from rich.table import Table
 
 from sstl.cli.paths import path_value
 from sstl.engine.config import CacheConfig
+from sstl.engine.runs import Output
 
 
 def cache(

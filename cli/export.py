@@ -5,10 +5,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from sstl.engine.runs import Output
 
 from sstl.cli.paths import path_value
 from sstl.engine.config import ExportConfig
+from sstl.engine.runs import Output
 
 
 def export(

@@ -9,8 +9,8 @@ Nothing here imports the commands: config sits below them.
 from __future__ import annotations
 
 import contextlib
-import json
 import dataclasses
+import json
 import os
 import re
 from dataclasses import dataclass
