@@ -72,6 +72,10 @@ PAPER_REFERENCE = ("The paper's claim: Ours > Transfer > Cross > the other self-
                    "rows > From Scratch, at every label fraction. Its journal version reports "
                    "for Ours HM 0.985, AUC 0.999, Acc 0.953 (arXiv:2212.09276, abstract); the "
                    "other rows' published values are not reproduced here.")
+# Said beside every table: the rows compare methods under one protocol, not at their best.
+RECIPE_NOTE = ("Every row trains with the same recipe (the paper's: optimizer, epochs, batch, "
+               "views and augmentation), not each method's published best (BYOL and SimCLR "
+               "used LARS, large batches and cosine schedules).")
 
 
 def available_rows(cfg: ReproduceConfig) -> list[tuple[str, str | None, str]]:
@@ -372,7 +376,7 @@ def collect(cfg: ReproduceConfig, grid: Path, rows, cells: list[dict]) -> Path:
             lines.append(f"| {LABELS[row]} | " + " | ".join(_pm(s[k]) for k in keys) + " |")
     lines += fig3_table(table, rows, cfg.fractions, cfg.positive_class)
     transfer = any(start == "transfer" for _, _, start in rows)  # else no row used it
-    lines += ["", f"Reference: {PAPER_REFERENCE}", "",
+    lines += ["", RECIPE_NOTE, "", f"Reference: {PAPER_REFERENCE}", "",
               (f"Start of Ours/Transfer: {cfg.transfer}. " if transfer else "")
               + f"Data: {cfg.data.path or 'SYNTHETIC demo set'}."]
     text = "\n".join(lines) + "\n"

@@ -170,6 +170,7 @@ def test_tiny_grid_end_to_end_and_a_rerun_redoes_nothing(tmp_path, monkeypatch):
     md = (grid / "table2.md").read_text()
     assert md.startswith("# Table 2 (quick preset, 100% of the labels, 1-2 seed(s))")
     assert "where a row has several seeds" in md and "where it has one" in md
+    assert reproduce_mod.RECIPE_NOTE in md  # the rows compare one protocol, and it says so
 
 
 def test_a_positive_class_missing_from_the_data_is_refused_before_any_training(tmp_path):
