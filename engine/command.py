@@ -12,6 +12,7 @@ from . import dist
 from .config import size_warning
 from .data.dataset import Dataset, load_dataset, save_data_files
 from .keys import changed_settings, moved_away, only_moved, recorded_at, resume_keys
+from .models import is_start_file
 from .runs import Run, log
 
 
@@ -74,12 +75,51 @@ def check_resumable(run: Run, cfg, inputs: str) -> None:
     (run.found, which fit loads), refused when of other settings or other inputs so that a
     refused rerun leaves the run's files as they were; or, with --no-resume, the beginning,
     the old run cleared out."""
+    _check_same_command(run, cfg)
     if cfg.runtime.resume:
         run.found = run.resume(resume_keys(cfg), inputs, changes=lambda: _changes(run, cfg),
                                moved=lambda: _only_moved(run, cfg))
     else:  # starting over: nothing of the old run may pass for this one's
+        _check_inputs_outside(run, cfg)
         run.start_over()
         run.again = "the same command again without --no-resume"  # with it, it would start over
+
+
+def command_of(config) -> str | None:
+    """Which training command a config (a dataclass, or a recorded dict) belongs to, by the
+    fields only it has: finetune's fraction, pretrain's method, and of the two left the lr
+    schedule supervised has; None for a shape none has (an old version's)."""
+    fields = config if isinstance(config, dict) else vars(config)
+    for command, field in (("finetune", "fraction"), ("pretrain", "method"),
+                           ("supervised", "schedule")):
+        if field in fields:
+            return command
+    return None
+
+
+def _check_same_command(run: Run, cfg) -> None:
+    """A run directory of another command is never continued nor, with --no-resume, cleared:
+    `--name` naming a pretraining's folder for a fine-tuning would otherwise delete the
+    encoder the user may be fine-tuning from."""
+    recorded = recorded_at(run.path)
+    theirs, ours = command_of(recorded or {}), command_of(cfg)
+    if theirs is not None and theirs != ours:
+        raise SystemExit(f"{run.path} holds an `sstl {theirs}` run; give this `sstl {ours}` "
+                         "run another --name")
+
+
+def _check_inputs_outside(run: Run, cfg) -> None:
+    """--no-resume clears the run directory: refused where the command reads its start from
+    there (an --init or --encoder file inside it), which would be gone before it is read."""
+    here = run.path.resolve()
+    for flag in ("encoder", "init"):
+        value = getattr(cfg, flag, None)
+        if value is None or not is_start_file(value):
+            continue
+        p = Path(value).expanduser().resolve()
+        if p == here or here in p.parents:
+            raise SystemExit(f"--{flag} {value} is inside {run.path}, which --no-resume would "
+                             "clear before reading it; give this run another --name")
 
 
 def _only_moved(run: Run, cfg) -> bool:

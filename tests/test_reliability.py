@@ -371,6 +371,27 @@ def test_no_resume_discards_the_old_checkpoints_at_once(tmp_path, monkeypatch, c
     assert json.loads((run / "timing.json").read_text())["sessions"] == 2  # the aborted one
 
 
+def test_no_resume_never_clears_the_folder_the_command_reads_its_start_from(tmp_path):
+    """Found by a user: `finetune --encoder runs/p --name p` was refused as 'different
+    settings, or --no-resume to start over here', and --no-resume then deleted the encoder it
+    was about to fine-tune from. A folder of another command is refused either way, and a
+    start inside the folder --no-resume would clear is refused before anything goes."""
+    pre = pretrain(pretrain_cfg(out=str(tmp_path), name="p"))
+    kept = sorted(f.name for f in pre.iterdir())
+    for resume in (True, False):
+        with pytest.raises(SystemExit, match="holds an `sstl pretrain` run; give this "
+                                             "`sstl finetune` run another --name"):
+            finetune(finetune_cfg(out=str(tmp_path), name="p", encoder=str(pre), resume=resume))
+        assert sorted(f.name for f in pre.iterdir()) == kept
+    # Same command: a pretraining started from a file inside its own folder.
+    start = pre / "encoder.safetensors"
+    cfg = pretrain_cfg(out=str(tmp_path), name="p", init=str(start), resume=False)
+    with pytest.raises(SystemExit, match=f"--init {start} is inside {pre}, which --no-resume "
+                                         "would clear"):
+        pretrain(cfg)
+    assert sorted(f.name for f in pre.iterdir()) == kept
+
+
 def test_an_interrupted_session_keeps_its_wall_time(tmp_path, monkeypatch):
     cfg = _two_epochs(tmp_path, "int")
     real, calls = Run.save, []
