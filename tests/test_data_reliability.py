@@ -167,6 +167,30 @@ def test_manifest_reports_images_it_does_not_list(tmp_path):
     assert s.left_out == [{"path": "A", "reason": "not listed in the manifest", "files": 2}]
 
 
+def test_labels_spelt_two_ways_are_refused_not_made_two_classes(tmp_path):
+    """Found by a user: `covid` beside `COVID` (or `Bacterial  Pneumonia` with two spaces)
+    trained as classes of their own, silently, half the COVID images then counted as
+    negatives. A manifest and class folders are checked alike; one spelling passes."""
+    for i in range(4):
+        _png(tmp_path / "m" / f"{i}.png")
+    rows = ["COVID", "covid", "Viral Pneumonia", "Viral  Pneumonia"]
+    (tmp_path / "m" / "manifest.csv").write_text(
+        "path,label\n" + "".join(f"{i}.png,{lab}\n" for i, lab in enumerate(rows)))
+    with pytest.raises(DataError, match="differ only in case, spaces or underscores would be "
+                       "separate classes: 'COVID' and 'covid'; 'Viral  Pneumonia' and "
+                       "'Viral Pneumonia'; spell each class one way"):
+        scan(tmp_path / "m")
+    for name in ("Viral Pneumonia", "Viral_Pneumonia"):
+        _png(tmp_path / "f" / name / "0.png")
+    with pytest.raises(DataError, match="'Viral Pneumonia' and 'Viral_Pneumonia'"):
+        scan(tmp_path / "f")
+    (tmp_path / "m" / "manifest.csv").write_text(
+        "path,label\n" + "".join(f"{i}.png,{lab}\n" for i, lab in
+                                 enumerate(["COVID", "COVID", "Normal", "normal pneumonia"])))
+    assert sorted({r.label for r in scan(tmp_path / "m").records}) == ["COVID", "Normal",
+                                                                        "normal pneumonia"]
+
+
 def test_a_manifest_listing_no_images_says_so(tmp_path):
     (tmp_path / "manifest.csv").write_text("path,label\n")
     with pytest.raises(DataError, match="manifest.csv: lists no images"):
