@@ -64,7 +64,8 @@ def preprocessing(meta: dict) -> dict:
             "decode to grey uint8 (H, W): 8-bit files keep their values (RGB -> ITU-R 601 luma); "
             "16-bit and float files are stretched from their own min..max to 0..255; DICOM: "
             "modality LUT (rescale slope/intercept), then the VOI LUT or window centre/width "
-            "(else min..max) to 0..255, MONOCHROME1 inverted; an image of one value is refused",
+            "(else: data of 8 bits or fewer that no rescale changed kept as it is, deeper data "
+            "min..max) to 0..255, MONOCHROME1 inverted; an image of one value is refused",
             f"resize the whole image to {c} x {c} (PIL bilinear on the uint8 image, rounded to "
             "uint8; the aspect ratio is not kept)",
             f"resize to {s} x {s} (bilinear, antialiased, align_corners=False, as "

@@ -55,18 +55,28 @@ def pixels(bits: int, seed=0, shape=(40, 48)) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 2 ** bits, size=shape)
 
 
-def test_monochrome2_8bit_is_stretched_from_its_own_range(tmp_path):
-    a = pixels(8)
-    a[0, 0], a[0, 1] = 10, 200  # the data's range, not 0..255
-    a = np.clip(a, 10, 200)
-    got = load_gray(write_dcm(tmp_path / "a.dcm", a))
-    assert got.dtype == np.uint8 and got.shape == a.shape
-    np.testing.assert_array_equal(got, minmax_u8(a))
+def test_8bit_without_a_window_keeps_its_values_as_the_png_of_the_same_pixels(tmp_path):
+    """Found by a user: 8-bit DICOM without a window was stretched from its own min..max while
+    the PNG of the same pixels kept its values, and the two got different diagnoses. Data of
+    this depth is display-ready; the oracle is the PNG's decode (and the pixels themselves)."""
+    from PIL import Image
+
+    a = np.clip(pixels(8), 10, 200)  # the data's range is not 0..255: a stretch would show
+    Image.fromarray(a.astype(np.uint8)).save(tmp_path / "a.png")
+    for photometric, want in (("MONOCHROME2", a), ("MONOCHROME1", 255 - a)):
+        got = load_gray(write_dcm(tmp_path / f"{photometric}.dcm", a, photometric=photometric))
+        assert got.dtype == np.uint8 and got.shape == a.shape
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(load_gray(tmp_path / "MONOCHROME2.dcm"),
+                                  load_gray(tmp_path / "a.png"))
+    # A rescale that changes the values makes them modality values: stretched as before.
+    got = load_gray(write_dcm(tmp_path / "r.dcm", a, RescaleSlope=2, RescaleIntercept=-5))
+    np.testing.assert_array_equal(got, minmax_u8(a * 2 - 5))
 
 
 def test_monochrome1_is_inverted(tmp_path):
-    a = pixels(8, seed=1)
-    got = load_gray(write_dcm(tmp_path / "m1.dcm", a, photometric="MONOCHROME1"))
+    a = pixels(12, seed=1)
+    got = load_gray(write_dcm(tmp_path / "m1.dcm", a, bits=12, photometric="MONOCHROME1"))
     np.testing.assert_array_equal(got, 255 - minmax_u8(a))
 
 
@@ -145,7 +155,7 @@ def test_a_uniform_image_is_a_reason_not_an_image(tmp_path):
     would still predict a class for it."""
     f = write_dcm(tmp_path / "blank.dcm", np.full((40, 48), 9))
     img, err = decode_square(f, 32)
-    assert img is None and "uniform image (every pixel is 0)" in err
+    assert img is None and "uniform image (every pixel is 9)" in err  # kept, as 8-bit data is
 
 
 def test_not_a_dicom_and_no_pixels_are_reasons(tmp_path):
@@ -154,10 +164,27 @@ def test_not_a_dicom_and_no_pixels_are_reasons(tmp_path):
     assert decode_square(bad, 32)[0] is None
     f = write_dcm(tmp_path / "sr.dcm", pixels(8))
     ds = pydicom.dcmread(f)
-    del ds.PixelData
+    del ds.PixelData, ds.Rows, ds.Columns  # a report: no image attributes at all
     ds.save_as(str(f))
     img, err = decode_square(f, 32)
-    assert img is None and "pixel data" in err
+    assert img is None and "DICOM without pixel data (a report" in err
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, JPEGLSLossless])
+def test_a_truncated_dicom_is_called_truncated_not_a_report(tmp_path, syntax, recwarn):
+    """Found by a user: a compressed file cut inside its pixel data was called "a report or
+    other non-image object" (pydicom drops the unfinished element with a warning, which
+    leaked to the terminal). Cut before or inside the pixels, plain or encapsulated."""
+    raw = write_dcm(tmp_path / "full.dcm", pixels(8, shape=(64, 64)), syntax=syntax).read_bytes()
+    start = raw.index(b"\xe0\x7f\x10\x00")  # the (7FE0,0010) Pixel Data tag
+    for cut in (start - 2, start + 14):
+        f = tmp_path / f"cut{cut}.dcm"
+        f.write_bytes(raw[:cut])
+        img, err = decode_square(f, 32)
+        assert img is None and ("without its pixel data" in err or "cannot be decoded" in err
+                                or "needs a decoder" in err), err
+        assert "a report" not in err
+    assert not [w for w in recwarn if "pydicom" in w.filename]  # said once, by sstl
 
 
 def test_the_scan_reports_an_undecodable_dicom_and_keeps_the_rest(tmp_path):

@@ -4,7 +4,9 @@ The display pipeline of the DICOM standard (PS3.3 C.11), in its order:
   1. stored values -> modality values: Modality LUT or Rescale Slope/Intercept;
   2. modality values -> display values: the first VOI LUT, or else the first Window
      Centre/Width; the display range of that transform is mapped to 0..255. Without either,
-     the data's own min..max is (12-16 bit data rarely fills its nominal range);
+     unsigned data of 8 bits or fewer, unchanged by step 1, keeps its values (as an 8-bit
+     PNG does), and deeper data's own min..max is mapped (12-16 bit data rarely fills its
+     nominal range);
   3. MONOCHROME1 (white = low values) is inverted, so that bone is bright in every image;
   4. Pixel Padding (the area outside the image, often the type's extreme value) is black,
      and left out of the min..max above.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 
 import numpy as np
 
@@ -47,14 +50,22 @@ def load_dicom_gray(path: str | os.PathLike) -> np.ndarray:
     from pydicom.errors import InvalidDicomError
 
     try:
-        # force: a file named as DICOM but without the preamble (older exports) is still read.
-        ds = pydicom.dcmread(path, force=str(path).lower().endswith(DICOM_SUFFIXES))
+        # pydicom warns (and drops the element) where a file ends inside its pixel data: the
+        # warning is the reason, said below, not text for the user's terminal.
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            # force: a file named as DICOM but without the preamble (older exports) is read.
+            ds = pydicom.dcmread(path, force=str(path).lower().endswith(DICOM_SUFFIXES))
     except (InvalidDicomError, EOFError, OSError) as e:
         raise ValueError(f"not a readable DICOM file ({str(e).split(' Use force=')[0]})") from None
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise ValueError("DICOM with float pixel data (parametric maps), which sstl does "
                              "not read")
+        if any("End of file" in str(w.message) for w in said) or ("Rows" in ds
+                                                                  and "Columns" in ds):
+            raise ValueError("DICOM image without its pixel data: the file ends before or "
+                             "inside it (truncated: an incomplete copy or transfer?)")
         raise ValueError("DICOM without pixel data (a report or other non-image object)")
     uid = _transfer_syntax(ds)
     _check_decoder(uid)
@@ -123,6 +134,8 @@ def to_uint8(arr: np.ndarray, ds) -> np.ndarray:
         lo, hi = sorted(float(y) for y in apply_voi_lut(np.array([-1e12, 1e12]), ds,
                                                         prefer_lut=False))
         v = np.asarray(apply_voi_lut(v, ds, prefer_lut=False), dtype=np.float64)
+    elif _display_ready(arr, v, ds):  # as an 8-bit PNG of the same pixels decodes
+        lo, hi = 0.0, float(2 ** int(ds.BitsStored) - 1)
     else:  # the image's own range; padding (often the type's extreme) would crush it
         body = v[~pad] if (~pad).any() else v
         lo, hi = float(body.min()), float(body.max())
@@ -132,6 +145,15 @@ def to_uint8(arr: np.ndarray, ds) -> np.ndarray:
         gray = 255 - gray
     gray[pad] = 0  # outside the image area: shown black, whatever the photometry
     return gray
+
+
+def _display_ready(arr: np.ndarray, v: np.ndarray, ds) -> bool:
+    """Unsigned data of 8 bits or fewer that no modality transform changed: display values
+    already (a secondary capture, a converted PNG), kept as they are rather than stretched,
+    so the same pixels decode alike in DICOM and in PNG. Deeper data keeps the min..max."""
+    bits = int(ds.get("BitsStored", 0) or 0)
+    return (0 < bits <= 8 and not int(ds.get("PixelRepresentation", 0) or 0)
+            and np.array_equal(v, arr))
 
 
 def _padding(arr: np.ndarray, ds) -> np.ndarray:
