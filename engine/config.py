@@ -484,8 +484,8 @@ def _check_outputs(cfg, need) -> None:
                  "replace its files; name another folder")
         other = _not_an_evaluation(Path(cfg.out).expanduser())
         need(other is None, f"--out {cfg.out} holds {other}, which no earlier evaluation "
-             "wrote: the evaluation would replace it; name a new or empty folder, or an earlier "
-             "evaluation's")
+             "wrote: the evaluation would write among (or over) it; name a new or empty "
+             "folder, or an earlier evaluation's")
         # A manifest reads only the files it lists; a folder reads every image below it.
         folder = cfg.data.path and Path(cfg.data.path).expanduser().is_dir()
         need(not (folder and _under(cfg.out, cfg.data.path)),
@@ -524,20 +524,22 @@ EVALUATION_FILES = ("metrics.json", "data_report.json", "predictions.csv",
 
 
 def _not_an_evaluation(folder: Path) -> str | None:
-    """The first file of EVALUATION_FILES in `folder` that an earlier evaluation did not
-    write (its metrics.json names the model and the metrics), or None where none is there or
-    all are an evaluation's."""
-    there = [f for f in EVALUATION_FILES if (folder / f).is_file()]
-    if not there:
-        return None
+    """The first entry of `folder` that keeps it from taking an evaluation's files, or None:
+    a new or empty folder (hidden files aside), or an earlier evaluation's (its metrics.json
+    names the model and the metrics; then only a predictions.csv not of sstl's blocks it).
+    Anything else is the user's: X-rays there would be read as images by a later run."""
     try:
         record = json.loads((folder / "metrics.json").read_text())
         earlier = isinstance(record, dict) and {"metrics", "model"} <= set(record)
     except (OSError, ValueError):
         earlier = False
-    if not earlier:
-        return there[0]
-    return "predictions.csv" if not _replaceable_csv(folder / "predictions.csv") else None
+    if earlier:
+        return "predictions.csv" if not _replaceable_csv(folder / "predictions.csv") else None
+    try:
+        return next((p.name for p in sorted(folder.iterdir()) if not p.name.startswith(".")),
+                    None)
+    except OSError:  # nothing there, or unreadable: the write says why, replacing nothing
+        return None
 
 
 def _writable(path: str) -> bool:

@@ -240,6 +240,19 @@ def test_evaluate_replaces_an_earlier_evaluation_and_no_other_files(tmp_path):
         evaluate(ev)
     assert (mine / "metrics.json").read_text() == '{"my": 1}'
     assert (tmp_path / "ev" / "predictions.csv").read_text() == "path,label\na.png,COVID\n"
+    # Found by a user: a folder of X-rays took roc.png and confusion_matrix.png, which a later
+    # predict on that folder scored as images. Any file of the user's refuses it.
+    xrays = tmp_path / "xrays"
+    write_pngs(xrays, n=2)
+    (xrays / ".DS_Store").write_text("")
+    with pytest.raises(SystemExit, match="holds img0.png, which no earlier evaluation wrote"):
+        evaluate(dataclasses.replace(ev, out=str(xrays)))
+    assert sorted(p.name for p in xrays.iterdir()) == [".DS_Store", "img0.png", "img1.png"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / ".DS_Store").write_text("")  # hidden files alone: still an empty folder
+    evaluate(dataclasses.replace(ev, out=str(empty)))
+    assert (empty / "metrics.json").is_file()
 
 
 def test_another_test_split_of_the_training_data_says_where_training_took_its_own():
