@@ -269,7 +269,8 @@ def card_fields(info: dict) -> dict:
             "synthetic": synthetic, "class_names": names, "positive_class": info["positive_class"],
             "counts": {c: {"train": int(counts.get(c, {}).get("train", 0)),
                            "test": int(counts.get(c, {}).get("test", 0))} for c in names}},
-        "protocol": {k: info.get(k) for k in ("arch", "start", "fraction", "epochs", "image_size")},
+        "protocol": {k: info.get(k) for k in ("arch", "start", "fraction", "n_train",
+                                              "n_train_split", "epochs", "image_size")},
         "metrics": metrics,
         "metrics_note": (f"mean ± std over the last {info.get('last_n', '?')} epochs; final = "
                          f"epoch {info.get('final_epoch', '?')} (from 0, as in metrics.csv) with "
@@ -288,7 +289,8 @@ def write_model_card(folder, info: dict) -> Path:
       arch*             backbone name, e.g. "resnet50"
       start*            where the encoder came from: a path to encoder.safetensors, "imagenet"
                         or "random"
-      fraction*         share of the training split's labels used (0-1]
+      fraction*         share of the training split's labels asked for (0-1]
+      n_train, n_train_split  images the fraction took, of the training split's
       epochs*           fine-tuning epochs run
       image_size*       side of the classifier's input in pixels
       class_names*      list of class names, in the model's order
@@ -323,7 +325,11 @@ def write_model_card(folder, info: dict) -> Path:
               f"{sum(n['test'] for n in data['counts'].values())} |", "",
               "## Protocol", "",
               f"- Backbone: {proto['arch']}, encoder start: {proto['start']}",
-              f"- Labelled fraction of the training split: {proto['fraction']}",
+              f"- Labelled fraction of the training split: {proto['fraction']}"
+              + (f" requested; taken: {proto['n_train']} of its {proto['n_train_split']} images "
+                 f"({100 * proto['n_train'] / proto['n_train_split']:.2f}%: whole groups, at "
+                 "least one per class)" if proto.get("n_train") and proto.get("n_train_split")
+                 else ""),
               f"- Fine-tuning epochs: {proto['epochs']}, input {proto['image_size']} x "
               f"{proto['image_size']} pixels, grayscale replicated to 3 channels", "",
               "## Metrics (test split)", "", f["metrics_note"] + ".", "",

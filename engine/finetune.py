@@ -237,6 +237,10 @@ def check_split_classes(ds: Dataset, positive: str) -> None:
         raise DataError(f"the test split ({int(test.sum())} images) has no image of {missing}: "
                         f"sensitivity, specificity, HM and AUC of {positive!r} against the rest "
                         f"would be undefined; {fix}")
+    if (test == 0).any():  # the headline metrics stand; that class's recall cannot
+        absent = ", ".join(repr(ds.class_names[c]) for c in np.flatnonzero(test == 0))
+        log(f"warning: the test split has no image of {absent}: its recall will be NaN and "
+            f"accuracy measures the other classes only; {fix}")
 
 
 def choose_subset(cfg: FinetuneConfig, ds: Dataset, run: Path, write: bool = True) -> np.ndarray:
@@ -298,6 +302,10 @@ def finish(run: Path, cfg: FinetuneConfig, ds: Dataset, rows: list[dict], probs,
         "epochs_done": len(rows), "positive_class": cfg.positive_class,
         "class_names": ds.class_names, "n_train": len(subset), "n_test": int(len(ds.test_idx)),
         "fraction": cfg.fraction, "start": start, "arch": cfg.arch,
+        # What --fraction took (whole groups, at least one per class): ceil makes 1% of a
+        # small set more than 1%, and the card says so beside the request.
+        "fraction_taken": round(len(subset) / max(len(ds.train_idx), 1), 4),
+        "n_train_split": int(len(ds.train_idx)),
         "image_size": cfg.augment.size, "synthetic_data": ds.synthetic}
     save_json(summary, run / "summary.json")
     # The figures and the card describe the saved model: the final epoch's.
@@ -337,7 +345,8 @@ def write_card(run: Path, cfg: FinetuneConfig, ds: Dataset, rows: list[dict], su
     start = summary["start"]
     tag = imagenet_tag(start, cfg.imagenet_weights)
     info = {"arch": cfg.arch, "start": f"{start} ({tag})" if tag else start,
-            "fraction": cfg.fraction,
+            "fraction": cfg.fraction, "n_train": summary["n_train"],
+            "n_train_split": summary["n_train_split"],
             "epochs": len(rows), "image_size": cfg.augment.size, "class_names": ds.class_names,
             "positive_class": cfg.positive_class, "data": str(ds.root),
             "synthetic_data": ds.synthetic, "last_epochs": summary["last_epochs"],

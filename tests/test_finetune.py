@@ -8,6 +8,7 @@ import json
 import shutil
 from collections import Counter
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -82,6 +83,12 @@ def test_fraction_subsets_stay_in_the_training_split(syn_runs):
     assert subsets[0.01] < subsets[0.1]  # nested
     assert _json(syn_runs[0.01] / "subset.json")["per_class"] == {
         "Normal": 1, "COVID": 1, "Viral Pneumonia": 1, "Bacterial Pneumonia": 1}
+    # 1% of 204 training images, one per class, is 4 (1.96%): the card says what was taken.
+    s = _json(syn_runs[0.01] / "summary.json")
+    assert (s["n_train"], s["n_train_split"], s["fraction_taken"]) == (4, 204, 0.0196)
+    assert "- Labelled fraction of the training split: 0.01 requested; taken: 4 of its 204 " \
+           "images (1.96%: whole groups, at least one per class)" in \
+           (syn_runs[0.01] / "MODEL_CARD.md").read_text()
 
 
 def test_run_directory_holds_the_protocols_outputs(syn_runs):
@@ -200,6 +207,25 @@ def test_a_split_without_a_class_on_one_side_is_refused_before_training(tmp_path
     with pytest.raises(DataError, match=message):
         finetune(_ft(tmp_path, "z", data=tmp_path / "data", cache_size=64))
     assert not (tmp_path / "z").exists()  # refused before the run directory was made
+
+
+def test_a_class_missing_from_the_test_split_is_warned_about(capsys):
+    """Found by a user: a class with no test image gave `recall nan ± nan` in the card with
+    nothing said. The run goes on (COVID-vs-rest metrics stand) with a warning naming it."""
+    from types import SimpleNamespace
+
+    from sstl.engine.finetune import check_split_classes
+
+    names = ["COVID", "Normal", "Viral Pneumonia"]
+    targets = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    ds = SimpleNamespace(class_names=names, targets=targets, train_idx=np.arange(6),
+                         test_idx=np.array([6, 7]))
+    check_split_classes(ds, "COVID")
+    assert "warning: the test split has no image of 'Viral Pneumonia': its recall will be " \
+           "NaN" in capsys.readouterr().err
+    check_split_classes(SimpleNamespace(**{**vars(ds), "test_idx": np.array([5, 6, 7])}),
+                        "COVID")
+    assert "warning" not in capsys.readouterr().err  # every class there: nothing to say
 
 
 def test_predict_reports_bad_files_and_predicts_the_rest(syn_runs, tmp_path):
