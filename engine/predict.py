@@ -48,6 +48,9 @@ def image_files(inputs) -> list[tuple[str, str | None]]:
             out += [(str(p / e["path"]), _left_out(e)) for e in left_out]
             if not found and not left_out:
                 out.append((str(p), "folder holds no image files"))
+        elif p.suffix.lower() == ".csv" and p.is_file():  # a manifest: evaluate's input
+            out.append((str(p), "a CSV file, not an image: predict takes images and folders; "
+                                "to score a labelled manifest use sstl evaluate --data"))
         else:
             out.append((str(p), None if p.exists() else "no such file or folder"))
     return out

@@ -164,7 +164,11 @@ def test_manifest_reports_images_it_does_not_list(tmp_path):
     (tmp_path / "manifest.csv").write_text("path,label\nA/0.png,a\nA/1.png,a\n")
     s = scan(tmp_path)
     assert len(s.records) == 2
-    assert s.left_out == [{"path": "A", "reason": "not listed in the manifest", "files": 2}]
+    assert s.left_out == [{"path": "A", "reason": "not listed in the manifest", "files": 2,
+                           "first": "A/2.png"}]
+    _png(tmp_path / ".hidden.png")  # found by a user: reported as path "." with no name
+    assert scan(tmp_path).left_out[0] == {"path": ".", "reason": "not listed in the manifest",
+                                          "files": 1, "first": ".hidden.png"}
 
 
 def test_labels_spelt_two_ways_are_refused_not_made_two_classes(tmp_path):

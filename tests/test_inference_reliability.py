@@ -483,3 +483,16 @@ def test_metrics_recomputed_from_evaluates_csv_are_the_reported_ones(tmp_path, m
     truth = np.array([r["label"] == "COVID" for r in rows])
     assert roc_auc_score(truth, covid) == m["auc"]
     assert accuracy_score([r["label"] for r in rows], [r["prediction"] for r in rows]) == m["acc"]
+
+
+def test_a_manifest_given_to_predict_is_pointed_to_evaluate(tmp_path):
+    """Found by a user: `predict manifest.csv` said "not an image (unrecognised format)"; a CSV
+    is a manifest, which evaluate scores. Images beside it are still predicted."""
+    from sstl.engine.predict import image_files
+
+    (tmp_path / "manifest.csv").write_text("path,label\nimg0.png,COVID\n")
+    write_pngs(tmp_path, n=1)
+    rows = dict(image_files([tmp_path / "manifest.csv", tmp_path / "img0.png"]))
+    assert rows[str(tmp_path / "img0.png")] is None
+    assert "not an image: predict takes images and folders; to score a labelled manifest use " \
+           "sstl evaluate --data" in rows[str(tmp_path / "manifest.csv")]

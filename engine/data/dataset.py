@@ -146,7 +146,8 @@ def load_dataset(cfg: DataConfig, need_labels: bool = False,
     log(f"data: {report['usable']} usable images of {report['found']} found under {root}"
         + (f"; {report['unreadable']} skipped" if report["unreadable"] else "")
         + (f"; {report['left_out']} image files left out" if report["left_out"] else "")
-        + (f" ({first_problems(report)}; a run's data_report.json lists them all)"
+        + (f" ({first_problems(report)}; data_report.json lists them all: a training "
+             "run's, or the folder of evaluate --out)"
            if report["skipped"] else ""))
     keep = np.flatnonzero(cache.ok)
     if len(keep) == 0:

@@ -275,17 +275,19 @@ def _did_you_mean(name: str, candidates: list[str]) -> str | None:
 
 
 def _leave_out_unlisted(out: Scan) -> None:
-    """Images under the manifest's folder that it does not list: one entry per folder."""
+    """Images under the manifest's folder that it does not list: one entry per folder, with
+    the first such file's name (a folder's count alone leaves the user searching)."""
     listed = {os.path.normpath(r.path) for r in out.records}
-    per_folder: dict[str, int] = {}
+    per_folder: dict[str, list[str]] = {}
     for dirpath, dirnames, filenames in os.walk(out.root):
         dirnames[:] = sorted(dirnames)
-        for f in filenames:
+        for f in sorted(filenames):
             if _is_image_name(f) and os.path.normpath(os.path.join(dirpath, f)) not in listed:
                 folder = Path(dirpath).relative_to(out.root).as_posix()
-                per_folder[folder] = per_folder.get(folder, 0) + 1
-    out.left_out += [{"path": folder, "reason": "not listed in the manifest", "files": n}
-                     for folder, n in sorted(per_folder.items())]
+                per_folder.setdefault(folder, []).append(f)
+    out.left_out += [{"path": folder, "reason": "not listed in the manifest", "files": len(fs),
+                      "first": fs[0] if folder == "." else f"{folder}/{fs[0]}"}
+                     for folder, fs in sorted(per_folder.items())]
 
 
 def _is_image_name(name: str) -> bool:
