@@ -3,13 +3,16 @@
 The graph takes the normalised input tensor (float32, N x 3 x S x S, any N) and returns
 `logits` and `probs` (softmax). Decoding and resizing stay outside the graph, as in every
 deployment: the JSON sidecar beside it (model.onnx.json) says exactly what to do, step by step,
-matching engine/predict.py (decode_square) and engine/data/views.py (eval_view). The export
-is then run with onnxruntime on real images and compared with torch on the same tensors.
+matching engine/predict.py (decode_square) and engine/data/views.py (eval_view). The .onnx
+file itself carries the essentials in its metadata_props (onnx_metadata), so a copy without
+its sidecar still says its classes, input and origin. The export is then run with
+onnxruntime on real images and compared with torch on the same tensors.
 """
 from __future__ import annotations
 
 import json
 import warnings
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +20,19 @@ import torch
 import torch.nn as nn
 
 from .config import IMAGENET_MEAN, IMAGENET_STD, ExportConfig, check
+from .data.cache import file_digest
 from .data.index import decode_square, find_records
 from .data.views import eval_view
 from .io import atomic_write, make_dir
 from .keys import recorded_at
 from .models import load_classifier, weights_file, without_image_list
+from .record import git_sha
 
 OPSET = 17
 TOLERANCE = ExportConfig.tolerance  # largest |onnx - torch| probability accepted
 CHECK_IMAGES = 8  # images the check runs when none are given
+# metadata_props' `kind` in every export: a copied .onnx says it is sstl's
+ONNX_KIND = "sstl-onnx-classifier"
 
 
 class WithProbs(nn.Module):
@@ -78,6 +85,26 @@ def preprocessing(meta: dict) -> dict:
     }
 
 
+def onnx_metadata(meta: dict, weights: Path) -> dict[str, str]:
+    """What the .onnx itself says (metadata_props, strings only; lists as JSON): the classes,
+    the input, the whole preprocessing, and which weights and sstl made it."""
+    optional = {k: str(meta[k]) for k in ("settings_hash", "data_fingerprint") if meta.get(k)}
+    return {"kind": ONNX_KIND, "class_names": json.dumps(meta["class_names"]),
+            "positive_class": str(meta["positive_class"]), "image_size": str(meta["image_size"]),
+            "cache_size": str(meta["cache_size"]), "mean": json.dumps(list(IMAGENET_MEAN)),
+            "std": json.dumps(list(IMAGENET_STD)),
+            "preprocessing": json.dumps(preprocessing(meta)),
+            "source_run": weights.parent.name, "source_weights_blake2b": file_digest(weights),
+            **optional, "sstl_version": _sstl_version(), "sstl_git_sha": git_sha()}
+
+
+def _sstl_version() -> str:
+    try:
+        return metadata.version("sstl")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def export(cfg: ExportConfig) -> dict:
     """`sstl export`: the checked config's export (export_onnx), and its report."""
     cfg = check(cfg)
@@ -96,6 +123,7 @@ def export_onnx(model_path, out=None, images=(), tolerance: float = TOLERANCE) -
     model, meta = load_classifier(model_path, "cpu")
     weights = weights_file(model_path, "model.safetensors")
     out = Path(out) if out else weights.with_name("model.onnx")
+    sidecar = out.with_name(out.name + ".json")  # model.onnx.json: model.json is the weights'!
     make_dir(out.parent)
     s = int(meta["image_size"])
     wrapped = WithProbs(model).eval()
@@ -103,7 +131,7 @@ def export_onnx(model_path, out=None, images=(), tolerance: float = TOLERANCE) -
     x = eval_view(torch.from_numpy(grey), s)
     with torch.no_grad():
         want = wrapped(x)[1].numpy()
-    sidecar = out.with_name(out.name + ".json")  # model.onnx.json: model.json is the weights'!
+    props = onnx_metadata(meta, weights)
     report = {}
 
     def write_verified(tmp: Path) -> None:
@@ -115,6 +143,7 @@ def export_onnx(model_path, out=None, images=(), tolerance: float = TOLERANCE) -
                               input_names=["input"], output_names=["logits", "probs"],
                               dynamic_axes={n: {0: "batch"} for n in ("input", "logits", "probs")},
                               dynamo=False)
+        add_metadata(tmp, props)  # before the check: the verified file is the one kept
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         got = session.run(["probs"], {"input": x.numpy()})[0]
         diff = float(np.abs(got - want).max())
@@ -136,6 +165,15 @@ def export_onnx(model_path, out=None, images=(), tolerance: float = TOLERANCE) -
     atomic_write(out, write_verified)  # then on disk (fsync), 0644, renamed into place
     report["sidecar"] = str(sidecar)
     return report
+
+
+def add_metadata(path: Path, props: dict[str, str]) -> None:
+    """The ONNX file at `path`, rewritten with `props` as its metadata_props."""
+    import onnx
+
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, props)
+    onnx.save(model, str(path))
 
 
 def check_images(model_path, meta: dict, images=()) -> tuple[np.ndarray, str]:

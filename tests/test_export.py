@@ -90,6 +90,32 @@ def test_cli_export_reports_the_difference(tmp_path):
     assert list((tmp_path / "folder").iterdir()) == [] and not (tmp_path / "folder.json").exists()
 
 
+def test_the_onnx_file_describes_itself_without_its_sidecar(tmp_path):
+    """A model.onnx copied alone still says its classes (in output order), positive class,
+    input and origin: onnxruntime reads them from its metadata_props."""
+    from importlib import metadata
+
+    from sstl.engine.data.cache import file_digest
+    from sstl.engine.io import save_json
+
+    run = make_run(tmp_path / "run", class_names=["Normal", "COVID", "Pneumonia"])
+    side = json.loads((run / "model.json").read_text())
+    save_json({**side, "settings_hash": "0123abcd"}, run / "model.json")
+    export_onnx(run, out=tmp_path / "out" / "m.onnx")
+    alone = tmp_path / "copied.onnx"
+    alone.write_bytes((tmp_path / "out" / "m.onnx").read_bytes())
+    props = ort.InferenceSession(str(alone)).get_modelmeta().custom_metadata_map
+    assert json.loads(props["class_names"]) == ["Normal", "COVID", "Pneumonia"]
+    assert props["positive_class"] == "COVID" and props["kind"] == "sstl-onnx-classifier"
+    assert (props["image_size"], props["cache_size"]) == ("32", "48")
+    assert json.loads(props["mean"]) == [0.485, 0.456, 0.406]
+    sidecar = json.loads((tmp_path / "out" / "m.onnx.json").read_text())
+    assert json.loads(props["preprocessing"]) == sidecar["preprocessing"]
+    assert props["source_run"] == "run" and props["settings_hash"] == "0123abcd"
+    assert props["source_weights_blake2b"] == file_digest(run / "model.safetensors")
+    assert props["sstl_version"] == metadata.version("sstl") and props["sstl_git_sha"]
+
+
 def test_missing_onnxruntime_is_a_clear_refusal(tmp_path, monkeypatch):
     import sys
 
