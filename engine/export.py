@@ -31,7 +31,7 @@ from .record import git_sha
 OPSET = 17
 TOLERANCE = ExportConfig.tolerance  # largest |onnx - torch| probability accepted
 CHECK_IMAGES = 8  # images the check runs when none are given
-# metadata_props' `kind` in every export: a copied .onnx says it is sstl's
+# metadata_props' `kind` in every export: what says a file may be replaced (refuse_other_files)
 ONNX_KIND = "sstl-onnx-classifier"
 
 
@@ -117,13 +117,15 @@ def export_onnx(model_path, out=None, images=(), tolerance: float = TOLERANCE) -
     out: the .onnx file [default: model.onnx beside model.safetensors]; check(ExportConfig)
     has refused any other name. images: files or folders to verify on; without them, the
     run's own training data when it is still there, else synthetic radiograph-like images.
-    SystemExit when the outputs differ by > tolerance.
+    SystemExit when the outputs differ by > tolerance, and before the check when `out` or its
+    sidecar is a file that no earlier export wrote (refuse_other_files).
     """
     ort = require_onnx()
     model, meta = load_classifier(model_path, "cpu")
     weights = weights_file(model_path, "model.safetensors")
     out = Path(out) if out else weights.with_name("model.onnx")
     sidecar = out.with_name(out.name + ".json")  # model.onnx.json: model.json is the weights'!
+    refuse_other_files(out, sidecar)
     make_dir(out.parent)
     s = int(meta["image_size"])
     wrapped = WithProbs(model).eval()
@@ -174,6 +176,52 @@ def add_metadata(path: Path, props: dict[str, str]) -> None:
     model = onnx.load(str(path))
     onnx.helper.set_model_props(model, props)
     onnx.save(model, str(path))
+
+
+def refuse_other_files(out: Path, sidecar: Path) -> None:
+    """SystemExit unless `out` and its sidecar are absent or an earlier sstl export's.
+
+    An earlier export is an ONNX model whose metadata_props say kind sstl-onnx-classifier,
+    or (exports made before sstl wrote that) one whose sidecar beside it is sstl's (it
+    quotes an sstl-classifier as source_model). Anything else, another tool's model or an
+    image renamed .onnx, is someone else's file and is never replaced.
+    """
+    ours = _sstl_sidecar(sidecar)
+    if sidecar.exists() and not ours:
+        raise SystemExit(f"{sidecar} exists and is not the sidecar of an earlier sstl export: "
+                         f"exporting to {out} would replace it; name another .onnx file with "
+                         "--out, or move that file away")
+    if out.exists():
+        props = _onnx_props(out)
+        if props is None or not (props.get("kind") == ONNX_KIND or ours):
+            raise SystemExit(f"{out} exists and is not an earlier sstl export (no sstl "
+                             f"metadata in it, nor an sstl {sidecar.name} beside it): the "
+                             "export would replace it; name a new .onnx file with --out, or "
+                             "move that file away")
+
+
+def _onnx_props(path: Path) -> dict[str, str] | None:
+    """An ONNX model's metadata_props, or None where `path` is no ONNX model (an image, say)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # protobuf's DecodeError, an unreadable file: not a model of ours
+        return None
+    if not len(model.graph.node):  # other bytes can parse as an empty protobuf message
+        return None
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def _sstl_sidecar(path: Path) -> bool:
+    """Whether `path` is the JSON sidecar an earlier export wrote."""
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):  # absent, unreadable or not JSON
+        return False
+    return (isinstance(found, dict) and found.get("format") == "onnx"
+            and isinstance(found.get("source_model"), dict)
+            and found["source_model"].get("kind") == "sstl-classifier")
 
 
 def check_images(model_path, meta: dict, images=()) -> tuple[np.ndarray, str]:

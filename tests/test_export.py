@@ -116,6 +116,37 @@ def test_the_onnx_file_describes_itself_without_its_sidecar(tmp_path):
     assert props["sstl_version"] == metadata.version("sstl") and props["sstl_git_sha"]
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's TorchScript exporter
+def test_export_replaces_an_earlier_export_and_no_other_file(tmp_path):
+    """--out naming another tool's ONNX model, an image renamed .onnx, or beside a .onnx.json
+    that no export wrote is refused before anything is written; an earlier sstl export (its
+    metadata says so; one made before sstl wrote metadata: its sidecar) is replaced."""
+    import onnx
+
+    run = make_run(tmp_path / "run")
+    theirs = tmp_path / "theirs.onnx"
+    torch.onnx.export(torch.nn.Linear(3, 2), torch.zeros(1, 3), str(theirs), dynamo=False)
+    png = write_pngs(tmp_path / "imgs", n=1)[0].rename(tmp_path / "scan.onnx")
+    (tmp_path / "lone.onnx.json").write_text('{"my": "notes"}')
+    victims = {f: f.read_bytes() for f in (theirs, png, tmp_path / "lone.onnx.json")}
+    for out, said in ((theirs, "theirs.onnx exists and is not an earlier sstl export"),
+                      (png, "scan.onnx exists and is not an earlier sstl export"),
+                      (tmp_path / "lone.onnx", "lone.onnx.json exists and is not the sidecar")):
+        with pytest.raises(SystemExit, match=said + ".*would replace it; name a"):
+            export_onnx(run, out=out)
+    assert {f: f.read_bytes() for f in victims} == victims
+    assert sorted(p.name for p in tmp_path.glob("*.onnx*")) == ["lone.onnx.json", "scan.onnx",
+                                                                "theirs.onnx"]
+    first = export_onnx(run, out=tmp_path / "m.onnx")
+    export_onnx(make_run(tmp_path / "run2", seed=1), out=tmp_path / "m.onnx")  # replaced
+    props = ort.InferenceSession(str(tmp_path / "m.onnx")).get_modelmeta().custom_metadata_map
+    assert first["ok"] and props["source_run"] == "run2"
+    older = onnx.load(str(tmp_path / "m.onnx"))  # as exports were before the metadata
+    onnx.helper.set_model_props(older, {})
+    onnx.save(older, str(tmp_path / "m.onnx"))
+    assert export_onnx(run, out=tmp_path / "m.onnx")["ok"]
+
+
 def test_missing_onnxruntime_is_a_clear_refusal(tmp_path, monkeypatch):
     import sys
 
