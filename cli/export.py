@@ -29,7 +29,20 @@ def export(
     r = run(ExportConfig(model=str(model), format=format, out=str(out) if out else None,
                          images=tuple(str(p) for p in images or ()), tolerance=tolerance))
     Output().print(f"wrote {r['onnx']} (opset {r['opset']}) and {r['sidecar']}\n"
-                    f"checked on {r['images_checked']} {r['check_source']}: onnxruntime vs torch "
+                    f"checked on {r['images_checked']} {r['check_source']}{not_checked(r)}: "
+                    "onnxruntime vs torch "
                     f"max |diff| of probabilities {r['max_abs_diff_probs']:.2e} "
                     f"(tolerance {r['tolerance']:g}), same predicted class: "
-                    f"{'yes' if r['same_argmax'] else 'NO'}", markup=False)
+                    f"{'yes' if r['same_argmax'] else 'NO'}", markup=False,
+                    soft_wrap=True)  # paths unbroken, for the reader's copy and paste
+
+
+def not_checked(r: dict) -> str:
+    """"; 2 could not be read (first: a.png: why); 1 left out", or "" when every file was
+    read: a check on fewer images than given must say so."""
+    said = ""
+    if r["images_unreadable"]:
+        said += f"; {r['images_unreadable']} could not be read (first: {r['first_unreadable']})"
+    if r["images_left_out"]:
+        said += f"; {r['images_left_out']} left out (hidden files, masks/; name one to check it)"
+    return said

@@ -129,7 +129,7 @@ def export_onnx(model_path, out=None, images=(), tolerance: float = TOLERANCE) -
     make_dir(out.parent)
     s = int(meta["image_size"])
     wrapped = WithProbs(model).eval()
-    grey, source = check_images(model_path, meta, images)  # before writing anything
+    grey, source, unread = check_images(model_path, meta, images)  # before writing anything
     x = eval_view(torch.from_numpy(grey), s)
     with torch.no_grad():
         want = wrapped(x)[1].numpy()
@@ -150,7 +150,8 @@ def export_onnx(model_path, out=None, images=(), tolerance: float = TOLERANCE) -
         got = session.run(["probs"], {"input": x.numpy()})[0]
         diff = float(np.abs(got - want).max())
         report.update({"onnx": str(out), "opset": OPSET, "images_checked": len(grey),
-                       "check_source": source, "max_abs_diff_probs": diff,
+                       "check_source": source, **unread_counts(unread),
+                       "max_abs_diff_probs": diff,
                        "tolerance": tolerance,
                        "same_argmax": bool((got.argmax(1) == want.argmax(1)).all()),
                        "ok": diff <= tolerance})
@@ -224,27 +225,48 @@ def _sstl_sidecar(path: Path) -> bool:
             and found["source_model"].get("kind") == "sstl-classifier")
 
 
-def check_images(model_path, meta: dict, images=()) -> tuple[np.ndarray, str]:
-    """(N, C, C) uint8 at the cache size, and where they came from, for the comparison."""
+def check_images(model_path, meta: dict,
+                 images=()) -> tuple[np.ndarray, str, list[tuple[str, str]]]:
+    """(N, C, C) uint8 at the cache size, where they came from, and (path, why) of each file
+    not checked: missing or undecodable, or left out by a folder's scan (why: LEFT_OUT ...)."""
     size = int(meta["cache_size"])
     if images:
         from .predict import image_files
 
-        paths = [p for p, err in image_files(images) if err is None]
+        files = image_files(images)
         source = "of the given images"
     else:  # the run's --data folder, test split included: a numerical check, not a score
-        paths, source = _training_images(model_path), "images of the run's --data"
-    decoded = [img for img in (decode_square(p, size)[0] for p in paths) if img is not None]
+        files = [(p, None) for p in _training_images(model_path)]
+        source = "images of the run's --data"
+    decoded, unread = [], []
+    for path, err in files:
+        img, why = (None, err) if err else decode_square(path, size)
+        if img is None:
+            unread.append((str(path), why))
+        else:
+            decoded.append(img)
     if images and not decoded:
+        first = f" (first: {': '.join(unread[0])})" if unread else ""
         raise SystemExit(f"none of {', '.join(map(str, images))} could be decoded to check "
-                         "the export")
+                         f"the export{first}; give readable images with --images")
     if not decoded:
         from .data.synthetic import CLASSES, draw
 
         rng = np.random.default_rng(0)
         return (np.stack([draw(CLASSES[i % len(CLASSES)], rng, size) for i in range(CHECK_IMAGES)]),
-                "synthetic radiograph-like images (the run's --data was not found)")
-    return np.stack(decoded[:64]), source
+                "synthetic radiograph-like images (the run's --data was not found)", [])
+    return np.stack(decoded[:64]), source, unread
+
+
+def unread_counts(unread: list[tuple[str, str]]) -> dict:
+    """The report's account of the files the check did not run on: how many could not be
+    read, the first of them with why, and how many a folder's scan left out (hidden files,
+    masks/), counted apart as predict's table counts them."""
+    from .predict import LEFT_OUT
+
+    bad = [f"{path}: {why}" for path, why in unread if not why.startswith(LEFT_OUT)]
+    return {"images_unreadable": len(bad), "first_unreadable": bad[0] if bad else None,
+            "images_left_out": len(unread) - len(bad)}
 
 
 def _training_images(model_path) -> list[str]:

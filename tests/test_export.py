@@ -147,6 +147,31 @@ def test_export_replaces_an_earlier_export_and_no_other_file(tmp_path):
     assert export_onnx(run, out=tmp_path / "m.onnx")["ok"]
 
 
+def test_cli_export_says_how_many_given_images_could_not_be_read(tmp_path):
+    """A check on fewer images than given says how many were not read, and the first why."""
+    from typer.testing import CliRunner
+
+    from sstl.cli.main import app
+
+    run = make_run(tmp_path / "run")
+    imgs = tmp_path / "imgs"
+    write_pngs(imgs, n=3)
+    (imgs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    (imgs / "empty.png").write_bytes(b"")
+    write_pngs(imgs / "masks", n=1)  # the scan leaves masks out, and says so
+    res = CliRunner().invoke(app, ["export", "--model", str(run), "--out",
+                                   str(tmp_path / "m.onnx"), "--images", str(imgs)])
+    assert res.exit_code == 0, res.output
+    assert (f"checked on 3 of the given images; 2 could not be read (first: {imgs / 'broken.png'}: "
+            in res.output), res.output
+    assert "; 1 left out (" in res.output
+    check = json.loads((tmp_path / "m.onnx.json").read_text())["verification"]
+    assert (check["images_checked"], check["images_unreadable"], check["images_left_out"]) == (3, 2, 1)
+    all_good = CliRunner().invoke(app, ["export", "--model", str(run), "--out",
+                                        str(tmp_path / "m.onnx"), "--images", str(imgs / "img0.png")])
+    assert "checked on 1 of the given images: onnxruntime" in all_good.output, all_good.output
+
+
 def test_missing_onnxruntime_is_a_clear_refusal(tmp_path, monkeypatch):
     import sys
 
