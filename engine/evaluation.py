@@ -10,6 +10,7 @@ Figures are drawn on matplotlib's Agg canvas without pyplot: no display, no glob
 """
 from __future__ import annotations
 
+import textwrap
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,7 +37,8 @@ def new_figure(figsize, cols: int = 1, dpi: float | None = None):
 # --- figures ---------------------------------------------------------------------------------
 
 def draw_figures(folder, y_true, probs, class_names: list[str], positive: str, what: str) -> None:
-    """confusion_matrix.png (Figure 4's form) and roc.png into `folder`; `what` goes in titles."""
+    """confusion_matrix.png (Figure 4's form) and roc.png into `folder`; `what`, in their
+    titles, says what they show (evaluate: the model, the data and the images)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     y_true, probs = np.asarray(y_true), np.asarray(probs)
@@ -63,8 +65,14 @@ def confusion_figure(y_true, probs, class_names: list[str], what: str):
     ax.set_yticks(range(k), class_names)
     ax.set_xlabel("Predicted class")
     ax.set_ylabel("True class")
-    ax.set_title(f"Confusion matrix, {what}")
+    ax.set_title(figure_title("Confusion matrix", what))
     return fig
+
+
+def figure_title(kind: str, what: str) -> str:
+    """A figure's title, wrapped: evaluate's `what` names a model and a data set, which can
+    be wider than the plot. Names stay whole (ft-resnet18 is not cut at its hyphen)."""
+    return textwrap.fill(f"{kind}, {what}", 60, break_on_hyphens=False, break_long_words=False)
 
 
 def operating_point(y_true, probs, pos: int) -> tuple[float, float]:
@@ -109,7 +117,7 @@ def roc_figure(y_true, probs, class_names: list[str], positive: str, what: str):
         ax.plot([fpr], [tpr], "o", ms=9, color="C3",
                 label=f"operating point (argmax): FPR {fpr:.3f}, TPR {tpr:.3f}")
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate (1 - specificity)",
-           ylabel="True positive rate (sensitivity)", title=f"ROC, {what}")
+           ylabel="True positive rate (sensitivity)", title=figure_title("ROC", what))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     return fig

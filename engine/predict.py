@@ -27,7 +27,7 @@ from .evaluation import draw_figures
 from .io import atomic_write, make_dir
 from .classifier import class_probs
 from .metrics import METRICS, classification_metrics, display_name
-from .models import load_classifier, saw_all_unlabelled, without_image_list
+from .models import load_classifier, saw_all_unlabelled, weights_file, without_image_list
 from .runs import Output, log
 
 SHOWN_ROWS = 50  # the printed table stops here; the CSV has every row
@@ -208,11 +208,22 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                             channels_last=res.channels_last)
     probs = class_probs(model, (x for x, _ in source.epoch(0)), res.autocast).cpu().numpy()
     m = classification_metrics(targets[idx], probs.argmax(1), probs, names, meta["positive_class"])
-    Output().print(metrics_table(m, f"model {Path(cfg.model).name} on {ds.root.name}, "
-                                     f"{cfg.split}: {len(idx)} images"))
+    what = evaluation_title(cfg.model, cfg.data.path, cfg.split, len(idx))
+    Output().print(metrics_table(m, what))
     if cfg.out:
-        write_evaluation(Path(cfg.out), m, ds, idx, targets, probs, meta, learned)
+        write_evaluation(Path(cfg.out), m, ds, idx, targets, probs, meta, learned, what)
     return m
+
+
+def evaluation_title(model, data, split: str, n: int) -> str:
+    """What an evaluation shows, for its table and its figures' titles: the model's run, the
+    data and the images ("model ft-r18 on cxr-small, test split: 120 images"). A figure pasted
+    into a report carries nothing else to say which model and data it is about."""
+    run = weights_file(model, "model.safetensors").parent.resolve().name
+    d = Path(data).expanduser().resolve()
+    name = d.name if d.is_dir() else f"{d.parent.name}/{d.name}"  # a manifest: its folder too
+    which = "test split" if split == "test" else "all images"
+    return f"model {run} on {name}, {which}: {n} images"
 
 
 def warn_synthetic(meta: dict, model) -> None:
@@ -266,7 +277,10 @@ def test_split(ds, meta: dict, data: DataConfig) -> np.ndarray:
     return ds.test_idx
 
 
-def write_evaluation(out: Path, m: dict, ds, idx, targets, probs, meta, learned: int = 0) -> None:
+def write_evaluation(out: Path, m: dict, ds, idx, targets, probs, meta, learned: int,
+                     what: str) -> None:
+    """metrics.json, data_report.json, predictions.csv and the figures (titled `what`:
+    evaluation_title) into `out`."""
     make_dir(out)
     # Files that could not be scored are counted here and listed, with why, in data_report.json.
     rep = ds.report
@@ -281,7 +295,7 @@ def write_evaluation(out: Path, m: dict, ds, idx, targets, probs, meta, learned:
         r = _row(ds.records[i].rel, names, p, None)
         rows.append({"path": r.pop("path"), "label": names[targets[i]], **r})
     write_predictions(rows, names, out / "predictions.csv")
-    draw_figures(out, targets[idx], probs, names, meta["positive_class"], f"{len(idx)} images")
+    draw_figures(out, targets[idx], probs, names, meta["positive_class"], what)
 
 
 def metrics_table(m: dict, title: str) -> Table:

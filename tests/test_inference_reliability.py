@@ -255,6 +255,33 @@ def test_evaluate_replaces_an_earlier_evaluation_and_no_other_files(tmp_path):
     assert (empty / "metrics.json").is_file()
 
 
+def test_evaluates_figures_name_the_model_and_the_data(tmp_path, monkeypatch):
+    """roc.png and confusion_matrix.png pasted into a report say which model on which data:
+    their titles name the run, the data folder (a manifest with its folder) and the images."""
+    import sstl.engine.evaluation as evaluation
+
+    titles = {}
+    for name in ("roc_figure", "confusion_figure"):
+        def keep(*args, _draw=getattr(evaluation, name), _name=name):
+            fig = _draw(*args)
+            titles[_name] = " ".join(fig.axes[0].get_title().split())  # unwrapped
+            return fig
+        monkeypatch.setattr(evaluation, name, keep)
+    run = make_run(tmp_path / "ft-resnet18-ward7-1pct-seed0")  # long: the titles wrap
+    data = _labelled(tmp_path / "hospital-east-portable")
+    ev = EvaluateConfig(model=str(run / "model.safetensors"), data=DataConfig(
+        path=str(data), cache_dir=str(tmp_path / "c")), out=str(tmp_path / "ev"), device="cpu")
+    evaluate(ev)
+    what = "model ft-resnet18-ward7-1pct-seed0 on hospital-east-portable, all images: 8 images"
+    assert titles == {"roc_figure": f"ROC, {what}",
+                      "confusion_figure": f"Confusion matrix, {what}"}
+    manifest = data / "manifest.csv"
+    manifest.write_text("path,label\n" + "".join(
+        f"{p.relative_to(data).as_posix()},{p.parent.name}\n" for p in sorted(data.rglob("*.png"))))
+    evaluate(dataclasses.replace(ev, data=dataclasses.replace(ev.data, path=str(manifest))))
+    assert titles["roc_figure"] == f"ROC, {what.replace('portable,', 'portable/manifest.csv,')}"
+
+
 def test_another_test_split_of_the_training_data_says_where_training_took_its_own():
     """The model's own images with a test split other than training's: other flags are
     named; with the same flags, what else makes a split (a manifest's columns, labels)."""
