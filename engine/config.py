@@ -462,6 +462,10 @@ def _check_outputs(cfg, need) -> None:
              f"--out-csv {cfg.out_csv} exists and is not an earlier predictions file (its first "
              "line is not a `path,prediction,...` header): it would be replaced; name a new "
              "file")
+        need(not _evaluations_table(Path(cfg.out_csv).expanduser()),
+             f"--out-csv {cfg.out_csv} is the predictions.csv of an `sstl evaluate` folder (its "
+             "metrics.json is beside it): replacing it would leave that evaluation inconsistent; "
+             "name a new file, or evaluate again with --out")
         need(_folder_ok(cfg.cam), f"--cam {cfg.cam} is a file (or under one); name a folder "
              "for the overlays")
         if cfg.cam:
@@ -518,9 +522,10 @@ def _replaceable_csv(path: Path) -> bool:
         return True
 
 
-# What `sstl evaluate --out` writes (predict.write_evaluation, evaluation.draw_figures).
-EVALUATION_FILES = ("metrics.json", "data_report.json", "predictions.csv",
-                    "confusion_matrix.png", "roc.png")
+def _evaluations_table(path: Path) -> bool:
+    """Whether `path` is an evaluation's predictions.csv (an evaluation's metrics.json is
+    beside it): replaced alone, that metrics.json would describe other rows."""
+    return path.name == "predictions.csv" and path.is_file() and _evaluation_record(path.parent)
 
 
 def _not_an_evaluation(folder: Path) -> str | None:
@@ -528,18 +533,22 @@ def _not_an_evaluation(folder: Path) -> str | None:
     a new or empty folder (hidden files aside), or an earlier evaluation's (its metrics.json
     names the model and the metrics; then only a predictions.csv not of sstl's blocks it).
     Anything else is the user's: X-rays there would be read as images by a later run."""
-    try:
-        record = json.loads((folder / "metrics.json").read_text())
-        earlier = isinstance(record, dict) and {"metrics", "model"} <= set(record)
-    except (OSError, ValueError):
-        earlier = False
-    if earlier:
+    if _evaluation_record(folder):
         return "predictions.csv" if not _replaceable_csv(folder / "predictions.csv") else None
     try:
         return next((p.name for p in sorted(folder.iterdir()) if not p.name.startswith(".")),
                     None)
     except OSError:  # nothing there, or unreadable: the write says why, replacing nothing
         return None
+
+
+def _evaluation_record(folder: Path) -> bool:
+    """Whether `folder` holds an evaluation's metrics.json (it names the model and the metrics)."""
+    try:
+        record = json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"metrics", "model"} <= set(record)
 
 
 def _writable(path: str) -> bool:

@@ -218,6 +218,28 @@ def test_predict_never_writes_its_table_over_another_file(tmp_path):
         assert out.read_text().startswith("path,") and len(out.read_text().splitlines()) == 3
 
 
+def test_predict_never_replaces_an_evaluations_predictions(tmp_path):
+    """--out-csv naming the predictions.csv of an `sstl evaluate --out` folder is refused, the
+    folder untouched (its metrics.json describes those rows); an earlier predict's
+    predictions.csv, with no evaluation beside it, is still replaced."""
+    run = make_run(tmp_path / "run")
+    data = _labelled(tmp_path / "data")
+    evaluate(EvaluateConfig(model=str(run), data=DataConfig(path=str(data),
+             cache_dir=str(tmp_path / "c")), out=str(tmp_path / "ev"), device="cpu"))
+    table = tmp_path / "ev" / "predictions.csv"
+    before = table.read_bytes()
+    predict_there = PredictConfig(model=str(run), inputs=(str(data / "COVID"),),
+                                  out_csv=str(table), device="cpu")
+    with pytest.raises(SystemExit, match="ev/predictions.csv is the predictions.csv of an "
+                       "`sstl evaluate` folder .*name a new file"):
+        predict(predict_there)
+    assert table.read_bytes() == before
+    mine = tmp_path / "mine" / "predictions.csv"
+    for _ in range(2):  # predict's own table, replaced by the second run
+        predict(dataclasses.replace(predict_there, out_csv=str(mine)))
+    assert len(mine.read_text().splitlines()) == 5
+
+
 def test_evaluate_replaces_an_earlier_evaluation_and_no_other_files(tmp_path):
     """evaluate --out into a folder holding a file of its own names that no evaluation wrote
     (a user's metrics.json, a manifest as predictions.csv) is refused before inference, the
