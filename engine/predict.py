@@ -208,20 +208,22 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                             channels_last=res.channels_last)
     probs = class_probs(model, (x for x, _ in source.epoch(0)), res.autocast).cpu().numpy()
     m = classification_metrics(targets[idx], probs.argmax(1), probs, names, meta["positive_class"])
-    what = evaluation_title(cfg.model, cfg.data.path, cfg.split, len(idx))
+    what = evaluation_title(cfg.model, cfg.data.path or ds.root, cfg.split, len(idx),
+                            ds.synthetic)
     Output().print(metrics_table(m, what))
     if cfg.out:
         write_evaluation(Path(cfg.out), m, ds, idx, targets, probs, meta, learned, what)
     return m
 
 
-def evaluation_title(model, data, split: str, n: int) -> str:
+def evaluation_title(model, data, split: str, n: int, synthetic: bool = False) -> str:
     """What an evaluation shows, for its table and its figures' titles: the model's run, the
     data and the images ("model ft-r18 on cxr-small, test split: 120 images"). A figure pasted
     into a report carries nothing else to say which model and data it is about."""
     run = weights_file(model, "model.safetensors").parent.resolve().name
     d = Path(data).expanduser().resolve()
     name = d.name if d.is_dir() else f"{d.parent.name}/{d.name}"  # a manifest: its folder too
+    name = "the SYNTHETIC demo set" if synthetic else name
     which = "test split" if split == "test" else "all images"
     return f"model {run} on {name}, {which}: {n} images"
 
