@@ -343,6 +343,11 @@ MODEL = typer.Option(..., "--model", help="Run directory of `sstl finetune` (or 
                      parser=path_value)
 
 
+THRESHOLD = typer.Option(None, "--threshold", help="Predict the positive class (model.json's, "
+                         "e.g. COVID) wherever its probability is at least this (an operating "
+                         "point: lower for screening); default: the most probable class")
+
+
 @app.command()
 def predict(
     inputs: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)",
@@ -356,6 +361,7 @@ def predict(
     cam: Optional[Path] = typer.Option(None, "--cam", help="Also write a Grad-CAM overlay of the "
                                        "predicted class per image into this folder",
                                        parser=path_value),
+    threshold: Optional[float] = THRESHOLD,
 ):
     """Class probabilities for each image; unreadable files get an error row, the rest go on."""
     from sstl.engine.config import PredictConfig
@@ -363,7 +369,8 @@ def predict(
 
     run(PredictConfig(model=str(model), inputs=tuple(str(p) for p in inputs),
                       out_csv=str(out_csv), batch_size=batch_size, device=device,
-                      precision=precision, cam=str(cam) if cam else None))
+                      precision=precision, cam=str(cam) if cam else None,
+                      threshold=threshold))
 
 
 @app.command()
@@ -386,6 +393,7 @@ def evaluate(
                                    "seed the model's training split used (model.json)"),
     test_fraction: float = TEST_FRACTION,
     workers: int = WORKERS,
+    threshold: Optional[float] = THRESHOLD,
 ):
     """The paper's metrics of a fine-tuned model on a labelled folder or manifest."""
     # A command-line policy, not the engine's: the synthetic demo set (which the engine, and
@@ -400,7 +408,7 @@ def evaluate(
                        data=data_config(data, cache_dir, cache_size, split_seed, test_fraction,
                                         workers),
                        split=split, out=str(out) if out else None, batch_size=batch_size,
-                       device=device, precision=precision))
+                       device=device, precision=precision, threshold=threshold))
 
 
 from sstl.cli.bench import bench  # noqa: E402

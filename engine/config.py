@@ -188,6 +188,9 @@ class PredictConfig:
     device: str = "auto"  # auto | cuda | cpu
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     cam: str | None = None  # folder for Grad-CAM overlays; None = none
+    # P(positive class) at or above which that class is predicted (an operating point, e.g.
+    # 0.2 for screening); None = the most probable class, the paper's rule (metrics.decide)
+    threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,7 @@ class EvaluateConfig:
     batch_size: int = 64  # images per forward pass
     device: str = "auto"  # auto | cuda | cpu
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    threshold: float | None = None  # as predict's: Sen, Spe, HM, Acc at that operating point
 
 
 @dataclass(frozen=True)
@@ -361,6 +365,9 @@ def _check_reproduce(cfg: ReproduceConfig, need) -> ReproduceConfig:
 def _check_inference(cfg, need):
     """predict and evaluate."""
     need(cfg.batch_size >= 1, f"--batch-size must be at least 1, not {cfg.batch_size}")
+    # 0 and 1 would call every image positive, or none: a rule, not an operating point.
+    need(cfg.threshold is None or 0 < cfg.threshold < 1,
+         f"--threshold must be between 0 and 1 (exclusive), not {cfg.threshold}")
     _check_device(cfg.device, cfg.precision, need)
     _check_outputs(cfg, need)  # now: found wrong after inference, results would be lost
     if isinstance(cfg, EvaluateConfig):

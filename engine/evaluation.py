@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .io import atomic_write
-from .metrics import METRICS, NAMES, confusion, display_name
+from .metrics import METRICS, NAMES, confusion, decide, display_name
 
 CITATION = ('G. Li, R. Togo, T. Ogawa, M. Haseyama, "Self-supervised transfer learning for '
             'COVID-19 detection from chest X-ray images"')
@@ -36,21 +36,26 @@ def new_figure(figsize, cols: int = 1, dpi: float | None = None):
 
 # --- figures ---------------------------------------------------------------------------------
 
-def draw_figures(folder, y_true, probs, class_names: list[str], positive: str, what: str) -> None:
+def draw_figures(folder, y_true, probs, class_names: list[str], positive: str, what: str,
+                 threshold: float | None = None) -> None:
     """confusion_matrix.png (Figure 4's form) and roc.png into `folder`; `what`, in their
-    titles, says what they show (evaluate: the model, the data and the images)."""
+    titles, says what they show (evaluate: the model, the data and the images). Both show
+    the decision `threshold` gives (metrics.decide; None: the most probable class)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     y_true, probs = np.asarray(y_true), np.asarray(probs)
-    for name, fig in (("confusion_matrix.png", confusion_figure(y_true, probs, class_names, what)),
-                      ("roc.png", roc_figure(y_true, probs, class_names, positive, what))):
+    said = decide(probs, class_names.index(positive), threshold)
+    for name, fig in (("confusion_matrix.png", confusion_figure(y_true, said, class_names, what)),
+                      ("roc.png", roc_figure(y_true, probs, class_names, positive, what,
+                                             said, threshold))):
         atomic_write(folder / name, lambda tmp, fig=fig: fig.savefig(
             tmp, format="png", dpi=120, bbox_inches="tight"))
 
 
-def confusion_figure(y_true, probs, class_names: list[str], what: str):
-    """Counts and row-normalised % per cell; rows are the true class, columns the prediction."""
-    cm = confusion(y_true, np.asarray(probs).argmax(1), len(class_names))
+def confusion_figure(y_true, said, class_names: list[str], what: str):
+    """Counts and row-normalised % per cell; rows are the true class, columns the prediction
+    (`said`: each image's predicted class)."""
+    cm = confusion(y_true, np.asarray(said), len(class_names))
     rows = cm.sum(axis=1, keepdims=True)
     share = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
     k = len(class_names)
@@ -75,9 +80,10 @@ def figure_title(kind: str, what: str) -> str:
     return textwrap.fill(f"{kind}, {what}", 60, break_on_hyphens=False, break_long_words=False)
 
 
-def operating_point(y_true, probs, pos: int) -> tuple[float, float]:
-    """(FPR, TPR) of the model's own decision (argmax) for class `pos` against the rest."""
-    y_true, said = np.asarray(y_true) == pos, np.asarray(probs).argmax(1) == pos
+def operating_point(y_true, said, pos: int) -> tuple[float, float]:
+    """(FPR, TPR) of the model's decision (`said`: each image's predicted class) for class
+    `pos` against the rest."""
+    y_true, said = np.asarray(y_true) == pos, np.asarray(said) == pos
     neg = (~y_true).sum()
     fpr = (said & ~y_true).sum() / neg if neg else float("nan")
     tpr = (said & y_true).sum() / y_true.sum() if y_true.any() else float("nan")
@@ -94,10 +100,13 @@ def _one_vs_rest(is_pos: np.ndarray, score: np.ndarray):
     return fpr, tpr, float(roc_auc_score(is_pos, score))
 
 
-def roc_figure(y_true, probs, class_names: list[str], positive: str, what: str):
-    """The positive-vs-rest ROC with the argmax operating point, and each class one-vs-rest."""
+def roc_figure(y_true, probs, class_names: list[str], positive: str, what: str,
+               said=None, threshold: float | None = None):
+    """The positive-vs-rest ROC with the decision's operating point (`said`, made with
+    `threshold`; default: the most probable class), and each class one-vs-rest."""
     y_true, probs = np.asarray(y_true), np.asarray(probs)
     pos = class_names.index(positive)
+    said = probs.argmax(1) if said is None else said
     fig, ax = new_figure((6.4, 6))
     ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1, label="chance")
     others = [k for k in range(len(class_names)) if k != pos]
@@ -112,10 +121,11 @@ def roc_figure(y_true, probs, class_names: list[str], positive: str, what: str):
                 label=f"{positive} vs rest, AUC {curve[2]:.4f}")
     else:
         ax.plot([], [], color="C0", label=f"{positive} vs rest: AUC undefined (one side only)")
-    fpr, tpr = operating_point(y_true, probs, pos)
+    fpr, tpr = operating_point(y_true, said, pos)
     if not (np.isnan(fpr) or np.isnan(tpr)):
+        rule = "argmax" if threshold is None else f"P({positive}) >= {threshold:g}"
         ax.plot([fpr], [tpr], "o", ms=9, color="C3",
-                label=f"operating point (argmax): FPR {fpr:.3f}, TPR {tpr:.3f}")
+                label=f"operating point ({rule}): FPR {fpr:.3f}, TPR {tpr:.3f}")
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate (1 - specificity)",
            ylabel="True positive rate (sensitivity)", title=figure_title("ROC", what))
     ax.grid(alpha=0.3)

@@ -1,7 +1,8 @@
 """The paper's metrics (Table 2): COVID-vs-rest Sen, Spe, their harmonic mean, AUC, and Acc.
 
 Everything is computed with scikit-learn from three arrays: the true class index of each
-test image, the predicted class index (argmax) and the softmax probabilities (N x K).
+test image, the predicted class index (argmax, or `decide`'s operating point) and the
+softmax probabilities (N x K).
   Sen  recall of the positive class: TP / (TP + FN), the positive class against the rest
   Spe  recall of the rest: TN / (TN + FP)
   HM   2 Sen Spe / (Sen + Spe), the harmonic mean the paper ranks methods by
@@ -72,6 +73,27 @@ def classification_metrics(y_true, y_pred, probs, class_names: list[str],
     per_class = _recall(y_true, y_pred, labels=list(range(len(class_names))), average=None)
     out.update({f"recall/{c}": float(r) for c, r in zip(class_names, per_class)})
     return out
+
+
+def decide(probs, pos: int, threshold: float | None = None) -> np.ndarray:
+    """Each image's predicted class: the most probable (the paper's rule), or, with a
+    `threshold` on the positive class's probability, the positive class wherever it reaches
+    it and the most probable other class elsewhere: an operating point chosen for the
+    clinic (a low threshold for screening: more sensitivity, less specificity)."""
+    probs = np.asarray(probs)
+    if threshold is None:
+        return probs.argmax(1)
+    others = probs.copy()
+    others[:, pos] = -np.inf
+    return np.where(probs[:, pos] >= threshold, pos, others.argmax(1))
+
+
+def decision_rule(positive: str, threshold: float | None = None) -> str:
+    """The rule `decide` applies, in words, for every output that reports a decision."""
+    if threshold is None:
+        return "the most probable class"
+    return (f"{positive} where P({positive}) >= {threshold:g}, else the most probable other "
+            "class")
 
 
 def confusion(y_true, y_pred, n_classes: int) -> np.ndarray:

@@ -26,7 +26,7 @@ from .data.views import eval_view
 from .evaluation import draw_figures
 from .io import atomic_write, make_dir
 from .classifier import class_probs
-from .metrics import METRICS, classification_metrics, display_name
+from .metrics import METRICS, classification_metrics, decide, decision_rule, display_name
 from .models import load_classifier, saw_all_unlabelled, weights_file, without_image_list
 from .runs import Output, log
 
@@ -72,6 +72,7 @@ def predict(cfg: PredictConfig) -> list[dict]:
     model, meta = load_classifier(cfg.model, res.device, res.channels_last)
     warn_synthetic(meta, cfg.model)
     names, autocast = meta["class_names"], res.autocast
+    pos = names.index(meta["positive_class"])
     rows, cam_failed = [], []
     files = image_files(cfg.inputs)
     for b in range(0, len(files), cfg.batch_size):
@@ -82,20 +83,23 @@ def predict(cfg: PredictConfig) -> list[dict]:
             x = torch.from_numpy(np.stack(good)).to(res.device)
             x = eval_view(x, meta["image_size"], getattr(torch, res.dtype), res.channels_last)
             probs = class_probs(model, [x], autocast).cpu().numpy()
+            said = decide(probs, pos, cfg.threshold)
             cams = [""] * len(good)
             if cfg.cam:
                 try:
-                    cams = cam_overlays(model, meta, chunk, b, probs.argmax(1), cfg.cam,
-                                        res.device)
+                    cams = cam_overlays(model, meta, chunk, b, said, cfg.cam, res.device)
                 except Exception as e:  # the overlays are extra: never lose the predictions
                     cam_failed.append((len(good), f"{type(e).__name__}: {e}"))
-            probs, cams = iter(probs), iter(cams)
+            probs, said, cams = iter(probs), iter(said), iter(cams)
         for path, img, err in chunk:
-            rows.append(_row(path, names, None if img is None else next(probs), err))
+            rows.append(_row(path, names, *((None, None) if img is None else
+                                            (next(probs), next(said))), err))
             if cfg.cam:  # which overlay shows this image ("" where there is none)
                 rows[-1]["cam"] = "" if img is None else str(next(cams))
     write_predictions(rows, names, Path(cfg.out_csv), "--out-csv")
     Output().print(predictions_table(rows, names, cfg.out_csv))
+    Output().print(f"prediction: {decision_rule(meta['positive_class'], cfg.threshold)}",
+                   markup=False)
     if cfg.cam:
         Output().print(f"Grad-CAM overlays of the predicted class in {cfg.cam}", markup=False)
     if cam_failed:
@@ -127,11 +131,13 @@ def _file_name(text: str) -> str:
     return re.sub(r"[^\w.+=-]", "_", text)
 
 
-def _row(path: str, names: list[str], p: np.ndarray | None, error: str | None) -> dict:
+def _row(path: str, names: list[str], p: np.ndarray | None, k: int | None,
+         error: str | None) -> dict:
+    """One CSV row: `k` is the predicted class (metrics.decide), `confidence` its probability."""
     if p is None:
         return {"path": path, "prediction": "", "confidence": "", **{n: "" for n in names},
                 "error": error}
-    k = int(p.argmax())
+    k = int(k)
     return {"path": path, "prediction": names[k], "confidence": float(p[k]),
             **{n: float(v) for n, v in zip(names, p)}, "error": ""}
 
@@ -207,12 +213,16 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                             meta["image_size"], res.device, dtype=getattr(torch, res.dtype),
                             channels_last=res.channels_last)
     probs = class_probs(model, (x for x, _ in source.epoch(0)), res.autocast).cpu().numpy()
-    m = classification_metrics(targets[idx], probs.argmax(1), probs, names, meta["positive_class"])
+    pos = meta["positive_class"]
+    said = decide(probs, names.index(pos), cfg.threshold)
+    m = classification_metrics(targets[idx], said, probs, names, pos)
     what = evaluation_title(cfg.model, cfg.data.path or ds.root, cfg.split, len(idx),
                             ds.synthetic)
     Output().print(metrics_table(m, what))
+    Output().print(f"prediction: {decision_rule(pos, cfg.threshold)}", markup=False)
     if cfg.out:
-        write_evaluation(Path(cfg.out), m, ds, idx, targets, probs, meta, learned, what)
+        write_evaluation(Path(cfg.out), m, ds, idx, targets, probs, meta, learned, what,
+                         cfg.threshold)
     return m
 
 
@@ -280,24 +290,26 @@ def test_split(ds, meta: dict, data: DataConfig) -> np.ndarray:
 
 
 def write_evaluation(out: Path, m: dict, ds, idx, targets, probs, meta, learned: int,
-                     what: str) -> None:
+                     what: str, threshold: float | None = None) -> None:
     """metrics.json, data_report.json, predictions.csv and the figures (titled `what`:
     evaluation_title) into `out`."""
     make_dir(out)
     # Files that could not be scored are counted here and listed, with why, in data_report.json.
     rep = ds.report
+    names, positive = meta["class_names"], meta["positive_class"]
+    said = decide(probs, names.index(positive), threshold)
     save_json({"metrics": m, "n": len(idx), "data": str(ds.root),
+               "threshold": threshold, "decision": decision_rule(positive, threshold),
                "model": without_image_list(meta),
                "found": rep["found"], "unreadable": rep["unreadable"],
                "left_out": rep["left_out"], "left_out_trained_on": learned}, out / "metrics.json")
     save_json(rep, out / "data_report.json")
-    names = meta["class_names"]
     rows = []
-    for i, p in zip(idx, probs):
-        r = _row(ds.records[i].rel, names, p, None)
+    for i, p, k in zip(idx, probs, said):
+        r = _row(ds.records[i].rel, names, p, k, None)
         rows.append({"path": r.pop("path"), "label": names[targets[i]], **r})
     write_predictions(rows, names, out / "predictions.csv")
-    draw_figures(out, targets[idx], probs, names, meta["positive_class"], what)
+    draw_figures(out, targets[idx], probs, names, positive, what, threshold)
 
 
 def metrics_table(m: dict, title: str) -> Table:

@@ -112,6 +112,16 @@ def test_roc_operating_point_is_the_argmax_decision():
     assert marked[0].get_ydata()[0] == pytest.approx(tpr)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert sum("AUC" in t for t in labels) == 3  # COVID vs rest and both other classes
+    # With --threshold, the marker is that operating point's, and says so.
+    from sstl.engine.metrics import decide
+
+    said = decide(p, 0, 0.2)
+    fig = roc_figure(y, p, NAMES, "COVID", "test", said, 0.2)
+    [marked] = [ln for ln in fig.axes[0].lines if ln.get_label().startswith("operating point")]
+    assert marked.get_label().startswith("operating point (P(COVID) >= 0.2)")
+    assert marked.get_xdata()[0] == pytest.approx(np.sum((said == 0) & (y != 0)) / np.sum(y != 0))
+    assert marked.get_ydata()[0] == pytest.approx(np.sum((said == 0) & (y == 0)) / np.sum(y == 0))
+    assert marked.get_ydata()[0] >= tpr  # a lower bar: more of COVID found
 
 
 def card_info():

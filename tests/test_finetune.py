@@ -259,6 +259,41 @@ def test_evaluate_reproduces_the_last_epoch(syn_runs):
         evaluate(EvaluateConfig(model=str(run), split="test", data=DataConfig(split_seed=3)))
 
 
+def test_a_threshold_moves_the_operating_point_in_every_output(syn_runs, tmp_path):
+    """--threshold T: COVID wherever P(COVID) >= T. Oracle: predictions.csv's probabilities
+    with the rule applied by hand, and sklearn's metrics of that decision; predict gives the
+    same rows; metrics.json and the ROC's marker say the rule."""
+    from sklearn.metrics import accuracy_score, recall_score
+
+    from sstl.engine.config import PredictConfig
+    from sstl.engine.predict import predict
+
+    run, out = syn_runs[0.1], tmp_path / "ev"
+    data = DataConfig(path=str(ensure_synthetic()))
+    m = evaluate(EvaluateConfig(model=str(run), data=data, split="test", out=str(out),
+                                device="cpu", threshold=0.05))
+    with open(out / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    names = _json(run / "model.json")["class_names"]
+    probs = np.array([[float(r[c]) for c in names] for r in rows])
+    covid = names.index("COVID")
+    want = np.where(probs[:, covid] >= 0.05, covid,
+                    np.where(np.arange(len(names)) == covid, -1, probs).argmax(1))
+    assert [names.index(r["prediction"]) for r in rows] == list(want)
+    assert (want == covid).sum() > (probs.argmax(1) == covid).sum()  # the point moved
+    y = np.array([names.index(r["label"]) for r in rows])
+    assert m["sen"] == pytest.approx(recall_score(y == covid, want == covid))
+    assert m["acc"] == pytest.approx(accuracy_score(y, want))
+    record = _json(out / "metrics.json")
+    assert record["threshold"] == 0.05 and record["decision"].startswith("COVID where P(COVID)")
+    got = predict(PredictConfig(model=str(run), inputs=tuple(str(ensure_synthetic() / r["path"])
+                                                             for r in rows),
+                                out_csv=str(tmp_path / "p.csv"), device="cpu", threshold=0.05))
+    assert [r["prediction"] for r in got] == [r["prediction"] for r in rows]
+    with pytest.raises(SystemExit, match="--threshold must be between 0 and 1"):
+        evaluate(EvaluateConfig(model=str(run), data=data, threshold=1.0))
+
+
 def test_evaluate_refuses_unknown_classes(syn_runs, tmp_path):
     src = sorted((ensure_synthetic() / "COVID").glob("*.png"))
     for cls in ("COVID", "Martian"):

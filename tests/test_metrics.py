@@ -110,3 +110,25 @@ def test_best_epoch_by_hm_then_by_accuracy():
     assert best_epoch(rows) == (1, "hm")  # the first of equals
     nan = float("nan")
     assert best_epoch([{"hm": nan, "acc": 0.3}, {"hm": nan, "acc": 0.6}]) == (1, "acc")
+
+
+def test_decide_with_a_threshold_is_the_operating_point_rule():
+    """Oracle: the rule written out per image. Without a threshold, the argmax (the paper's);
+    with one, the positive class exactly where its probability reaches it, else the most
+    probable other class; a lower threshold never loses a positive call (more sensitivity)."""
+    from sstl.engine.metrics import decide, decision_rule
+
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.ones(3), size=400)
+    probs[0] = [0.45, 0.30, 0.25]  # argmax Alpha, but P(COVID) 0.30 reaches 0.3
+    pos = NAMES.index("COVID")
+    np.testing.assert_array_equal(decide(probs, pos), probs.argmax(1))
+    for t in (0.1, 0.3, 0.5, 0.9):
+        want = [pos if p[pos] >= t else max((k for k in range(3) if k != pos), key=lambda k: p[k])
+                for p in probs]
+        np.testing.assert_array_equal(decide(probs, pos, t), want)
+    assert decide(probs, pos, 0.3)[0] == pos and decide(probs, pos)[0] == 0
+    assert set(np.flatnonzero(decide(probs, pos, 0.5) == pos)) <= \
+        set(np.flatnonzero(decide(probs, pos, 0.2) == pos))
+    assert decision_rule("COVID", 0.25) == ("COVID where P(COVID) >= 0.25, else the most "
+                                            "probable other class")
