@@ -29,7 +29,7 @@ import torch
 from . import dist
 from .config import (ROWS, AugmentConfig, DataConfig, EvaluateConfig, FinetuneAugment,
                      FinetuneConfig, PretrainConfig, ReproduceConfig, check,
-                     imagenet_version)
+                     imagenet_version, resolve)
 from .classifier import check_start
 from .data.dataset import load_dataset
 from .data.index import DataError
@@ -192,6 +192,14 @@ def finetune_cell(cfg: ReproduceConfig, grid: Path, data: DataConfig, row: str,
 def reproduce(cfg: ReproduceConfig) -> Path:
     cfg = check(cfg)
     p = PRESETS[cfg.preset]
+    # torchrun: one process group for the whole grid, which every cell's command joins. A
+    # group left and joined again per cell failed at the second cell (the rendezvous store
+    # of the first is gone), or hung.
+    with dist.group(resolve(cfg.runtime, p["pretrain_batch"])):
+        return _grid(cfg, p)
+
+
+def _grid(cfg: ReproduceConfig, p: dict) -> Path:
     grid = Path(cfg.runtime.out) / (cfg.runtime.name or f"reproduce-{cfg.preset}")
     rows = available_rows(cfg)
     data = dataclasses.replace(cfg.data, cache_size=p["cache_size"])
@@ -199,7 +207,8 @@ def reproduce(cfg: ReproduceConfig) -> Path:
         check_start(p["arch"], *_start(start, cfg), flag="--transfer" if start == "transfer"
                     else "--init")
     # The scan every cell then maps; a split no cell could score fails before any training.
-    ds = load_dataset(data, need_labels=True, log=log)
+    with dist.main_first():  # rank 0 builds the cache, the others then map it
+        ds = load_dataset(data, need_labels=True, log=log)
     check_split_classes(ds, cfg.positive_class)
     batch = p["pretrain_batch"]  # global: resolve() splits it across ranks
     if any(method for _, method, _ in rows) and len(ds.train_idx) < batch:  # no --batch-size
@@ -322,7 +331,7 @@ def _run_finetune_cell(cfg: ReproduceConfig, p: dict, c: dict) -> dict:
     summary = json.loads((run / "summary.json").read_text())
     cell = {"row": row, "fraction": fraction, "seed": seed, "run": run.name,
             "start": summary["start"], **{k: summary["last_epochs"][k] for k in METRICS}}
-    if cfg.evaluate_on:
+    if cfg.evaluate_on and dist.is_main():  # only rank 0's cells make the tables
         m = evaluate(EvaluateConfig(model=str(run), data=DataConfig(
             path=cfg.evaluate_on, cache_size=p["cache_size"], cache_dir=c["cfg"].data.cache_dir),
             device=cfg.runtime.device))

@@ -179,3 +179,21 @@ def test_a_batch_that_does_not_divide_over_the_processes_is_one_line(tmp_path, m
     assert "--batch-size 33 does not divide over the 2 processes" in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_reproduce_under_torchrun_runs_every_cell_in_one_process_group(tmp_path):
+    """Found by a user: under torchrun each cell joined the process group and left it, and
+    the second cell could not join again (its rendezvous was gone) or hung. The grid now
+    holds one group, every cell joins it, and rank 0 writes tables of every cell."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(_free_port()), "-m", "sstl.cli.main", "reproduce",
+           "--preset", "quick", "--row", "scratch", "--fraction", "0.1", "--fraction", "0.5",
+           "--device", "cpu", "--out", str(tmp_path), "--name", "g"]
+    p = subprocess.run(cmd, env={**ENV, "SSTL_CACHE": str(tmp_path / "cache")},
+                       capture_output=True, text=True, timeout=500)
+    assert p.returncode == 0, p.stderr[-3000:]
+    with open(tmp_path / "g" / "fig3.csv") as fh:
+        assert [(r["row"], r["fraction"]) for r in csv.DictReader(fh)] == [
+            ("scratch", "0.1"), ("scratch", "0.5")]
+    for f in ("0.1", "0.5"):
+        assert len(_losses(tmp_path / "g" / f"finetune-scratch-f{f}-s0")) == 5  # its epochs
