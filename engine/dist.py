@@ -71,12 +71,26 @@ def group(res, timeout: timedelta = TIMEOUT):
                          "with torchrun and the same --rdzv-endpoint") from None
     try:
         yield
-    except dist.DistError as e:  # a peer died (gloo: connection closed) or timed out (NCCL)
-        raise SystemExit(f"rank {res.rank}: another process of this run stopped or did not "
-                         f"answer within {timeout} ({first_line(e)}); see the first error "
-                         "above; the same command resumes from the last checkpoint") from None
+    except (dist.DistError, RuntimeError) as e:
+        if not peer_gone(e):
+            raise
+        raise SystemExit(f"rank {res.rank}: another process of this run stopped, or did not "
+                         f"answer within {timeout} ({first_line(e, 120)}); its own message "
+                         "says why. The same command then resumes from the last checkpoint, "
+                         "if there is one") from None
     finally:
         destroy()
+
+
+def peer_gone(e: BaseException) -> bool:
+    """Whether a collective failed because another rank left (rank 0 refused a run and
+    exited, or died) or timed out: torch's DistError, or gloo's plain RuntimeError about a
+    closed connection, which otherwise reached the user as a 100-line traceback."""
+    if isinstance(e, dist.DistError):
+        return True
+    text = str(e)
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer",
+                                   "Broken pipe", "[Rank ", "Gloo", "gloo"))
 
 
 def destroy() -> None:

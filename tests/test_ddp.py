@@ -197,3 +197,24 @@ def test_reproduce_under_torchrun_runs_every_cell_in_one_process_group(tmp_path)
             ("scratch", "0.1"), ("scratch", "0.5")]
     for f in ("0.1", "0.5"):
         assert len(_losses(tmp_path / "g" / f"finetune-scratch-f{f}-s0")) == 5  # its epochs
+
+
+def test_a_run_rank_0_refuses_ends_every_rank_in_one_line(tmp_path):
+    """Found by a user: when rank 0 refused a run (its folder locked by another sstl) and
+    left, rank 1 waiting for it printed gloo's 100-line traceback. Each rank now says one
+    line: rank 0 why, rank 1 that another process stopped."""
+    import fcntl
+
+    run = tmp_path / "busy"
+    run.mkdir()
+    with open(run / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running sstl holds it
+        held.write("4242")
+        held.flush()
+        p = subprocess.run(_command("cross", tmp_path, "busy"), env=ENV, capture_output=True,
+                           text=True, timeout=300)
+    assert p.returncode != 0
+    assert "is in use by another sstl process (pid 4242)" in p.stderr, p.stderr[-2000:]
+    assert "rank 1: another process of this run stopped" in p.stderr, p.stderr[-3000:]
+    # torchrun's own summary of a failed job stays; no traceback from inside sstl does.
+    assert "/engine/" not in p.stderr and "RuntimeError" not in p.stderr, p.stderr[-3000:]
