@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import dist
-from .config import size_warning
+from .config import size_warning, to_dict
 from .data.dataset import Dataset, load_dataset, save_data_files
 from .keys import changed_settings, moved_away, only_moved, recorded_at, resume_keys
 from .models import is_start_file
@@ -29,9 +29,27 @@ def load_data(cfg, need_labels: bool = False) -> Dataset:
 def begin(run: Run, cfg, ds: Dataset, inputs: str) -> None:
     """A run's first writes, once its checkpoint may be continued (check_resumable): the list
     of its data files (rank 0)."""
+    check_same_everywhere(cfg, inputs)
     check_resumable(run, cfg, inputs)
     if run.is_main:
         save_data_files(ds, run.path)
+
+
+def check_same_everywhere(cfg, inputs: str) -> None:
+    """torchrun: every process must train the same settings on the same inputs. A rank given
+    another --lr trained a diverging replica unsaid; another --epochs left rank 0 waiting at
+    the end until the timeout. Each rank says how its settings differ from rank 0's."""
+    keys = dist.gather((resume_keys(cfg)[0], inputs))
+    if len(set(keys)) == 1:
+        return
+    first = dist.gather(to_dict(cfg))[0]
+    others = [r for r, k in enumerate(keys) if k != keys[0]]
+    mine = changed_settings(first, cfg) or (["inputs (data or weights)"]
+                                            if keys[dist.rank()] != keys[0] else [])
+    said = (f"differs from rank 0's ({'; '.join(mine[:6])})" if mine else
+            f"is rank 0's, but rank(s) {', '.join(map(str, others))} differ")
+    raise SystemExit(f"rank {dist.rank()}: the processes of this run were started with other "
+                     f"settings; this one's {said}. Start every process with the same command")
 
 
 def data_record(ds: Dataset) -> dict:

@@ -116,6 +116,16 @@ def main_first():
         barrier()
 
 
+def gather(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank; [obj] in one process.
+    On the CPU group: it works whatever the training backend, and waits as barrier does."""
+    if not initialized():
+        return [obj]
+    out = [None] * world()
+    dist.all_gather_object(out, obj, group=_wait_group)
+    return out
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """In place: the sum over ranks (t itself in a single process)."""
     if initialized():

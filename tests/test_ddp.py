@@ -218,3 +218,26 @@ def test_a_run_rank_0_refuses_ends_every_rank_in_one_line(tmp_path):
     assert "rank 1: another process of this run stopped" in p.stderr, p.stderr[-3000:]
     # torchrun's own summary of a failed job stays; no traceback from inside sstl does.
     assert "/engine/" not in p.stderr and "RuntimeError" not in p.stderr, p.stderr[-3000:]
+
+
+def test_ranks_started_with_other_settings_are_refused_naming_the_difference(tmp_path):
+    """Found by a user: rank 1 given another --lr trained a diverging replica unsaid, and
+    another --epochs left rank 0 waiting at the end. The ranks compare their settings when
+    the run begins, and each says how its own differ from rank 0's."""
+    import shlex
+
+    base = _command("cross", tmp_path, "mixed")
+    cut = base.index("sstl.cli.main")  # torchrun's own arguments end with the "-m" before it
+    launcher, program = base[:cut - 1], [sys.executable, "-m", *base[cut:]]
+    script = tmp_path / "per-rank.sh"  # what a hand-made launcher with a typo does
+    script.write_text("#!/bin/sh\nextra=''\n[ \"$RANK\" = 1 ] && extra='--lr 0.1'\n"
+                      f"exec {shlex.join(program)} $extra\n")
+    script.chmod(0o755)
+    cmd = [*launcher, "--no-python", str(script)]
+    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert "rank 1: the processes of this run were started with other settings; this one's " \
+           "differs from rank 0's (lr: 0.003 -> 0.1)" in p.stderr, p.stderr[-3000:]
+    assert "rank 0: the processes of this run were started with other settings; this one's " \
+           "is rank 0's, but rank(s) 1 differ" in p.stderr, p.stderr[-3000:]
+    assert not (tmp_path / "mixed").exists()  # refused before anything was kept
