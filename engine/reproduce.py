@@ -269,10 +269,16 @@ def earlier_cells(cfg: ReproduceConfig, grid: Path, data: DataConfig, identity: 
         except (ValueError, SystemExit):  # not a name finetune_cell gives (f > 1, say)
             continue
         encoder = cell["cfg"].encoder and Path(cell["cfg"].encoder) / "encoder.safetensors"
+        # Its pretraining too: an Ours cell's encoder was pretrained from the --transfer file
+        # of the command that made it, which this command's may not be.
+        pre = encoder and pretrain_cell(cfg, grid, data, m["row"], *rows[m["row"]],
+                                        int(m["seed"]))
         if cell["run"] != d or _made_otherwise(d, cell["cfg"], identity) or (
-                encoder and _from_another_encoder(d, encoder)):
-            log(f"reproduce: {d.name} is not in the tables: it was made with other settings, "
-                "images or encoder than this command's")
+                encoder and (_from_another_encoder(d, encoder)
+                             or _made_otherwise(pre["run"], pre["cfg"], identity))):
+            log(f"reproduce: {d.name} is not in the tables: it (or the pretraining it was "
+                "fine-tuned from) was made with other settings, images, encoder or --transfer "
+                "file than this command's")
             continue
         out.append(_run_finetune_cell(cfg, p, cell))
     return out

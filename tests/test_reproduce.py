@@ -62,7 +62,7 @@ def test_stage1_on_cifar_learns_and_its_encoder_is_a_start(tmp_path):
     assert json.loads((ft / "summary.json").read_text())["start"].endswith("encoder.safetensors")
 
 
-def test_tiny_grid_end_to_end_and_a_rerun_redoes_nothing(tmp_path, monkeypatch):
+def test_tiny_grid_end_to_end_and_a_rerun_redoes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(reproduce_mod.PRESETS, "quick", TINY)
     s1 = supervised(SupervisedConfig(  # a stage-1 encoder (on the demo set) as the transfer start
         runtime=Runtime(device="cpu", compile=False, out=str(tmp_path), name="s1"),
@@ -155,6 +155,22 @@ def test_tiny_grid_end_to_end_and_a_rerun_redoes_nothing(tmp_path, monkeypatch):
             "finetune-ours-f1-s0", "finetune-scratch-f1-s0", "finetune-transfer-f1-s0"]
     assert stamps == {p: p.stat().st_mtime_ns for p in grid.glob("*/*.safetensors")
                       if "scratch" not in p.parent.name}
+    # Found by a user: a later command with another --transfer file kept the Ours cells (their
+    # pretraining started from the earlier file) under the new file's name. They are left
+    # out, and said, as the Transfer cells are.
+    odd = tmp_path / "odd" / "encoder.safetensors"
+    shutil.copytree(s1, odd.parent)
+    save_file({**weights, key: weights[key] + 1}, odd)
+    capsys.readouterr()
+    reproduce_mod.reproduce(dataclasses.replace(cfg, rows=("scratch",), transfer=str(odd)))
+    said = capsys.readouterr().err
+    for left_out in ("finetune-ours-f1-s0", "finetune-transfer-f1-s0"):
+        assert f"reproduce: {left_out} is not in the tables" in said, said
+    with open(grid / "table2.csv") as fh:
+        assert [r["row"] for r in csv.DictReader(fh)] == ["scratch"]
+    reproduce_mod.reproduce(dataclasses.replace(cfg, rows=("scratch",)))  # the grid's own file
+    with open(grid / "table2.csv") as fh:
+        assert [r["row"] for r in csv.DictReader(fh)] == ["ours", "transfer", "scratch"]
     # Folders that are no cell of this grid are passed over; a cell whose pretraining folder
     # was deleted since (to save space) still counts; a second seed of one row makes the note
     # say what ± means for each kind of row.
