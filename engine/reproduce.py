@@ -241,7 +241,8 @@ def _grid(cfg: ReproduceConfig, p: dict) -> Path:
     results += earlier_cells(cfg, grid, data, identity, results)
     named = {c["row"] for c in results}
     table_cfg = dataclasses.replace(  # the tables: every finished cell of this grid's settings
-        cfg, fractions=tuple(sorted({c["fraction"] for c in results})))
+        cfg, fractions=tuple(sorted({c["fraction"] for c in results})),
+        rows=tuple(r for r, _, _ in ROWS if r in named))  # results.json says what it holds
     return collect(table_cfg, grid, [r for r in ROWS if r[0] in named], results)
 
 
@@ -389,6 +390,9 @@ def collect(cfg: ReproduceConfig, grid: Path, rows, cells: list[dict]) -> Path:
         s = table[row].get(full)
         if s:
             lines.append(f"| {LABELS[row]} | " + " | ".join(_pm(s[k]) for k in keys) + " |")
+    if absent := [LABELS[row] for row, _, _ in rows if full not in table[row]]:
+        lines += ["", f"Not in this table (no {100 * full:g}% cell yet; in Fig. 3's table "
+                      f"below): {', '.join(absent)}."]
     lines += fig3_table(table, rows, cfg.fractions, cfg.positive_class)
     transfer = any(start == "transfer" for _, _, start in rows)  # else no row used it
     lines += ["", RECIPE_NOTE, "", f"Reference: {PAPER_REFERENCE}", "",

@@ -150,9 +150,11 @@ def test_tiny_grid_end_to_end_and_a_rerun_redoes_nothing(tmp_path, monkeypatch, 
             reproduce_mod.reproduce(dataclasses.replace(cfg, rows=("transfer",)))
         with open(grid / "table2.csv") as fh:
             assert [r["row"] for r in csv.DictReader(fh)] == ["ours", "transfer", "scratch"]
-        cells = json.loads((grid / "results.json").read_text())["cells"]
-        assert sorted(c["run"] for c in cells) == [
+        results = json.loads((grid / "results.json").read_text())
+        assert sorted(c["run"] for c in results["cells"]) == [
             "finetune-ours-f1-s0", "finetune-scratch-f1-s0", "finetune-transfer-f1-s0"]
+        # Its config says what it holds, not the last command's --row alone.
+        assert results["config"]["rows"] == ["ours", "transfer", "scratch"]
     assert stamps == {p: p.stat().st_mtime_ns for p in grid.glob("*/*.safetensors")
                       if "scratch" not in p.parent.name}
     # Found by a user: a later command with another --transfer file kept the Ours cells (their
@@ -284,6 +286,12 @@ def test_csv_files_hold_each_row_and_fraction_across_seeds(tmp_path):
             assert float(got[f"{k}_mean"]) == pytest.approx(means.mean(), rel=1e-12)
             assert float(got[f"{k}_std"]) == pytest.approx(means.std(), rel=1e-12)
     assert read("table2.csv") == [p for p in fig3 if p[1] == 1.0]
+    # A row with no full-label cell is absent from Table 2: said, not silently dropped.
+    reproduce_mod.collect(cfg, grid, rows, [c for c in cells if c["row"] != "scratch"
+                                            or c["fraction"] != 1.0]
+                          + [{**cells[0], "row": "scratch", "fraction": 0.1}])
+    assert "Not in this table (no 100% cell yet; in Fig. 3's table below): From Scratch." in \
+        (grid / "table2.md").read_text()
 
 
 def test_the_spread_note_says_what_plus_minus_means_for_the_seed_counts_present():
