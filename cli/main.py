@@ -172,7 +172,8 @@ def pretrain(
     momentum: float = typer.Option(default(P, "momentum"), help="SGD momentum (paper: 0.9)"),
     weight_decay: float = typer.Option(default(P, "weight_decay"), help="Weight decay (paper: 4e-4)"),
     arch: str = typer.Option(default(P, "arch"), help="resnet50 (paper) | resnet18"),
-    init: str = typer.Option(default(P, "init"), help="imagenet | random | PATH to a state dict"),
+    init: str = typer.Option(default(P, "init"), help="imagenet | random | PATH to a state dict (or a run "
+                              "directory: its encoder.safetensors)"),
     imagenet_weights: str = imagenet_weights_option(P),
     tau: Optional[float] = typer.Option(None, help="Target EMA rate (cross: 0.996 constant, the "
                                         "paper; byol: base of its cosine schedule, 0.996)"),
@@ -213,7 +214,8 @@ def finetune(
                                            "or its run directory (overrides --init)",
                                            parser=path_value),
     init: str = typer.Option(default(F, "init"), help="Without --encoder: imagenet (the paper's "
-                             "Transfer) | random (From Scratch) | PATH to a state dict"),
+                             "Transfer) | random (From Scratch) | PATH to a state dict "
+                             "or a run directory"),
     imagenet_weights: str = imagenet_weights_option(F),
     fraction: float = typer.Option(default(F, "fraction"), help="Share of the training split's "
                                    "labels used (paper: 0.01, 0.1, 0.5, 1); nested, stratified"),
@@ -260,7 +262,8 @@ def supervised(
                               "images: ImageNet, or CIFAR-10 where ImageNet weights cannot be had",
                               parser=path_value),
     arch: str = typer.Option(default(S, "arch"), help="resnet50 (paper) | resnet18"),
-    init: str = typer.Option(default(S, "init"), help="random | imagenet | PATH"),
+    init: str = typer.Option(default(S, "init"), help="random | imagenet | PATH (a state dict or a run "
+                              "directory)"),
     imagenet_weights: str = typer.Option(default(S, "imagenet_weights"), "--imagenet-weights",
                                          help="V1 | V2 | auto: the newest the arch has "
                                          "(resnet50 V2, resnet18 V1)"),
@@ -308,7 +311,7 @@ def reproduce(
                                          "\\[default: 0.01 0.1 0.5 1]"),
     seeds: int = typer.Option(default(RP, "seeds"), help="Seeds per cell; tables give mean and std across them"),
     transfer: str = typer.Option(default(RP, "transfer"), help="Start of Ours and Transfer: imagenet | PATH to "
-                                 "a stage-1 encoder (`sstl supervised`)"),
+                                 "a stage-1 encoder (`sstl supervised`) or its run directory"),
     evaluate_on: Optional[Path] = typer.Option(None, help="Also evaluate every fine-tuned model "
                                                "on this labelled set (another hospital's data)",
                                                parser=path_value),

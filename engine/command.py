@@ -11,6 +11,7 @@ from pathlib import Path
 from . import dist
 from .config import size_warning, to_dict
 from .data.dataset import Dataset, load_dataset, save_data_files
+from .data.index import DataError
 from .keys import changed_settings, moved_away, only_moved, recorded_at, resume_keys
 from .models import is_start_file
 from .runs import Run, log
@@ -18,11 +19,15 @@ from .runs import Run, log
 
 def load_data(cfg, need_labels: bool = False) -> Dataset:
     """The command's data set: rank 0 scans and decodes the cache, the others then map it;
-    inputs larger than the cache are said."""
+    inputs larger than the cache are said. A command that trains a classifier (need_labels)
+    refuses one class: its loss is 0 from the first step and its top-1 is 1."""
     with dist.main_first():
         ds = load_dataset(cfg.data, need_labels=need_labels, log=log)
         if warning := size_warning(cfg):
             log(warning)
+    if need_labels and len(ds.class_names) < 2:
+        raise DataError(f"--data has one class ({ds.class_names[0]!r}): a classifier needs at "
+                        "least two")
     return ds
 
 

@@ -289,7 +289,16 @@ def _check_training(cfg, need):
     need(not uses or version.upper() in have,
          f"--arch {cfg.arch} has only {' and '.join(have)} ImageNet weights in torchvision; "
          f"pass --imagenet-weights {have[-1]} (or auto)")
-    return dataclasses.replace(cfg, imagenet_weights=version)
+    return dataclasses.replace(cfg, imagenet_weights=version, init=weights_in(cfg.init))
+
+
+def weights_in(start: str) -> str:
+    """A run directory given as a start (--init, --transfer) means its encoder.safetensors,
+    as --encoder takes one; anything else stays as given (its loader says what is wrong)."""
+    if start in ("imagenet", "random"):
+        return start
+    p = Path(start).expanduser()
+    return str(p / "encoder.safetensors") if (p / "encoder.safetensors").is_file() else start
 
 
 def imagenet_version(arch: str, given: str, used: bool = True) -> str:
@@ -348,6 +357,10 @@ def _check_reproduce(cfg: ReproduceConfig, need) -> ReproduceConfig:
     _check_runtime(cfg.runtime, need)
     _check_data(cfg.data, need)
     need(cfg.preset in ("paper", "quick"), f"--preset must be paper or quick, not {cfg.preset!r}")
+    # random would make Transfer From Scratch and Ours the Cross row, under their names.
+    need(cfg.transfer != "random", "--transfer must be imagenet or a stage-1 encoder (a file, "
+         "or its run directory), not random: the rows that start from random weights are "
+         "Cross and From Scratch")
     need(cfg.seeds >= 1, f"--seeds must be at least 1, not {cfg.seeds}")
     names = [n for n, _, _ in ROWS]
     unknown = [r for r in cfg.rows if r not in names]
@@ -359,7 +372,7 @@ def _check_reproduce(cfg: ReproduceConfig, need) -> ReproduceConfig:
     # A repeat would count as a seed; fractions that print alike would share a run name.
     need(len({f"{f:g}" for f in cfg.fractions}) == len(cfg.fractions),
          f"--fraction values repeat: {cfg.fractions}")
-    return cfg
+    return dataclasses.replace(cfg, transfer=weights_in(cfg.transfer))
 
 
 def _check_inference(cfg, need):

@@ -62,6 +62,21 @@ def test_stage1_on_cifar_learns_and_its_encoder_is_a_start(tmp_path):
     assert json.loads((ft / "summary.json").read_text())["start"].endswith("encoder.safetensors")
 
 
+def test_stage1_on_one_class_is_refused_as_finetune_refuses_it(tmp_path):
+    """Found by a user: `supervised` on one class trained to loss 0 and top-1 1.0 and wrote an
+    encoder; finetune and reproduce refused the same folder."""
+    from .tiny_run import write_pngs
+
+    write_pngs(tmp_path / "one" / "COVID", n=8)
+    with pytest.raises(DataError, match="--data has one class \\('COVID'\\): a classifier "
+                                        "needs at least two"):
+        supervised(SupervisedConfig(data=DataConfig(path=str(tmp_path / "one"), cache_size=32),
+                                    runtime=Runtime(device="cpu", compile=False,
+                                                    out=str(tmp_path), name="s1"),
+                                    arch="resnet18", epochs=1, batch_size=4))
+    assert not (tmp_path / "s1").exists()
+
+
 def test_tiny_grid_end_to_end_and_a_rerun_redoes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(reproduce_mod.PRESETS, "quick", TINY)
     s1 = supervised(SupervisedConfig(  # a stage-1 encoder (on the demo set) as the transfer start
@@ -215,6 +230,23 @@ def test_unknown_rows_are_refused(tmp_path):
     cfg = ReproduceConfig(runtime=Runtime(device="cpu", out=str(tmp_path)), rows=("moco",))
     with pytest.raises(SystemExit, match="--row: unknown moco"):
         reproduce_mod.reproduce(cfg)
+
+
+def test_a_run_directory_is_a_start_and_random_is_no_transfer(tmp_path):
+    """Found by a user: --init or --transfer naming a run directory said "no such file"
+    (--encoder takes one), and --transfer random made Transfer a second From Scratch."""
+    from sstl.engine.config import ConfigError, FinetuneConfig, PretrainConfig, check
+
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s1" / "encoder.safetensors").write_bytes(b"")  # what the check looks for
+    encoder = str(tmp_path / "s1" / "encoder.safetensors")
+    for cfg in (PretrainConfig(init=str(tmp_path / "s1")),
+                FinetuneConfig(init=str(tmp_path / "s1"))):
+        assert check(cfg).init == encoder
+    assert check(ReproduceConfig(transfer=str(tmp_path / "s1"))).transfer == encoder
+    assert check(FinetuneConfig(init="random")).init == "random"
+    with pytest.raises(ConfigError, match="--transfer must be imagenet or a stage-1 encoder"):
+        check(ReproduceConfig(transfer="random"))
 
 
 def test_a_repeated_fraction_is_refused(tmp_path):
