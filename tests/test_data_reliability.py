@@ -135,6 +135,14 @@ def test_every_suffix_pil_reads_radiographs_under_is_a_class_and_a_folder_withou
     (root / "F").mkdir()
     with pytest.raises(DataError, match="folder 'F' beside the class folders is empty"):
         _load(root, tmp_path, need_labels=True)
+    # Found by a user: the log first called it "no class", then the refusal a class: one
+    # message now. Unlabelled use (pretraining) just says it is empty.
+    logs = []
+    with pytest.raises(DataError):
+        load_dataset(DataConfig(path=str(root), cache_dir=str(tmp_path / "c")),
+                     need_labels=True, log=logs.append)
+    assert not any("'F'" in m for m in logs), logs
+    assert "data: folder 'F' is empty" in _load(root, tmp_path)[1]
     (root / "F").rmdir()
     (root / "lost+found").mkdir()
     img.save(root / "A" / "extra.png")

@@ -166,6 +166,9 @@ def load_dataset(cfg: DataConfig, need_labels: bool = False,
     if need_labels and not labelled:
         raise DataError(f"--data {root}: this command needs labels (class folders or a manifest "
                         "`label` column), but the images are unlabelled")
+    if not need_labels:  # unlabelled use (pretraining): an empty folder is just empty
+        for name in found.empty_folders:
+            log(f"data: folder {name!r} is empty")
     if need_labels and found.empty_folders:  # a class that failed to copy, most likely
         raise DataError(f"--data {root}: folder {found.empty_folders[0]!r} beside the class "
                         "folders is empty: a class without images would be left out of the "
@@ -217,8 +220,9 @@ def group_copies(records: list[Record], digests: list[str],
             parent[max(a, b)] = min(a, b)  # the smaller name: the same result in any order
     if not copies:
         return records
-    log(f"data: {copies} files are byte-identical copies of others; each image's copies stay "
-        "on one side of the split")
+    log(f"data: {copies} file{'s are' if copies != 1 else ' is a'} byte-identical "
+        f"cop{'ies' if copies != 1 else 'y'} of others (copies or links to one image); each "
+        "image's copies stay on one side of the split")
     if mixed:
         log(f"warning: {len(mixed)} images appear under two labels (identical files); check "
             "them, e.g. {}".format(", ".join(records[first[d]].rel for d in sorted(mixed)[:3])))

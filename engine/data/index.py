@@ -135,10 +135,11 @@ def _scan_folder(p: Path) -> Scan:
             if any(e["path"] == _rel(d, root) for e in out.left_out):
                 continue  # unreadable: left_out says so
             other = sorted(f.name for f in d.rglob("*") if f.is_file())
-            if not other:  # nothing at all: a class that failed to copy, most likely
-                out.empty_folders.append(d.name)
-            out.notes.append(f"folder {d.name!r} holds no image file, so it is not a class"
-                             + (f" ({len(other)} other files, e.g. {other[0]!r})" if other else ""))
+            if not other:  # nothing at all: a class that failed to copy, most likely (said
+                out.empty_folders.append(d.name)  # by load_dataset, which knows the command)
+                continue
+            out.notes.append(f"folder {d.name!r} holds no image file, so it is not a class "
+                             f"({len(other)} other files, e.g. {other[0]!r})")
         for f in _image_files(root):
             out.left_out.append({"path": f.name, "reason": "outside any class folder"})
         out.records = [Record(str(f), _rel(f, root), d.name, _rel(f, root))
