@@ -34,25 +34,41 @@ def load_data(cfg, need_labels: bool = False) -> Dataset:
 def begin(run: Run, cfg, ds: Dataset, inputs: str) -> None:
     """A run's first writes, once its checkpoint may be continued (check_resumable): the list
     of its data files (rank 0)."""
-    check_same_everywhere(cfg, inputs)
+    check_same_everywhere(run, cfg, inputs)
     check_resumable(run, cfg, inputs)
     if run.is_main:
         save_data_files(ds, run.path)
 
 
-def check_same_everywhere(cfg, inputs: str) -> None:
-    """torchrun: every process must train the same settings on the same inputs. A rank given
-    another --lr trained a diverging replica unsaid; another --epochs left rank 0 waiting at
-    the end until the timeout. Each rank says how its settings differ from rank 0's."""
-    keys = dist.gather((resume_keys(cfg)[0], inputs))
-    if len(set(keys)) == 1:
+# Runtime values every rank must share besides the settings: collectives happen at the
+# log-every and checkpoint-every steps, and every rank reads the run's checkpoint (or, with
+# --no-resume, rank 0 clears it while the others would read it).
+SHARED_RUNTIME = ("log_every", "checkpoint_every", "resume")
+
+
+def check_same_everywhere(run: Run, cfg, inputs: str) -> None:
+    """torchrun: every process must train the same settings on the same inputs in the same
+    run directory. A rank given another --lr trained a diverging replica unsaid; another
+    --epochs or --log-every left the others waiting in a collective until the timeout. Where
+    the inputs are may differ (another node's mount) when what they hold does not. Each rank
+    says how its own differ from rank 0's."""
+    mine = {"settings": resume_keys(cfg)[0], "inputs": inputs, "run": run.path.name,
+            **{k: getattr(cfg.runtime, k) for k in SHARED_RUNTIME}}
+    everyone = dist.gather(mine)
+    if all(d == everyone[0] for d in everyone):
         return
-    first = dist.gather(to_dict(cfg))[0]
-    others = [r for r, k in enumerate(keys) if k != keys[0]]
-    mine = changed_settings(first, cfg) or (["inputs (data or weights)"]
-                                            if keys[dist.rank()] != keys[0] else [])
-    said = (f"differs from rank 0's ({'; '.join(mine[:6])})" if mine else
-            f"is rank 0's, but rank(s) {', '.join(map(str, others))} differ")
+    first, zero = dist.gather(to_dict(cfg))[0], everyone[0]
+    diff = [f"{k}: {zero[k]} -> {v}" for k, v in mine.items()
+            if k not in ("settings", "inputs") and v != zero[k]]
+    if mine["inputs"] != zero["inputs"]:
+        diff.append("inputs (the data or weights files hold other bytes)")
+    elif mine["settings"] != zero["settings"] and not only_moved(first, cfg):
+        diff = (changed_settings(first, cfg) or ["settings"]) + diff
+    bad = [r for r, b in enumerate(dist.gather(bool(diff))) if b]
+    if not bad:  # only where the inputs are differs
+        return
+    said = (f"differs from rank 0's ({'; '.join(diff[:6])})" if diff else
+            f"is rank 0's, but rank(s) {', '.join(map(str, bad))} differ")
     raise SystemExit(f"rank {dist.rank()}: the processes of this run were started with other "
                      f"settings; this one's {said}. Start every process with the same command")
 

@@ -88,9 +88,11 @@ def peer_gone(e: BaseException) -> bool:
     closed connection, which otherwise reached the user as a 100-line traceback."""
     if isinstance(e, dist.DistError):
         return True
+    # Lost connections only: gloo's other errors (a tensor of the wrong size) are this
+    # rank's own, and keep their traceback.
     text = str(e)
     return any(s in text for s in ("Connection closed by peer", "Connection reset by peer",
-                                   "Broken pipe", "[Rank ", "Gloo", "gloo"))
+                                   "Broken pipe", "Timed out", "timed out"))
 
 
 def destroy() -> None:

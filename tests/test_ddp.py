@@ -220,24 +220,40 @@ def test_a_run_rank_0_refuses_ends_every_rank_in_one_line(tmp_path):
     assert "/engine/" not in p.stderr and "RuntimeError" not in p.stderr, p.stderr[-3000:]
 
 
-def test_ranks_started_with_other_settings_are_refused_naming_the_difference(tmp_path):
+@pytest.mark.parametrize("extra,differs", [("--lr 0.1", "lr: 0.003 -> 0.1"),
+                                           ("--log-every 4", "log_every: 1 -> 4")])
+def test_ranks_started_with_other_settings_are_refused_naming_the_difference(tmp_path, extra,
+                                                                            differs):
     """Found by a user: rank 1 given another --lr trained a diverging replica unsaid, and
-    another --epochs left rank 0 waiting at the end. The ranks compare their settings when
-    the run begins, and each says how its own differ from rank 0's."""
+    another --epochs left rank 0 waiting at the end (as another --log-every did: the ranks
+    meet in a collective at those steps). The ranks compare their settings when the run
+    begins, and each says how its own differ from rank 0's."""
     import shlex
 
     base = _command("cross", tmp_path, "mixed")
     cut = base.index("sstl.cli.main")  # torchrun's own arguments end with the "-m" before it
     launcher, program = base[:cut - 1], [sys.executable, "-m", *base[cut:]]
     script = tmp_path / "per-rank.sh"  # what a hand-made launcher with a typo does
-    script.write_text("#!/bin/sh\nextra=''\n[ \"$RANK\" = 1 ] && extra='--lr 0.1'\n"
+    script.write_text(f"#!/bin/sh\nextra=''\n[ \"$RANK\" = 1 ] && extra='{extra}'\n"
                       f"exec {shlex.join(program)} $extra\n")
     script.chmod(0o755)
     cmd = [*launcher, "--no-python", str(script)]
     p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0
     assert "rank 1: the processes of this run were started with other settings; this one's " \
-           "differs from rank 0's (lr: 0.003 -> 0.1)" in p.stderr, p.stderr[-3000:]
+           f"differs from rank 0's ({differs})" in p.stderr, p.stderr[-3000:]
     assert "rank 0: the processes of this run were started with other settings; this one's " \
            "is rank 0's, but rank(s) 1 differ" in p.stderr, p.stderr[-3000:]
     assert not (tmp_path / "mixed").exists()  # refused before anything was kept
+
+
+def test_only_a_lost_connection_counts_as_a_peer_gone():
+    """A rank's own gloo error (a wrong tensor size) keeps its traceback; only a closed or
+    timed-out connection becomes "another process of this run stopped"."""
+    from sstl.engine.dist import peer_gone
+
+    assert peer_gone(RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+                                  "[127.0.0.1]:13468"))
+    assert not peer_gone(RuntimeError("ProcessGroupGloo::allgather: invalid tensor size at "
+                                      "index 0 (expected (2), got (3))"))
+    assert not peer_gone(RuntimeError("CUDA out of memory"))

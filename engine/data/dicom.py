@@ -22,6 +22,10 @@ import warnings
 import numpy as np
 
 PREAMBLE = 128  # bytes before the "DICM" magic in a Part 10 file
+PIXEL_DATA_TAG, PIXEL_DATA_TAG_BE = b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10"  # (7FE0,0010)
+# A file cut inside its pixel data: the reason is said per file (load_dicom_gray), not as
+# pydicom's warning on the terminal, once per file, in the middle of a progress bar.
+warnings.filterwarnings("ignore", message="End of file reached before delimiter")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")  # names that say DICOM even without the magic
 
 
@@ -50,20 +54,15 @@ def load_dicom_gray(path: str | os.PathLike) -> np.ndarray:
     from pydicom.errors import InvalidDicomError
 
     try:
-        # pydicom warns (and drops the element) where a file ends inside its pixel data: the
-        # warning is the reason, said below, not text for the user's terminal.
-        with warnings.catch_warnings(record=True) as said:
-            warnings.simplefilter("always")
-            # force: a file named as DICOM but without the preamble (older exports) is read.
-            ds = pydicom.dcmread(path, force=str(path).lower().endswith(DICOM_SUFFIXES))
+        # force: a file named as DICOM but without the preamble (older exports) is still read.
+        ds = pydicom.dcmread(path, force=str(path).lower().endswith(DICOM_SUFFIXES))
     except (InvalidDicomError, EOFError, OSError) as e:
         raise ValueError(f"not a readable DICOM file ({str(e).split(' Use force=')[0]})") from None
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise ValueError("DICOM with float pixel data (parametric maps), which sstl does "
                              "not read")
-        if any("End of file" in str(w.message) for w in said) or ("Rows" in ds
-                                                                  and "Columns" in ds):
+        if ("Rows" in ds and "Columns" in ds) or _has_pixel_tag(path):
             raise ValueError("DICOM image without its pixel data: the file ends before or "
                              "inside it (truncated: an incomplete copy or transfer?)")
         raise ValueError("DICOM without pixel data (a report or other non-image object)")
@@ -82,6 +81,15 @@ def load_dicom_gray(path: str | os.PathLike) -> np.ndarray:
     if int(ds.get("SamplesPerPixel", 1)) == 3:  # secondary captures: pydicom gives RGB
         return _luma(arr)
     return to_uint8(arr, ds)
+
+
+def _has_pixel_tag(path) -> bool:
+    """Whether the file holds a Pixel Data tag that pydicom dropped: a file cut inside its
+    pixel data (pydicom reads up to the end, warns, and leaves the element out). Read from
+    the bytes: the warning cannot be caught per file in the cache's decoding threads."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    return PIXEL_DATA_TAG in data or PIXEL_DATA_TAG_BE in data
 
 
 def _transfer_syntax(ds):
