@@ -182,7 +182,8 @@ def test_manifest_reports_images_it_does_not_list(tmp_path):
 def test_labels_spelt_two_ways_are_refused_not_made_two_classes(tmp_path):
     """Found by a user: `covid` beside `COVID` (or `Bacterial  Pneumonia` with two spaces)
     trained as classes of their own, silently, half the COVID images then counted as
-    negatives. A manifest and class folders are checked alike; one spelling passes."""
+    negatives. Where labels count, a manifest and class folders are refused alike; one
+    spelling passes; pretraining, which uses no labels, is not refused."""
     for i in range(4):
         _png(tmp_path / "m" / f"{i}.png")
     rows = ["COVID", "covid", "Viral Pneumonia", "Viral  Pneumonia"]
@@ -191,16 +192,17 @@ def test_labels_spelt_two_ways_are_refused_not_made_two_classes(tmp_path):
     with pytest.raises(DataError, match="differ only in case, spaces or underscores would be "
                        "separate classes: 'COVID' and 'covid'; 'Viral  Pneumonia' and "
                        "'Viral Pneumonia'; spell each class one way"):
-        scan(tmp_path / "m")
+        _load(tmp_path / "m", tmp_path, need_labels=True)
+    assert len(_load(tmp_path / "m", tmp_path)[0].records) == 4  # unlabelled use: all images
     for name in ("Viral Pneumonia", "Viral_Pneumonia"):
         _png(tmp_path / "f" / name / "0.png")
     with pytest.raises(DataError, match="'Viral Pneumonia' and 'Viral_Pneumonia'"):
-        scan(tmp_path / "f")
+        _load(tmp_path / "f", tmp_path, need_labels=True)
     (tmp_path / "m" / "manifest.csv").write_text(
         "path,label\n" + "".join(f"{i}.png,{lab}\n" for i, lab in
                                  enumerate(["COVID", "COVID", "Normal", "normal pneumonia"])))
-    assert sorted({r.label for r in scan(tmp_path / "m").records}) == ["COVID", "Normal",
-                                                                        "normal pneumonia"]
+    assert _load(tmp_path / "m", tmp_path, need_labels=True)[0].class_names == [
+        "COVID", "Normal", "normal pneumonia"]
 
 
 def test_a_manifest_listing_no_images_says_so(tmp_path):

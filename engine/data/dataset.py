@@ -16,7 +16,7 @@ import numpy as np
 
 from ..io import save_json
 from .cache import Cache, load_or_build
-from .index import DataError, Record, Scan, scan
+from .index import DataError, Record, Scan, scan, spelling_clashes
 from .split import split_test
 
 if TYPE_CHECKING:  # the config is read, never imported: data sits below config
@@ -163,6 +163,11 @@ def load_dataset(cfg: DataConfig, need_labels: bool = False,
         raise DataError(f"--data {root}: {len(blank)} of {len(candidates)} manifest rows have no "
                         f"label (first: {', '.join(blank[:3])}); fill in their `label` or remove "
                         "them")
+    if need_labels and (clashes := spelling_clashes(labels)):
+        listed = "; ".join(" and ".join(repr(x) for x in c) for c in clashes)
+        raise DataError(f"--data {root}: labels that differ only in case, spaces or "
+                        f"underscores would be separate classes: {listed}; spell each class "
+                        "one way")
     if need_labels and not labelled:
         raise DataError(f"--data {root}: this command needs labels (class folders or a manifest "
                         "`label` column), but the images are unlabelled")

@@ -92,28 +92,22 @@ def scan(path: str | os.PathLike) -> Scan:
     if p.is_file():
         if p.suffix.lower() != ".csv":
             raise DataError(f"--data {p}: expected a folder or a manifest .csv file")
-        return _one_spelling(_scan_manifest(p), p)
+        return _scan_manifest(p)
     if (p / "manifest.csv").is_file():
-        return _one_spelling(_scan_manifest(p / "manifest.csv"), p / "manifest.csv")
-    return _one_spelling(_scan_folder(p), p)
+        return _scan_manifest(p / "manifest.csv")
+    return _scan_folder(p)
 
 
-def _one_spelling(out: Scan, where: Path) -> Scan:
-    """Refuse labels that differ only in case, spacing or underscores (`COVID` and `covid`,
-    `Viral Pneumonia` and `Viral_Pneumonia`): each would silently become a class of its own,
-    and half a class counted as the rest would bias every metric against it."""
+def spelling_clashes(labels) -> list[list[str]]:
+    """Labels that differ only in case, spacing or underscores (`COVID` and `covid`, `Viral
+    Pneumonia` and `Viral_Pneumonia`), grouped: where labels count, each would silently be a
+    class of its own, half a class then counted as the rest against every metric."""
     spellings: dict[str, set[str]] = {}
-    for r in out.records:
-        if r.label is not None:
-            spellings.setdefault(" ".join(r.label.replace("_", " ").split()).casefold(),
-                                 set()).add(r.label)
-    clashes = [sorted(v) for v in spellings.values() if len(v) > 1]
-    if clashes:
-        listed = "; ".join(" and ".join(repr(x) for x in c) for c in sorted(clashes))
-        raise DataError(f"--data {where}: labels that differ only in case, spaces or "
-                        f"underscores would be separate classes: {listed}; spell each class "
-                        "one way")
-    return out
+    for label in labels:
+        if label is not None:
+            spellings.setdefault(" ".join(label.replace("_", " ").split()).casefold(),
+                                 set()).add(label)
+    return sorted(sorted(v) for v in spellings.values() if len(v) > 1)
 
 
 def _scan_folder(p: Path) -> Scan:
