@@ -14,7 +14,7 @@ from .data.dataset import Dataset, load_dataset, save_data_files
 from .data.index import DataError
 from .keys import changed_settings, moved_away, only_moved, recorded_at, resume_keys
 from .models import is_start_file
-from .runs import Run, log
+from .runs import OUTPUTS, Run, log
 
 
 def load_data(cfg, need_labels: bool = False) -> Dataset:
@@ -148,16 +148,18 @@ def _check_same_command(run: Run, cfg) -> None:
 
 
 def _check_inputs_outside(run: Run, cfg) -> None:
-    """--no-resume clears the run directory: refused where the command reads its start from
-    there (an --init or --encoder file inside it), which would be gone before it is read."""
+    """--no-resume clears the run directory (Run.start_over: its checkpoints and OUTPUTS):
+    refused where the command reads its start from one of those files (an --init or
+    --encoder file, or the folder itself), which would be gone before it is read."""
     here = run.path.resolve()
+    cleared = {*OUTPUTS, run.checkpoint.name, run.previous.name}
     for flag in ("encoder", "init"):
         value = getattr(cfg, flag, None)
         if value is None or not is_start_file(value):
             continue
         p = Path(value).expanduser().resolve()
-        if p == here or here in p.parents:
-            raise SystemExit(f"--{flag} {value} is inside {run.path}, which --no-resume would "
+        if p == here or (p.parent == here and p.name in cleared):
+            raise SystemExit(f"--{flag} {value} is in {run.path}, which --no-resume would "
                              "clear before reading it; give this run another --name")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .io import atomic_write
-from .metrics import METRICS, NAMES, confusion, decide, display_name
+from .metrics import METRICS, NAMES, confusion, display_name
 
 CITATION = ('G. Li, R. Togo, T. Ogawa, M. Haseyama, "Self-supervised transfer learning for '
             'COVID-19 detection from chest X-ray images"')
@@ -37,14 +37,15 @@ def new_figure(figsize, cols: int = 1, dpi: float | None = None):
 # --- figures ---------------------------------------------------------------------------------
 
 def draw_figures(folder, y_true, probs, class_names: list[str], positive: str, what: str,
-                 threshold: float | None = None) -> None:
+                 said=None, threshold: float | None = None) -> None:
     """confusion_matrix.png (Figure 4's form) and roc.png into `folder`; `what`, in their
     titles, says what they show (evaluate: the model, the data and the images). Both show
-    the decision `threshold` gives (metrics.decide; None: the most probable class)."""
+    the decision `said` (each image's predicted class, made with `threshold`: metrics.decide;
+    default: the most probable class)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     y_true, probs = np.asarray(y_true), np.asarray(probs)
-    said = decide(probs, class_names.index(positive), threshold)
+    said = probs.argmax(1) if said is None else np.asarray(said)
     for name, fig in (("confusion_matrix.png", confusion_figure(y_true, said, class_names, what)),
                       ("roc.png", roc_figure(y_true, probs, class_names, positive, what,
                                              said, threshold))):
@@ -347,7 +348,7 @@ def write_model_card(folder, info: dict) -> Path:
               + (f" requested; taken: {proto['n_train']} of its {proto['n_train_split']} images "
                  f"({100 * proto['n_train'] / proto['n_train_split']:.2f}%: whole groups, at "
                  "least one per class)" if proto.get("n_train") and proto.get("n_train_split")
-                 else ""),
+                 and proto["fraction"] != 1 else ""),
               f"- Fine-tuning epochs: {proto['epochs']}, input {proto['image_size']} x "
               f"{proto['image_size']} pixels, grayscale replicated to 3 channels", "",
               "## Metrics (test split)", "", f["metrics_note"] + ".", "",

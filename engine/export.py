@@ -30,7 +30,8 @@ from .record import git_sha
 
 OPSET = 17
 TOLERANCE = ExportConfig.tolerance  # largest |onnx - torch| probability accepted
-CHECK_IMAGES = 8  # images the check runs when none are given
+CHECK_IMAGES = 8  # synthetic images the check runs when no real ones are found
+MOST_IMAGES = 64  # real images the check runs at most (decoding stops there)
 # metadata_props' `kind` in every export: what says a file may be replaced (refuse_other_files)
 ONNX_KIND = "sstl-onnx-classifier"
 
@@ -239,7 +240,10 @@ def check_images(model_path, meta: dict,
         files = [(p, None) for p in _training_images(model_path)]
         source = "images of the run's --data"
     decoded, unread = [], []
-    for path, err in files:
+    for k, (path, err) in enumerate(files):
+        if len(decoded) == MOST_IMAGES:  # a numerical check: enough, and said
+            source += f" (the first {MOST_IMAGES} readable; {len(files) - k} more not checked)"
+            break
         img, why = (None, err) if err else decode_square(path, size)
         if img is None:
             unread.append((str(path), why))
@@ -255,7 +259,7 @@ def check_images(model_path, meta: dict,
         rng = np.random.default_rng(0)
         return (np.stack([draw(CLASSES[i % len(CLASSES)], rng, size) for i in range(CHECK_IMAGES)]),
                 "synthetic radiograph-like images (the run's --data was not found)", [])
-    return np.stack(decoded[:64]), source, unread
+    return np.stack(decoded), source, unread
 
 
 def unread_counts(unread: list[tuple[str, str]]) -> dict:

@@ -221,8 +221,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     Output().print(metrics_table(m, what))
     Output().print(f"prediction: {decision_rule(pos, cfg.threshold)}", markup=False)
     if cfg.out:
-        write_evaluation(Path(cfg.out), m, ds, idx, targets, probs, meta, learned, what,
-                         cfg.threshold)
+        write_evaluation(Path(cfg.out), m, ds, idx, targets, probs, said, meta, learned,
+                         what, cfg.threshold)
     return m
 
 
@@ -289,7 +289,7 @@ def test_split(ds, meta: dict, data: DataConfig) -> np.ndarray:
     return ds.test_idx
 
 
-def write_evaluation(out: Path, m: dict, ds, idx, targets, probs, meta, learned: int,
+def write_evaluation(out: Path, m: dict, ds, idx, targets, probs, said, meta, learned: int,
                      what: str, threshold: float | None = None) -> None:
     """metrics.json, data_report.json, predictions.csv and the figures (titled `what`:
     evaluation_title) into `out`."""
@@ -297,7 +297,6 @@ def write_evaluation(out: Path, m: dict, ds, idx, targets, probs, meta, learned:
     # Files that could not be scored are counted here and listed, with why, in data_report.json.
     rep = ds.report
     names, positive = meta["class_names"], meta["positive_class"]
-    said = decide(probs, names.index(positive), threshold)
     save_json({"metrics": m, "n": len(idx), "data": str(ds.root),
                "threshold": threshold, "decision": decision_rule(positive, threshold),
                "model": without_image_list(meta),
@@ -309,7 +308,7 @@ def write_evaluation(out: Path, m: dict, ds, idx, targets, probs, meta, learned:
         r = _row(ds.records[i].rel, names, p, k, None)
         rows.append({"path": r.pop("path"), "label": names[targets[i]], **r})
     write_predictions(rows, names, out / "predictions.csv")
-    draw_figures(out, targets[idx], probs, names, positive, what, threshold)
+    draw_figures(out, targets[idx], probs, names, positive, what, said, threshold)
 
 
 def metrics_table(m: dict, title: str) -> Table:

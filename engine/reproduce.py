@@ -195,7 +195,7 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     # torchrun: one process group for the whole grid, which every cell's command joins. A
     # group left and joined again per cell failed at the second cell (the rendezvous store
     # of the first is gone), or hung.
-    with dist.group(resolve(cfg.runtime, p["pretrain_batch"])):
+    with dist.group(resolve(cfg.runtime, p["finetune_batch"])):  # every row fine-tunes
         return _grid(cfg, p)
 
 

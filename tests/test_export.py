@@ -191,3 +191,14 @@ def test_the_check_finds_a_relative_data_path_from_where_the_run_ran(tmp_path, m
     monkeypatch.chdir(tmp_path)  # here "data" names nothing
     r = export_onnx(run)
     assert r["ok"] and r["images_checked"] == 4 and "synthetic" not in r["check_source"]
+
+
+def test_the_check_stops_at_64_real_images_and_says_so(tmp_path):
+    """A folder of thousands was decoded whole to keep 64, and the line said nothing of the
+    rest: decoding stops at 64 and the source says how many were not checked."""
+    from sstl.engine.export import MOST_IMAGES, check_images
+
+    write_pngs(tmp_path / "many", n=MOST_IMAGES + 2)
+    grey, source, unread = check_images(None, {"cache_size": 48}, (str(tmp_path / "many"),))
+    assert grey.shape == (MOST_IMAGES, 48, 48) and unread == []
+    assert source == f"of the given images (the first {MOST_IMAGES} readable; 2 more not checked)"

@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -386,10 +387,14 @@ def test_no_resume_never_clears_the_folder_the_command_reads_its_start_from(tmp_
     # Same command: a pretraining started from a file inside its own folder.
     start = pre / "encoder.safetensors"
     cfg = pretrain_cfg(out=str(tmp_path), name="p", init=str(start), resume=False)
-    with pytest.raises(SystemExit, match=f"--init {start} is inside {pre}, which --no-resume "
+    with pytest.raises(SystemExit, match=f"--init {start} is in {pre}, which --no-resume "
                                          "would clear"):
         pretrain(cfg)
     assert sorted(f.name for f in pre.iterdir()) == kept
+    # A file of the user's there, which --no-resume does not delete, is a start like any.
+    shutil.copy(start, pre / "mine.safetensors")
+    pretrain(dataclasses.replace(cfg, init=str(pre / "mine.safetensors")))
+    assert (pre / "mine.safetensors").is_file() and (pre / "encoder.safetensors").is_file()
 
 
 def test_an_interrupted_session_keeps_its_wall_time(tmp_path, monkeypatch):

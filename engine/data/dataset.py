@@ -226,8 +226,8 @@ def group_copies(records: list[Record], digests: list[str],
     if not copies:
         return records
     log(f"data: {copies} file{'s are' if copies != 1 else ' is a'} byte-identical "
-        f"cop{'ies' if copies != 1 else 'y'} of others (copies or links to one image); each "
-        "image's copies stay on one side of the split")
+        f"cop{'ies of others' if copies != 1 else 'y of another'} (copies of one image, or "
+        "links to it); each image's copies stay on one side of the split")
     if mixed:
         log(f"warning: {len(mixed)} images appear under two labels (identical files); check "
             "them, e.g. {}".format(", ".join(records[first[d]].rel for d in sorted(mixed)[:3])))
