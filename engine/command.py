@@ -25,10 +25,16 @@ def load_data(cfg, need_labels: bool = False) -> Dataset:
         ds = load_dataset(cfg.data, need_labels=need_labels, log=log)
         if warning := size_warning(cfg):
             log(warning)
-    if need_labels and len(ds.class_names) < 2:
+    if need_labels:
+        check_two_classes(ds)
+    return ds
+
+
+def check_two_classes(ds: Dataset) -> None:
+    """A classifier's data needs two classes (finetune, supervised, reproduce)."""
+    if len(ds.class_names) < 2:
         raise DataError(f"--data has one class ({ds.class_names[0]!r}): a classifier needs at "
                         "least two")
-    return ds
 
 
 def begin(run: Run, cfg, ds: Dataset, inputs: str) -> None:

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import dist
-from .command import begin, data_record, load_data, run_name
+from .command import begin, check_two_classes, data_record, load_data, run_name
 from .config import (IMAGENET_MEAN, IMAGENET_STD, FinetuneConfig, Resolved, check, resolve,
                      save_json)
 from .data.backends import labelled_source
@@ -221,9 +221,7 @@ def check_split_classes(ds: Dataset, positive: str) -> None:
     no training image (the classifier never sees it), or a test split without the positive
     class or without any other (Sen, HM and AUC, or Spe, would be undefined every epoch)."""
     pos = check_positive(ds.class_names, positive)
-    if len(ds.class_names) < 2:
-        raise DataError(f"--data has one class ({ds.class_names[0]!r}): a classifier needs at "
-                        "least two")
+    check_two_classes(ds)
     fix = ("change --test-fraction or --split-seed, or fix each image's side with a manifest "
            "`split` column")
     train = np.bincount(ds.targets[ds.train_idx], minlength=len(ds.class_names))
